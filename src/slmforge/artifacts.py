@@ -1,0 +1,236 @@
+"""ArtifactStore: content-hash keyed run directories, atomic payloads, manifests written last.
+
+Layout: `<workdir>/<stage>/<key>/` holds a stage's payload and `manifest.json`.
+- key = hash(stage, config (minus speed-only fields), input artifacts' keys, external inputs'
+  fingerprints, FORMAT_VERSION). Same key = same result: the stage is skipped.
+- The payload is built in `<key>.partial/` (stages that checkpoint resume from it), renamed into
+  place, and `manifest.json` is written last, atomically. A directory without a manifest is
+  incomplete: it is resumed or redone, never read as done.
+- `<workdir>/<stage>/latest` names the key of the last completed run ("curate:latest").
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmforge.console import info
+from slmforge.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_VERSIONED = ("slmforge", "datatrove", "tokenizers", "transformers", "torch", "pyarrow", "pydantic")
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def hash_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file beside `path`, fsync, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    mem_gb = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gb = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "mem_gb": mem_gb, "system": platform.system()}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    stage: str
+    key: str
+    path: Path
+    manifest: dict
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stage}:{self.key}"
+
+
+class ArtifactStore:
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
+        self.last_built: tuple[str, str] | None = None  # (stage, key) of the last build, not cache hit
+
+    # ---- naming -------------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.workdir / stage
+
+    def run_dir(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / key
+
+    def partial_dir(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / f"{key}.partial"
+
+    @staticmethod
+    def key(stage: str, config: dict, input_keys: dict[str, str], external: dict | None = None) -> str:
+        payload = {
+            "stage": stage,
+            "config": config,
+            "inputs": dict(sorted(input_keys.items())),
+            "external": external or {},
+            "format": FORMAT_VERSION,
+        }
+        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+    # ---- reading ------------------------------------------------------------------------------
+    def state(self, stage: str, key: str) -> str:
+        """'done' (manifest present), 'incomplete' (work started, no manifest) or 'not run'."""
+        final = self.run_dir(stage, key)
+        if (final / MANIFEST).is_file():
+            return "done"
+        if final.exists() or self.partial_dir(stage, key).exists():
+            return "incomplete"
+        return "not run"
+
+    def load(self, stage: str, key: str) -> Artifact:
+        final = self.run_dir(stage, key)
+        try:
+            manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{stage}:{key} is not complete (no {final / MANIFEST}); run the stage again") from None
+        return Artifact(stage, key, final, manifest)
+
+    def resolve(self, ref: str) -> Artifact:
+        """'stage:latest' or 'stage:KEY' -> the completed Artifact."""
+        stage, _, key = ref.partition(":")
+        key = key or "latest"
+        if key == "latest":
+            latest = self.stage_dir(stage) / "latest"
+            if not latest.is_file():
+                raise UserError(
+                    f"{ref}: no completed {stage} run in {self.workdir}; run `slmforge {stage} --recipe RECIPE` "
+                    f"or `slmforge run RECIPE --until {stage}` first"
+                )
+            key = latest.read_text().strip()
+        return self.load(stage, key)
+
+    # ---- building -----------------------------------------------------------------------------
+    def build(
+        self,
+        stage: str,
+        cfg,
+        inputs: dict[str, Artifact],
+        builder: Callable[[Path], dict],
+        external: dict | None = None,
+        resumable: bool = False,
+        force: bool = False,
+    ) -> Artifact:
+        """Return the cached artifact for this (config, inputs), or build it.
+
+        `builder(out_dir)` writes the payload into `out_dir` and returns the manifest's metrics.
+        With `resumable`, a `.partial` directory left by a killed run is handed back to the builder
+        (which resumes from its checkpoints); otherwise it is wiped first.
+        """
+        key = self.key(stage, cfg.key_dict(), {k: a.key for k, a in inputs.items()}, external)
+        final = self.run_dir(stage, key)
+        if not force and (final / MANIFEST).is_file():
+            art = self.load(stage, key)
+            info(f"[green]✓[/] {stage}: cached ({key}, made in {art.manifest.get('wall_time_s', 0):.1f}s)")
+            self._set_latest(stage, key)
+            return art
+
+        self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        lock_path = self.stage_dir(stage) / f".{key}.lock"
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(
+                    f"{stage}: another slmforge process is building {final}; wait for it to finish"
+                ) from None
+            return self._build_locked(stage, key, cfg, inputs, builder, external, resumable, force)
+
+    def _build_locked(self, stage, key, cfg, inputs, builder, external, resumable, force) -> Artifact:
+        final, partial = self.run_dir(stage, key), self.partial_dir(stage, key)
+        if final.exists():  # renamed into place but no manifest (killed in between), or --force
+            if partial.exists() or force:
+                shutil.rmtree(final)
+            else:
+                os.rename(final, partial)
+        if partial.exists() and not (resumable and not force):
+            shutil.rmtree(partial)
+        resumed = partial.exists()
+        partial.mkdir(parents=True, exist_ok=True)
+        info(f"[bold]▶ {stage}[/] ({key}){' resuming' if resumed else ''}")
+        started = time.time()
+        try:
+            metrics = builder(partial) or {}
+        except UserError:
+            if not resumable:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        wall = time.time() - started
+        outputs = {
+            str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
+        }
+        os.rename(partial, final)
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "format": FORMAT_VERSION,
+            "config": cfg.model_dump(mode="json"),
+            "inputs": {k: a.key for k, a in inputs.items()},
+            "external": external or {},
+            "outputs": outputs,
+            "metrics": metrics,
+            "versions": versions(),
+            "hardware": hardware(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "wall_time_s": round(wall, 3),
+            "resumed": resumed,
+        }
+        write_json_atomic(final / MANIFEST, manifest)  # last: its presence means the stage is done
+        self._set_latest(stage, key)
+        self.last_built = (stage, key)
+        info(f"[green]✓[/] {stage}: done in {wall:.1f}s → {final}")
+        return Artifact(stage, key, final, manifest)
+
+    def _set_latest(self, stage: str, key: str) -> None:
+        latest = self.stage_dir(stage) / "latest"
+        tmp = latest.with_name(f".latest.tmp{os.getpid()}")
+        tmp.write_text(key + "\n")
+        os.replace(tmp, latest)

@@ -1,0 +1,109 @@
+"""`slmforge` command line: a thin table of verbs. Heavy imports happen inside the verbs, so that
+`slmforge --help` answers instantly (no torch, no transformers)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from slmforge import __version__
+from slmforge.stages import STAGES
+
+STAGE_HELP = {
+    "ingest": "read files/folders/globs into Document shards (Parquet)",
+    "curate": "quality filters, dedup, PII redaction, train/val/test split (datatrove)",
+    "tokenizer": "train a byte-level BPE on the train split and compare it with a general one",
+}
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set tokenizer.vocab_size=4096 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slmforge",
+        description="Turn a domain corpus into a measured, deployable specialized small language model.",
+        epilog="Pipeline: " + " -> ".join(STAGES) + ". Start with `slmforge init my-domain/`.",
+    )
+    parser.add_argument("--version", action="version", version=f"slmforge {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("init", help="write a commented recipe for your own corpus into DIR")
+    p.add_argument("dir", help="folder for the recipe (created if missing)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing recipe.yaml")
+
+    p = sub.add_parser("run", help="run every stage the recipe names, in order (cached stages are skipped)")
+    p.add_argument("recipe")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    p.add_argument("--force", metavar="STAGE", action="append", default=[], help="re-run this stage even if cached")
+    _add_set(p)
+
+    p = sub.add_parser("status", help="list each stage as done (key, wall time), incomplete, or not run")
+    p.add_argument("recipe")
+    _add_set(p)
+
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run one stage: {STAGE_HELP.get(stage, stage)}")
+        p.add_argument("--recipe", required=True, help="the recipe YAML")
+        p.add_argument("--force", action="store_true", help="re-run even if cached")
+        _add_set(p)
+    return parser
+
+
+def _init(directory: str, force: bool) -> None:
+    from importlib.resources import files
+    from pathlib import Path
+
+    from slmforge.console import info
+    from slmforge.errors import UserError
+
+    d = Path(directory)
+    target = d / "recipe.yaml"
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists; pass --force to overwrite it, or choose another folder")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "data").mkdir(exist_ok=True)
+    text = files("slmforge").joinpath("templates/recipe.yaml").read_text(encoding="utf-8")
+    text = text.replace("__NAME__", d.resolve().name.lower().replace(" ", "-") or "my-domain")
+    tmp = target.with_name(".recipe.yaml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    info(f"wrote {target}\nnext: put your documents in {d / 'data'}/ (txt, md, rst, html, jsonl, parquet, pdf), "
+         f"then `slmforge run {target}`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 0
+    from slmforge.errors import UserError
+
+    try:
+        if args.verb == "init":
+            _init(args.dir, args.force)
+            return 0
+        from slmforge.config import load_recipe
+        from slmforge.pipeline import print_status, run_recipe
+
+        if args.verb == "status":
+            print_status(load_recipe(args.recipe, args.overrides))
+        elif args.verb == "run":
+            run_recipe(load_recipe(args.recipe, args.overrides), until=args.until, force=tuple(args.force))
+        else:
+            recipe = load_recipe(args.recipe, args.overrides, default_section=args.verb)
+            run_recipe(recipe, only=args.verb, force=(args.verb,) if args.force else ())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

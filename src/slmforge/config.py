@@ -1,0 +1,174 @@
+"""Recipe YAML + `--set key=value` overrides -> one typed, validated Config per stage.
+
+A recipe is a YAML mapping: `name`, `workdir`, and one section per stage, in pipeline order.
+Each stage module defines `Config` (a pydantic model, unknown keys rejected). Every problem in a
+recipe is collected and reported at once, each naming its key, before any stage runs.
+Relative paths in a recipe are relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from slmforge.errors import UserError
+from slmforge.stages import STAGES
+
+TOP_LEVEL = {
+    "name": "a short name for this run (letters, digits, '-', '_')",
+    "workdir": "where stage outputs go, relative to the recipe file (default: runs/<name>)",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's Config: typed, documented per field, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # Fields that change how fast a stage runs but not what it makes; left out of the cache key.
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset()
+
+    def key_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.NOT_IN_KEY}
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    workdir: Path
+    stages: dict[str, StageConfig] = field(default_factory=dict)  # in pipeline order
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def stage_module(name: str):
+    return importlib.import_module(f"slmforge.stages.{name}")
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 8192 -> int, 0.5 -> float, true -> bool, [a, b] -> list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str], default_section: str | None = None) -> dict:
+    """Apply `key.sub=value` overrides to the raw recipe mapping (copying what it changes).
+
+    With `default_section` (a stage verb), a key without a dot that is not a top-level recipe key is
+    taken inside that stage's section: `slmforge tokenizer --set vocab_size=4096`.
+    """
+    raw = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set tokenizer.vocab_size=4096")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if default_section and len(parts) == 1 and parts[0] not in TOP_LEVEL and parts[0] not in STAGES:
+            parts = [default_section, *parts]
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise UserError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def _format_errors(section: str, err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (section, *e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling (`slmforge init` writes every key with its meaning)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and e["type"] not in ("value_error",):
+            msg = f"{msg} (got {e['input']!r})"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), default_section: str | None = None) -> Recipe:
+    """Read and validate a recipe. Raises UserError listing every problem found, each with its key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path}: no such file. Write one with `slmforge init DIR`.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe {path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path}: the top level must be a mapping of keys (name, workdir, stages)")
+    raw = apply_overrides(raw, list(overrides), default_section)
+    path = path.resolve()
+
+    problems: list[str] = []
+    for key in raw:
+        if key not in TOP_LEVEL and key not in STAGES:
+            problems.append(
+                f"{key}: unknown key; top-level keys are {', '.join(TOP_LEVEL)} and the stages "
+                f"{', '.join(STAGES)}"
+            )
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        problems.append(f"name: {name!r} must be letters, digits, '-', '_' or '.'")
+        name = "recipe"
+    workdir = raw.get("workdir", f"runs/{name}")
+    if not isinstance(workdir, str) or not workdir:
+        problems.append(f"workdir: expected a path, got {workdir!r}")
+        workdir = f"runs/{name}"
+
+    stages: dict[str, StageConfig] = {}
+    context = {"base_dir": path.parent}
+    for stage in STAGES:
+        if stage not in raw:
+            continue
+        section = raw[stage] or {}
+        if not isinstance(section, dict):
+            problems.append(f"{stage}: expected a mapping of settings, got {section!r}")
+            continue
+        cfg_cls = stage_module(stage).Config
+        try:
+            stages[stage] = cfg_cls.model_validate(section, context=context)
+        except ValidationError as e:
+            problems.extend(_format_errors(stage, e))
+    for stage in stages:
+        for dep in stage_module(stage).INPUTS:
+            if dep not in stages:
+                problems.append(
+                    f"{stage}: needs the {dep} stage's output; add a `{dep}:` section to the recipe "
+                    f"(an empty one takes the defaults)"
+                )
+    if not stages and not problems:
+        problems.append(f"the recipe names no stage; add sections such as {', '.join(STAGES[:3])}")
+    if problems:
+        raise UserError(f"recipe {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return Recipe(path=path, name=name, workdir=(path.parent / workdir).resolve(), stages=stages)
+
+
+def resolve_path(value: str, info) -> Path:
+    """Resolve a recipe path against the recipe's folder (pydantic validation context)."""
+    base = (info.context or {}).get("base_dir") if info is not None else None
+    p = Path(value).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    return p

@@ -1,0 +1,475 @@
+"""curate: a datatrove pipeline over the ingested documents.
+
+Quality filters (Gopher repetition, Gopher quality, C4's document rules) with thresholds tuned for
+technical documentation, PII redaction, exact dedup and MinHash near-dedup (datatrove's blocks,
+run by its LocalPipelineExecutor), then a deterministic train/val/test split by a hash of each id.
+Output: `data/<split>/<source>/*.parquet` (records.DOCUMENT_SCHEMA), `audit/<step>.jsonl` (a sample
+of what each step dropped, for review), and per-step drop counts in the manifest.
+
+For corpora too big for one machine, the same blocks run on datatrove's SlurmPipelineExecutor or
+RayPipelineExecutor: see the README ("Curating a large corpus").
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.config import StageConfig
+from slmforge.console import info
+from slmforge.errors import UserError
+
+NAME = "curate"
+INPUTS = ("ingest",)
+SPLITS = ("train", "val", "test")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = Field(True, description="run this step")
+
+    def kwargs(self) -> dict:
+        return self.model_dump(exclude={"enabled"})
+
+
+# Defaults below were measured on the PostgreSQL manual (1138 pages): datatrove's web-text defaults
+# drop 11% (repetition), 27% (quality) and 20% (C4) of it, mostly reference pages with code, option
+# tables and SQL synopses. `python benchmarks/curate_filters.py` prints both columns per reason.
+class GopherRepetition(_Section):
+    """Gopher (Rae et al. 2021) repetition rules. Reference pages repeat option names and table rows, so
+    the n-gram limits are looser than for web text; pages that repeat whole lines are still dropped."""
+
+    dup_line_frac: float = Field(0.4, description="max share of lines that are duplicates (web: 0.3)")
+    dup_para_frac: float = Field(0.4, description="max share of paragraphs that are duplicates (web: 0.3)")
+    dup_line_char_frac: float = Field(0.3, description="max share of characters in duplicate lines (web: 0.2)")
+    dup_para_char_frac: float = Field(0.3, description="max share of characters in duplicate paragraphs (web: 0.2)")
+    top_n_grams: list[tuple[int, float]] = Field(
+        [(2, 0.3), (3, 0.27), (4, 0.24)], description="(n, max share of chars in the most frequent n-gram)")
+    dup_n_grams: list[tuple[int, float]] = Field(
+        [(5, 0.35), (6, 0.33), (7, 0.31), (8, 0.29), (9, 0.27), (10, 0.25)],
+        description="(n, max share of chars in duplicated n-grams) (web: 0.15 .. 0.10)")
+
+
+class GopherQuality(_Section):
+    """Gopher quality rules. Code and tables are full of words without letters ('(', '|', '1'), so the
+    share of alphabetic words may be lower than on web text, and short reference pages are kept."""
+
+    min_doc_words: int | None = Field(20, description="fewer words: dropped (web: 50)")
+    max_doc_words: int | None = Field(100000, description="more words: dropped")
+    min_avg_word_length: int | None = Field(3, description="shorter mean word length: dropped")
+    max_avg_word_length: int | None = Field(12, description="longer mean word length: dropped (web: 10)")
+    max_symbol_word_ratio: float | None = Field(0.1, description="max '#' or '...' per word")
+    max_bullet_lines_ratio: float | None = Field(0.9, description="max share of lines starting with a bullet")
+    max_ellipsis_lines_ratio: float | None = Field(0.3, description="max share of lines ending in '...'")
+    max_non_alpha_words_ratio: float | None = Field(
+        0.5, description="min share of words with a letter (datatrove's name for it; web: 0.8)")
+    min_stop_words: int | None = Field(2, description="fewer English stop words: dropped")
+
+
+class C4Rules(_Section):
+    """C4's document-level rules (Raffel et al. 2020). C4's line rules (terminal punctuation, words per
+    line, citations like [1], lines with '{') would delete code and table lines, so they are off and
+    the text is never rewritten: this step only keeps or drops whole documents."""
+
+    min_num_sentences: int = Field(3, description="fewer sentences: dropped (web: 5); -1 disables")
+    max_word_length: int = Field(1000, description="documents are kept; used for the sentence count only")
+    filter_lorem_ipsum: bool = Field(True, description="drop documents containing 'lorem ipsum'")
+    filter_curly_bracket: bool = Field(False, description="drop documents with '{' (web: true; kills code)")
+
+
+class PII(BaseModel):
+    """What to redact. Replacements are realistic placeholders (example.com addresses, documentation IPs,
+    555 phone numbers) so the model still sees well-formed text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    emails: bool = Field(True, description="e-mail addresses")
+    ips: bool = Field(True, description="public IPv4 addresses (private and documentation ranges are kept)")
+    phones: bool = Field(True, description="phone numbers in common formats")
+    secrets: bool = Field(True, description="API keys and tokens (AWS, GitHub, OpenAI, Slack, Google, JWT, private keys, key=... assignments)")
+
+
+class MinHash(_Section):
+    """Near-duplicate removal (datatrove MinHash LSH). 14 buckets x 8 hashes over 5-grams finds pairs with
+    Jaccard similarity 0.8 with probability 0.92 (datatrove's defaults, as in FineWeb)."""
+
+    n_grams: int = Field(5, ge=1)
+    num_buckets: int = Field(14, ge=1)
+    hashes_per_bucket: int = Field(8, ge=1)
+
+
+class Config(StageConfig):
+    """Filters, dedup, PII and the split. Each filter section can be turned off with `enabled: false`."""
+
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"workers"})
+
+    gopher_repetition: GopherRepetition = Field(default_factory=GopherRepetition)
+    gopher_quality: GopherQuality = Field(default_factory=GopherQuality)
+    c4: C4Rules = Field(default_factory=C4Rules)
+    pii: PII = Field(default_factory=PII)
+    exact_dedup: bool = Field(True, description="drop documents whose text is identical to another's")
+    minhash: MinHash = Field(default_factory=MinHash)
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents (by id hash) for validation")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents (by id hash) for test")
+    split_salt: str = Field("slmforge", description="changes which documents land in which split")
+    audit_sample: int = Field(20, ge=0, description="dropped documents kept per step for review")
+    workers: int = Field(2, ge=1, description="parallel datatrove worker processes (not part of the cache key)")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1 so that train is not empty")
+        return self
+
+
+def split_of(doc_id: str, val_fraction: float, test_fraction: float, salt: str = "slmforge") -> str:
+    """Deterministic split of one document: the same id always lands in the same split."""
+    h = int.from_bytes(hashlib.sha256(f"{salt}\0{doc_id}".encode()).digest()[:8], "big") / 2**64
+    if h < val_fraction:
+        return "val"
+    if h < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
+    inputs = inputs or {"ingest": store.resolve("ingest:latest")}
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs["ingest"], out), resumable=True, force=force)
+
+
+# ---- datatrove steps of our own ---------------------------------------------------------------------
+_PHONE = (r"(?<![\w.+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w.-])"
+          r"|(?<![\w.+/-])\+\d{1,3}(?:[ .-]\d{2,5}){2,4}(?![\w.-])")
+_SECRETS = [
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
+    r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}\b",  # GitHub tokens
+    r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}",  # OpenAI / Anthropic style keys
+    r"\bxox[abposr]-[A-Za-z0-9-]{10,}",  # Slack tokens
+    r"\bAIza[0-9A-Za-z_-]{35}\b",  # Google API keys
+    r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}",  # JSON web tokens
+    r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]+?-----END (?:[A-Z]+ )?PRIVATE KEY-----",
+]
+_ASSIGNED_SECRET = re.compile(
+    r"(?i)\b((?:api|secret|access|auth|client|private)[_-]?(?:key|token|secret))(\s*[:=]\s*[\"']?)"
+    r"([A-Za-z0-9_\-/+=.]{16,})")
+
+
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\.?\d|/)")  # not a CIDR network
+_NUMBERING = re.compile(r"(?i)(?:section|sect\.|table|figure|fig\.|example|chapter|appendix|part|step|version|v)\s*$")
+
+
+def _ip_replacement(m: re.Match, text: str) -> str | None:
+    """A documentation address for a public IPv4 address; None (keep) for private ones and numbering."""
+    import ipaddress
+
+    before = text[max(0, m.start() - 12): m.start()]
+    if _NUMBERING.search(before):
+        return None
+    line_start = text.rfind("\n", 0, m.start()) + 1
+    if not text[line_start:m.start()].strip() and text[m.end(): m.end() + 2] in (". ", ".\n"):
+        return None  # "24.2.2.1. Standard Collations": a numbered heading
+    try:
+        if not ipaddress.ip_address(m.group(0)).is_global:
+            return None
+    except ValueError:
+        return None
+    return "192.0.2.1"  # TEST-NET-1 (RFC 5737), reserved for documentation
+
+
+def _doc_bytes(doc) -> bytes:
+    # bytes, not str: datatrove's default xxhash signature function only takes bytes
+    return doc.text.encode("utf-8")
+
+
+def _build_steps():
+    """The datatrove classes we extend; imported lazily (datatrove loads spacy)."""
+    from datatrove.pipeline.base import PipelineStep
+    from datatrove.pipeline.filters import C4QualityFilter
+    from datatrove.pipeline.formatters.base import BaseFormatter
+    from datatrove.pipeline.formatters.pii import PIIFormatter
+
+    class C4DocumentRules(C4QualityFilter):
+        """C4's document-level verdicts without its line rewriting (which strips code indentation)."""
+
+        name = "⛰ C4 document rules"
+
+        def filter(self, doc):
+            text = doc.text
+            result = super().filter(doc)
+            doc.text = text
+            return result
+
+    class RedactPII(BaseFormatter):
+        """E-mail addresses (datatrove's pattern), public IPv4 addresses, phone numbers and secrets.
+
+        datatrove's own IP replacer rewrites every public-looking dotted quad; on the PostgreSQL manual
+        that is 316 section numbers ("see Section 55.2.2.1") and one real example address. Here a
+        quad preceded by Section/Table/Figure/... or numbering a heading is left alone."""
+
+        name = "📞 PII redaction"
+
+        def __init__(self, pii: PII):
+            super().__init__()
+            self.rules = []  # (kind, regex, function(match, text) -> replacement or None to keep)
+            if pii.emails:
+                email = PIIFormatter().emails_replacer.regex
+                self.rules.append(("email", email, lambda m, t: "email@example.com"))
+            if pii.ips:
+                self.rules.append(("ip", _IPV4, _ip_replacement))
+            if pii.phones:
+                self.rules.append(("phone", re.compile(_PHONE), lambda m, t: "555-0100"))
+            if pii.secrets:
+                self.rules.append(("secret", re.compile("|".join(_SECRETS)), lambda m, t: "<REDACTED_SECRET>"))
+                self.rules.append(("secret", _ASSIGNED_SECRET, lambda m, t: m.group(1) + m.group(2) + "<REDACTED_SECRET>"))
+
+        def format(self, text: str) -> str:
+            for kind, regex, replace in self.rules:
+                count = 0
+
+                def sub(m, _text=text, _replace=replace):
+                    nonlocal count
+                    new = _replace(m, _text)
+                    if new is None:
+                        return m.group(0)
+                    count += 1
+                    return new
+
+                text = regex.sub(sub, text)
+                if count:
+                    self.stat_update(f"redacted_{kind}", value=count)
+            return text
+
+    class AssignSplit(PipelineStep):
+        """Sets metadata['split'] from a hash of the id."""
+
+        name = "🔀 train/val/test split"
+        type = "🔀 - SPLIT"
+
+        def __init__(self, val: float, test: float, salt: str):
+            super().__init__()
+            self.val, self.test, self.salt = val, test, salt
+
+        def run(self, data, rank: int = 0, world_size: int = 1):
+            for doc in data:
+                doc.metadata["split"] = split_of(doc.id, self.val, self.test, self.salt)
+                self.stat_update(doc.metadata["split"])
+                yield doc
+
+    return C4DocumentRules, RedactPII, AssignSplit
+
+
+def _row_adapter(self, doc) -> dict:
+    md = doc.metadata
+    return {"id": doc.id, "source": md.get("source", ""), "title": md.get("title") or "", "text": doc.text,
+            "meta": md.get("meta") or "{}"}
+
+
+def _quiet_logger() -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+
+
+def _quiet_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
+    """datatrove's task logger, with the console at WARNING (its INFO lines swamp our progress bars);
+    the full DEBUG log still goes to logs/task_NNNNN.log."""
+    from loguru import logger
+
+    logger.remove()
+    logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+    logger.add(logfile, level="DEBUG")
+    return logfile
+
+
+def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
+    import datatrove.executor.base as dt_base
+    import pyarrow as pa
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups)
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.readers import ParquetReader
+    from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
+
+    from slmforge.records import DOCUMENT_SCHEMA
+
+    import datatrove.utils.logging as dt_logging
+
+    C4DocumentRules, RedactPII, AssignSplit = _build_steps()
+    dt_base.add_task_logger = _quiet_task_logger
+    dt_logging.setup_default_logger = _quiet_logger
+    _quiet_logger()
+
+    shards = sorted((ingest.path / "data").glob("*/*.parquet"))
+    tasks = max(1, len(shards))
+    work = out / "work"
+    filtered, rejected = work / "filtered", work / "rejected"
+
+    def reader(folder: Path, progress: bool = False):
+        return ParquetReader(str(folder), glob_pattern="**/*.parquet", doc_progress=progress)
+
+    def excluded(step: str):
+        return JsonlWriter(str(rejected / step), output_filename="${rank}.jsonl.gz")
+
+    def parquet(folder: Path, filename: str):
+        return ParquetWriter(str(folder), output_filename=filename, adapter=_row_adapter, schema=DOCUMENT_SCHEMA,
+                             compression="zstd")
+
+    def execute(name: str, pipeline: list, n_tasks: int) -> None:
+        info(f"  curate · {name}")
+        # fork: workers inherit the quiet logger and skip re-importing datatrove and spacy
+        LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(cfg.workers, n_tasks), start_method="fork",
+                              logging_dir=str(work / "logs" / name)).run()
+
+    # 1. filters + PII, written once; exact-dedup signatures computed on the way out
+    steps: list = [reader(ingest.path / "data", progress=True)]
+    if cfg.gopher_repetition.enabled:
+        kw = cfg.gopher_repetition.kwargs()
+        kw = {**kw, "top_n_grams": tuple(map(tuple, kw["top_n_grams"])), "dup_n_grams": tuple(map(tuple, kw["dup_n_grams"]))}
+        steps.append(GopherRepetitionFilter(**kw, exclusion_writer=excluded("gopher_repetition")))
+    if cfg.gopher_quality.enabled:
+        steps.append(GopherQualityFilter(**cfg.gopher_quality.kwargs(), exclusion_writer=excluded("gopher_quality")))
+    if cfg.c4.enabled:
+        steps.append(C4DocumentRules(
+            exclusion_writer=excluded("c4"), split_paragraph=True, remove_citations=False,
+            filter_no_terminal_punct=False, min_words_per_line=-1, filter_javascript=False, filter_policy=False,
+            **cfg.c4.kwargs()))
+    steps.append(RedactPII(cfg.pii))
+    steps.append(parquet(filtered, "${rank}.parquet"))
+    exact_cfg = ExactDedupConfig(content_getter=_doc_bytes)
+    if cfg.exact_dedup:
+        steps.append(ExactDedupSignature(str(work / "exact_sigs"), config=exact_cfg))
+    execute("1-filter", steps, tasks)
+
+    # 2. exact duplicates
+    if cfg.exact_dedup:
+        execute("2-exact-find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact_cfg)], 1)
+
+    def deduped(progress=False) -> list:
+        s = [reader(filtered, progress)]
+        if cfg.exact_dedup:
+            s.append(ExactDedupFilter(str(work / "exact_dups"), config=exact_cfg, exclusion_writer=excluded("exact_dedup")))
+        return s
+
+    # 3. near duplicates (MinHash LSH)
+    final: list = deduped()
+    if cfg.minhash.enabled:
+        mh = MinhashConfig(**cfg.minhash.kwargs())
+        execute("3-minhash-signatures", deduped() + [MinhashDedupSignature(str(work / "mh_sigs"), config=mh)], tasks)
+        execute("4-minhash-buckets", [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=mh)],
+                mh.num_buckets)
+        execute("5-minhash-cluster", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=mh)], 1)
+        final.append(MinhashDedupFilter(str(work / "mh_remove"), exclusion_writer=excluded("minhash")))
+
+    # 4. split and write
+    final += [AssignSplit(cfg.val_fraction, cfg.test_fraction, cfg.split_salt),
+              parquet(out / "data", "${split}/${source}/part-${rank}.parquet")]
+    execute("6-split", final, tasks)
+
+    metrics = _collect(cfg, work, out)
+    _audit(rejected, out / "audit", cfg.audit_sample)
+    for sub in ("filtered", "exact_sigs", "exact_dups", "mh_sigs", "mh_buckets", "mh_remove", "rejected"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+
+    # counts per split and source, read back from what was written
+    import pyarrow.parquet as pq
+
+    splits: dict[str, dict] = {}
+    for shard in sorted((out / "data").glob("*/*/*.parquet")):
+        split, source = shard.parent.parent.name, shard.parent.name
+        t = pq.read_table(shard, columns=["text"])
+        s = splits.setdefault(source, {k: {"docs": 0, "chars": 0} for k in SPLITS})[split]
+        s["docs"] += t.num_rows
+        s["chars"] += int(pa.compute.sum(pa.compute.utf8_length(t["text"])).as_py() or 0)
+    metrics["splits"] = splits
+    sources = ingest.manifest["metrics"]["sources"]
+    metrics["roles"] = {name: s["role"] for name, s in sources.items()}
+    empty = [s for s in sources if not splits.get(s, {}).get("train", {}).get("docs")]
+    if empty:
+        raise UserError(
+            f"curate: no training documents left for source(s) {', '.join(empty)}. See {out / 'audit'} for what "
+            f"was dropped and loosen the curate thresholds in the recipe (drop counts: {metrics['filters']})")
+    metrics["warnings"] = [f"source {s}: the {k} split is empty; raise curate.{k}_fraction"
+                           for s, per in splits.items() for k in ("val", "test") if not per[k]["docs"]]
+    for w in metrics["warnings"]:
+        info(f"[yellow]warning[/]: {w}")
+    _print_summary(metrics)
+    return metrics
+
+
+def _collect(cfg: Config, work: Path, out: Path) -> dict:
+    """Per-step counts from datatrove's stats.json files."""
+    filters: dict[str, dict] = {}
+    pii: Counter = Counter()
+    docs_in = None
+    step_names = {"GopherRepetitionFilter": "gopher_repetition", "GopherQualityFilter": "gopher_quality",
+                  "C4DocumentRules": "c4", "ExactDedupFilter": "exact_dedup", "MinhashDedupFilter": "minhash"}
+    for stats_file in sorted((work / "logs").glob("*/stats.json")):
+        for step in json.loads(stats_file.read_text()):
+            name, stats = step.get("name", ""), step.get("stats", {})
+            val = {k: (v.get("total", 0) if isinstance(v, dict) else v) for k, v in stats.items()}
+            if stats_file.parent.name == "1-filter" and "documents" in val and docs_in is None and "READER" in name.upper():
+                docs_in = val["documents"]
+            if "PII" in name:
+                pii.update({k.removeprefix("redacted_"): v for k, v in val.items() if k.startswith("redacted_")})
+            for cls, short in step_names.items():
+                if _matches(name, cls) and (short not in filters or stats_file.parent.name in ("1-filter", "6-split")):
+                    dropped = {k.removeprefix("dropped_"): v for k, v in val.items() if k.startswith("dropped_")}
+                    filters[short] = {"seen": val.get("total", 0), "dropped": val.get("dropped", 0), "by_reason": dropped}
+    return {"docs_in": docs_in, "filters": filters, "pii_redacted": dict(pii)}
+
+
+_DISPLAY = {"GopherRepetitionFilter": "repetition", "GopherQualityFilter": "gopher qual",
+            "C4DocumentRules": "C4 document", "ExactDedupFilter": "exact-deduplication stage 3",
+            "MinhashDedupFilter": "minhash stage 4"}
+
+
+def _matches(step_name: str, cls: str) -> bool:
+    return _DISPLAY[cls].lower() in step_name.lower()
+
+
+def _audit(rejected: Path, audit: Path, per_step: int) -> None:
+    """Keep a reproducible random sample of each step's dropped documents."""
+    audit.mkdir(parents=True, exist_ok=True)
+    for step_dir in sorted(p for p in rejected.glob("*") if p.is_dir()):
+        docs = []
+        for f in sorted(step_dir.glob("*.jsonl.gz")):
+            with gzip.open(f, "rt", encoding="utf-8") as fh:
+                docs += [json.loads(line) for line in fh]
+        random.Random(0).shuffle(docs)
+        with open(audit / f"{step_dir.name}.jsonl", "w", encoding="utf-8") as fh:
+            for d in docs[:per_step]:
+                md = d.get("metadata", {})
+                fh.write(json.dumps({"id": d.get("id"), "source": md.get("source"), "title": md.get("title"),
+                                     "reason": md.get("filter_reason"), "text": d.get("text", "")[:4000]},
+                                    ensure_ascii=False) + "\n")
+
+
+def _print_summary(m: dict) -> None:
+    from rich.table import Table
+
+    from slmforge.console import console
+
+    t = Table(title="curate: what each step dropped")
+    for col in ("step", "seen", "dropped", "top reasons"):
+        t.add_column(col)
+    for step, s in m["filters"].items():
+        top = ", ".join(f"{k} {v}" for k, v in sorted(s["by_reason"].items(), key=lambda kv: -kv[1])[:3])
+        t.add_row(step, str(s["seen"]), str(s["dropped"]), top)
+    console.print(t)
+    if m["pii_redacted"]:
+        console.print("PII redacted: " + ", ".join(f"{k} {v}" for k, v in m["pii_redacted"].items()))

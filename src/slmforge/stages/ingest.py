@@ -1,0 +1,456 @@
+"""ingest: files, globs or folders of .txt .md .rst .html .jsonl .parquet .pdf -> Document Parquet shards.
+
+A bad file (binary, undecodable, empty, over the size limit, a broken PDF or Parquet, a corrupt
+archive) is skipped, counted by reason in the manifest and listed in `rejects.jsonl`; one bad file
+never stops the run. Text formats may be gzip-compressed (`.jsonl.gz`, `.txt.gz`, ...).
+Output: `data/<source>/part-NNNNN.parquet` with the columns of `records.DOCUMENT_SCHEMA`.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import logging
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+
+from slmforge.artifacts import Artifact, ArtifactStore, hash_file
+from slmforge.config import StageConfig, resolve_path
+from slmforge.errors import UserError
+from slmforge.records import DOCUMENT_SCHEMA, Document
+
+NAME = "ingest"
+INPUTS: tuple[str, ...] = ()
+
+FORMATS = {
+    ".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".rst": "rst",
+    ".html": "html", ".htm": "html", ".xhtml": "html", ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet", ".pdf": "pdf",
+}
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class Source(BaseModel):
+    """One named input: a domain corpus, or general text to mix in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="short name: lowercase letters, digits, '-', '_'")
+    role: Literal["domain", "general"] = Field("domain", description="domain text, or general text for mixing")
+    paths: list[str] = Field(min_length=1, description="files, folders or globs (** recurses), relative to the recipe")
+    text_field: str = Field("text", description="JSONL/Parquet: the column holding the text")
+    id_field: str = Field("id", description="JSONL/Parquet: the column holding a unique id (else file:line)")
+    title_field: str = Field("title", description="JSONL/Parquet: the column holding a title (optional)")
+
+    _files: list[tuple[Path, str]] = PrivateAttr(default_factory=list)  # (absolute path, id prefix)
+
+    @model_validator(mode="after")
+    def _expand(self, info: ValidationInfo):
+        base = Path((info.context or {}).get("base_dir", "."))
+        files: list[tuple[Path, str]] = []
+        problems = []
+        for i, raw in enumerate(self.paths):
+            p = resolve_path(raw, info)
+            if _GLOB_CHARS.search(raw):
+                hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True) if Path(h).is_file())
+                if not hits:
+                    problems.append(f"paths.{i}: {raw!r} matches no file (looked in {p.parent})")
+                files += [(h, _rel(h, base)) for h in hits]
+            elif p.is_dir():
+                hits = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+                if not hits:
+                    problems.append(f"paths.{i}: folder {p} holds no file")
+                files += [(h, _rel(h, base)) for h in hits]
+            elif p.is_file():
+                files.append((p, _rel(p, base)))
+            else:
+                problems.append(f"paths.{i}: {p} does not exist; fix the path (relative to the recipe file)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self._files = files
+        return self
+
+    @property
+    def files(self) -> list[tuple[Path, str]]:
+        return self._files
+
+
+class Config(StageConfig):
+    """Where the corpus comes from and how much of a file is too much."""
+
+    sources: list[Source] = Field(min_length=1, description="named inputs; at least one with role: domain")
+    max_file_mb: float = Field(256.0, gt=0, description="files larger than this are skipped (reason too_large)")
+    shard_docs: int = Field(20000, gt=0, description="documents per Parquet shard")
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: list[Source]) -> list[Source]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dup)}")
+        if not any(s.role == "domain" for s in v):
+            raise ValueError("at least one source needs role: domain")
+        return v
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def external(cfg: Config) -> dict:
+    """Content fingerprints of every input file: edit a file and ingest (and all after it) re-runs."""
+    return {src.name: {rel: hash_file(p) for p, rel in src.files} for src in cfg.sources}
+
+
+def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
+    return store.build(NAME, cfg, {}, lambda out: _build(cfg, out), external=external(cfg), force=force)
+
+
+# ---- readers ------------------------------------------------------------------------------------
+class Reject(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def file_format(path: Path) -> tuple[str | None, bool]:
+    """(format, gzipped) from the file name; format None when unsupported."""
+    suffixes = [s.lower() for s in path.suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    if gz:
+        suffixes = suffixes[:-1]
+    fmt = FORMATS.get(suffixes[-1]) if suffixes else None
+    return fmt, gz
+
+
+def _read_bytes(path: Path, gz: bool) -> bytes:
+    data = path.read_bytes()
+    if gz:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise Reject("corrupt_archive", str(e)) from None
+    return data
+
+
+def _decode(data: bytes) -> str:
+    if b"\x00" in data[:8192]:
+        raise Reject("binary", "NUL bytes in the first 8 KiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise Reject("undecodable", f"not UTF-8: {e}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _title_from_text(text: str, fmt: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines()]
+    if fmt == "markdown":
+        for ln in lines:
+            if ln.startswith("#"):
+                return ln.lstrip("#").strip()
+    if fmt == "rst":
+        for a, b in zip(lines, lines[1:]):
+            if a and b and len(set(b)) == 1 and b[0] in "=-~^*#" and len(b) >= len(a):
+                return a
+    return next((ln for ln in lines if ln), "")[:200]
+
+
+_DROP = {"script", "style", "noscript", "nav", "header", "footer", "aside", "form", "svg", "template",
+         "iframe", "button", "select", "input", "head"}
+_HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
+_BLOCKS = {"p", "div", "section", "article", "main", "body", "html", "blockquote", "dl", "dt", "dd",
+           "figure", "figcaption", "address", "details", "summary", "center", "caption"}
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split())
+
+
+def html_to_text(html: bytes | str) -> tuple[str, str]:
+    """(title, text) from HTML, keeping headings (as '#'), paragraphs, lists ('- '), tables
+    ('a | b' rows) and code (<pre> verbatim); dropping scripts, styles and navigation."""
+    from bs4 import BeautifulSoup, Comment, NavigableString, Tag
+
+    soup = BeautifulSoup(html, "lxml")
+    title = _norm(soup.title.get_text()) if soup.title else ""
+
+    def walk(node, out: list[str]) -> None:
+        buf: list[str] = []
+
+        def flush():
+            t = _norm("".join(buf))
+            if t:
+                out.append(t)
+            buf.clear()
+
+        for child in node.children:
+            if isinstance(child, Comment):
+                continue
+            if isinstance(child, NavigableString):
+                buf.append(str(child))
+                continue
+            if not isinstance(child, Tag) or child.name in _DROP:
+                continue
+            name = child.name
+            if name in _HEADINGS:
+                flush()
+                t = _norm(child.get_text(" "))
+                if t:
+                    out.append("#" * _HEADINGS[name] + " " + t)
+            elif name == "pre":
+                flush()
+                code = child.get_text().strip("\n")
+                if code.strip():
+                    out.append(code)
+            elif name in ("ul", "ol"):
+                flush()
+                items = []
+                for n, li in enumerate(child.find_all("li", recursive=False), 1):
+                    sub: list[str] = []
+                    walk(li, sub)
+                    if sub:
+                        bullet = f"{n}. " if name == "ol" else "- "
+                        body = "\n".join(sub).replace("\n", "\n  ")
+                        items.append(bullet + body)
+                if items:
+                    out.append("\n".join(items))
+            elif name == "table":
+                flush()
+                rows = []
+                for tr in child.find_all("tr"):
+                    cells = [_norm(td.get_text(" ")) for td in tr.find_all(["td", "th"], recursive=False)]
+                    if any(cells):
+                        rows.append(" | ".join(cells))
+                if rows:
+                    out.append("\n".join(rows))
+            elif name == "br":
+                flush()
+            elif name in _BLOCKS or name == "li":
+                flush()
+                walk(child, out)
+            else:
+                buf.append(child.get_text())
+        flush()
+
+    blocks: list[str] = []
+    walk(soup.body or soup, blocks)
+    text = "\n\n".join(blocks)
+    if not title:
+        h1 = soup.find("h1")
+        title = _norm(h1.get_text(" ")) if h1 else _title_from_text(text, "text")
+    return title, text
+
+
+def _pdf_text(data: bytes) -> tuple[str, str]:
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+        meta_title = (reader.metadata.title if reader.metadata else None) or ""
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, RecursionError) as e:
+        raise Reject("broken_pdf", f"{type(e).__name__}: {e}") from None
+    text = "\n\n".join(p for p in pages if p)
+    if not text.strip():
+        raise Reject("empty", "no text layer (a scanned PDF needs OCR first)")
+    return str(meta_title).strip() or _title_from_text(text, "text"), text
+
+
+def _records(rows: Iterator[tuple[int, dict]], src: Source, rel: str, fmt: str, counts: Counter, rejects: list):
+    for n, rec in rows:
+        text = rec.get(src.text_field)
+        if not isinstance(text, str):
+            counts["bad_record"] += 1
+            if len(rejects) < 10000:
+                rejects.append({"source": src.name, "path": f"{rel}:{n}", "reason": "bad_record",
+                                "detail": f"no string field {src.text_field!r} (set text_field in the recipe)"})
+            continue
+        if not text.strip():
+            counts["empty_record"] += 1
+            continue
+        rid = rec.get(src.id_field)
+        title = rec.get(src.title_field)
+        meta = {k: v for k, v in rec.items() if k not in (src.text_field, src.id_field, src.title_field)}
+        if "source" in meta:
+            meta["origin"] = meta.pop("source")
+        meta.update(path=rel, format=fmt, role=src.role)
+        yield Document(str(rid) if rid is not None else f"{rel}:{n}", src.name,
+                       str(title) if title is not None else "", text, meta)
+
+
+def read_file(path: Path, rel: str, src: Source, counts: Counter, rejects: list) -> Iterator[Document]:
+    """Documents from one file; raises Reject for a file that yields nothing usable."""
+    fmt, gz = file_format(path)
+    if fmt is None:
+        raise Reject("unsupported_type", f"extension {''.join(path.suffixes) or '(none)'} is not one of "
+                     f"{', '.join(sorted(FORMATS))}")
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise Reject("corrupt_parquet", str(e)) from None
+        if src.text_field not in pf.schema_arrow.names:
+            raise Reject("missing_field", f"no column {src.text_field!r} (columns: {pf.schema_arrow.names}); "
+                         f"set text_field for source {src.name}")
+        n = 0
+        try:
+            for batch in pf.iter_batches(batch_size=1024):
+                rows = [(n + i, r) for i, r in enumerate(batch.to_pylist())]
+                n += len(rows)
+                yield from _records(iter(rows), src, rel, fmt, counts, rejects)
+        except (pa.ArrowException, OSError) as e:
+            raise Reject("corrupt_parquet", str(e)) from None
+        return
+    data = _read_bytes(path, gz)
+    if not data.strip():
+        raise Reject("empty", "the file is empty")
+    if fmt == "pdf":
+        title, text = _pdf_text(data)
+        yield Document(f"{src.name}:{rel}", src.name, title, text, {"path": rel, "format": fmt, "role": src.role})
+        return
+    if fmt == "html":
+        if b"\x00" in data[:8192]:
+            raise Reject("binary", "NUL bytes in the first 8 KiB")
+        title, text = html_to_text(data)
+    else:
+        text = _decode(data)
+        if fmt == "jsonl":
+            def rows():
+                for n, line in enumerate(text.split("\n"), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        rec = None
+                    if not isinstance(rec, dict):
+                        counts["bad_record"] += 1
+                        if len(rejects) < 10000:
+                            rejects.append({"source": src.name, "path": f"{rel}:{n}", "reason": "bad_record",
+                                            "detail": "not a JSON object"})
+                        continue
+                    yield n, rec
+            yield from _records(rows(), src, rel, fmt, counts, rejects)
+            return
+        title = _title_from_text(text, fmt)
+    if not text.strip():
+        raise Reject("empty", "no text after extraction")
+    yield Document(f"{src.name}:{rel}", src.name, title, text, {"path": rel, "format": fmt, "role": src.role})
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+class _ShardWriter:
+    def __init__(self, folder: Path, shard_docs: int):
+        self.folder, self.shard_docs = folder, shard_docs
+        self.rows: list[dict] = []
+        self.shards = 0
+
+    def add(self, doc: Document) -> None:
+        self.rows.append(doc.to_row())
+        if len(self.rows) >= self.shard_docs:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.rows:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(self.rows, schema=DOCUMENT_SCHEMA)
+        pq.write_table(table, self.folder / f"part-{self.shards:05d}.parquet", compression="zstd")
+        self.shards += 1
+        self.rows = []
+
+
+def _build(cfg: Config, out: Path) -> dict:
+    from slmforge.console import byte_progress
+
+    limit = int(cfg.max_file_mb * 2**20)
+    rejects: list[dict] = []
+    reasons: Counter = Counter()
+    per_source: dict[str, dict] = {}
+    seen_ids: set[str] = set()
+    total_bytes = sum(p.stat().st_size for src in cfg.sources for p, _ in src.files)
+    nfiles = sum(len(src.files) for src in cfg.sources)
+    done_files = 0
+    with byte_progress() as progress:
+        task = progress.add_task("ingest", total=total_bytes, items=f"0/{nfiles} files")
+        for src in cfg.sources:
+            writer = _ShardWriter(out / "data" / src.name, cfg.shard_docs)
+            stats = Counter()
+            for path, rel in src.files:
+                size = path.stat().st_size
+                counts: Counter = Counter()
+                ndocs = 0
+                try:
+                    if size > limit:
+                        raise Reject("too_large", f"{size / 2**20:.1f} MiB > max_file_mb={cfg.max_file_mb}")
+                    if size == 0:
+                        raise Reject("empty", "the file is empty")
+                    for doc in read_file(path, rel, src, counts, rejects):
+                        if doc.id in seen_ids:
+                            counts["renamed_duplicate_id"] += 1
+                            n = 2
+                            while f"{doc.id}#{n}" in seen_ids:
+                                n += 1
+                            doc.id = f"{doc.id}#{n}"
+                        seen_ids.add(doc.id)
+                        writer.add(doc)
+                        ndocs += 1
+                        stats["chars"] += len(doc.text)
+                    if ndocs == 0 and not counts:
+                        raise Reject("empty", "no documents in the file")
+                except Reject as r:
+                    reasons[r.reason] += 1
+                    stats["files_rejected"] += 1
+                    rejects.append({"source": src.name, "path": rel, "reason": r.reason, "detail": r.detail})
+                else:
+                    stats["files"] += 1
+                reasons.update({f"record:{k}": v for k, v in counts.items()})
+                stats["docs"] += ndocs
+                stats["bytes_in"] += size
+                done_files += 1
+                progress.update(task, advance=size,
+                                items=f"{done_files}/{nfiles} files, {sum(s['docs'] for s in per_source.values()) + stats['docs']} docs")
+            writer.flush()
+            per_source[src.name] = {"role": src.role, **dict(stats)}
+    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    empty = [name for name, s in per_source.items() if not s.get("docs")]
+    if empty:
+        examples = "\n    ".join(f"{r['path']}: {r['reason']} ({r['detail']})" for r in rejects[:5])
+        raise UserError(
+            f"ingest: source(s) {', '.join(empty)} gave no documents. "
+            f"Check ingest.sources paths and formats.\n    {examples}"
+        )
+    return {
+        "sources": per_source,
+        "docs": sum(s["docs"] for s in per_source.values()),
+        "chars": sum(s.get("chars", 0) for s in per_source.values()),
+        "files_rejected": sum(s.get("files_rejected", 0) for s in per_source.values()),
+        "rejects_by_reason": dict(reasons),
+    }
