@@ -381,7 +381,8 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     execute("6-split", final, tasks)
 
     metrics = _collect(cfg, work, out)
-    _audit(rejected, out / "audit", cfg.audit_sample)
+    if rejected.exists():  # gone only if a resumed run already sampled it and cleaned up
+        _audit(rejected, out / "audit", cfg.audit_sample)
     for sub in ("filtered", "exact_sigs", "exact_dups", "mh_sigs", "mh_buckets", "mh_remove", "rejected"):
         shutil.rmtree(work / sub, ignore_errors=True)
 

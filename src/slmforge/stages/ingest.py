@@ -49,6 +49,7 @@ class Source(BaseModel):
     text_field: str = Field("text", description="JSONL/Parquet: the column holding the text")
     id_field: str = Field("id", description="JSONL/Parquet: the column holding a unique id (else file:line)")
     title_field: str = Field("title", description="JSONL/Parquet: the column holding a title (optional)")
+    limit: int | None = Field(None, gt=0, description="read at most this many documents (a quick trial run)")
 
     _files: list[tuple[Path, str]] = PrivateAttr(default_factory=list)  # (absolute path, id prefix)
 
@@ -402,6 +403,8 @@ def _build(cfg: Config, out: Path) -> dict:
             writer = _ShardWriter(out / "data" / src.name, cfg.shard_docs)
             stats = Counter()
             for path, rel in src.files:
+                if src.limit and stats["docs"] >= src.limit:
+                    break
                 size = path.stat().st_size
                 counts: Counter = Counter()
                 ndocs = 0
@@ -411,6 +414,8 @@ def _build(cfg: Config, out: Path) -> dict:
                     if size == 0:
                         raise Reject("empty", "the file is empty")
                     for doc in read_file(path, rel, src, counts, rejects):
+                        if src.limit and stats["docs"] + ndocs >= src.limit:
+                            break
                         if doc.id in seen_ids:
                             counts["renamed_duplicate_id"] += 1
                             n = 2

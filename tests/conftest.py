@@ -1,0 +1,76 @@
+"""Tiny, hermetic fixtures: small slices of the shipped corpus and generated files; no network."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def slice_jsonl(src: Path, dst: Path, n: int, skip: int = 0) -> Path:
+    """The documents skip..skip+n of a shipped .jsonl.gz, written to dst (.jsonl)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(src, "rt", encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+        for i, line in enumerate(f):
+            if i >= skip + n:
+                break
+            if i >= skip:
+                out.write(line)
+    return dst
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def write_recipe(folder: Path, recipe: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def slmforge(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "slmforge.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> dict[str, Path]:
+    """30 PostgreSQL manual pages and 60 general documents (Bierce and a public-domain book)."""
+    d = tmp_path_factory.mktemp("corpus")
+    return {
+        "domain": slice_jsonl(DATA / "postgresql_docs.jsonl.gz", d / "domain" / "pg.jsonl", 30, skip=100),
+        "general": slice_jsonl(DATA / "general" / "devils_dictionary.jsonl.gz", d / "general" / "devil.jsonl", 50),
+        "general2": slice_jsonl(DATA / "general" / "cfi_book.jsonl.gz", d / "general" / "cfi.jsonl", 10),
+    }
+
+
+def small_recipe(corpus: dict[str, Path], workdir: Path, **sections) -> dict:
+    recipe = {
+        "name": "t",
+        "workdir": str(workdir),
+        "ingest": {"sources": [
+            {"name": "pg", "role": "domain", "paths": [str(corpus["domain"])]},
+            {"name": "general", "role": "general", "paths": [str(corpus["domain"].parent.parent / "general")]},
+        ]},
+        "curate": {"val_fraction": 0.15, "test_fraction": 0.15, "workers": 1},
+        "tokenizer": {"vocab_size": 600},
+    }
+    for k, v in sections.items():
+        recipe[k] = v
+    return recipe

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from slmforge.artifacts import MANIFEST, ArtifactStore
+from slmforge.config import StageConfig
+from slmforge.errors import UserError
+
+
+class Cfg(StageConfig):
+    size: int = 1
+    workers: int = 1
+    NOT_IN_KEY = frozenset({"workers"})
+
+
+def build_counter(calls: list):
+    def builder(out):
+        calls.append(out)
+        (out / "payload.txt").write_text("x" * 10)
+        return {"n": len(calls)}
+    return builder
+
+
+def test_key_depends_on_config_and_inputs_not_on_speed_settings():
+    k = ArtifactStore.key
+    base = k("s", Cfg().key_dict(), {"a": "1"})
+    assert base == k("s", Cfg(workers=8).key_dict(), {"a": "1"})
+    assert base != k("s", Cfg(size=2).key_dict(), {"a": "1"})
+    assert base != k("s", Cfg().key_dict(), {"a": "2"})
+    assert base != k("t", Cfg().key_dict(), {"a": "1"})
+
+
+def test_cached_after_manifest_and_manifest_written_last(tmp_path):
+    store, calls = ArtifactStore(tmp_path), []
+    art = store.build("s", Cfg(), {}, build_counter(calls))
+    m = json.loads((art.path / MANIFEST).read_text())
+    assert m["outputs"] == {"payload.txt": 10} and m["metrics"] == {"n": 1} and m["wall_time_s"] >= 0
+    assert {"config", "inputs", "versions", "hardware", "started"} <= m.keys()
+    again = store.build("s", Cfg(), {}, build_counter(calls))
+    assert len(calls) == 1 and again.key == art.key and store.last_built == ("s", art.key)
+    assert store.resolve("s:latest").key == art.key
+    store.build("s", Cfg(), {}, build_counter(calls), force=True)
+    assert len(calls) == 2
+
+
+def test_a_directory_without_manifest_is_never_taken_as_done(tmp_path):
+    store, calls = ArtifactStore(tmp_path), []
+    key = store.key("s", Cfg().key_dict(), {})
+    # as if killed after the rename but before the manifest
+    (store.run_dir("s", key)).mkdir(parents=True)
+    (store.run_dir("s", key) / "payload.txt").write_text("half")
+    assert store.state("s", key) == "incomplete"
+    with pytest.raises(UserError, match="not complete"):
+        store.load("s", key)
+    art = store.build("s", Cfg(), {}, build_counter(calls))
+    assert len(calls) == 1 and (art.path / "payload.txt").read_text() == "x" * 10
+    assert store.state("s", key) == "done"
+
+
+def test_a_failing_build_leaves_no_manifest(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def boom(out):
+        (out / "part").write_text("1")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        store.build("s", Cfg(), {}, boom, resumable=True)
+    key = store.key("s", Cfg().key_dict(), {})
+    assert store.state("s", key) == "incomplete"
+    seen = []
+
+    def resume(out):
+        seen.append((out / "part").read_text())  # the checkpoint is handed back
+        return {}
+
+    store.build("s", Cfg(), {}, resume, resumable=True)
+    assert seen == ["1"] and store.state("s", key) == "done"
+    with pytest.raises(UserError, match="no completed other run"):
+        store.resolve("other:latest")

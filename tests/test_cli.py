@@ -1,0 +1,42 @@
+import subprocess
+import sys
+import time
+
+from slmforge.config import load_recipe
+from tests.conftest import slmforge
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = ("import sys, time; t = time.time()\nfrom slmforge.cli import main\ntry: main(['--help'])\n"
+            "except SystemExit: pass\nheavy = [m for m in ('torch', 'transformers', 'datatrove', 'pydantic', 'tokenizers') "
+            "if m in sys.modules]\nassert not heavy, heavy\nprint(time.time() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "init" in out.stdout and float(out.stdout.strip().splitlines()[-1]) < 1.0
+
+
+def test_init_writes_a_recipe_that_loads_and_never_overwrites(tmp_path):
+    target = tmp_path / "my-domain"
+    r = slmforge("init", str(target))
+    assert r.returncode == 0, r.stderr
+    text = (target / "recipe.yaml").read_text()
+    assert "name: my-domain" in text and "# " in text  # commented
+    (target / "data" / "notes.md").write_text("# Notes\n\nThe pump must be primed before start.\n")
+    recipe = load_recipe(target / "recipe.yaml")
+    assert list(recipe.stages) == ["ingest", "curate", "tokenizer"]
+    (target / "recipe.yaml").write_text("name: mine\n")
+    r = slmforge("init", str(target))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert (target / "recipe.yaml").read_text() == "name: mine\n"
+
+
+def test_bad_recipe_exits_2_with_one_message(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: x\ntokenizer: {vocab_size: many}\ncurate: {}\n")
+    r = slmforge("run", str(tmp_path / "r.yaml"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "tokenizer.vocab_size" in r.stderr and "Traceback" not in r.stderr
+    assert "curate: needs the ingest stage's output" in r.stderr
+    assert not (tmp_path / "runs").exists()
+    r = slmforge("status", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+    t = time.time()
+    assert slmforge("--version").returncode == 0 and time.time() - t < 5

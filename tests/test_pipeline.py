@@ -1,0 +1,86 @@
+"""The whole data side through the CLI: caching, invalidation, status, resume after SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tests.conftest import slmforge, small_recipe, write_recipe
+
+
+def rows(run_dir: Path) -> list[dict]:
+    out = []
+    for shard in sorted(run_dir.glob("data/*/*/*.parquet")):
+        out += pq.read_table(shard).to_pylist()
+    return sorted(out, key=lambda r: r["id"])
+
+
+def stage_dirs(workdir: Path, stage: str) -> list[str]:
+    return sorted(p.name for p in (workdir / stage).iterdir() if p.is_dir()) if (workdir / stage).exists() else []
+
+
+def test_run_cache_invalidate_and_status(tmp_path, small_corpus):
+    work = tmp_path / "w"
+    recipe = write_recipe(tmp_path, small_recipe(small_corpus, work))
+    r = slmforge("run", str(recipe), "--until", "curate")
+    assert r.returncode == 0, r.stderr
+    assert stage_dirs(work, "tokenizer") == []
+    st = slmforge("status", str(recipe))
+    assert st.returncode == 0
+    assert "done" in st.stderr and "not run" in st.stderr
+
+    r = slmforge("run", str(recipe))
+    assert r.returncode == 0, r.stderr
+    assert "ran tokenizer" in r.stderr and "cached" in r.stderr
+
+    t = time.time()
+    r = slmforge("run", str(recipe))
+    assert r.returncode == 0 and "nothing to do" in r.stderr
+    assert time.time() - t < 20
+
+    # changing only the tokenizer section re-runs the tokenizer, not ingest or curate
+    before = {s: stage_dirs(work, s) for s in ("ingest", "curate", "tokenizer")}
+    r = slmforge("tokenizer", "--recipe", str(recipe), "--set", "vocab_size=700")
+    assert r.returncode == 0, r.stderr
+    assert "ran tokenizer" in r.stderr
+    after = {s: stage_dirs(work, s) for s in ("ingest", "curate", "tokenizer")}
+    assert after["ingest"] == before["ingest"] and after["curate"] == before["curate"]
+    assert len(after["tokenizer"]) == 2
+
+    # editing an input file re-runs everything after it
+    with open(small_corpus["general2"], "a") as f:
+        f.write('{"id": "extra", "text": "An extra general document about ships, whales and the sea, long enough to be kept by the quality filters of the curation stage. It has several sentences. It is plain prose. Nothing more."}\n')
+    st = slmforge("status", str(recipe))
+    assert st.stderr.count("not run") == 3
+
+
+def test_kill_at_any_moment_then_resume(tmp_path, small_corpus):
+    clean = tmp_path / "clean"
+    rc = write_recipe(tmp_path / "c", small_recipe(small_corpus, clean, tokenizer={"vocab_size": 500}))
+    assert slmforge("run", str(rc)).returncode == 0
+
+    killed = tmp_path / "killed"
+    rk = write_recipe(tmp_path / "k", small_recipe(small_corpus, killed, tokenizer={"vocab_size": 500}))
+    for probe in ("curate/*.partial/work/logs/1-filter", "curate/*.partial/work/logs/3-minhash-signatures"):
+        proc = subprocess.Popen([sys.executable, "-m", "slmforge.cli", "run", str(rk)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while not list(killed.glob(probe)) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not list(killed.glob("curate/*/manifest.json")), "a killed stage must not look done"
+    st = slmforge("status", str(rk))
+    assert "incomplete" in st.stderr
+    r = slmforge("run", str(rk))
+    assert r.returncode == 0, r.stderr
+    [c] = [p for p in (clean / "curate").iterdir() if p.is_dir()]
+    [k] = [p for p in (killed / "curate").iterdir() if p.is_dir()]
+    assert c.name == k.name
+    assert rows(c) == rows(k) and rows(c)
+    tok = lambda w: (next((w / "tokenizer").glob("*/tokenizer/tokenizer.json"))).read_text()
+    assert tok(clean) == tok(killed)
