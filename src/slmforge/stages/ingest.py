@@ -53,30 +53,17 @@ class Source(BaseModel):
 
     _files: list[tuple[Path, str]] = PrivateAttr(default_factory=list)  # (absolute path, id prefix)
 
-    @model_validator(mode="after")
-    def _expand(self, info: ValidationInfo):
-        base = Path((info.context or {}).get("base_dir", "."))
-        files: list[tuple[Path, str]] = []
-        problems = []
-        for i, raw in enumerate(self.paths):
-            p = resolve_path(raw, info)
-            if _GLOB_CHARS.search(raw):
-                hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True) if Path(h).is_file())
-                if not hits:
-                    problems.append(f"paths.{i}: {raw!r} matches no file (looked in {p.parent})")
-                files += [(h, _rel(h, base)) for h in hits]
-            elif p.is_dir():
-                hits = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
-                if not hits:
-                    problems.append(f"paths.{i}: folder {p} holds no file")
-                files += [(h, _rel(h, base)) for h in hits]
-            elif p.is_file():
-                files.append((p, _rel(p, base)))
-            else:
-                problems.append(f"paths.{i}: {p} does not exist; fix the path (relative to the recipe file)")
+    @field_validator("paths")
+    @classmethod
+    def _paths_exist(cls, paths: list[str], info: ValidationInfo) -> list[str]:
+        problems = _expand(paths, info)[1]
         if problems:
             raise ValueError("; ".join(problems))
-        self._files = files
+        return paths
+
+    @model_validator(mode="after")
+    def _files_of(self, info: ValidationInfo):
+        self._files = _expand(self.paths, info)[0]
         return self
 
     @property
@@ -101,6 +88,30 @@ class Config(StageConfig):
         if not any(s.role == "domain" for s in v):
             raise ValueError("at least one source needs role: domain")
         return v
+
+
+def _expand(paths: list[str], info: ValidationInfo) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(files as (absolute path, path relative to the recipe), problems) for a source's `paths`."""
+    base = Path((info.context or {}).get("base_dir", "."))
+    files: list[tuple[Path, str]] = []
+    problems = []
+    for i, raw in enumerate(paths):
+        p = resolve_path(raw, info)
+        if _GLOB_CHARS.search(raw):
+            hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True) if Path(h).is_file())
+            if not hits:
+                problems.append(f"paths.{i}: {raw!r} matches no file (looked in {p.parent})")
+        elif p.is_dir():
+            hits = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+            if not hits:
+                problems.append(f"paths.{i}: folder {p} holds no file")
+        elif p.is_file():
+            hits = [p]
+        else:
+            hits = []
+            problems.append(f"paths.{i}: {p} does not exist; fix the path (relative to the recipe file)")
+        files += [(h, _rel(h, base)) for h in hits]
+    return files, problems
 
 
 def _hidden(rel: Path) -> bool:

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+
+from slmforge.artifacts import ArtifactStore
+from slmforge.config import load_recipe
+from slmforge.records import read_documents
+from slmforge.stages import curate, ingest
+from slmforge.stages.curate import split_of
+from tests.conftest import write_jsonl, write_recipe
+
+CODE = """Example 7.3. Creating a table
+
+CREATE TABLE parts (
+    id      integer PRIMARY KEY,
+    name    text NOT NULL,
+    due     date
+);
+
+name | due
+seal | 2024-01-01
+"""
+DUP = ("Seals wear out faster when the pump runs dry. Check the water level in the tank before every start, "
+       "and stop the pump at once when the pressure gauge drops below the red mark. Replace a seal that leaks "
+       "more than a few drops a minute; keep two spare seals in the cabinet next to the control panel.")
+PII_TEXT = ("Contact the maintainer at jane.doe@corp-mail.com or call (415) 555-2671 when the pump fails. "
+            "The server at 8.8.4.4 runs the monitoring job, see Section 55.2.2.1 for the details of the schedule. "
+            "The internal host 192.168.1.5 is fine to show. The deploy key is AKIAIOSFODNN7EXAMPLE and the "
+            "settings file has api_key = 'abcdef0123456789abcdef' in it. The rest of this page explains how the "
+            "service is restarted by the operator on duty, and what the operator checks before and after.")
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("cur")
+    real = [json.loads(line) for line in small_corpus["domain"].read_text().splitlines()]
+    long_page = max(real, key=lambda d: len(d["text"]))
+    near = dict(long_page, id="near-copy", text=long_page["text"].replace(" the ", " a ", 1))
+    docs = real + [
+        {"id": "code", "text": CODE + "The table holds the parts and the dates when they are due. Each row is one "
+                               "part. Rows are added by the maintenance planner and removed when a part is retired."},
+        {"id": "spam", "text": "Buy cheap pumps now at the best price!\n" * 40},
+        {"id": "short", "text": "Valves must be checked each morning before the pumps are started by the operator."},
+        {"id": "one-sentence", "text": "Every morning the operator on duty checks whether valves, seals, gauges, "
+                                       "filters and hoses in both pump rooms show wear, leaks or unusual noise before "
+                                       "starting any of the three main pumps"},
+        {"id": "lorem", "text": "Lorem ipsum dolor sit amet. The pump room is on the lower deck and has to be kept "
+                                "dry. Its door stays locked at night. Only the engineer and the captain have a key."},
+        {"id": "pii", "text": PII_TEXT},
+        {"id": "dup-a", "text": DUP},
+        {"id": "dup-b", "text": DUP},
+        near,
+    ]
+    write_jsonl(tmp / "docs.jsonl", docs)
+    recipe = write_recipe(tmp, {"workdir": "w", "ingest": {"sources": [{"name": "d", "paths": ["docs.jsonl"]}]},
+                                "curate": {"workers": 1, "audit_sample": 5}})
+    cfg = load_recipe(recipe).stages
+    store = ArtifactStore(tmp / "w")
+    ing = ingest.run(cfg["ingest"], store)
+    art = curate.run(cfg["curate"], store, {"ingest": ing})
+    out = {d["id"]: d for split in ("train", "val", "test") for d in read_documents(art.path / "data" / split)}
+    return art, out, cfg, store, ing
+
+
+def test_each_filter_drops_what_it_should(curated):
+    art, out, *_ = curated
+    f = art.manifest["metrics"]["filters"]
+    assert f["gopher_repetition"]["by_reason"].get("dup_line_frac") == 1 and "spam" not in out
+    # a 14-word page: its n-grams are each a large share of it (repetition), or it is too short (quality)
+    assert "short" not in out
+    assert f["gopher_repetition"]["dropped"] + f["gopher_quality"]["dropped"] == 2
+    assert f["c4"]["by_reason"] == {"too_few_sentences": 1, "lorem_ipsum": 1}
+    assert "one-sentence" not in out and "lorem" not in out
+    assert f["exact_dedup"]["dropped"] == 1 and ("dup-a" in out) != ("dup-b" in out)
+    assert f["minhash"]["dropped"] == 1
+    assert art.manifest["metrics"]["docs_in"] == 39
+    # the real manual pages all survive
+    assert sum(1 for k in out if k.startswith("postgresql_docs:")) >= 29
+
+
+def test_code_and_tables_survive_byte_for_byte(curated):
+    _, out, *_ = curated
+    assert out["code"]["text"].startswith(CODE)
+
+
+def test_pii_is_redacted_and_section_numbers_are_not(curated):
+    art, out, *_ = curated
+    t = out["pii"]["text"]
+    for secret in ("jane.doe@corp-mail.com", "555-2671", "8.8.4.4", "AKIAIOSFODNN7EXAMPLE", "abcdef0123456789abcdef"):
+        assert secret not in t
+    assert "email@example.com" in t and "192.0.2.1" in t and "<REDACTED_SECRET>" in t and "api_key = '" in t
+    assert "Section 55.2.2.1" in t and "192.168.1.5" in t
+    assert art.manifest["metrics"]["pii_redacted"] == {"email": 1, "ip": 1, "phone": 1, "secret": 2}
+
+
+def test_audit_sample_keeps_rejected_documents_with_reasons(curated):
+    art, *_ = curated
+    rep = [json.loads(line) for line in (art.path / "audit" / "gopher_repetition.jsonl").read_text().splitlines()]
+    assert any(r["id"] == "spam" and r["reason"] for r in rep)
+    c4 = [json.loads(line) for line in (art.path / "audit" / "c4.jsonl").read_text().splitlines()]
+    assert {r["reason"] for r in c4} == {"too_few_sentences", "lorem_ipsum"}
+
+
+def test_disabling_a_filter_keeps_its_documents(curated, tmp_path):
+    _, _, cfg, store, ing = curated
+    loose = cfg["curate"].model_copy(update={"c4": curate.C4Rules(enabled=False), "exact_dedup": False,
+                                                "minhash": curate.MinHash(enabled=False)})
+    art = curate.run(loose, store, {"ingest": ing})
+    ids = {d["id"] for s in ("train", "val", "test") for d in read_documents(art.path / "data" / s)}
+    assert {"one-sentence", "lorem", "dup-a", "dup-b"} <= ids
+    assert "c4" not in art.manifest["metrics"]["filters"] and "minhash" not in art.manifest["metrics"]["filters"]
+
+
+def test_quality_settings_keep_reference_pages_and_drop_short_or_symbol_soup(small_corpus):
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import GopherQualityFilter
+
+    tuned = GopherQualityFilter(**curate.Config().gopher_quality.kwargs())
+    web = GopherQualityFilter()
+    assert tuned.filter(Document(text="Check the valves and the seals.", id="s")) == (False, "gopher_short_doc")
+    soup = " ".join(["|", "(", "1024", "2048", ")", "->", "the", "and", "1.5e10", "0x7fff", "4096"] * 40)
+    assert tuned.filter(Document(text=soup, id="x")) == (False, "gopher_below_alpha_threshold")
+    pages = [json.loads(line)["text"] for line in small_corpus["domain"].read_text().splitlines()]
+    kept_tuned = sum(tuned.filter(Document(text=t, id=str(i))) is True for i, t in enumerate(pages))
+    kept_web = sum(web.filter(Document(text=t, id=str(i))) is True for i, t in enumerate(pages))
+    assert kept_tuned == len(pages) and kept_web < kept_tuned
+
+
+def test_split_is_deterministic_and_by_id(curated):
+    art, out, *_ = curated
+    for doc_id in out:
+        assert split_of(doc_id, 0.05, 0.05) == split_of(doc_id, 0.05, 0.05)
+    placed = {d["id"]: s for s in ("train", "val", "test") for d in read_documents(art.path / "data" / s)}
+    assert all(split_of(i, 0.05, 0.05) == s for i, s in placed.items())
+    shares = [split_of(f"doc-{i}", 0.1, 0.2) for i in range(5000)]
+    assert abs(shares.count("val") / 5000 - 0.1) < 0.02 and abs(shares.count("test") / 5000 - 0.2) < 0.02
