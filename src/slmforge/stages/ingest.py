@@ -76,7 +76,9 @@ class Config(StageConfig):
 
     sources: list[Source] = Field(min_length=1, description="named inputs; at least one with role: domain")
     max_file_mb: float = Field(256.0, gt=0, description="files larger than this are skipped (reason too_large)")
-    shard_docs: int = Field(20000, gt=0, description="documents per Parquet shard")
+    shard_mb: float = Field(
+        4.0, gt=0, description="text per Parquet shard; curate runs one datatrove task per shard, so smaller "
+                               "shards spread a small corpus over more workers")
 
     @field_validator("sources")
     @classmethod
@@ -374,14 +376,16 @@ def read_file(path: Path, rel: str, src: Source, counts: Counter, rejects: list)
 
 # ---- the stage ------------------------------------------------------------------------------------
 class _ShardWriter:
-    def __init__(self, folder: Path, shard_docs: int):
-        self.folder, self.shard_docs = folder, shard_docs
+    def __init__(self, folder: Path, shard_bytes: int):
+        self.folder, self.shard_bytes = folder, shard_bytes
         self.rows: list[dict] = []
+        self.size = 0
         self.shards = 0
 
     def add(self, doc: Document) -> None:
         self.rows.append(doc.to_row())
-        if len(self.rows) >= self.shard_docs:
+        self.size += len(doc.text)
+        if self.size >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -394,7 +398,7 @@ class _ShardWriter:
         table = pa.Table.from_pylist(self.rows, schema=DOCUMENT_SCHEMA)
         pq.write_table(table, self.folder / f"part-{self.shards:05d}.parquet", compression="zstd")
         self.shards += 1
-        self.rows = []
+        self.rows, self.size = [], 0
 
 
 def _build(cfg: Config, out: Path) -> dict:
@@ -411,7 +415,7 @@ def _build(cfg: Config, out: Path) -> dict:
     with byte_progress() as progress:
         task = progress.add_task("ingest", total=total_bytes, items=f"0/{nfiles} files")
         for src in cfg.sources:
-            writer = _ShardWriter(out / "data" / src.name, cfg.shard_docs)
+            writer = _ShardWriter(out / "data" / src.name, int(cfg.shard_mb * 2**20))
             stats = Counter()
             for path, rel in src.files:
                 if src.limit and stats["docs"] >= src.limit:
@@ -452,7 +456,7 @@ def _build(cfg: Config, out: Path) -> dict:
                 progress.update(task, advance=size,
                                 items=f"{done_files}/{nfiles} files, {sum(s['docs'] for s in per_source.values()) + stats['docs']} docs")
             writer.flush()
-            per_source[src.name] = {"role": src.role, **dict(stats)}
+            per_source[src.name] = {"role": src.role, "shards": writer.shards, **dict(stats)}
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
