@@ -12,6 +12,7 @@ RayPipelineExecutor: see the README ("Curating a large corpus").
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -265,7 +266,27 @@ def _build_steps():
                 self.stat_update(doc.metadata["split"])
                 yield doc
 
-    return C4DocumentRules, RedactPII, AssignSplit
+    class CountProgress(PipelineStep):
+        """Adds each document to counters shared with the parent process, which draws the progress bar."""
+
+        name = "📊 progress"
+        type = "📊 - PROGRESS"
+
+        def run(self, data, rank: int = 0, world_size: int = 1):
+            docs, chars = _SHARED["docs"], _SHARED["chars"]
+            for doc in data:
+                with docs.get_lock():
+                    docs.value += 1
+                with chars.get_lock():
+                    chars.value += len(doc.text)
+                yield doc
+
+    return C4DocumentRules, RedactPII, AssignSplit, CountProgress
+
+
+# Counters for the progress bar, set before datatrove forks its workers (which inherit them: shared
+# memory cannot be pickled into a worker, only inherited).
+_SHARED: dict = {}
 
 
 def _row_adapter(self, doc) -> dict:
@@ -278,17 +299,17 @@ def _quiet_logger() -> None:
     from loguru import logger
 
     logger.remove()
-    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+    logger.add(sys.stderr, level="ERROR", format="{level}: {message}")
 
 
 def _quiet_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
-    """datatrove's task logger, with the console at WARNING (its INFO lines swamp our progress bars);
+    """datatrove's task logger, with the console at ERROR (its INFO lines swamp our progress bars);
     the full DEBUG log still goes to logs/task_NNNNN.log."""
     from loguru import logger
 
     logger.remove()
     logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
-    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+    logger.add(sys.stderr, level="ERROR", format="{level}: {message}")
     logger.add(logfile, level="DEBUG")
     return logfile
 
@@ -309,7 +330,7 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
 
     import datatrove.utils.logging as dt_logging
 
-    C4DocumentRules, RedactPII, AssignSplit = _build_steps()
+    C4DocumentRules, RedactPII, AssignSplit, CountProgress = _build_steps()
     dt_base.add_task_logger = _quiet_task_logger
     dt_logging.setup_default_logger = _quiet_logger
     _quiet_logger()
@@ -319,8 +340,8 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     work = out / "work"
     filtered, rejected = work / "filtered", work / "rejected"
 
-    def reader(folder: Path, progress: bool = False):
-        return ParquetReader(str(folder), glob_pattern="**/*.parquet", doc_progress=progress)
+    def reader(folder: Path):
+        return ParquetReader(str(folder), glob_pattern="**/*.parquet")
 
     def excluded(step: str):
         return JsonlWriter(str(rejected / step), output_filename="${rank}.jsonl.gz")
@@ -331,12 +352,12 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
 
     def execute(name: str, pipeline: list, n_tasks: int) -> None:
         info(f"  curate · {name}")
-        # fork: workers inherit the quiet logger and skip re-importing datatrove and spacy
+        # fork: workers inherit the quiet logger and the progress counters, and skip re-importing spacy
         LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(cfg.workers, n_tasks), start_method="fork",
                               logging_dir=str(work / "logs" / name)).run()
 
     # 1. filters + PII, written once; exact-dedup signatures computed on the way out
-    steps: list = [reader(ingest.path / "data", progress=True)]
+    steps: list = [reader(ingest.path / "data"), CountProgress()]
     if cfg.gopher_repetition.enabled:
         kw = cfg.gopher_repetition.kwargs()
         kw = {**kw, "top_n_grams": tuple(map(tuple, kw["top_n_grams"])), "dup_n_grams": tuple(map(tuple, kw["dup_n_grams"]))}
@@ -353,14 +374,15 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     exact_cfg = ExactDedupConfig(content_getter=_doc_bytes)
     if cfg.exact_dedup:
         steps.append(ExactDedupSignature(str(work / "exact_sigs"), config=exact_cfg))
-    execute("1-filter", steps, tasks)
+    with _progress_bar(ingest.manifest["metrics"], tasks, cfg.workers):
+        execute("1-filter", steps, tasks)
 
     # 2. exact duplicates
     if cfg.exact_dedup:
         execute("2-exact-find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact_cfg)], 1)
 
-    def deduped(progress=False) -> list:
-        s = [reader(filtered, progress)]
+    def deduped() -> list:
+        s = [reader(filtered)]
         if cfg.exact_dedup:
             s.append(ExactDedupFilter(str(work / "exact_dups"), config=exact_cfg, exclusion_writer=excluded("exact_dedup")))
         return s
@@ -410,6 +432,36 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
         info(f"[yellow]warning[/]: {w}")
     _print_summary(metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def _progress_bar(ingest_metrics: dict, tasks: int, workers: int):
+    """Documents, MB/s and ETA of the filter step, polled from the counters the workers update."""
+    import multiprocessing as mp
+    import threading
+
+    from slmforge.console import byte_progress
+
+    _SHARED.update(docs=mp.Value("q", 0), chars=mp.Value("q", 0))
+    total_docs = ingest_metrics["docs"]
+    stop = threading.Event()
+    with byte_progress() as progress:
+        task = progress.add_task(f"curate · filter ({tasks} tasks, {workers} workers)", total=ingest_metrics["chars"],
+                                 items=f"0/{total_docs} docs")
+
+        def poll():
+            while not stop.wait(0.5):
+                progress.update(task, completed=_SHARED["chars"].value,
+                                items=f"{_SHARED['docs'].value}/{total_docs} docs")
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            progress.update(task, completed=_SHARED["chars"].value, items=f"{_SHARED['docs'].value}/{total_docs} docs")
 
 
 def _collect(cfg: Config, work: Path, out: Path) -> dict:
