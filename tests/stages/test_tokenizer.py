@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from slmforge.artifacts import ArtifactStore
@@ -20,6 +22,8 @@ def test_loads_offline_with_autotokenizer_and_round_trips(tok_art):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tok_art.path / "tokenizer"), local_files_only=True)
+    assert json.loads((tok_art.path / "tokenizer" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
     assert len(tok) == 600
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
     text = "SELECT relname FROM pg_class WHERE relkind = 'r';\n    -- 12345 rows\n"

@@ -10,13 +10,14 @@ domain text; the manifest says by how much.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import Field
 
-from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
 from slmforge.config import StageConfig
 from slmforge.console import console, info
 from slmforge.errors import UserError
@@ -102,6 +103,12 @@ def save_hf(tok, out: Path) -> None:
     )
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(out))
+    # transformers 5 writes its own class name, which transformers 4 (and so older vLLM) cannot load;
+    # PreTrainedTokenizerFast loads the same files in both (transformers 5 maps it to TokenizersBackend).
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    write_json_atomic(cfg_path, cfg)
 
 
 def measure(tok, texts: list[str]) -> dict:
