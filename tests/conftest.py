@@ -51,16 +51,16 @@ def slmforge(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpr
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> dict[str, Path]:
-    """30 PostgreSQL manual pages and 60 general documents (Bierce and a public-domain book)."""
+    """30 PostgreSQL manual pages and 160 general documents (Bierce and a public-domain book)."""
     d = tmp_path_factory.mktemp("corpus")
     return {
         "domain": slice_jsonl(DATA / "postgresql_docs.jsonl.gz", d / "domain" / "pg.jsonl", 30, skip=100),
-        "general": slice_jsonl(DATA / "general" / "devils_dictionary.jsonl.gz", d / "general" / "devil.jsonl", 50),
+        "general": slice_jsonl(DATA / "general" / "devils_dictionary.jsonl.gz", d / "general" / "devil.jsonl", 150),
         "general2": slice_jsonl(DATA / "general" / "cfi_book.jsonl.gz", d / "general" / "cfi.jsonl", 10),
     }
 
 
-def small_recipe(corpus: dict[str, Path], workdir: Path, **sections) -> dict:
+def small_recipe(corpus: dict[str, Path], workdir: Path, with_model: bool = False, **sections) -> dict:
     recipe = {
         "name": "t",
         "workdir": str(workdir),
@@ -71,6 +71,11 @@ def small_recipe(corpus: dict[str, Path], workdir: Path, **sections) -> dict:
         "curate": {"val_fraction": 0.15, "test_fraction": 0.15, "workers": 1},
         "tokenizer": {"vocab_size": 600},
     }
+    if with_model:
+        recipe["pretrain"] = {"model": {"depth": 2, "aspect": 16, "head_dim": 16, "context": 64},
+                              "tokens": "12k", "batch_tokens": 1024, "micro_batch": 8, "lr": 3e-3,
+                              "eval_every": 4, "eval_tokens": 512, "log_every": 2}
+        recipe["evaluate"] = {"max_bytes": 20000, "samples": 1, "sample_tokens": 8}
     for k, v in sections.items():
         recipe[k] = v
     return recipe

@@ -158,13 +158,23 @@ class ArtifactStore:
         external: dict | None = None,
         resumable: bool = False,
         force: bool = False,
+        distributed: bool = False,
     ) -> Artifact:
         """Return the cached artifact for this (config, inputs), or build it.
 
         `builder(out_dir)` writes the payload into `out_dir` and returns the manifest's metrics.
         With `resumable`, a `.partial` directory left by a killed run is handed back to the builder
         (which resumes from its checkpoints); otherwise it is wiped first.
+        Under torchrun/accelerate (several processes) the main process prepares and finalises the
+        directory; a `distributed` builder runs on every rank, any other only on the main one.
         """
+        from slmforge import dist
+
+        if dist.world_size() > 1:
+            return self._build_ranks(stage, cfg, inputs, builder, external, resumable, force, distributed)
+        return self._build_one(stage, cfg, inputs, builder, external, resumable, force)
+
+    def _build_one(self, stage, cfg, inputs, builder, external, resumable, force) -> Artifact:
         key = self.key(stage, cfg.key_dict(), {k: a.key for k, a in inputs.items()}, external)
         final = self.run_dir(stage, key)
         if not force and (final / MANIFEST).is_file():
@@ -183,6 +193,31 @@ class ArtifactStore:
                     f"{stage}: another slmforge process is building {final}; wait for it to finish"
                 ) from None
             return self._build_locked(stage, key, cfg, inputs, builder, external, resumable, force)
+
+    def _build_ranks(self, stage, cfg, inputs, builder, external, resumable, force, distributed) -> Artifact:
+        from slmforge import dist
+
+        key = self.key(stage, cfg.key_dict(), {k: a.key for k, a in inputs.items()}, external)
+        done = (self.run_dir(stage, key) / MANIFEST).is_file() and not force
+        if not distributed or done:
+            if dist.is_main():
+                self._build_one(stage, cfg, inputs, builder, external, resumable, force)
+            dist.barrier()
+            return self.load(stage, key)
+        partial = self.partial_dir(stage, key)
+        if dist.is_main():
+            self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+            if partial.exists() and not resumable:
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        started = time.time()
+        metrics = builder(partial) or {}
+        dist.barrier()
+        if dist.is_main():
+            self._finish(stage, key, cfg, inputs, external, partial, metrics, started, resumed=False)
+        dist.barrier()
+        return self.load(stage, key)
 
     def _build_locked(self, stage, key, cfg, inputs, builder, external, resumable, force) -> Artifact:
         final, partial = self.run_dir(stage, key), self.partial_dir(stage, key)
@@ -203,6 +238,10 @@ class ArtifactStore:
             if not resumable:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
+        return self._finish(stage, key, cfg, inputs, external, partial, metrics, started, resumed)
+
+    def _finish(self, stage, key, cfg, inputs, external, partial, metrics, started, resumed) -> Artifact:
+        final = self.run_dir(stage, key)
         wall = time.time() - started
         outputs = {
             str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()

@@ -13,6 +13,9 @@ STAGE_HELP = {
     "ingest": "read files/folders/globs into Document shards (Parquet)",
     "curate": "quality filters, dedup, PII redaction, train/val/test split (datatrove)",
     "tokenizer": "train a byte-level BPE on the train split and compare it with a general one",
+    "plan": "what model should I train? (also without a recipe: slmforge plan --hours 24 --device h100 ...)",
+    "pretrain": "train the specialist and a same-size generalist baseline",
+    "evaluate": "bits-per-byte of every model on each test split, samples, HTML report",
 }
 
 
@@ -44,9 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     _add_set(p)
 
+    p = sub.add_parser("chat", help="talk to a model folder: greedy or sampled completions")
+    p.add_argument("model", help="a model folder, e.g. runs/demo/pretrain/<key>/specialist")
+    p.add_argument("--prompt", help="complete this text and exit (else read prompts from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--seed", type=int, default=0)
+
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run one stage: {STAGE_HELP.get(stage, stage)}")
-        p.add_argument("--recipe", required=True, help="the recipe YAML")
+        p.add_argument("--recipe", required=stage != "plan", help="the recipe YAML")
         p.add_argument("--force", action="store_true", help="re-run even if cached")
         _add_set(p)
     return parser
@@ -74,7 +87,36 @@ def _init(directory: str, force: bool) -> None:
          f"then `slmforge run {target}`")
 
 
+def _chat(args) -> None:
+    import torch
+
+    from slmforge.modeling import load_model
+
+    model, tok = load_model(args.model)
+    model.eval()
+    prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
+    if args.prompt is None and sys.stdin.isatty():
+        print("type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)
+    for prompt in prompts:
+        if args.chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+        else:
+            ids = tok(prompt, return_tensors="pt")
+        torch.manual_seed(args.seed)
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample \
+            else {"do_sample": False}
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+        print(prompt + tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"] and "--recipe" not in argv and not {"-h", "--help"} & set(argv):
+        from slmforge.stages.plan import cli_main
+
+        return cli_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verb:
@@ -85,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "init":
             _init(args.dir, args.force)
+            return 0
+        if args.verb == "chat":
+            _chat(args)
             return 0
         from slmforge.config import load_recipe
         from slmforge.pipeline import print_status, run_recipe

@@ -1,0 +1,507 @@
+"""pretrain: train a specialist (and a same-size generalist baseline) with a plain PyTorch loop.
+
+- Data: each source's train and val splits are tokenized once, before training (DESIGN: never
+  alongside it), into flat token files; every document starts with BOS and ends with EOS. Training
+  windows of `context + 1` tokens are cut from the stream (packed sequences) and visited in a fresh
+  random order every epoch.
+- Mixture: each sequence of a step comes from the domain group with probability p(step), else from
+  the general group (within a group, in proportion to size). Schedules: `constant` p; `specialised`
+  p from step 0 until the domain data has been seen `max_domain_epochs` times, then general only
+  (Muennighoff et al. 2023: up to ~4 epochs of repetition cost little); `upsample` p, then
+  `final_domain_fraction` in the last `final_part` of training (domain upsampling at the end of a
+  WSD schedule, as in Llama 3 and MiniCPM).
+- Optimisation: AdamW, WSD (warmup-stable-decay) or cosine learning rate, gradient accumulation to
+  `batch_tokens` per step, clipping, bf16 autocast when the hardware does bf16 (this CPU: ~2x fp32).
+- Budget: `tokens`, or `minutes` (the step count is fixed after timing the first steps).
+- Exact resume: the batch of step s is a pure function of (seed, s, sampler cursors), and a
+  checkpoint holds weights, optimizer, cursors and logs; a run killed at any moment and restarted
+  ends with the same weights as one that never stopped.
+- Scale-out: run under `accelerate launch` (launch/*.yaml) or torchrun; every process draws the
+  same global batch and trains on its share, so 2 processes follow the 1-process loss curve.
+The generalist baseline: the same shape and the same number of tokens, trained on the general
+sources with the general tokenizer. Output: `<run>/specialist/` and `<run>/generalist/` (HF folders).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from slmforge import dist
+from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.config import StageConfig
+from slmforge.console import console, info
+from slmforge.errors import UserError
+from slmforge.modeling import ModelSize, build_model, derive, load_model, model_card, parse_count
+from slmforge.records import read_documents
+
+NAME = "pretrain"
+INPUTS = ("curate", "tokenizer")
+
+
+class Mixture(BaseModel):
+    """How much of each step comes from the domain sources, over training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schedule: Literal["constant", "specialised", "upsample"] = Field(
+        "upsample", description="constant p; specialised (p until the domain is repeated max_domain_epochs "
+                                "times); upsample (p, then final_domain_fraction at the end)")
+    domain_fraction: float = Field(0.8, ge=0, le=1, description="p: share of sequences from the domain sources")
+    max_domain_epochs: float = Field(4.0, gt=0, description="specialised: passes over the domain data at most")
+    final_domain_fraction: float = Field(1.0, ge=0, le=1, description="upsample: p in the final part")
+    final_part: float = Field(0.2, ge=0, lt=1, description="upsample: the last share of steps with the final p")
+
+
+class Config(StageConfig):
+    """Model size, budget and optimisation. Derived values are printed and go to the manifest."""
+
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every_min", "tensorboard", "log_every"})
+
+    model: ModelSize = Field(default_factory=ModelSize)
+    init_from: str | None = Field(None, description="continue from this local HF checkpoint (its tokenizer too)")
+    tokens: str | None = Field(None, description="training budget in tokens, e.g. 2M (or give minutes)")
+    minutes: float | None = Field(None, gt=0, description="training budget in minutes for the specialist")
+    batch_tokens: int = Field(8192, ge=16, description="tokens per optimizer step, over all processes")
+    micro_batch: int = Field(16, ge=1, description="sequences per forward pass per process (memory)")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate / peak")
+    warmup: float = Field(0.05, ge=0, lt=1, description="share of steps spent warming up")
+    schedule: Literal["wsd", "cosine"] = Field("wsd", description="warmup-stable-decay or cosine")
+    decay_part: float = Field(0.2, gt=0, le=1, description="wsd: the last share of steps that decays")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.95))
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where supported")
+    compile: bool = Field(False, description="torch.compile the model (20-40 s to start, ~1.3x after)")
+    mixture: Mixture = Field(default_factory=Mixture)
+    baseline: bool = Field(True, description="also train a generalist of the same size on the general sources")
+    eval_every: int = Field(50, ge=1, description="steps between validation losses (per source)")
+    eval_tokens: int = Field(32768, ge=16, description="validation tokens per source")
+    checkpoint_every_min: float = Field(5.0, gt=0, description="minutes between checkpoints")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (in addition)")
+    log_every: int = Field(10, ge=1, description="steps between log lines")
+    seed: int = 0
+    tensorboard: bool = Field(False, description="also log to TensorBoard through accelerate's trackers")
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if (self.tokens is None) == (self.minutes is None):
+            raise ValueError("give pretrain.tokens or pretrain.minutes as the budget, not both. Choose one.")
+        if self.tokens is not None:
+            parse_count(self.tokens)
+        return self
+
+
+def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
+    inputs = inputs or {"curate": store.resolve("curate:latest"), "tokenizer": store.resolve("tokenizer:latest")}
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), resumable=True, force=force,
+                       distributed=True)
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def tokenize_split(tokenizer, curate: Artifact, split: str, source: str, path: Path) -> int:
+    """Write the split's documents as one token stream (BOS doc EOS ...) to `path`; returns its length."""
+    if path.is_file():
+        return int(np.load(path, mmap_mode="r").shape[0])
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"pretrain: the tokenizer of {source} is not a fast (tokenizers) tokenizer")
+    texts = [r["text"] for r in read_documents(curate.path / "data" / split, source, columns=["text"])]
+    chunks = []
+    for i in range(0, len(texts), 256):
+        for e in tokenizer.backend_tokenizer.encode_batch(texts[i:i + 256], add_special_tokens=False):
+            chunks.append(np.asarray([bos, *e.ids, eos], dtype=np.int64))
+    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
+    arr = np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype=dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+    return int(arr.shape[0])
+
+
+class Sampler:
+    """Deterministic packed-window sampler over several sources with a domain-fraction schedule."""
+
+    def __init__(self, streams: dict[str, np.ndarray], domain: list[str], seq: int, seed: int):
+        self.streams, self.seq, self.seed = streams, seq, seed
+        self.names = sorted(streams)
+        self.windows = {s: max(0, (len(a) - 1) // seq) for s, a in streams.items()}
+        self.domain = [s for s in self.names if s in domain and self.windows[s]]
+        self.general = [s for s in self.names if s not in domain and self.windows[s]]
+        self.consumed = {s: 0 for s in self.names}
+        self._perm: dict[str, tuple[int, np.ndarray]] = {}
+
+    def state(self) -> dict:
+        return {"consumed": dict(self.consumed)}
+
+    def load(self, state: dict) -> None:
+        self.consumed = dict(state["consumed"])
+
+    def epochs(self, group: list[str]) -> float:
+        total = sum(self.windows[s] for s in group)
+        return sum(self.consumed[s] for s in group) / total if total else 0.0
+
+    def _window(self, source: str) -> np.ndarray:
+        k = self.consumed[source]
+        n = self.windows[source]
+        epoch, i = divmod(k, n)
+        cached = self._perm.get(source)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, self.names.index(source), epoch])
+            cached = (epoch, rng.permutation(n))
+            self._perm[source] = cached
+        start = int(cached[1][i]) * self.seq
+        self.consumed[source] = k + 1
+        return np.asarray(self.streams[source][start:start + self.seq + 1], dtype=np.int64)
+
+    def batch(self, step: int, n_seq: int, p_domain: float) -> np.ndarray:
+        """The global batch of `step`: n_seq windows, each from the domain with probability p_domain."""
+        rng = np.random.default_rng([self.seed, 1_000_003, step])
+        draws, picks = rng.random(n_seq), rng.random(n_seq)
+        rows = []
+        for d, u in zip(draws, picks):
+            group = self.domain if (d < p_domain and self.domain) or not self.general else self.general
+            sizes = np.array([self.windows[s] for s in group], dtype=float)
+            source = group[int(np.searchsorted(np.cumsum(sizes) / sizes.sum(), u, side="right").clip(0, len(group) - 1))]
+            rows.append(self._window(source))
+        return np.stack(rows)
+
+
+def domain_fraction(m: Mixture, step: int, total: int, domain_epochs: float) -> float:
+    if m.schedule == "specialised":
+        return m.domain_fraction if domain_epochs < m.max_domain_epochs else 0.0
+    if m.schedule == "upsample" and step >= (1 - m.final_part) * total:
+        return m.final_domain_fraction
+    return m.domain_fraction
+
+
+def lr_at(cfg: Config, step: int, total: int) -> float:
+    """Linear warmup, then WSD (constant, linear decay over the last `decay_part`) or cosine."""
+    warm = max(1, int(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        t = (step - warm) / max(1, total - warm)
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    decay_start = int(total * (1 - cfg.decay_part))
+    if step < decay_start:
+        return cfg.lr
+    t = (step - decay_start) / max(1, total - decay_start)
+    return cfg.lr - (cfg.lr - floor) * min(1.0, t)
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+def use_bf16(precision: str) -> bool:
+    import torch
+
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:  # AVX512-BF16 / AMX: oneDNN runs bf16 matmuls natively (DESIGN: ~2x fp32 here)
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def flops_per_token(shape_: dict, seq: int) -> float:
+    """6N for the weights (the tied LM head included) + 12 * layers * width * seq for attention (PaLM)."""
+    return 6 * shape_["params"] + 12 * shape_["depth"] * shape_["hidden_size"] * seq
+
+
+def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val: dict[str, np.ndarray],
+              out: Path, total_steps: int | None, peak_flops: float, bf16: bool) -> dict:
+    """Train `model` in place; checkpoints in out/<name>.ckpt.pt; returns the run's metrics and log."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    world, rank = dist.world_size(), dist.rank()
+    seq = shape_["context"]
+    n_seq = max(world, cfg.batch_tokens // seq)
+    n_seq -= n_seq % world
+    per_rank = n_seq // world
+    n_micro = math.ceil(per_rank / cfg.micro_batch)
+    tokens_per_step = n_seq * seq
+
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
+                      log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out / "tensorboard"))
+    decay, no_decay = [], []
+    for pname, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                            fused=torch.cuda.is_available())
+    model, opt = acc.prepare(model, opt)
+    fwd = torch.compile(model) if cfg.compile else model
+    if cfg.tensorboard:
+        acc.init_trackers(name)
+
+    ckpt = out / f"{name}.ckpt.pt"
+    state = {"step": 0, "elapsed": 0.0, "total_steps": total_steps, "log": [], "val": []}
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        acc.unwrap_model(model).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sampler.load(saved["sampler"])
+        state = saved["state"]
+        info(f"  pretrain · {name}: resuming at step {state['step']}")
+
+    def save_checkpoint() -> None:
+        if dist.is_main():
+            tmp = ckpt.with_name(ckpt.name + ".tmp")
+            torch.save({"model": acc.unwrap_model(model).state_dict(), "optimizer": opt.state_dict(),
+                        "sampler": sampler.state(), "state": state}, tmp)
+            os.replace(tmp, ckpt)
+        dist.barrier()
+
+    def evaluate() -> dict:
+        model.eval()
+        losses = {}
+        with torch.no_grad(), acc.autocast():
+            for source, arr in val.items():
+                n = min(len(arr) - 1, cfg.eval_tokens) // seq
+                if n == 0:
+                    continue
+                w = torch.as_tensor(np.asarray(arr[: n * seq + 1], dtype=np.int64))
+                x, y = w[:-1].view(n, seq), w[1:].view(n, seq)
+                total = 0.0
+                for i in range(0, n, cfg.micro_batch):
+                    logits = fwd(input_ids=x[i:i + cfg.micro_batch].to(acc.device)).logits
+                    total += F.cross_entropy(logits.float().flatten(0, 1), y[i:i + cfg.micro_batch].flatten().to(acc.device),
+                                             reduction="sum").item()
+                losses[source] = round(total / (n * seq), 4)
+        model.train()
+        return losses
+
+    from rich.progress import Progress, TextColumn
+
+    from slmforge.console import count_progress
+
+    model.train()
+    calibrating = state["total_steps"] is None
+    last_ckpt = time.time()
+    t_run = time.time() - state["elapsed"]
+    with count_progress() as progress:
+        progress.columns = (*progress.columns, TextColumn("{task.fields[stats]}"))
+        task = progress.add_task(f"pretrain · {name}", total=state["total_steps"] or 1, completed=state["step"],
+                                 stats="")
+        window_t, window_tok = time.time(), 0
+        while state["total_steps"] is None or state["step"] < state["total_steps"]:
+            step = state["step"]
+            total = state["total_steps"] or 10**9
+            p = domain_fraction(cfg.mixture, step, total, sampler.epochs(sampler.domain))
+            batch = sampler.batch(step, n_seq, p)[rank * per_rank:(rank + 1) * per_rank]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step, total)
+            loss_sum = 0.0
+            for i in range(n_micro):
+                mb = torch.as_tensor(batch[i * cfg.micro_batch:(i + 1) * cfg.micro_batch]).to(acc.device)
+                ctx = acc.no_sync(model) if i < n_micro - 1 else _nullcontext()
+                with ctx, acc.autocast():
+                    logits = fwd(input_ids=mb[:, :-1]).logits
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
+                    loss = loss / (per_rank * seq)
+                acc.backward(loss)
+                loss_sum += loss.item()
+            gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if world > 1:
+                t = torch.tensor([loss_sum], device=acc.device)
+                torch.distributed.all_reduce(t)
+                loss_sum = t.item() / world
+            state["step"] = step + 1
+            state["elapsed"] = time.time() - t_run
+            window_tok += tokens_per_step
+            state["log"].append({"step": step + 1, "loss": round(loss_sum, 5), "lr": round(opt.param_groups[0]["lr"], 7),
+                                 "grad_norm": round(float(gnorm), 4), "domain_fraction": p,
+                                 "tokens": (step + 1) * tokens_per_step, "time_s": round(state["elapsed"], 2)})
+            if calibrating and step + 1 == 5:  # minutes budget: fix the step count from the first steps' speed
+                per_step = state["elapsed"] / 5
+                state["total_steps"] = max(6, int(cfg.minutes * 60 / per_step))
+                if world > 1:
+                    t = torch.tensor([state["total_steps"]], device=acc.device)
+                    torch.distributed.broadcast(t, 0)
+                    state["total_steps"] = int(t.item())
+                progress.update(task, total=state["total_steps"])
+                calibrating = False
+            done = state["total_steps"] is not None and state["step"] >= state["total_steps"]
+            if state["step"] % cfg.eval_every == 0 or done:
+                state["val"].append({"step": state["step"], "tokens": state["step"] * tokens_per_step, **evaluate()})
+            if state["step"] % cfg.log_every == 0 or done:
+                dt = time.time() - window_t
+                tps = window_tok / dt if dt > 0 else 0.0
+                mfu = tps * flops_per_token(shape_, seq) / peak_flops if peak_flops else 0.0
+                state["log"][-1].update(tokens_per_s=round(tps, 1), mfu=round(mfu, 4))
+                progress.update(task, completed=state["step"],
+                                stats=f"loss {loss_sum:.3f} · {tps:,.0f} tok/s · MFU {mfu:.1%}")
+                if cfg.tensorboard:
+                    acc.log({"loss": loss_sum, "lr": state["log"][-1]["lr"], "tokens_per_s": tps}, step=state["step"])
+                window_t, window_tok = time.time(), 0
+            if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or \
+                    time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
+                save_checkpoint()
+                last_ckpt = time.time()
+    if cfg.tensorboard:
+        acc.end_training()
+    wall = state["elapsed"]
+    tokens = state["step"] * tokens_per_step
+    tps = tokens / wall if wall else 0.0
+    return {"model": acc.unwrap_model(model), "steps": state["step"], "tokens": tokens, "train_time_s": round(wall, 1),
+            "tokens_per_s": round(tps, 1),
+            "mfu": round(tps * flops_per_token(shape_, seq) / peak_flops, 4) if peak_flops else None,
+            "final_loss": state["log"][-1]["loss"], "val": state["val"][-1] if state["val"] else {},
+            "log": state["log"], "val_log": state["val"], "tokens_per_step": tokens_per_step,
+            "domain_epochs": round(sampler.epochs(sampler.domain), 3),
+            "general_epochs": round(sampler.epochs(sampler.general), 3)}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _peak_flops(bf16: bool) -> float:
+    """bf16 (or fp32) matmul peak of this machine: the plan stage's probe, or the GPU's datasheet."""
+    import torch
+
+    from slmforge.stages.plan import DEVICES, probe_peak_flops
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower().replace(" ", "")
+        for key in sorted(DEVICES, key=len, reverse=True):
+            if key.replace("-", "") in name:
+                return DEVICES[key] if bf16 else DEVICES[key] / 2
+        return 0.0
+    probe = probe_peak_flops(seconds=1.0)
+    return probe["bf16"] if bf16 else probe["fp32"]
+
+
+def _save(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, data: dict) -> None:
+    from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    eos = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        eos.append(im_end)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                     do_sample=False, max_new_tokens=128).save_pretrained(str(out))
+    results = {"training tokens": result["tokens"], "steps": result["steps"], "final train loss": result["final_loss"],
+               **{f"val loss ({k})": v for k, v in result["val"].items() if k not in ("step", "tokens")},
+               "tokens/s": result["tokens_per_s"], "MFU": result["mfu"]}
+    (out / "README.md").write_text(model_card(name, shape_, data, results), encoding="utf-8")
+    with open(out / "train_log.jsonl", "w", encoding="utf-8") as f:
+        for row in result["log"]:
+            f.write(json.dumps(row) + "\n")
+    with open(out / "val_log.jsonl", "w", encoding="utf-8") as f:
+        for row in result["val_log"]:
+            f.write(json.dumps(row) + "\n")
+
+
+def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    dist.init()
+    curate, tok_art = inputs["curate"], inputs["tokenizer"]
+    roles: dict[str, str] = curate.manifest["metrics"]["roles"]
+    domain = tok_art.manifest["metrics"]["trained_on"]
+    general = [s for s, r in roles.items() if r == "general"]
+    bf16 = use_bf16(cfg.precision)
+    peak = _peak_flops(bf16)
+    torch.manual_seed(cfg.seed)
+
+    plans = [("specialist", list(roles), "tokenizer")]
+    if cfg.baseline and general and not cfg.init_from:
+        plans.append(("generalist", general, "general_tokenizer"))
+    metrics: dict = {"bf16": bf16, "peak_flops": peak, "world_size": dist.world_size(), "models": {}}
+    tokens_budget = int(parse_count(cfg.tokens)) if cfg.tokens else None
+    for name, sources, tok_dir in plans:
+        final_dir = out / name
+        if (final_dir / "model.safetensors").is_file() and (final_dir / "metrics.json").is_file():
+            metrics["models"][name] = json.loads((final_dir / "metrics.json").read_text())
+            tokens_budget = tokens_budget or metrics["models"][name]["tokens"]
+            continue
+        if cfg.init_from and name == "specialist":
+            model, tokenizer = load_model(cfg.init_from)
+            c = model.config
+            shape_ = {"depth": c.num_hidden_layers, "hidden_size": c.hidden_size,
+                      "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+                      "intermediate_size": c.intermediate_size,
+                      "context": min(cfg.model.context or 256, c.max_position_embeddings),
+                      "params": sum(p.numel() for p in model.parameters())}
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_art.path / tok_dir), local_files_only=True)
+            model, shape_ = build_model(cfg.model, tokenizer, seed=cfg.seed)
+        streams, val = {}, {}
+        if dist.is_main():
+            for s in sources:
+                for split in ("train", "val"):
+                    tokenize_split(tokenizer, curate, split, s, out / "tokens" / name / f"{s}.{split}.npy")
+        dist.barrier()
+        for s in sources:
+            streams[s] = np.load(out / "tokens" / name / f"{s}.train.npy", mmap_mode="r")
+            val[s] = np.load(out / "tokens" / name / f"{s}.val.npy", mmap_mode="r")
+        sampler = Sampler(streams, domain if name == "specialist" else [], shape_["context"], cfg.seed)
+        if not sampler.domain and not sampler.general:
+            raise UserError(f"pretrain: no training text for {name} (sources {', '.join(sources)}); check curate")
+        n_seq = max(1, cfg.batch_tokens // shape_["context"])
+        total_steps = math.ceil(tokens_budget / (n_seq * shape_["context"])) if tokens_budget else None
+        info(f"  pretrain · {name}: {shape_['params'] / 1e6:.2f}M params, depth {shape_['depth']}, width "
+             f"{shape_['hidden_size']}, heads {shape_['num_attention_heads']}/{shape_['num_key_value_heads']} kv, "
+             f"ffn {shape_['intermediate_size']}, context {shape_['context']}; "
+             f"{'bf16 autocast' if bf16 else 'fp32'}; {sum(len(a) for a in streams.values()) / 1e6:.2f}M train tokens")
+        if name == "generalist":
+            cfg_g = cfg.model_copy(update={"mixture": Mixture(schedule="constant", domain_fraction=0.0)})
+        else:
+            cfg_g = cfg
+        result = train_one(name, cfg_g, model, shape_, sampler, val, out, total_steps, peak, bf16)
+        tokens_budget = tokens_budget or result["tokens"]
+        data = {"sources": ", ".join(sources), "tokenizer": tok_dir if not cfg.init_from else cfg.init_from,
+                "unique train tokens": sum(len(a) for a in streams.values()),
+                "epochs over the domain": result["domain_epochs"]}
+        m = {k: v for k, v in result.items() if k not in ("model", "log", "val_log")}
+        m.update(shape=shape_, sources=sources, unique_train_tokens=int(sum(len(a) for a in streams.values())),
+                 flops=6 * shape_["params"] * result["tokens"])
+        if dist.is_main():
+            _save(result["model"], tokenizer, shape_, result, final_dir, name, data)
+            (final_dir / "metrics.json").write_text(json.dumps(m, indent=2))
+            (out / f"{name}.ckpt.pt").unlink(missing_ok=True)
+        dist.barrier()
+        metrics["models"][name] = m
+    if dist.is_main():
+        _print_summary(metrics)
+    return metrics
+
+
+def _print_summary(metrics: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="pretrain")
+    for col in ("model", "params", "tokens", "steps", "epochs (domain)", "train loss", "tok/s", "MFU", "time"):
+        t.add_column(col)
+    for name, m in metrics["models"].items():
+        t.add_row(name, f"{m['shape']['params'] / 1e6:.2f}M", f"{m['tokens'] / 1e6:.2f}M", str(m["steps"]),
+                  f"{m['domain_epochs']:.2f}", f"{m['final_loss']:.3f}", f"{m['tokens_per_s']:,.0f}",
+                  f"{m['mfu']:.1%}" if m["mfu"] else "-", f"{m['train_time_s']:.0f}s")
+    console.print(t)
