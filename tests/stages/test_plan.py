@@ -77,7 +77,7 @@ def test_inference_heavy_use_trains_a_smaller_model_on_more_tokens_to_the_same_l
 def test_over_training_never_exceeds_the_epoch_cap():
     c, u = 1e21, 100e9  # Chinchilla's ~58B tokens fit in one pass; over-training would want far more
     r = plan.recommend(c, u, inference_tokens=1e14)
-    assert r["tokens"] <= 4 * u * (1 + 1e-9)
+    assert r["tokens"] <= 4 * u * (1 + 1e-9) and r["limited_by"] == "inference+data"
     assert r["params"] < r["chinchilla_params"]
     assert r["loss_estimate"] == pytest.approx(r["chinchilla_loss_estimate"], rel=0.005)
 

@@ -203,12 +203,14 @@ def recommend(compute_flops: float, unique_domain_tokens: float, inference_token
     max((1 + R_N*)·U/k, D/k) (Muennighoff et al. 2023: beyond that, excess parameters are worth less
     than 1/e of a fresh one; the rest of the budget is left unused and said so); with
     `inference_tokens` > 0 and data to spare, the N minimising 6·N·D + 2·N·inference_tokens at the
-    Chinchilla model's loss (Sardana et al. 2023), with D still at most `max_epochs`·U.
+    Chinchilla model's loss (Sardana et al. 2023), with D still at most `max_epochs`·U. Hoffmann's
+    fitted law has its own compute optimum, which is not exactly D = 20·N, so with few inference
+    tokens this answer can differ from plain Chinchilla by that alone.
 
     Returns params, tokens, epochs, effective_tokens (D'), tokens_per_param, flops_used (6·N·D),
     budget_flops, total_flops (training + 2·N·inference_tokens), train_state_gb (AdamW, 16 bytes per
-    parameter, activations excluded), loss_estimate, limited_by ("compute", "data", "data+params" or
-    "inference"), the plain Chinchilla chinchilla_params/_tokens/_epochs/_total_flops/_loss_estimate,
+    parameter, activations excluded), loss_estimate, limited_by ("compute", "data", "data+params",
+    "inference" or "inference+data"), the plain Chinchilla chinchilla_params/_tokens/_epochs/_total_flops/_loss_estimate,
     and `notes`: one sentence per rule applied.
     """
     c, u, inf_tok, k = float(compute_flops), float(unique_domain_tokens), float(inference_tokens), float(tokens_per_param)
@@ -229,8 +231,8 @@ def recommend(compute_flops: float, unique_domain_tokens: float, inference_token
     n_c = math.sqrt(c / (6 * k))
     d_c = k * n_c
     d_cap = max_epochs * u
-    notes = [f"Chinchilla (Hoffmann et al. 2022): C = 6·N·D with D = {k:g}·N gives N = {_si(n_c)} parameters "
-             f"and D = {_si(d_c)} tokens for {c:.3g} FLOPs."]
+    notes = [(f"Chinchilla (Hoffmann et al. 2022): C = 6·N·D with D = {k:g}·N gives N = {_si(n_c)} parameters "
+              f"and D = {_si(d_c)} tokens for {c:.3g} FLOPs.")]
     n, d, limited_by = n_c, d_c, "compute"
 
     if d_c > d_cap:
@@ -250,7 +252,7 @@ def recommend(compute_flops: float, unique_domain_tokens: float, inference_token
             notes.append(
                 f"The rest of the compute would buy a larger model, but only up to (1 + R_N*)·U/{k:g} = {_si(n_max)} "
                 f"parameters (R_N* = {R_N_STAR}): past that, a further parameter is worth less than 1/e of one with "
-                f"fresh data, so only {6 * n * d / c:.2g} of the budget is used. More domain data, general text "
+                f"fresh data, so only {100 * n * 6 * d / c:.2g}% of the budget is used. More domain data, general text "
                 f"mixed in, or a higher max_epochs (repeats lose value with R* = {R_D_STAR}; little is left "
                 f"after ~16 epochs) would use it.")
         if inf_tok > 0:
@@ -269,6 +271,7 @@ def recommend(compute_flops: float, unique_domain_tokens: float, inference_token
                 f"({target:.3f} on Hoffmann's fit) for {total:.3g} training + inference FLOPs instead of "
                 f"{total_c:.3g} ({1 - total / total_c:.0%} less); its training takes {6 * n * d / c:.2f}× the budget.")
             if d >= d_cap * (1 - 1e-3):
+                limited_by = "inference+data"
                 notes.append(f"Over-training stops at {max_epochs:g} epochs over the domain data.")
     if math.isinf(u):
         epochs, epochs_c = 0.0, 0.0

@@ -190,12 +190,12 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
         return cfg.lr * (step + 1) / warm
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
-        t = (step - warm) / max(1, total - warm)
+        t = (step - warm) / max(1, total - 1 - warm)
         return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     decay_start = int(total * (1 - cfg.decay_part))
     if step < decay_start:
         return cfg.lr
-    t = (step - decay_start) / max(1, total - decay_start)
+    t = (step - decay_start) / max(1, total - 1 - decay_start)
     return cfg.lr - (cfg.lr - floor) * min(1.0, t)
 
 

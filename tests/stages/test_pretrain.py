@@ -1,0 +1,133 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from slmforge.stages.pretrain import Config, Mixture, Sampler, domain_fraction, lr_at
+from tests.conftest import REPO, slmforge, small_recipe, write_recipe
+
+
+def test_lr_schedules():
+    cfg = Config(tokens="1M", lr=1.0, warmup=0.1, decay_part=0.2, min_lr_ratio=0.1)
+    lrs = [lr_at(cfg, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in lrs[10:80]) and lrs[-1] == pytest.approx(0.1, abs=0.02)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+    cos = [lr_at(cfg.model_copy(update={"schedule": "cosine"}), s, 100) for s in range(100)]
+    assert cos[10] > cos[50] > cos[99] >= 0.1
+
+
+def test_mixture_schedules():
+    up = Mixture(schedule="upsample", domain_fraction=0.5, final_domain_fraction=1.0, final_part=0.2)
+    assert domain_fraction(up, 10, 100, 0.0) == 0.5 and domain_fraction(up, 85, 100, 0.0) == 1.0
+    sp = Mixture(schedule="specialised", domain_fraction=0.7, max_domain_epochs=2)
+    assert domain_fraction(sp, 0, 100, 1.9) == 0.7 and domain_fraction(sp, 50, 100, 2.0) == 0.0
+
+
+def test_sampler_is_deterministic_packs_windows_and_follows_the_fraction():
+    streams = {"dom": np.arange(10_000) % 500, "gen": np.arange(20_000) % 700 + 1000}
+    a, b = Sampler(streams, ["dom"], 16, seed=3), Sampler(streams, ["dom"], 16, seed=3)
+    batches = [a.batch(s, 64, 0.25) for s in range(20)]
+    assert all((x == b.batch(s, 64, 0.25)).all() for s, x in enumerate(batches))
+    assert batches[0].shape == (64, 17)
+    share = np.mean([(x < 1000).all(axis=1).mean() for x in batches])
+    assert 0.18 < share < 0.32
+    c = Sampler(streams, ["dom"], 16, seed=3)
+    c.load(json.loads(json.dumps(a.state())))  # resume from saved cursors
+    assert (c.batch(20, 64, 0.25) == a.batch(20, 64, 0.25)).all()
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("pre")
+    recipe = write_recipe(tmp, small_recipe(small_corpus, tmp / "w", with_model=True))
+    r = slmforge("run", str(recipe), "--until", "pretrain")
+    assert r.returncode == 0, r.stderr
+    run_dir = next(p for p in (tmp / "w" / "pretrain").iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+    return recipe, run_dir
+
+
+def test_loss_falls_and_the_model_loads_offline(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir = trained
+    m = json.loads((run_dir / "manifest.json").read_text())["metrics"]
+    for name in ("specialist", "generalist"):
+        log = [json.loads(x) for x in (run_dir / name / "train_log.jsonl").read_text().splitlines()]
+        assert log[-1]["loss"] < log[0]["loss"] - 0.3
+        assert m["models"][name]["tokens"] == m["models"]["specialist"]["tokens"]  # same budget
+        val = [json.loads(x) for x in (run_dir / name / "val_log.jsonl").read_text().splitlines()]
+        assert val and set(m["models"][name]["sources"]) <= set(val[-1])
+        model = AutoModelForCausalLM.from_pretrained(str(run_dir / name), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(run_dir / name), local_files_only=True)
+        assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+        assert len(tok) == model.config.vocab_size
+        assert "## Results" in (run_dir / name / "README.md").read_text()
+    assert m["models"]["specialist"]["domain_epochs"] > 0 and m["models"]["generalist"]["domain_epochs"] == 0
+
+
+def test_sigkill_then_resume_gives_the_same_weights(trained, tmp_path):
+    recipe, run_dir = trained
+    work = tmp_path / "w"
+    r = slmforge("run", str(recipe), "--until", "tokenizer", "--set", f"workdir={work}")
+    assert r.returncode == 0, r.stderr
+    args = [sys.executable, "-m", "slmforge.cli", "pretrain", "--recipe", str(recipe), "--set", f"workdir={work}",
+            "--set", "checkpoint_every=3"]
+    killed_at = []
+    for _ in range(2):  # kill twice, each time after a fresh checkpoint
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        ckpts = list(work.glob("pretrain/*.partial/*.ckpt.pt"))
+        before = max((c.stat().st_mtime_ns for c in ckpts), default=0)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            ckpts = list(work.glob("pretrain/*.partial/*.ckpt.pt"))
+            if ckpts and max(c.stat().st_mtime_ns for c in ckpts) > before:
+                break
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_at.append([c.name for c in ckpts])
+    assert any(killed_at), "the run finished before it could be killed"
+    assert not list(work.glob("pretrain/*/manifest.json"))
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    [resumed] = [p for p in (work / "pretrain").iterdir() if p.is_dir()]
+    for name in ("specialist", "generalist"):
+        a, b = _weights(run_dir / name), _weights(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_follow_the_one_process_loss_curve(trained, tmp_path):
+    recipe, _ = trained
+    sets = ["--set", "pretrain.precision=fp32", "--set", "pretrain.baseline=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = slmforge("run", str(recipe), "--until", "pretrain", "--set", f"workdir={one}", *sets)
+    assert r.returncode == 0, r.stderr
+    r = slmforge("run", str(recipe), "--until", "tokenizer", "--set", f"workdir={two}", *sets)
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(REPO / "launch" / "cpu_ddp.yaml"), "--main_process_port", "29531", "-m", "slmforge.cli",
+                        "pretrain", "--recipe", str(recipe), "--set", f"workdir={two}", *sets],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = []
+    for w in (one, two):
+        [d] = [p for p in (w / "pretrain").iterdir() if p.is_dir()]
+        assert json.loads((d / "manifest.json").read_text())["metrics"]["world_size"] == (1 if w == one else 2)
+        logs.append([json.loads(x)["loss"] for x in (d / "specialist" / "train_log.jsonl").read_text().splitlines()])
+    assert len(logs[0]) == len(logs[1])
+    assert np.allclose(logs[0], logs[1], atol=2e-3), (logs[0], logs[1])
