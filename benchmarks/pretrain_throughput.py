@@ -6,10 +6,13 @@ Measured in one run, on this machine (CUDA if present, else CPU):
   2. per model size (ModelSize(params=...), vocab 8192, context --seq; the model built from
      slmforge.modeling.derive + llama_config, SDPA attention, the same seed for every loop):
      a. slmforge: pretrain.train_one, --batch sequences of --seq tokens per step, one micro-batch,
-        bf16 autocast where supported (pretrain.use_bf16), WSD schedule;
-     b. transformers.Trainer: the same model init, batches (in the same order), optimizer settings
-        (AdamW, lr, betas, weight decay, clipping) and WSD schedule; bf16=True where supported,
-        Trainer's default (fused) AdamW, no evaluation, no logging, no saving, no data workers;
+        bf16 autocast where supported (pretrain.use_bf16), pretrain.Config's default optimisation
+        (AdamW, lr, warmup, WSD schedule, weight decay, clipping);
+     b. transformers.Trainer: the same model init, batches (in the same order) and optimisation
+        settings; bf16=True where supported, Trainer's own optimizer (fused AdamW, its weight-decay
+        groups), no evaluation, no logging, no saving, no data workers. Its scheduler is a LambdaLR over
+        pretrain.lr_at, so both follow the same learning rate step by step (Trainer's own
+        warmup_stable_decay starts warmup at lr 0, one step behind slmforge's, and losses then differ);
      c. with --pure-bf16 also slmforge on a model cast to bf16 weights (precision fp32: no autocast).
   Data: real text: the first --data-mb MB of data/postgresql_docs.jsonl.gz, tokenized with a byte-level
   BPE (vocab 8192) trained on the spot by slmforge.stages.tokenizer.train_bpe, packed into windows by
@@ -18,8 +21,6 @@ Measured in one run, on this machine (CUDA if present, else CPU):
   time_s, rounded to 10 ms by train_one; Trainer: a callback at on_step_end).
   MFU = tokens/s x (6·params + 12·layers·width·seq) / measured bf16 peak (pretrain.flops_per_token).
   Loss: the mean train loss over all steps and the held-out loss, same code for every model.
-Learning rate: no warmup (slmforge warmup=0 gives 1 step at full lr, Trainer warmup_steps=0 the same),
-stable, then linear decay to 0.1x over the last 20%: the two schedules are then identical step by step.
 Prints two tables, then one JSON line with every figure, the command line and the machine.
 
     .venv/bin/python benchmarks/pretrain_throughput.py                               # full run
@@ -44,7 +45,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "postgresql_docs.jsonl.gz"
 VOCAB = 8192
-LR, WD, BETAS, CLIP, MIN_LR, DECAY_PART = 3e-3, 0.1, (0.9, 0.95), 1.0, 0.1, 0.2
 
 
 def matmul_peaks(sizes: list[int], device, seconds: float) -> dict:
@@ -56,7 +56,7 @@ def matmul_peaks(sizes: list[int], device, seconds: float) -> dict:
     out: dict = {"fp32": {}, "bf16": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for n in sizes:
-            a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+            a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
             torch.mm(a, b), sync()  # warm-up
             t0 = time.perf_counter()
             torch.mm(a, b), sync()
@@ -85,7 +85,8 @@ def token_stream(data_mb: float) -> tuple[np.ndarray, dict]:
     t0 = time.perf_counter()
     tok = train_bpe(iter(texts), VOCAB)
     ids = {k: tok.token_to_id(t) for k, t in (("bos", BOS), ("eos", EOS), ("pad", PAD))}
-    rows = [np.asarray([ids["bos"], *e.ids, ids["eos"]]) for e in tok.encode_batch(texts, add_special_tokens=False)]
+    encoded = tok.encode_batch(texts, add_special_tokens=False)
+    rows = [np.asarray([ids["bos"], *e.ids, ids["eos"]]) for e in encoded]
     arr = np.concatenate(rows).astype(np.int64)
     return arr, {**ids, "text_mb": round(size / 1e6, 2), "tokens": int(arr.size),
                  "bpe_vocab": tok.get_vocab_size(), "tokenize_s": round(time.perf_counter() - t0, 1)}
@@ -118,17 +119,13 @@ def val_loss(model, windows: np.ndarray, bf16: bool, device, batch: int) -> floa
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
-def run_slmforge(model, shape_, stream, a, steps: int, peak: float, bf16: bool) -> dict:
+def run_slmforge(cfg, model, shape_, stream, a, steps: int, peak: float, bf16: bool) -> dict:
     from accelerate.state import AcceleratorState
 
-    from slmforge.stages.pretrain import Config, Sampler, train_one
+    from slmforge.stages.pretrain import Sampler, train_one
 
     AcceleratorState._reset_state()  # train_one makes an Accelerator; its mixed precision may differ per run
-    cfg = Config(tokens=str(steps * a.batch * a.seq),
-                 batch_tokens=a.batch * a.seq, micro_batch=a.batch, lr=LR, min_lr_ratio=MIN_LR, warmup=0.0,
-                 schedule="wsd", decay_part=DECAY_PART, weight_decay=WD, betas=BETAS, grad_clip=CLIP,
-                 precision="bf16" if bf16 else "fp32", baseline=False, eval_every=10**9,
-                 checkpoint_every_min=1e9, log_every=10**9)
+    cfg = cfg.model_copy(update={"precision": "bf16" if bf16 else "fp32"})
     sampler = Sampler({"domain": stream}, ["domain"], a.seq, seed=0)
     with tempfile.TemporaryDirectory(prefix="slmforge-bench-") as tmp:
         r = train_one("bench", cfg, model, shape_, sampler, {}, Path(tmp), steps, peak, bf16)
@@ -138,12 +135,12 @@ def run_slmforge(model, shape_, stream, a, steps: int, peak: float, bf16: bool) 
             "whole_run_tokens_per_s": r["tokens_per_s"]}
 
 
-def run_trainer(model, stream, a, steps: int, bf16: bool, device) -> dict:
+def run_trainer(cfg, model, stream, a, steps: int, bf16: bool, device) -> dict:
     import torch
     from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from slmforge.stages.pretrain import Sampler
+    from slmforge.stages.pretrain import Sampler, lr_at
 
     sampler = Sampler({"domain": stream}, ["domain"], a.seq, seed=0)  # the same batches as train_one's
     rows = [w for s in range(steps) for w in sampler.batch(s, a.batch, 1.0)]
@@ -158,22 +155,27 @@ def run_trainer(model, stream, a, steps: int, bf16: bool, device) -> dict:
                     torch.cuda.synchronize()
                 times[state.global_step] = time.perf_counter()
 
-    decay_start = int(steps * (1 - DECAY_PART))  # as pretrain.lr_at
     AcceleratorState._reset_state()
     with tempfile.TemporaryDirectory(prefix="slmforge-bench-") as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, max_steps=steps, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
-            learning_rate=LR, weight_decay=WD, adam_beta1=BETAS[0], adam_beta2=BETAS[1], max_grad_norm=CLIP,
-            lr_scheduler_type="warmup_stable_decay", warmup_steps=0,
-            lr_scheduler_kwargs={"num_stable_steps": decay_start, "num_decay_steps": steps - decay_start,
-                                 "min_lr_ratio": MIN_LR, "decay_type": "linear"},
-            bf16=bf16, use_cpu=device.type != "cuda", eval_strategy="no", logging_strategy="no",
-            save_strategy="no", report_to="none", dataloader_num_workers=0, remove_unused_columns=False,
-            train_sampling_strategy="sequential", disable_tqdm=True, seed=0)
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=a.batch, seed=0,
+            learning_rate=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
+            adam_beta2=cfg.betas[1], max_grad_norm=cfg.grad_clip, bf16=bf16, use_cpu=device.type != "cuda",
+            eval_strategy="no", logging_strategy="no", save_strategy="no", report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0, remove_unused_columns=False, train_sampling_strategy="sequential")
         trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[Clock()])
+        opt = trainer.create_optimizer()  # Trainer's own; train() keeps an optimizer and scheduler set here
+        trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(cfg, s, steps) / cfg.lr)
         out = trainer.train()
     return {"model": trainer.model, "seconds": times[steps] - times[a.warmup], "mean_loss": out.training_loss,
             "optim": targs.optim.value if hasattr(targs.optim, "value") else str(targs.optim)}
+
+
+def table(head: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(v)) for v in col) for col in zip(head, *rows)]
+    for row in (head, tuple("-" * w for w in widths), *rows):
+        print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
 
 
 def main() -> None:
@@ -194,7 +196,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from slmforge.stages.pretrain import flops_per_token, use_bf16
+    from slmforge.stages.pretrain import Config, flops_per_token, use_bf16
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = use_bf16("auto")
@@ -206,6 +208,8 @@ def main() -> None:
     train = stream[:-n_val]
     steps = a.warmup + a.steps
     measured_tokens = a.steps * a.batch * a.seq
+    cfg = Config(tokens=str(steps * a.batch * a.seq), batch_tokens=a.batch * a.seq, micro_batch=a.batch,
+                 baseline=False, eval_every=10**9, checkpoint_every_min=1e9, log_every=10**9)  # all off
 
     runs = []
     for size in a.sizes.split(","):
@@ -215,44 +219,46 @@ def main() -> None:
         for loop, autocast, dtype in loops:
             model, shape_ = new_model(size, a.seq, data, dtype)
             if loop == "trainer":
-                r = run_trainer(model, train, a, steps, autocast, device)
+                r = run_trainer(cfg, model, train, a, steps, autocast, device)
             else:
-                r = run_slmforge(model, shape_, train, a, steps, peak, autocast)
+                r = run_slmforge(cfg, model, shape_, train, a, steps, peak, autocast)
             tps = measured_tokens / r["seconds"]
+            mfu = tps * flops_per_token(shape_, a.seq) / peak
             runs.append({"size": size, "loop": loop, "params": shape_["params"], "depth": shape_["depth"],
                          "width": shape_["hidden_size"], "precision": "bf16 weights" if dtype else
                          ("bf16 autocast" if autocast else "fp32"), "measured_s": round(r["seconds"], 3),
-                         "tokens_per_s": round(tps, 1), "mfu": round(tps * flops_per_token(shape_, a.seq) / peak, 4),
+                         "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
                          "mean_train_loss": round(r["mean_loss"], 4),
                          "val_loss": round(val_loss(r["model"], val, bf16, device, a.batch), 4),
                          **{k: v for k, v in r.items() if k not in ("model", "seconds", "mean_loss")}})
             del model, r
-        base = {x["loop"]: x for x in runs if x["size"] == size}
-        base["slmforge"]["slmforge_over_trainer"] = round(base["slmforge"]["tokens_per_s"]
-                                                          / base["trainer"]["tokens_per_s"], 3)
+        trainer_tps = next(x["tokens_per_s"] for x in runs if x["size"] == size and x["loop"] == "trainer")
+        for x in runs:
+            if x["size"] == size and x["loop"] != "trainer":
+                x["over_trainer"] = round(x["tokens_per_s"] / trainer_tps, 3)
 
-    print(f"\nmatmul peak ({device.type}, {torch.get_num_threads()} threads), GFLOP/s")
-    print(f"{'n':>6} {'fp32':>10} {'bf16':>10}")
-    for n in peaks["fp32"]:
-        print(f"{n:>6} {peaks['fp32'][n] / 1e9:>10.1f} {peaks['bf16'][n] / 1e9:>10.1f}")
-    print(f"{'best':>6} {peaks['best_fp32'] / 1e9:>10.1f} {peaks['best_bf16'] / 1e9:>10.1f}")
-    print(f"\ntraining: {a.batch} x {a.seq} tokens per step, {a.steps} steps timed after {a.warmup}; real data "
-          f"({data['text_mb']} MB of the manual, {data['tokens']:,} tokens, BPE vocab {data['bpe_vocab']})")
-    head = ("size", "params", "loop", "precision", "tok/s", "MFU", "vs Trainer", "train loss", "val loss")
-    print("  ".join(f"{h:>12}" for h in head))
-    for x in runs:
-        ratio = x.get("slmforge_over_trainer", "")
-        print("  ".join(f"{v:>12}" for v in (x["size"], f"{x['params'] / 1e6:.2f}M", x["loop"][:12], x["precision"][:12],
-                                             f"{x['tokens_per_s']:,.0f}", f"{x['mfu']:.1%}", f"{ratio}x" if ratio else "",
-                                             f"{x['mean_train_loss']:.3f}", f"{x['val_loss']:.3f}")))
+    print(f"\nmatmul peak, GFLOP/s ({device.type}, {torch.get_num_threads()} threads)")
+    table(("n", "fp32", "bf16"), [(n, f"{peaks['fp32'][n] / 1e9:.1f}", f"{peaks['bf16'][n] / 1e9:.1f}")
+                                  for n in peaks["fp32"]]
+          + [("best", f"{peaks['best_fp32'] / 1e9:.1f}", f"{peaks['best_bf16'] / 1e9:.1f}")])
+    print(f"\ntraining: {a.batch} x {a.seq} tokens per step, {a.steps} steps timed after {a.warmup}; "
+          f"real data "
+          f"({data['text_mb']} MB of the manual, {data['tokens']:,} tokens, BPE vocab {data['bpe_vocab']}); "
+          f"MFU against the bf16 peak")
+    table(("size", "params", "loop", "precision", "tok/s", "MFU", "vs Trainer", "train loss", "val loss"),
+          [(x["size"], f"{x['params'] / 1e6:.2f}M", x["loop"], x["precision"], f"{x['tokens_per_s']:,.0f}",
+            f"{x['mfu']:.1%}", f"{x['over_trainer']:.3f}x" if "over_trainer" in x else "",
+            f"{x['mean_train_loss']:.4f}", f"{x['val_loss']:.4f}") for x in runs])
     peaks_json = {k: ({str(n): round(f) for n, f in v.items()} if isinstance(v, dict) else round(v))
                   for k, v in peaks.items()}
     print(json.dumps({
-        "peak_flops": peaks_json, "mfu_peak": "best_bf16", "runs": runs, "data": {"source": str(DATA), **data},
+        "peak_flops": peaks_json, "mfu_peak": "best_bf16", "runs": runs,
+        "data": {"source": str(DATA.relative_to(ROOT)), **data},
         "steps": a.steps, "warmup": a.warmup, "seq": a.seq, "batch": a.batch, "bf16": bf16,
         "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-                    "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "processor": platform.processor(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__},
     }))

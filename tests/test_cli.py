@@ -40,3 +40,11 @@ def test_bad_recipe_exits_2_with_one_message(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
     t = time.time()
     assert slmforge("--version").returncode == 0 and time.time() - t < 5
+
+
+def test_plan_without_a_recipe():
+    r = slmforge("plan", "--hours", "24", "--device", "h100", "--n-devices", "8", "--domain-tokens", "1e15")
+    assert r.returncode == 0, r.stderr
+    assert "1.51B" in r.stdout + r.stderr
+    r = slmforge("plan", "--hours", "1", "--flops", "1e18", "--domain-tokens", "1e9")
+    assert r.returncode == 2 and "Choose one" in r.stderr

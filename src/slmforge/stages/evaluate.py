@@ -21,7 +21,7 @@ from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig
-from slmforge.console import console, info
+from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.records import read_documents
 

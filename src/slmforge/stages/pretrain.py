@@ -24,6 +24,7 @@ sources with the general tokenizer. Output: `<run>/specialist/` and `<run>/gener
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig
 from slmforge.console import console, info
 from slmforge.errors import UserError
-from slmforge.modeling import ModelSize, build_model, derive, load_model, model_card, parse_count
+from slmforge.modeling import ModelSize, build_model, load_model, model_card, parse_count
 from slmforge.records import read_documents
 
 NAME = "pretrain"
@@ -242,7 +243,7 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
         (no_decay if p.ndim < 2 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            fused=torch.cuda.is_available())
+                            fused=True)  # fused AdamW runs on CPU too (torch >= 2.4) and on GPUs
     model, opt = acc.prepare(model, opt)
     fwd = torch.compile(model) if cfg.compile else model
     if cfg.tensorboard:
@@ -285,59 +286,84 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
         model.train()
         return losses
 
-    from rich.progress import Progress, TextColumn
+    from rich.progress import TextColumn
 
     from slmforge.console import count_progress
 
+    def train_step(step: int, total: int) -> tuple[float, float, float]:
+        """One optimizer step on the global batch of `step`: (loss, grad norm, domain fraction)."""
+        p = domain_fraction(cfg.mixture, step, total, sampler.epochs(sampler.domain))
+        batch = sampler.batch(step, n_seq, p)[rank * per_rank:(rank + 1) * per_rank]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, total)
+        loss_sum = 0.0
+        for i in range(n_micro):
+            mb = torch.as_tensor(batch[i * cfg.micro_batch:(i + 1) * cfg.micro_batch]).to(acc.device)
+            ctx = acc.no_sync(model) if i < n_micro - 1 else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                logits = fwd(input_ids=mb[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
+                loss = loss / (per_rank * seq)
+            acc.backward(loss)
+            loss_sum += loss.item()
+        gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if world > 1:
+            t = torch.tensor([loss_sum], device=acc.device)
+            torch.distributed.all_reduce(t)
+            loss_sum = t.item() / world
+        return loss_sum, float(gnorm), p
+
+    def calibrate() -> int:
+        """Minutes budget: time a few steps and one evaluation on a throwaway copy of the state, then
+        restore it, so the schedule knows its length from step 0 and the run stays reproducible."""
+        import copy
+
+        saved = (copy.deepcopy(acc.unwrap_model(model).state_dict()), copy.deepcopy(opt.state_dict()),
+                 sampler.state())
+        train_step(0, 100)
+        t0 = time.perf_counter()
+        for i in range(1, 3):
+            train_step(i, 100)
+        per_step = (time.perf_counter() - t0) / 2
+        t0 = time.perf_counter()
+        evaluate()
+        per_eval = time.perf_counter() - t0
+        acc.unwrap_model(model).load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+        sampler.load(saved[2])
+        steps = max(2, int(cfg.minutes * 60 / (per_step + per_eval / cfg.eval_every)))
+        if world > 1:
+            t = torch.tensor([steps], device=acc.device)
+            torch.distributed.broadcast(t, 0)
+            steps = int(t.item())
+        info(f"  pretrain · {name}: {per_step:.2f} s/step, {per_eval:.1f} s/eval -> {steps} steps in "
+             f"{cfg.minutes:g} min")
+        return steps
+
+
+
     model.train()
-    calibrating = state["total_steps"] is None
+    if state["total_steps"] is None:
+        state["total_steps"] = calibrate()
+    total = state["total_steps"]
     last_ckpt = time.time()
     t_run = time.time() - state["elapsed"]
     with count_progress() as progress:
         progress.columns = (*progress.columns, TextColumn("{task.fields[stats]}"))
-        task = progress.add_task(f"pretrain · {name}", total=state["total_steps"] or 1, completed=state["step"],
-                                 stats="")
+        task = progress.add_task(f"pretrain · {name}", total=total, completed=state["step"], stats="")
         window_t, window_tok = time.time(), 0
-        while state["total_steps"] is None or state["step"] < state["total_steps"]:
+        while state["step"] < total:
             step = state["step"]
-            total = state["total_steps"] or 10**9
-            p = domain_fraction(cfg.mixture, step, total, sampler.epochs(sampler.domain))
-            batch = sampler.batch(step, n_seq, p)[rank * per_rank:(rank + 1) * per_rank]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step, total)
-            loss_sum = 0.0
-            for i in range(n_micro):
-                mb = torch.as_tensor(batch[i * cfg.micro_batch:(i + 1) * cfg.micro_batch]).to(acc.device)
-                ctx = acc.no_sync(model) if i < n_micro - 1 else _nullcontext()
-                with ctx, acc.autocast():
-                    logits = fwd(input_ids=mb[:, :-1]).logits
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
-                    loss = loss / (per_rank * seq)
-                acc.backward(loss)
-                loss_sum += loss.item()
-            gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if world > 1:
-                t = torch.tensor([loss_sum], device=acc.device)
-                torch.distributed.all_reduce(t)
-                loss_sum = t.item() / world
+            loss_sum, gnorm, p = train_step(step, total)
             state["step"] = step + 1
             state["elapsed"] = time.time() - t_run
             window_tok += tokens_per_step
             state["log"].append({"step": step + 1, "loss": round(loss_sum, 5), "lr": round(opt.param_groups[0]["lr"], 7),
-                                 "grad_norm": round(float(gnorm), 4), "domain_fraction": p,
-                                 "tokens": (step + 1) * tokens_per_step, "time_s": round(state["elapsed"], 2)})
-            if calibrating and step + 1 == 5:  # minutes budget: fix the step count from the first steps' speed
-                per_step = state["elapsed"] / 5
-                state["total_steps"] = max(6, int(cfg.minutes * 60 / per_step))
-                if world > 1:
-                    t = torch.tensor([state["total_steps"]], device=acc.device)
-                    torch.distributed.broadcast(t, 0)
-                    state["total_steps"] = int(t.item())
-                progress.update(task, total=state["total_steps"])
-                calibrating = False
-            done = state["total_steps"] is not None and state["step"] >= state["total_steps"]
+                                 "grad_norm": round(gnorm, 4), "domain_fraction": p,
+                                 "tokens": (step + 1) * tokens_per_step, "time_s": round(state["elapsed"], 3)})
+            done = state["step"] >= total
             if state["step"] % cfg.eval_every == 0 or done:
                 state["val"].append({"step": state["step"], "tokens": state["step"] * tokens_per_step, **evaluate()})
             if state["step"] % cfg.log_every == 0 or done:
@@ -366,14 +392,6 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
             "log": state["log"], "val_log": state["val"], "tokens_per_step": tokens_per_step,
             "domain_epochs": round(sampler.epochs(sampler.domain), 3),
             "general_epochs": round(sampler.epochs(sampler.general), 3)}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _peak_flops(bf16: bool) -> float:
