@@ -131,3 +131,19 @@ def test_two_processes_follow_the_one_process_loss_curve(trained, tmp_path):
         logs.append([json.loads(x)["loss"] for x in (d / "specialist" / "train_log.jsonl").read_text().splitlines()])
     assert len(logs[0]) == len(logs[1])
     assert np.allclose(logs[0], logs[1], atol=2e-3), (logs[0], logs[1])
+
+
+def test_continued_pretraining_from_a_local_checkpoint(trained, tmp_path):
+    recipe, run_dir = trained
+    work = tmp_path / "w"
+    r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}",
+                 "--set", f"init_from={run_dir / 'specialist'}", "--set", "tokens=3k")
+    assert r.returncode == 0, r.stderr
+    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir()]
+    m = json.loads((d / "manifest.json").read_text())["metrics"]
+    assert list(m["models"]) == ["specialist"]  # the starting checkpoint is the baseline
+    start, after = _weights(run_dir / "specialist"), _weights(d / "specialist")
+    assert any(not torch.equal(start[k], after[k]) for k in start)
+    log = [json.loads(x) for x in (d / "specialist" / "train_log.jsonl").read_text().splitlines()]
+    first = [json.loads(x) for x in (run_dir / "specialist" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] < first[0]["loss"] - 0.3  # it starts from the trained weights, not from scratch

@@ -347,6 +347,7 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
     model.train()
     if state["total_steps"] is None:
         state["total_steps"] = calibrate()
+        save_checkpoint()  # pins the step count: a resumed run follows the same schedule
     total = state["total_steps"]
     last_ckpt = time.time()
     t_run = time.time() - state["elapsed"]
