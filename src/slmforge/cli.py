@@ -15,6 +15,7 @@ STAGE_HELP = {
     "tokenizer": "train a byte-level BPE on the train split and compare it with a general one",
     "plan": "what model should I train? (also without a recipe: slmforge plan --hours 24 --device h100 ...)",
     "pretrain": "train the specialist and a same-size generalist baseline",
+    "synth": "synthetic QA/MCQ/completion/summary/instruction/rationale/preference data from the train split",
     "evaluate": "bits-per-byte of every model on each test split, samples, HTML report",
 }
 

@@ -1,0 +1,290 @@
+"""The extractive teacher: synthetic items built from the text itself, with no model.
+
+Deterministic (a seeded RNG per chunk), offline, and grounded by construction: every answer is a
+span of the source chunk. It is the default teacher so the pipeline and its tests run anywhere.
+- qa: "What is X?" from definitional sentences ("X is a ...", "X provides ..."), and a section's
+  heading turned into a question, answered by the section's first sentences.
+- mcq: a cloze of a sentence with one technical term blanked; the three distractors are terms of
+  the same shape (identifier, keyword, number, word) drawn from the rest of the corpus.
+- completion: the first part of a sentence; the true ending against endings of other sentences.
+- summary: the section, summarised by its lead sentences.
+- instruction: "Explain <heading>." answered by the section's opening paragraph.
+- rationale: a question, its answer and the supporting sentences quoted as the evidence.
+- preference: a question with the grounded answer (chosen) against an answer taken from another
+  section (rejected).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+_SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d+)?")
+_DEFINITION = re.compile(
+    r"^(?:The |An? )?(?P<term>[A-Za-z_][\w.\-]*(?: [A-Za-z_][\w\-]*){0,3}?) "
+    r"(?P<verb>is|are|provides|returns|specifies|controls|determines|stores|contains|allows|defines) (?P<rest>.+)$")
+_HEADING_NUM = re.compile(r"^(?:[A-Z]?\d+(?:\.\d+)*\.?|[A-Z]\.\d+(?:\.\d+)*\.?)\s+")
+STOPWORDS = frozenset(
+    "a an the and or of to in on for with by as at from is are was were be been it its this that these those "
+    "which who what when where how can may must will would should not no do does if then than so such".split())
+
+
+@dataclass
+class Chunk:
+    id: str
+    doc_id: str
+    source: str
+    title: str
+    text: str
+
+    def sentences(self) -> list[str]:
+        return prose_sentences(self.text)
+
+
+@dataclass
+class Pool:
+    """Corpus-wide material for distractors: terms by shape, and sentences, each with its chunk id."""
+
+    terms: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    sentences: list[tuple[str, str]] = field(default_factory=list)
+    answers: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, chunks: list[Chunk]) -> Pool:
+        pool = cls()
+        seen: dict[str, set] = defaultdict(set)
+        for c in chunks:
+            for s in c.sentences():
+                pool.sentences.append((c.id, s))
+                for t in terms_in(s):
+                    shape = term_shape(t)
+                    if t not in seen[shape]:
+                        seen[shape].add(t)
+                        pool.terms[shape].append(t)
+            lead = lead_answer(c)
+            if lead:
+                pool.answers.append((c.id, lead))
+        return pool
+
+
+def is_prose(line: str) -> bool:
+    """A line of running text: not code, not a table row, mostly letters."""
+    s = line.strip()
+    if not s or " | " in s or line.startswith(("    ", "\t")) or s.startswith(("#", "-", "*", "|")):
+        return False
+    letters = sum(ch.isalpha() or ch == " " for ch in s)
+    return letters / len(s) > 0.8 and len(s.split()) >= 6
+
+
+def prose_sentences(text: str) -> list[str]:
+    out = []
+    for para in text.split("\n\n"):
+        if "\n" in para.strip() and not all(is_prose(ln) for ln in para.strip().split("\n")):
+            continue
+        para = " ".join(para.split())
+        if not is_prose(para):
+            continue
+        for s in _SENT_SPLIT.split(para):
+            n = len(s.split())
+            if 6 <= n <= 45 and s.endswith((".", "!", "?")):
+                out.append(s)
+    return out
+
+
+def terms_in(sentence: str) -> list[str]:
+    """Technical terms worth blanking: identifiers with '_' or digits, ALLCAPS keywords, long words."""
+    out = []
+    for w in _WORD.findall(sentence):
+        if "_" in w or (w.isupper() and len(w) >= 3) or (len(w) >= 9 and w.lower() not in STOPWORDS):
+            out.append(w)
+    return out
+
+
+def term_shape(t: str) -> str:
+    if "_" in t:
+        return "identifier"
+    if t.replace(".", "").isdigit():
+        return "number"
+    if t.isupper():
+        return "keyword"
+    return "word"
+
+
+def content_words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text) if len(w) >= 3 and w.lower() not in STOPWORDS]
+
+
+def heading_of(chunk: Chunk) -> str:
+    """The section's heading without its number ('26.1. SQL Dump' -> 'SQL Dump')."""
+    first = chunk.title or chunk.text.strip().split("\n", 1)[0]
+    return _HEADING_NUM.sub("", first.lstrip("# ").strip()).strip()
+
+
+def lead_answer(chunk: Chunk, n: int = 2) -> str:
+    return " ".join(chunk.sentences()[:n])
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _chat(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+class ExtractiveTeacher:
+    """Builds items of each kind from a chunk and the corpus pool. `items()` returns dicts with the
+    fields the synth stage validates: kind, messages (chat), answer, and kind-specific fields."""
+
+    name = "extractive"
+
+    def __init__(self, pool: Pool, seed: int = 0):
+        self.pool, self.seed = pool, seed
+
+    def _rng(self, chunk: Chunk, kind: str) -> random.Random:
+        return random.Random(f"{self.seed}:{chunk.id}:{kind}")
+
+    def items(self, chunk: Chunk, kind: str, n: int = 1) -> list[dict]:
+        make = getattr(self, f"_{kind}")
+        rng = self._rng(chunk, kind)
+        out = []
+        for _ in range(n * 3):  # a few attempts: some sentences do not fit a kind
+            item = make(chunk, rng)
+            if item and all(item["messages"] != o["messages"] for o in out):
+                out.append(item)
+            if len(out) >= n:
+                break
+        return out
+
+    # -- kinds ---------------------------------------------------------------------------------------
+    def _definitions(self, chunk: Chunk) -> list[tuple[str, str]]:
+        found = []
+        for s in chunk.sentences():
+            m = _DEFINITION.match(s)
+            if m and len(m.group("term")) >= 3 and m.group("term").split()[0].lower() not in STOPWORDS:
+                verb, term = m.group("verb"), m.group("term")
+                if term[0].isupper() and term[1:2].islower() and "_" not in term:
+                    term = term[0].lower() + term[1:]  # capitalised only because it starts the sentence
+                if verb in ("is", "are"):
+                    q = f"What {verb} {term}?"
+                else:
+                    q = f"What {'do' if verb == 'are' else 'does'} {term} {verb[:-1]}?"
+                found.append((q, s))
+        return found
+
+    def _question(self, chunk: Chunk, rng: random.Random) -> tuple[str, str, str] | None:
+        """(question, answer, template) from a definition, else from the heading."""
+        defs = self._definitions(chunk)
+        if defs and rng.random() < 0.7:
+            q, a = rng.choice(defs)
+            return q, a, "definition"
+        heading, lead = heading_of(chunk), lead_answer(chunk)
+        if heading and lead and len(heading.split()) <= 10:
+            return f"What does the documentation say about {heading}?", lead, "heading"
+        if defs:
+            q, a = rng.choice(defs)
+            return q, a, "definition"
+        return None
+
+    def _qa(self, chunk, rng):
+        qa = self._question(chunk, rng)
+        if not qa:
+            return None
+        q, a, template = qa
+        return {"kind": "qa", "template": template, "question": q, "answer": a, "messages": _chat(q, a)}
+
+    def _mcq(self, chunk, rng):
+        candidates = [(s, t) for s in chunk.sentences() for t in terms_in(s)]
+        rng.shuffle(candidates)
+        for sentence, term in candidates:
+            shape = term_shape(term)
+            others = [t for t in self.pool.terms.get(shape, []) if t != term and t.lower() != term.lower()
+                      and t not in sentence]
+            if len(others) < 3:
+                continue
+            # distractors close in length to the answer, so "the longest option" is no tell
+            others.sort(key=lambda t: (abs(len(t) - len(term)), t))
+            distractors = rng.sample(others[:12], 3)
+            options = distractors + [term]
+            rng.shuffle(options)
+            stem = sentence.replace(term, "_____", 1)
+            letters = "ABCD"
+            body = "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options))
+            q = f"Fill in the blank.\n\n{stem}\n\n{body}"
+            ans = letters[options.index(term)]
+            return {"kind": "mcq", "template": f"cloze-{shape}", "question": stem, "options": options,
+                    "answer_index": options.index(term), "answer": term,
+                    "messages": _chat(q, f"{ans}. {term}")}
+        return None
+
+    def _completion(self, chunk, rng):
+        sents = [s for s in chunk.sentences() if len(s.split()) >= 10]
+        if not sents:
+            return None
+        s = rng.choice(sents)
+        words = s.split()
+        cut = max(4, int(len(words) * 0.55))
+        context, ending = " ".join(words[:cut]), " ".join(words[cut:])
+        wrong = []
+        for cid, other in rng.sample(self.pool.sentences, min(200, len(self.pool.sentences))):
+            w = other.split()
+            if cid == chunk.id or len(w) < 8:
+                continue
+            cand = " ".join(w[int(len(w) * 0.55):])
+            if cand != ending and abs(len(cand) - len(ending)) < max(20, len(ending) // 2) and cand not in wrong:
+                wrong.append(cand)
+            if len(wrong) == 3:
+                break
+        if len(wrong) < 3:
+            return None
+        options = wrong + [ending]
+        rng.shuffle(options)
+        return {"kind": "completion", "template": "sentence-ending", "question": context, "options": options,
+                "answer_index": options.index(ending), "answer": ending,
+                "messages": _chat(f"Continue the text.\n\n{context}", ending)}
+
+    def _summary(self, chunk, rng):
+        lead = lead_answer(chunk, 2)
+        if not lead or len(chunk.text) < 2 * len(lead):
+            return None
+        q = f"Summarize this section of the documentation.\n\n{chunk.text.strip()}"
+        return {"kind": "summary", "template": "lead", "question": q, "answer": lead, "messages": _chat(q, lead)}
+
+    def _instruction(self, chunk, rng):
+        heading = heading_of(chunk)
+        paras = [p for p in chunk.text.split("\n\n") if is_prose(" ".join(p.split()))]
+        if not heading or not paras or len(heading.split()) > 10:
+            return None
+        verb = rng.choice(["Explain", "Describe", "Give an overview of"])
+        q = f"{verb} {heading}."
+        a = " ".join(paras[0].split())
+        return {"kind": "instruction", "template": "heading", "question": q, "answer": a, "messages": _chat(q, a)}
+
+    def _rationale(self, chunk, rng):
+        qa = self._question(chunk, rng)
+        if not qa:
+            return None
+        q, a, template = qa
+        sents = chunk.sentences()
+        support = [s for s in sents if s in a] or sents[:1]
+        evidence = " ".join(f'"{s}"' for s in support)
+        steps = (f"The section \"{heading_of(chunk)}\" says: {evidence} "
+                 f"This states the answer directly, so: {a}")
+        return {"kind": "rationale", "template": template, "question": q, "answer": a, "rationale": steps,
+                "messages": _chat(q, a)}
+
+    def _preference(self, chunk, rng):
+        qa = self._question(chunk, rng)
+        if not qa:
+            return None
+        q, a, template = qa
+        others = [ans for cid, ans in self.pool.answers if cid != chunk.id and ans != a]
+        if not others:
+            return None
+        rejected = rng.choice(others)
+        return {"kind": "preference", "template": f"other-section-{template}", "question": q, "answer": a,
+                "prompt": _user(q), "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": rejected}], "messages": _chat(q, a)}

@@ -1,0 +1,111 @@
+import json
+import os
+
+import pytest
+
+from slmforge.artifacts import ArtifactStore
+from slmforge.config import load_recipe
+from slmforge.extractive import Chunk
+from slmforge.stages import curate, ingest, synth
+from slmforge.stages.synth import NearDup, apply_filters, ngrams
+from tests.conftest import small_recipe, write_recipe
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("syn")
+    recipe = small_recipe(small_corpus, tmp / "w")
+    recipe["synth"] = {"max_chunks": 40, "shard_chunks": 10}
+    cfg = load_recipe(write_recipe(tmp, recipe)).stages
+    store = ArtifactStore(tmp / "w")
+    cur = curate.run(cfg["curate"], store, {"ingest": ingest.run(cfg["ingest"], store)})
+    return synth.run(cfg["synth"], store, {"curate": cur}), cfg, store, cur
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_every_kind_is_made_grounded_and_recorded(made):
+    art, *_ = made
+    m = art.manifest["metrics"]
+    assert set(m["kept"]) == set(synth.KINDS) and all(v > 0 for v in m["kept"].values())
+    items = _jsonl(art.path / "items.jsonl")
+    for it in items:
+        assert it["chunk_id"] and it["teacher"] == "extractive" and it["template"]
+        assert set(it["verdicts"]) == {"schema", "length", "exact_dup", "near_dup", "grounded", "decontam"}
+        assert all(v == "ok" for v in it["verdicts"].values())
+    mcq = [it for it in items if it["kind"] == "mcq"]
+    assert all(len(set(it["options"])) == 4 and it["options"][it["answer_index"]] == it["answer"] for it in mcq)
+    assert m["quality"]["mcq"]["longest_option"] < 0.5  # distractors are length-matched
+    assert "Spot-check sample" in (art.path / "report.md").read_text()
+
+
+def test_only_train_documents_are_used(made):
+    art, cfg, store, cur = made
+    from slmforge.records import read_documents
+
+    heldout = {d["id"] for s in ("val", "test") for d in read_documents(cur.path / "data" / s)}
+    assert heldout
+    assert not {it["chunk_id"].rsplit("#", 1)[0] for it in _jsonl(art.path / "items.jsonl")} & heldout
+
+
+def test_outputs_are_in_trl_formats(made):
+    art, *_ = made
+    sft = _jsonl(art.path / "sft.jsonl")
+    assert sft and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in sft)
+    dpo = _jsonl(art.path / "dpo.jsonl")
+    assert dpo and all(r["prompt"][0]["role"] == "user" and r["chosen"][0]["role"] == "assistant"
+                       and r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in dpo)
+    rat = _jsonl(art.path / "rationale.jsonl")
+    assert rat and all(r["answer"] in r["rationale"] for r in rat)
+
+
+def test_filters_reject_what_they_should():
+    cfg = synth.Config()
+    chunk = Chunk("d#0", "d", "s", "Pumps", "The pump must be primed before start. Seals wear out when it runs dry.")
+    state = {"exact": set(), "near": {k: NearDup(0.7) for k in synth.KINDS},
+             "heldout": ngrams("one two three four five six seven eight nine ten eleven twelve thirteen words", 13)}
+
+    def item(q, a):
+        return {"kind": "qa", "question": q, "answer": a, "messages": []}
+
+    assert all(v == "ok" for v in apply_filters(item("When to prime?", "The pump must be primed before start."),
+                                                 chunk, cfg, state).values())
+    v = apply_filters(item("When to prime?", "The pump must be primed before start."), chunk, cfg, state)
+    assert v["exact_dup"] == "duplicate"
+    v = apply_filters(item("When should one prime it?", "Valves rotate clockwise under heavy loads."), chunk, cfg, state)
+    assert v["grounded"].endswith("in the chunk")
+    v = apply_filters(item("Count?", "one two three four five six seven eight nine ten eleven twelve thirteen"),
+                      chunk, cfg, state)
+    assert "shared with val/test" in v["decontam"]
+    v = apply_filters({"kind": "mcq", "question": "x", "options": ["a", "a", "b", "c"], "answer_index": 0},
+                      chunk, cfg, state)
+    assert v == {"schema": "options must be 4 distinct strings and answer_index in 0..3"}
+    nd = NearDup(0.7)
+    assert not nd.seen("how do I create an index on a large table without locking writes")
+    assert nd.seen("how do I create an index on a large table without locking writes?")
+    assert not nd.seen("what does vacuum do to dead tuples in a heap")
+
+
+def test_a_killed_run_resumes_from_finished_shards(made):
+    art, cfg, store, cur = made
+    before = (art.path / "items.jsonl").read_text()
+    partial = store.partial_dir("synth", art.key)
+    os.rename(art.path, partial)  # as if killed before the rename: shards 0-2 done, shard 3 not
+    (partial / "manifest.json").unlink()
+    (partial / "shards" / "shard-00003.jsonl").unlink()
+    stamp = (partial / "shards" / "shard-00000.jsonl").stat().st_mtime_ns
+    again = synth.run(cfg["synth"], store, {"curate": cur})
+    assert again.manifest["resumed"] is True
+    assert (again.path / "shards" / "shard-00000.jsonl").stat().st_mtime_ns == stamp  # not redone
+    assert (again.path / "items.jsonl").read_text() == before
+
+
+def test_model_teacher_needs_its_settings(tmp_path, small_corpus):
+    from slmforge.errors import UserError
+
+    recipe = small_recipe(small_corpus, tmp_path / "w")
+    recipe["synth"] = {"teacher": "openai"}
+    with pytest.raises(UserError, match="needs an `openai:` section"):
+        load_recipe(write_recipe(tmp_path, recipe))
