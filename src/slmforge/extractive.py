@@ -228,16 +228,21 @@ class ExtractiveTeacher:
         words = s.split()
         cut = max(4, int(len(words) * 0.55))
         context, ending = " ".join(words[:cut]), " ".join(words[cut:])
-        wrong = []
-        for cid, other in rng.sample(self.pool.sentences, min(200, len(self.pool.sentences))):
+        # wrong endings of similar length that share about as many words with the context as the true
+        # one, so that neither "longest option" nor "most (or least) overlap" gives the answer away
+        ctx_words = set(content_words(context))
+        candidates = set()
+        for cid, other in rng.sample(self.pool.sentences, min(400, len(self.pool.sentences))):
             w = other.split()
             if cid == chunk.id or len(w) < 8:
                 continue
             cand = " ".join(w[int(len(w) * 0.55):])
-            if cand != ending and abs(len(cand) - len(ending)) < max(20, len(ending) // 2) and cand not in wrong:
-                wrong.append(cand)
-            if len(wrong) == 3:
-                break
+            if cand != ending and abs(len(cand) - len(ending)) < max(20, len(ending) // 2):
+                candidates.add(cand)
+        target = len(ctx_words & set(content_words(ending)))
+        ranked = sorted(candidates)
+        rng.shuffle(ranked)
+        wrong = sorted(ranked, key=lambda c: abs(len(ctx_words & set(content_words(c))) - target))[:3]
         if len(wrong) < 3:
             return None
         options = wrong + [ending]
