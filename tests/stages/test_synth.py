@@ -109,3 +109,70 @@ def test_model_teacher_needs_its_settings(tmp_path, small_corpus):
     recipe["synth"] = {"teacher": "openai"}
     with pytest.raises(UserError, match="needs an `openai:` section"):
         load_recipe(write_recipe(tmp_path, recipe))
+
+
+class GroundedServer:
+    """A fake teacher that answers every synth prompt with JSON built from the prompt's own chunk."""
+
+    def __init__(self):
+        from tests.fake_openai import FakeServer
+
+        self.fake = FakeServer()
+        self.fake.answer = self.answer
+        self.url = self.fake.url
+
+    def answer(self, path, body, auth):
+        import re
+
+        prompt = body["messages"][-1]["content"]
+        chunk = prompt.split('"""')[1]
+        sents = [s for s in re.split(r"(?<=\.)\s+", " ".join(chunk.split())) if len(s.split()) > 4] or [chunk[:200]]
+        schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
+        keys = list(schema.get("properties", {})) or ["question", "answer"]
+        fields = {"question": "What does this section say?", "answer": sents[0], "rationale": f'It says "{sents[0]}"',
+                  "chosen": sents[0], "rejected": "Nothing at all about that.",
+                  "options": [sents[0][:40], "alpha", "beta", "gamma"], "answer_index": 0}
+        with self.fake.lock:
+            self.fake.log.append({"name": "synth"})
+        content = json.dumps({k: fields[k] for k in keys})
+        return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 100, "completion_tokens": 20}}, {}
+
+
+def test_openai_teacher_end_to_end_with_cache(made, tmp_path):
+    _, cfg, store, cur = made
+    server = GroundedServer()
+    try:
+        scfg = cfg["synth"].model_copy(update={
+            "teacher": "openai", "kinds": ["qa", "summary", "rationale", "preference"], "max_chunks": 6,
+            "openai": {"base_urls": [server.url], "model": "fake", "concurrency": 4,
+                       "price_prompt_per_1m": 1.0, "price_completion_per_1m": 2.0}})
+        art = synth.run(scfg, store, {"curate": cur})
+        m = art.manifest["metrics"]
+        assert m["teacher"] == "openai" and sum(m["kept"].values()) >= 12
+        items = _jsonl(art.path / "items.jsonl")
+        assert {it["template"] for it in items} <= {f"builtin:{k}" for k in ("qa", "summary", "rationale", "preference")}
+        assert m["cost_usd"] > 0 and m["teacher_stats"]["requests"] > 0
+        sent = len(server.fake.log)
+        again = synth.run(scfg, store, {"curate": cur}, force=True)  # every reply comes from the cache
+        assert len(server.fake.log) == sent and again.manifest["metrics"]["kept"] == m["kept"]
+    finally:
+        server.fake.close()
+
+
+def test_fitness_check_names_the_failing_filter(made):
+    from slmforge.errors import UserError
+    from tests.fake_openai import FakeServer
+
+    _, cfg, store, cur = made
+    server = FakeServer()  # answers {"answer": <the prompt>}: no question field, so the schema fails
+    try:
+        scfg = cfg["synth"].model_copy(update={
+            "teacher": "openai", "kinds": ["qa"], "max_chunks": 4,
+            "openai": {"base_urls": [server.url], "model": "fake-broken", "max_retries": 1, "backoff_s": 0.01}})
+        with pytest.raises(UserError, match="fitness check.*Most common failure: teacher: schema"):
+            synth.run(scfg, store, {"curate": cur})
+    finally:
+        server.close()

@@ -10,7 +10,8 @@ Filters, each recorded on every item: schema, length, exact and near duplicates 
 decontamination (any shared 13-gram with the val/test splits). Output, in TRL's formats:
 `sft.jsonl` (`messages`), `rationale.jsonl`, `dpo.jsonl` (`prompt`/`chosen`/`rejected`), `items.jsonl`
 (every kept item with its fields and verdicts), `rejected.jsonl` (with the failing verdict) and a
-`report.md`. Work goes in shards with completion markers, so a killed run resumes.
+`report.md`. Work goes in shards with completion markers, and model teachers' replies are cached in
+`<workdir>/teacher-cache/`, so a killed run resumes and asks nothing twice.
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ class Config(StageConfig):
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {"curate": store.resolve("curate:latest")}
-    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs["curate"], out), resumable=True,
+    # the teacher's reply cache lives beside the run directories, so a re-run with other settings or
+    # --force pays for no request twice
+    cache = store.workdir / "teacher-cache"
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs["curate"], out, cache), resumable=True,
                        force=force)
 
 
@@ -340,7 +344,7 @@ def _heldout(curate: Artifact, n: int) -> set[int]:
     return grams
 
 
-def _build(cfg: Config, curate: Artifact, out: Path) -> dict:
+def _build(cfg: Config, curate: Artifact, out: Path, cache: Path) -> dict:
     roles = curate.manifest["metrics"]["roles"]
     domain = [s for s, r in roles.items() if r == "domain"]
     docs = [d for s in domain for d in read_documents(curate.path / "data" / "train", s)]
@@ -352,7 +356,7 @@ def _build(cfg: Config, curate: Artifact, out: Path) -> dict:
     state = {"exact": set(), "near": defaultdict(lambda: NearDup(cfg.near_dup_jaccard, cfg.seed)),
              "heldout": _heldout(curate, cfg.decontam_ngram)}
     teacher = ExtractiveTeacher(Pool.build(chunks), cfg.seed) if cfg.teacher == "extractive" else \
-        model_teacher(cfg, out / "cache")
+        model_teacher(cfg, cache)
     if cfg.teacher != "extractive":
         _fitness(cfg, teacher, picked, seeds, state)
 

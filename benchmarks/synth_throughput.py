@@ -1,0 +1,100 @@
+"""Synthetic-data throughput: items/s of the extractive teacher on the PostgreSQL manual, and the
+request concurrency an OpenAI-compatible teacher really reaches against a local server that answers
+every request after a fixed latency (200 ms by default).
+
+1. ingest + curate the manual into a fresh temporary workdir, then run the synth stage on every
+   chunk (`max_chunks: null`, all seven kinds) and read its wall time from the manifest;
+2. start the test server from tests/fake_openai.py on 127.0.0.1, send `--requests` requests through
+   `slmforge.teacher.OpenAITeacher` at each `--concurrency`, and report requests/s and the largest
+   number of requests the server saw in flight at once (ideal: the configured limit; ideal speed:
+   concurrency / latency).
+
+    .venv/bin/python benchmarks/synth_throughput.py
+    .venv/bin/python benchmarks/synth_throughput.py --limit-docs 100 --requests 40   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def extractive(data: Path, limit: int | None, tmp: Path) -> dict:
+    from slmforge.config import load_recipe
+    from slmforge.pipeline import run_recipe
+
+    if limit:
+        lines = gzip.open(data, "rt", encoding="utf-8").read().splitlines()[:limit]
+        data = tmp / "input.jsonl"
+        data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recipe = {"name": "bench", "workdir": str(tmp / "work"),
+              "ingest": {"sources": [{"name": "domain", "role": "domain", "paths": [str(data)]}]},
+              "curate": {}, "synth": {"max_chunks": None}}
+    path = tmp / "bench.yaml"
+    path.write_text(json.dumps(recipe))
+    arts = run_recipe(load_recipe(path))
+    m = arts["synth"].manifest
+    items = sum(m["metrics"]["generated"].values())
+    return {"chunks": m["metrics"]["chunks"], "items": items, "kept": sum(m["metrics"]["kept"].values()),
+            "synth_s": m["wall_time_s"], "items_per_s": round(items / m["wall_time_s"], 1)}
+
+
+def concurrency(n_requests: int, levels: list[int], latency: float, tmp: Path) -> list[dict]:
+    from slmforge.teacher import OpenAIConfig, OpenAITeacher, Request
+    from tests.fake_openai import FakeServer
+
+    rows = []
+    server = FakeServer(delay=latency)
+    try:
+        for c in levels:
+            server.max_active = 0
+            teacher = OpenAITeacher(OpenAIConfig(base_urls=[server.url], model="fake", concurrency=c, timeout_s=30),
+                                    tmp / f"cache-{c}")
+            reqs = [Request(key=f"r{i}", messages=[{"role": "user", "content": f"question-{c}-{i}"}])
+                    for i in range(n_requests)]
+            t0 = time.perf_counter()
+            replies = teacher.generate(reqs)
+            dt = time.perf_counter() - t0
+            rows.append({"concurrency": c, "requests": n_requests, "seconds": round(dt, 2),
+                         "requests_per_s": round(n_requests / dt, 1), "ideal_per_s": round(c / latency, 1),
+                         "max_in_flight": server.max_active, "failed": sum(r.error is not None for r in replies)})
+    finally:
+        server.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO / "data" / "postgresql_docs.jsonl.gz")
+    ap.add_argument("--limit-docs", type=int, default=None)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--latency", type=float, default=0.2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="slmforge-synth-bench-") as tmp:
+        tmp = Path(tmp)
+        ex = extractive(args.data, args.limit_docs, tmp)
+        conc = concurrency(args.requests, [int(c) for c in args.concurrency.split(",")], args.latency, tmp)
+    print(f"\nextractive teacher: {ex['items']} items ({ex['kept']} kept) from {ex['chunks']} chunks in "
+          f"{ex['synth_s']:.1f} s = {ex['items_per_s']:.0f} items/s")
+    print(f"\nOpenAI-compatible teacher against a local server with {args.latency * 1000:.0f} ms latency:")
+    print(f"{'concurrency':>11}  {'requests/s':>10}  {'ideal':>6}  {'max in flight':>13}  {'failed':>6}")
+    for r in conc:
+        print(f"{r['concurrency']:>11}  {r['requests_per_s']:>10}  {r['ideal_per_s']:>6}  {r['max_in_flight']:>13}  "
+              f"{r['failed']:>6}")
+    print(json.dumps({"extractive": ex, "concurrency": conc, "latency_s": args.latency,
+                      "command": " ".join([os.path.relpath(sys.executable, REPO), *sys.argv]),
+                      "cpus": os.cpu_count()}))
+
+
+if __name__ == "__main__":
+    main()
