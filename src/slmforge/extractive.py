@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d+)?")
 _DEFINITION = re.compile(
-    r"^(?:The |An? )?(?P<term>[A-Za-z_][\w.\-]*(?: [A-Za-z_][\w\-]*){0,3}?) "
+    r"^(?P<article>The |An? )?(?P<term>[A-Za-z_][\w.\-]*(?: [A-Za-z_][\w\-]*){0,3}?) "
     r"(?P<verb>is|are|provides|returns|specifies|controls|determines|stores|contains|allows|defines) (?P<rest>.+)$")
+_DEFINING = re.compile(r"(?:a|an|the|one|used|defined|stored|responsible|similar|equivalent|set|called)\b")
+_NOT_A_TERM = frozenset("each every some any all both either neither there here also such its their our".split())
 _HEADING_NUM = re.compile(r"^(?:[A-Z]?\d+(?:\.\d+)*\.?|[A-Z]\.\d+(?:\.\d+)*\.?)\s+")
 STOPWORDS = frozenset(
     "a an the and or of to in on for with by as at from is are was were be been it its this that these those "
@@ -124,7 +126,8 @@ def heading_of(chunk: Chunk) -> str:
 
 
 def lead_answer(chunk: Chunk, n: int = 2) -> str:
-    return " ".join(chunk.sentences()[:n])
+    """The section's first sentences, skipping bare cross-references ("See Section 9.1 for ...")."""
+    return " ".join([s for s in chunk.sentences() if not s.startswith("See ")][:n])
 
 
 def _user(text: str) -> list[dict]:
@@ -164,15 +167,22 @@ class ExtractiveTeacher:
         found = []
         for s in chunk.sentences():
             m = _DEFINITION.match(s)
-            if m and len(m.group("term")) >= 3 and m.group("term").split()[0].lower() not in STOPWORDS:
-                verb, term = m.group("verb"), m.group("term")
-                if term[0].isupper() and term[1:2].islower() and "_" not in term:
-                    term = term[0].lower() + term[1:]  # capitalised only because it starts the sentence
-                if verb in ("is", "are"):
-                    q = f"What {verb} {term}?"
-                else:
-                    q = f"What {'do' if verb == 'are' else 'does'} {term} {verb[:-1]}?"
-                found.append((q, s))
+            if not m or len(m.group("term")) < 3:
+                continue
+            first = m.group("term").split()[0].lower()
+            # "Typically this feature is used ...", "A table is only ...": not definitions
+            if first in STOPWORDS or first in _NOT_A_TERM or first.endswith("ly"):
+                continue
+            if m.group("verb") in ("is", "are") and not _DEFINING.match(m.group("rest")):
+                continue
+            verb, term = m.group("verb"), m.group("term")
+            if term[0].isupper() and term[1:2].islower() and "_" not in term:
+                term = term[0].lower() + term[1:]  # capitalised only because it starts the sentence
+            if m.group("article") == "The ":
+                term = "the " + term
+            base = verb[:-3] + "y" if verb.endswith("ies") else verb[:-1]  # specifies -> specify
+            q = f"What {verb} {term}?" if verb in ("is", "are") else f"What does {term} {base}?"
+            found.append((q, s))
         return found
 
     def _question(self, chunk: Chunk, rng: random.Random) -> tuple[str, str, str] | None:
@@ -183,7 +193,7 @@ class ExtractiveTeacher:
             return q, a, "definition"
         heading, lead = heading_of(chunk), lead_answer(chunk)
         if heading and lead and len(heading.split()) <= 10:
-            return f"What does the documentation say about {heading}?", lead, "heading"
+            return f"What does the documentation say about {heading.rstrip('?')}?", lead, "heading"
         if defs:
             q, a = rng.choice(defs)
             return q, a, "definition"
@@ -260,7 +270,9 @@ class ExtractiveTeacher:
 
     def _instruction(self, chunk, rng):
         heading = heading_of(chunk)
-        paras = [p for p in chunk.text.split("\n\n") if is_prose(" ".join(p.split()))]
+        # an opening paragraph of real sentences: capitalised, not the heading itself, 12+ words
+        paras = [p for p in chunk.text.split("\n\n") if is_prose(" ".join(p.split())) and p.strip()[0].isupper()
+                 and heading not in p.split("\n")[0] and len(p.split()) >= 12 and p.strip().endswith(".")]
         if not heading or not paras or len(heading.split()) > 10:
             return None
         verb = rng.choice(["Explain", "Describe", "Give an overview of"])

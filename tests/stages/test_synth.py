@@ -176,3 +176,12 @@ def test_fitness_check_names_the_failing_filter(made):
             synth.run(scfg, store, {"curate": cur})
     finally:
         server.close()
+
+
+def test_openai_settings_are_checked_with_the_recipe(tmp_path, small_corpus):
+    from slmforge.errors import UserError
+
+    recipe = small_recipe(small_corpus, tmp_path / "w")
+    recipe["synth"] = {"teacher": "openai", "openai": {"base_urls": ["http://127.0.0.1:9/v1"], "modle": "x"}}
+    with pytest.raises(UserError, match="synth: .*openai: model: Field required.*modle"):
+        load_recipe(write_recipe(tmp_path, recipe))

@@ -83,6 +83,16 @@ class Config(StageConfig):
     def _teacher(self):
         if self.teacher == "openai" and not self.openai:
             raise ValueError("teacher: openai needs an `openai:` section with base_urls and model")
+        if self.openai:
+            from pydantic import ValidationError
+
+            from slmforge.teacher import OpenAIConfig
+
+            try:
+                OpenAIConfig(**self.openai)
+            except ValidationError as e:
+                raise ValueError("openai: " + "; ".join(
+                    f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
         if self.teacher == "hf" and not self.hf_model:
             raise ValueError("teacher: hf needs hf_model: a local model folder")
         return self
@@ -323,16 +333,11 @@ def item_from_reply(kind: str, data: dict) -> dict:
 
 
 def model_teacher(cfg: Config, cache: Path):
-    from pydantic import ValidationError
-
     from slmforge import teacher as T
 
     if cfg.teacher == "hf":
         return T.HFTeacher(cfg.hf_model, cache)
-    try:
-        return T.OpenAITeacher(T.OpenAIConfig(**cfg.openai), cache)
-    except ValidationError as e:
-        raise UserError(f"synth.openai: {e}") from None
+    return T.OpenAITeacher(T.OpenAIConfig(**cfg.openai), cache)
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
