@@ -185,3 +185,27 @@ def test_openai_settings_are_checked_with_the_recipe(tmp_path, small_corpus):
     recipe["synth"] = {"teacher": "openai", "openai": {"base_urls": ["http://127.0.0.1:9/v1"], "modle": "x"}}
     with pytest.raises(UserError, match="synth: .*openai: model: Field required.*modle"):
         load_recipe(write_recipe(tmp_path, recipe))
+
+
+def test_topics_are_covered_evenly_and_seeds_and_templates_reach_the_prompt(tmp_path):
+    from slmforge.stages.synth import load_seeds, render_prompt, select_chunks
+
+    chunks = [Chunk(f"d{i}#0", f"d{i}", "s", t, f"All about {t}. " * 5)
+              for i, t in enumerate(["vacuum"] * 8 + ["index"] * 3 + ["backup"] * 2)]
+    picked = select_chunks(chunks, 6, ["vacuum", "index", "backup"], seed=0)
+    assert sorted(c.title for c in picked) == ["backup", "backup", "index", "index", "vacuum", "vacuum"]
+    assert select_chunks(chunks, None, None, seed=0) != chunks and len(select_chunks(chunks, None, None, 0)) == 13
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "How do I reclaim space?", "response": "Run VACUUM FULL."}\n')
+    got = load_seeds(str(seeds))
+    assert got == [{"question": "How do I reclaim space?", "answer": "Run VACUUM FULL."}]
+    prompt, name = render_prompt("qa", chunks[0], got, synth.Config())
+    assert name == "builtin:qa" and "How do I reclaim space?" in prompt and "All about vacuum." in prompt
+    custom = tmp_path / "qa.j2"
+    custom.write_text("Q about {{ title }}: {{ chunk }} ({{ seeds | length }} seeds)")
+    prompt, name = render_prompt("qa", chunks[0], got, synth.Config(templates={"qa": str(custom)}))
+    assert name == str(custom) and prompt.startswith("Q about vacuum: All about vacuum.") and "(1 seeds)" in prompt
+    seeds.write_text('{"q": "no"}\n')
+    with pytest.raises(Exception, match="needs question/answer or instruction/response"):
+        load_seeds(str(seeds))
