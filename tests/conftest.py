@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def slice_jsonl(src: Path, dst: Path, n: int, skip: int = 0) -> Path:

@@ -16,6 +16,7 @@ STAGE_HELP = {
     "plan": "what model should I train? (also without a recipe: slmforge plan --hours 24 --device h100 ...)",
     "pretrain": "train the specialist and a same-size generalist baseline",
     "synth": "synthetic QA/MCQ/completion/summary/instruction/rationale/preference data from the train split",
+    "bench": "domain benchmarks (mcq, completion, qa, summarization) from the test split, as lm-eval tasks",
     "evaluate": "bits-per-byte of every model on each test split, samples, HTML report",
 }
 

@@ -207,7 +207,8 @@ class ExtractiveTeacher:
         return {"kind": "qa", "template": template, "question": q, "answer": a, "messages": _chat(q, a)}
 
     def _mcq(self, chunk, rng):
-        candidates = [(s, t) for s in chunk.sentences() for t in terms_in(s)]
+        # a term that occurs once in its sentence: a second, visible occurrence would give it away
+        candidates = [(s, t) for s in chunk.sentences() for t in terms_in(s) if s.count(t) == 1]
         rng.shuffle(candidates)
         for sentence, term in candidates:
             shape = term_shape(term)

@@ -3,4 +3,4 @@
 Only names live here so that `slmforge --help` imports nothing heavy.
 """
 
-STAGES: tuple[str, ...] = ("ingest", "curate", "tokenizer", "plan", "pretrain", "synth", "evaluate")
+STAGES: tuple[str, ...] = ("ingest", "curate", "tokenizer", "plan", "pretrain", "synth", "bench", "evaluate")

@@ -1,0 +1,231 @@
+"""bench: domain benchmarks built from the **test split only**, as lm-evaluation-harness task folders.
+
+Four sets, made by the extractive teacher (`extractive.py`) from test-split chunks:
+- `mcq`: cloze questions with 4 options (same-shape, length-matched distractors), multiple_choice,
+  scored by acc / acc_norm;
+- `completion`: a sentence's first part with 4 possible endings, multiple_choice, acc / acc_norm;
+- `qa`: short-answer cloze (one blanked technical term, no options), generate_until, exact match and
+  token F1;
+- `summarization`: a section and its lead sentences as the reference, generate_until, ROUGE-L.
+Items sharing any 13-gram with a training set (the curated train split, the synth data) are dropped
+and counted. Each set is checked against trivial rules (always the longest option, the option
+sharing most words with the question) next to chance; a rule far above chance is flagged.
+Output: `tasks/` (one YAML + JSONL per set, plus `utils.py` with the metrics), so that
+`lm_eval --include_path <run>/tasks --tasks slmforge_mcq,...` runs them unchanged on any model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.config import StageConfig
+from slmforge.console import console, info
+from slmforge.errors import UserError
+from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, content_words, terms_in
+from slmforge.records import read_documents
+from slmforge.stages.synth import chunk_document, ngrams
+
+NAME = "bench"
+INPUTS = ("curate", "synth")
+SETS = ("mcq", "completion", "qa", "summarization")
+
+
+class Config(StageConfig):
+    """How many items per set, and the decontamination n-gram."""
+
+    mcq: int = Field(200, ge=0, description="multiple-choice items")
+    completion: int = Field(200, ge=0, description="sentence-completion items")
+    qa: int = Field(200, ge=0, description="short-answer items")
+    summarization: int = Field(50, ge=0, description="summarisation items")
+    decontam_ngram: int = Field(13, ge=5, description="n-gram size shared with training data that drops an item")
+    chunk_chars: int = Field(1500, ge=200)
+    prefix: str = Field("slmforge", pattern=r"^[a-z][a-z0-9_]*$", description="task names: <prefix>_<set>")
+    seed: int = 0
+
+
+def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
+    inputs = inputs or {"curate": store.resolve("curate:latest"), "synth": store.resolve("synth:latest")}
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), force=force)
+
+
+def _qa_item(teacher: ExtractiveTeacher, chunk: Chunk, rng: random.Random) -> dict | None:
+    cands = [(s, t) for s in chunk.sentences() for t in terms_in(s) if s.count(t) == 1]
+    if not cands:
+        return None
+    s, t = rng.choice(cands)
+    return {"question": s.replace(t, "_____", 1), "answer": t}
+
+
+def trivial_baselines(items: list[dict]) -> dict:
+    """Accuracy of rules that ignore the text's meaning: chance, longest option, most word overlap."""
+    if not items:
+        return {}
+    longest = np.mean([int(np.argmax([len(o) for o in it["options"]]) == it["answer_index"]) for it in items])
+    overlap = np.mean([int(np.argmax([len(set(content_words(o)) & set(content_words(it["question"])))
+                                      for o in it["options"]]) == it["answer_index"]) for it in items])
+    return {"chance": 0.25, "longest_option": round(float(longest), 3), "most_overlap": round(float(overlap), 3)}
+
+
+def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
+    curate, synth_art = inputs["curate"], inputs["synth"]
+    roles = curate.manifest["metrics"]["roles"]
+    domain = [s for s, r in roles.items() if r == "domain"]
+    chunks = [c for s in domain for d in read_documents(curate.path / "data" / "test", s)
+              for c in chunk_document(d, cfg.chunk_chars)]
+    if not chunks:
+        raise UserError("bench: the domain test split is empty; raise curate.test_fraction")
+    info(f"  bench · {len(chunks)} test chunks; indexing training text for decontamination")
+    train_grams: set[int] = set()
+    for row in read_documents(curate.path / "data" / "train", columns=["text"]):
+        train_grams |= ngrams(row["text"], cfg.decontam_ngram)
+    for line in (synth_art.path / "items.jsonl").read_text(encoding="utf-8").splitlines():
+        it = json.loads(line)
+        train_grams |= ngrams(" ".join(m["content"] for m in it.get("messages", [])), cfg.decontam_ngram)
+
+    teacher = ExtractiveTeacher(Pool.build(chunks), cfg.seed)
+    rng = random.Random(cfg.seed)
+    order = chunks[:]
+    rng.shuffle(order)
+    wanted = {"mcq": cfg.mcq, "completion": cfg.completion, "qa": cfg.qa, "summarization": cfg.summarization}
+    sets: dict[str, list[dict]] = {k: [] for k in SETS}
+    dropped: Counter = Counter()
+    seen: set[tuple] = set()
+    for name in SETS:
+        for c in order:
+            if len(sets[name]) >= wanted[name]:
+                break
+            r = random.Random(f"{cfg.seed}:{c.id}:{name}")
+            if name in ("mcq", "completion"):
+                made = teacher.items(c, name, 1)
+                item = made[0] if made else None
+                if item:
+                    item = {"question": item["question"], "options": item["options"],
+                            "answer_index": item["answer_index"]}
+            elif name == "qa":
+                item = _qa_item(teacher, c, r)
+            else:
+                made = teacher.items(c, "summary", 1)
+                item = {"document": c.text.strip(), "summary": made[0]["answer"]} if made else None
+            if not item:
+                continue
+            text = " ".join(str(v) for v in item.values() if isinstance(v, str))
+            key = (name, text)
+            if key in seen:
+                continue
+            seen.add(key)
+            if ngrams(text, cfg.decontam_ngram) & train_grams:
+                dropped[name] += 1
+                continue
+            item["id"] = f"{name}-{len(sets[name]):05d}"
+            item["chunk_id"] = c.id
+            sets[name].append(item)
+
+    final = out.with_name(out.name.removesuffix(".partial"))  # where the task YAMLs will point
+    tasks = out / "tasks"
+    tasks.mkdir()
+    for name, items in sets.items():
+        with open(tasks / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for it in items:
+                f.write(json.dumps(it, ensure_ascii=False) + "\n")
+        (tasks / f"{cfg.prefix}_{name}.yaml").write_text(
+            task_yaml(f"{cfg.prefix}_{name}", name, final / "tasks" / f"{name}.jsonl"), encoding="utf-8")
+    (tasks / "utils.py").write_text(UTILS, encoding="utf-8")
+    baselines = {k: trivial_baselines(sets[k]) for k in ("mcq", "completion")}
+    flags = [f"{k}: {rule} {v:.0%} vs chance 25%" for k, b in baselines.items() for rule, v in b.items()
+             if rule != "chance" and v > 0.40]
+    metrics = {"sizes": {k: len(v) for k, v in sets.items()}, "asked": wanted, "decontaminated": dict(dropped),
+               "trivial_baselines": baselines, "flags": flags, "test_chunks": len(chunks),
+               "tasks": [f"{cfg.prefix}_{k}" for k in SETS if sets[k]],
+               "built_with": "extractive teacher from the domain test split; distractors from other test chunks"}
+    _print(metrics)
+    return metrics
+
+
+def task_yaml(task: str, kind: str, data: Path) -> str:
+    head = f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n" \
+           "test_split: test\n"
+    if kind in ("mcq", "completion"):
+        text = "{{question}}\\nAnswer:" if kind == "mcq" else "{{question}}"
+        return head + (f'output_type: multiple_choice\ndoc_to_text: "{text}"\ndoc_to_choice: "{{{{options}}}}"\n'
+                       "doc_to_target: answer_index\ntarget_delimiter: \" \"\nmetric_list:\n"
+                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                       "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    if kind == "qa":
+        return head + ('output_type: generate_until\ndoc_to_text: "Fill in the blank with one term.\\n{{question}}\\n'
+                       'Answer:"\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n", "."]\n'
+                       "  max_gen_toks: 16\n  do_sample: false\nprocess_results: !function utils.process_qa\n"
+                       "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+                       "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n")
+    return head + ('output_type: generate_until\ndoc_to_text: "{{document}}\\n\\nSummary:"\n'
+                   'doc_to_target: "{{summary}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 96\n'
+                   "  do_sample: false\nprocess_results: !function utils.process_summary\n"
+                   "metric_list:\n  - metric: rougeL\n    aggregation: mean\n    higher_is_better: true\n")
+
+
+UTILS = '''"""Metrics for slmforge's generate_until tasks (written by the bench stage).
+
+Plain Python on purpose: the task folder must run wherever lm-eval runs, with no extra package."""
+import re
+from collections import Counter
+
+
+def _tokens(text):
+    return re.findall(r"\\w+", text.lower())
+
+
+def _f1(pred, ref):
+    p, r = _tokens(pred), _tokens(ref)
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs(a, b):
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def process_qa(doc, results):
+    pred = results[0].strip()
+    return {"exact_match": float(" ".join(_tokens(pred)) == " ".join(_tokens(doc["answer"]))),
+            "f1": _f1(pred, doc["answer"])}
+
+
+def process_summary(doc, results):
+    p, r = _tokens(results[0]), _tokens(doc["summary"])
+    lcs = _lcs(p, r)
+    if not p or not r or not lcs:
+        return {"rougeL": 0.0}
+    precision, recall = lcs / len(p), lcs / len(r)
+    return {"rougeL": 2 * precision * recall / (precision + recall)}
+'''
+
+
+def _print(m: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="bench: items per set")
+    for col in ("set", "items", "dropped (train overlap)", "longest option", "most overlap", "chance"):
+        t.add_column(col)
+    for k in SETS:
+        b = m["trivial_baselines"].get(k, {})
+        t.add_row(k, str(m["sizes"][k]), str(m["decontaminated"].get(k, 0)),
+                  f"{b['longest_option']:.0%}" if b else "", f"{b['most_overlap']:.0%}" if b else "",
+                  "25%" if b else "")
+    console.print(t)
+    for f in m["flags"]:
+        console.print(f"[yellow]warning[/]: a trivial rule beats chance: {f}")

@@ -1,0 +1,76 @@
+import json
+import os
+
+import pytest
+import yaml
+
+from slmforge.artifacts import ArtifactStore
+from slmforge.config import load_recipe
+from slmforge.stages import bench, curate, ingest, synth
+from slmforge.stages.synth import ngrams
+from tests.conftest import small_recipe, write_recipe
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("bench")
+    recipe = small_recipe(small_corpus, tmp / "w")
+    recipe["synth"] = {"max_chunks": 30}
+    recipe["bench"] = {"mcq": 20, "completion": 20, "qa": 20, "summarization": 5}
+    cfg = load_recipe(write_recipe(tmp, recipe)).stages
+    store = ArtifactStore(tmp / "w")
+    cur = curate.run(cfg["curate"], store, {"ingest": ingest.run(cfg["ingest"], store)})
+    syn = synth.run(cfg["synth"], store, {"curate": cur})
+    return bench.run(cfg["bench"], store, {"curate": cur, "synth": syn}), cur
+
+
+def _jsonl(p):
+    return [json.loads(x) for x in p.read_text().splitlines()]
+
+
+def test_sets_come_from_the_test_split_and_share_no_13gram_with_training(built):
+    art, cur = built
+    from slmforge.records import read_documents
+
+    test_ids = {d["id"] for d in read_documents(cur.path / "data" / "test")}
+    train = set()
+    for d in read_documents(cur.path / "data" / "train"):
+        train |= ngrams(d["text"], 13)
+    m = art.manifest["metrics"]
+    assert all(m["sizes"][k] > 0 for k in bench.SETS)
+    for k in bench.SETS:
+        for it in _jsonl(art.path / "tasks" / f"{k}.jsonl"):
+            assert it["chunk_id"].rsplit("#", 1)[0] in test_ids
+            assert not ngrams(" ".join(v for v in it.values() if isinstance(v, str)), 13) & train
+    for it in _jsonl(art.path / "tasks" / "mcq.jsonl"):
+        assert len(set(it["options"])) == 4 and "_____" in it["question"]
+        assert it["question"].count(it["options"][it["answer_index"]]) == 0  # the answer is not visible
+    assert set(m["trivial_baselines"]["mcq"]) == {"chance", "longest_option", "most_overlap"}
+
+
+def test_tasks_run_offline_in_lm_eval_and_score_the_same_twice(built, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slmforge.stages.tokenizer import save_hf, train_bpe
+
+    art, _ = built
+    spec = yaml.safe_load((art.path / "tasks" / "slmforge_mcq.yaml").read_text())
+    assert os.path.isfile(spec["dataset_kwargs"]["data_files"]["test"])  # points at the final run dir
+    texts = [it["question"] for it in _jsonl(art.path / "tasks" / "mcq.jsonl")]
+    save_hf(train_bpe(iter(texts * 3), 400), tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=512))
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu")
+    tm = TaskManager(include_path=str(art.path / "tasks"))
+    tasks = ["slmforge_mcq", "slmforge_completion", "slmforge_qa", "slmforge_summarization"]
+    runs = [simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=8, log_samples=False,
+                            bootstrap_iters=0)["results"] for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert {"acc,none", "acc_norm,none"} <= set(runs[0]["slmforge_mcq"])
+    assert {"exact_match,none", "f1,none"} <= set(runs[0]["slmforge_qa"])
+    assert "rougeL,none" in runs[0]["slmforge_summarization"]
