@@ -76,6 +76,8 @@ def small_recipe(corpus: dict[str, Path], workdir: Path, with_model: bool = Fals
         recipe["pretrain"] = {"model": {"depth": 2, "aspect": 16, "head_dim": 16, "context": 64},
                               "tokens": "12k", "batch_tokens": 1024, "micro_batch": 8, "lr": 3e-3,
                               "eval_every": 4, "eval_tokens": 512, "log_every": 2}
+        recipe["synth"] = {"max_chunks": 20, "kinds": ["qa"]}
+        recipe["bench"] = {"mcq": 8, "completion": 8, "qa": 8, "summarization": 2, "summary_tokens": 24}
         recipe["evaluate"] = {"max_bytes": 20000, "samples": 1, "sample_tokens": 8}
     for k, v in sections.items():
         recipe[k] = v

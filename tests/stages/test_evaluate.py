@@ -46,10 +46,14 @@ def test_evaluate_scores_twice_the_same_and_writes_a_report(tmp_path, small_corp
     assert set(m["scores"]) == {"specialist", "generalist"} and set(m["scores"]["specialist"]) == {"pg", "general"}
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "Greedy samples" in page
+    assert "Domain benchmarks" in page and "domain benchmarks (lm-evaluation-harness)" in r.stdout
+    tasks = {"slmforge_mcq", "slmforge_completion", "slmforge_qa", "slmforge_summarization"}
+    assert set(m["benchmarks"]["specialist"]) == tasks and set(m["benchmarks"]["generalist"]) == tasks
+    assert 0 <= m["benchmarks"]["specialist"]["slmforge_mcq"]["acc"] <= 1
     r2 = slmforge("evaluate", "--recipe", str(recipe), "--force")
     assert r2.returncode == 0, r2.stderr
     m2 = json.loads((run / "manifest.json").read_text())["metrics"]
-    assert m2["scores"] == m["scores"]
+    assert m2["scores"] == m["scores"] and m2["benchmarks"] == m["benchmarks"]
     model_dir = next((tmp_path / "w" / "pretrain").glob("*/specialist"))
     out = slmforge("chat", str(model_dir), "--prompt", "SELECT", "--max-new-tokens", "5")
     assert out.returncode == 0 and out.stdout.startswith("SELECT")

@@ -46,6 +46,7 @@ class Config(StageConfig):
     summarization: int = Field(50, ge=0, description="summarisation items")
     decontam_ngram: int = Field(13, ge=5, description="n-gram size shared with training data that drops an item")
     chunk_chars: int = Field(1500, ge=200)
+    summary_tokens: int = Field(96, ge=8, description="tokens a model may generate for a summary (below its context)")
     prefix: str = Field("slmforge", pattern=r"^[a-z][a-z0-9_]*$", description="task names: <prefix>_<set>")
     seed: int = 0
 
@@ -135,7 +136,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             for it in items:
                 f.write(json.dumps(it, ensure_ascii=False) + "\n")
         (tasks / f"{cfg.prefix}_{name}.yaml").write_text(
-            task_yaml(f"{cfg.prefix}_{name}", name, final / "tasks" / f"{name}.jsonl"), encoding="utf-8")
+            task_yaml(f"{cfg.prefix}_{name}", name, final / "tasks" / f"{name}.jsonl", cfg.summary_tokens),
+            encoding="utf-8")
     (tasks / "utils.py").write_text(UTILS, encoding="utf-8")
     baselines = {k: trivial_baselines(sets[k]) for k in ("mcq", "completion")}
     flags = [f"{k}: {rule} {v:.0%} vs chance 25%" for k, b in baselines.items() for rule, v in b.items()
@@ -148,7 +150,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     return metrics
 
 
-def task_yaml(task: str, kind: str, data: Path) -> str:
+def task_yaml(task: str, kind: str, data: Path, summary_tokens: int = 96) -> str:
     head = f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n" \
            "test_split: test\n"
     if kind in ("mcq", "completion"):
@@ -164,7 +166,8 @@ def task_yaml(task: str, kind: str, data: Path) -> str:
                        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
                        "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n")
     return head + ('output_type: generate_until\ndoc_to_text: "{{document}}\\n\\nSummary:"\n'
-                   'doc_to_target: "{{summary}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 96\n'
+                   'doc_to_target: "{{summary}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n'
+                   f"  max_gen_toks: {summary_tokens}\n"
                    "  do_sample: false\nprocess_results: !function utils.process_summary\n"
                    "metric_list:\n  - metric: rougeL\n    aggregation: mean\n    higher_is_better: true\n")
 

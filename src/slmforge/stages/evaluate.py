@@ -1,5 +1,10 @@
-"""evaluate: bits-per-byte and perplexity of every model on each source's test split, greedy samples,
-and a self-contained HTML report (loss curves drawn as pictures).
+"""evaluate: the domain benchmarks through lm-evaluation-harness, bits-per-byte and perplexity of every
+model on each source's test split, greedy samples, and a self-contained HTML report (loss curves
+drawn as pictures).
+
+The benchmark suite (the bench stage's task folders) runs through lm-eval's Python API on each model
+(offline: tasks from local files, models and tokenizers from local folders), next to chance and the
+trivial-rule baselines the bench stage measured.
 
 Bits per byte = (summed negative log-likelihood of the text's tokens, in bits) / (UTF-8 bytes of the
 text). Unlike perplexity it does not depend on the tokenizer, so a specialist with a domain tokenizer
@@ -26,7 +31,7 @@ from slmforge.errors import UserError
 from slmforge.records import read_documents
 
 NAME = "evaluate"
-INPUTS = ("curate", "pretrain")
+INPUTS = ("curate", "pretrain", "bench")
 
 
 class Config(StageConfig):
@@ -39,10 +44,11 @@ class Config(StageConfig):
     samples: int = Field(3, ge=0, description="greedy samples per source")
     sample_tokens: int = Field(40, ge=1, description="tokens generated per sample")
     prompt_chars: int = Field(160, ge=10, description="characters of a test document used as the prompt")
+    bench_limit: int | None = Field(None, ge=1, description="benchmark items per task at most (None: all)")
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
-    inputs = inputs or {"curate": store.resolve("curate:latest"), "pretrain": store.resolve("pretrain:latest")}
+    inputs = inputs or {s: store.resolve(f"{s}:latest") for s in INPUTS}
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), force=force)
 
 
@@ -75,6 +81,23 @@ def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: 
             "tokens": n_tok, "bytes": n_bytes}
 
 
+def run_benchmarks(model, tokenizer, tasks_dir: Path, tasks: list[str], batch_size: int, limit: int | None) -> dict:
+    """{task: {metric: value}} from lm-eval's simple_evaluate on an in-memory HF model."""
+    import logging
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(tasks_dir)),
+                          limit=limit, log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                          torch_random_seed=0, fewshot_random_seed=0)
+    return {t: {k.split(",")[0]: round(v, 4) for k, v in r.items() if isinstance(v, (int, float)) and "stderr" not in k}
+            for t, r in out["results"].items()}
+
+
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     import torch
 
@@ -103,7 +126,8 @@ def _texts(curate: Artifact, source: str, max_bytes: int) -> list[str]:
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     from slmforge.modeling import load_model
 
-    curate, pretrain = inputs["curate"], inputs["pretrain"]
+    curate, pretrain, bench = inputs["curate"], inputs["pretrain"], inputs["bench"]
+    tasks = bench.manifest["metrics"]["tasks"]
     roles = curate.manifest["metrics"]["roles"]
     models = {name: pretrain.path / name for name in pretrain.manifest["metrics"]["models"]}
     models.update({k: Path(v) for k, v in cfg.models.items()})
@@ -112,6 +136,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     if empty:
         raise UserError(f"evaluate: the test split of {', '.join(empty)} is empty; raise curate.test_fraction")
     scores: dict[str, dict] = {}
+    benchmarks: dict[str, dict] = {}
     samples: dict[str, list] = {}
     for name, path in models.items():
         model, tok = load_model(path)
@@ -120,6 +145,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         for source, t in texts.items():
             info(f"  evaluate · {name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
             scores[name][source] = bits_per_byte(model, tok, t, context, cfg.batch_size)
+        info(f"  evaluate · {name} on the benchmark suite ({', '.join(tasks)})")
+        benchmarks[name] = run_benchmarks(model, tok, bench.path / "tasks", tasks, cfg.batch_size, cfg.bench_limit)
         for source, t in texts.items():
             for doc in t[: cfg.samples]:
                 prompt = _prompt(doc, cfg.prompt_chars)
@@ -133,7 +160,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             sp, ge = scores["specialist"][s]["bpb"], scores["generalist"][s]["bpb"]
             margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "relative": round(1 - sp / ge, 4)}
     metrics = {"scores": scores, "margins": margins, "domain_sources": domain, "general_sources": general,
-               "samples": samples}
+               "benchmarks": benchmarks, "baselines": bench.manifest["metrics"]["trivial_baselines"],
+               "bench_sizes": bench.manifest["metrics"]["sizes"], "samples": samples}
     (out / "results.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     report = render_report(pretrain, metrics)
     (out / "report.html").write_text(report, encoding="utf-8")
@@ -160,11 +188,30 @@ def print_results(m: dict, report: Path) -> None:
         better = "better" if g["relative"] > 0 else "worse"
         stdout.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than the generalist "
                      f"({g['specialist_bpb']:.3f} vs {g['generalist_bpb']:.3f} bits/byte)")
+    if m.get("benchmarks"):
+        b = Table(title="domain benchmarks (lm-evaluation-harness)")
+        b.add_column("task · metric")
+        for name in m["benchmarks"]:
+            b.add_column(name, justify="right")
+        b.add_column("chance / trivial rules", justify="right")
+        for task, metric in _bench_rows(m):
+            kind = task.split("_", 1)[-1]
+            base = m["baselines"].get(kind, {})
+            ref = f"{base['chance']:.2f} / {max(base['longest_option'], base['most_overlap']):.2f}" if base and \
+                metric.startswith("acc") else ""
+            b.add_row(f"{task} · {metric}", *[f"{m['benchmarks'][n].get(task, {}).get(metric, float('nan')):.3f}"
+                                              for n in m["benchmarks"]], ref)
+        stdout.print(b)
     for prompt, outs in list(m["samples"].items())[:4]:
         stdout.print(f"\n[bold]{prompt[:100]}[/]")
         for o in outs:
             stdout.print(f"  [cyan]{o['model']}[/]: {o['completion'][:160]!r}")
     stdout.print(f"\nreport: {report}")
+
+
+def _bench_rows(m: dict) -> list[tuple[str, str]]:
+    first = next(iter(m["benchmarks"].values()))
+    return [(t, k) for t in sorted(first) for k in sorted(first[t]) if k not in ("alias", "samples")]
 
 
 def _png(fig) -> str:
@@ -219,6 +266,19 @@ def render_report(pretrain: Artifact, m: dict) -> str:
         f"<td>{mm['train_time_s']:.0f}s</td><td>{mm['tokens_per_s']:,.0f}</td>"
         f"<td>{(mm['mfu'] or 0):.1%}</td></tr>" for n, mm in pretrain.manifest["metrics"]["models"].items())
     pics = "".join(f"<h3>{e(t)}</h3><img alt='{e(t)}' src='{uri}'>" for t, uri in loss_curves(pretrain))
+    bench_rows = ""
+    if m.get("benchmarks"):
+        names = list(m["benchmarks"])
+        for task, metric in _bench_rows(m):
+            base = m["baselines"].get(task.split("_", 1)[-1], {})
+            ref = f"{base['chance']:.2f} / {max(base['longest_option'], base['most_overlap']):.2f}" if base and \
+                metric.startswith("acc") else ""
+            bench_rows += f"<tr><td>{e(task)} · {e(metric)}</td>" + "".join(
+                f"<td>{m['benchmarks'][n].get(task, {}).get(metric, float('nan')):.3f}</td>" for n in names) + \
+                f"<td>{ref}</td></tr>"
+        bench_rows = ("<h2>Domain benchmarks (lm-evaluation-harness)</h2><table><tr><th>task · metric</th>" +
+                      "".join(f"<th>{e(n)}</th>" for n in names) + "<th>chance / best trivial rule</th></tr>" +
+                      bench_rows + "</table>")
     samples = "".join(
         f"<div class='s'><p class='p'>{e(p)}</p>" + "".join(f"<p><b>{e(o['model'])}</b>: {e(o['completion'])}</p>"
                                                           for o in outs) + "</div>" for p, outs in m["samples"].items())
@@ -229,6 +289,7 @@ img{{max-width:100%}}.s{{border-left:3px solid #69c;padding-left:8px;margin:8px 
 <body><h1>slmforge report</h1>
 <h2>Bits per byte on the test splits (lower is better)</h2><table><tr><th>model</th>{head}</tr>{rows}</table>
 <ul>{margins}</ul>
+{bench_rows}
 <h2>Models</h2><table><tr><th>model</th><th>params</th><th>tokens</th><th>steps</th><th>domain epochs</th>
 <th>FLOPs</th><th>time</th><th>tokens/s</th><th>MFU</th></tr>{models}</table>
 <h2>Loss curves</h2>{pics}
