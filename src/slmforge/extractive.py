@@ -212,8 +212,11 @@ class ExtractiveTeacher:
         rng.shuffle(candidates)
         for sentence, term in candidates:
             shape = term_shape(term)
+            # same shape, same capitalisation and, for words, the same ending (-tion, -ing, -s): a
+            # distractor must fit the sentence's grammar, or any language model can rule it out
             others = [t for t in self.pool.terms.get(shape, []) if t != term and t.lower() != term.lower()
-                      and t not in sentence]
+                      and t not in sentence and t[:1].isupper() == term[:1].isupper()
+                      and (shape != "word" or t[-2:] == term[-2:])]
             if len(others) < 3:
                 continue
             # distractors close in length to the answer, so "the longest option" is no tell

@@ -211,7 +211,7 @@ def print_results(m: dict, report: Path) -> None:
 
 def _bench_rows(m: dict) -> list[tuple[str, str]]:
     first = next(iter(m["benchmarks"].values()))
-    return [(t, k) for t in sorted(first) for k in sorted(first[t]) if k not in ("alias", "samples")]
+    return [(t, k) for t in sorted(first) for k in sorted(first[t]) if k not in ("alias", "samples", "sample_len")]
 
 
 def _png(fig) -> str:
