@@ -45,7 +45,8 @@ def test_evaluate_scores_twice_the_same_and_writes_a_report(tmp_path, small_corp
     m = json.loads((run / "manifest.json").read_text())["metrics"]
     assert set(m["scores"]) == {"specialist", "generalist"} and set(m["scores"]["specialist"]) == {"pg", "general"}
     page = (run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "Greedy samples" in page
+    assert page.count("data:image/png;base64,") == 4 and "Greedy samples" in page
+    _screenshot_shows_the_charts(run / "report.html", tmp_path / "shot.png")
     assert "Domain benchmarks" in page and "domain benchmarks (lm-evaluation-harness)" in r.stdout
     tasks = {"slmforge_mcq", "slmforge_completion", "slmforge_qa", "slmforge_summarization"}
     assert set(m["benchmarks"]["specialist"]) == tasks and set(m["benchmarks"]["generalist"]) == tasks
@@ -59,3 +60,23 @@ def test_evaluate_scores_twice_the_same_and_writes_a_report(tmp_path, small_corp
     assert out.returncode == 0 and out.stdout.startswith("SELECT")
     out = slmforge("chat", str(model_dir), "--prompt", "Hi", "--chat", "--sample", "--max-new-tokens", "5")
     assert out.returncode == 0 and out.stdout.startswith("Hi")
+
+
+def _screenshot_shows_the_charts(page, png):
+    """Render the report in headless Chromium and check the pictures are drawn, not just present."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "make test installs Debian's chromium; run: apt-get install -y chromium"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={png.parent / 'chrome'}", "--hide-scrollbars", "--window-size=1000,2600",
+                    f"--screenshot={png}", page.as_uri()], check=True, capture_output=True, timeout=120)
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    blue = (abs(img[..., 0] - 31) < 30) & (abs(img[..., 1] - 119) < 30) & (abs(img[..., 2] - 180) < 30)
+    orange = (abs(img[..., 0] - 255) < 30) & (abs(img[..., 1] - 127) < 30) & (abs(img[..., 2] - 14) < 40)
+    assert blue.sum() > 2000 and orange.sum() > 2000, (blue.sum(), orange.sum())  # bars and curves drawn

@@ -250,6 +250,41 @@ def loss_curves(pretrain: Artifact) -> list[tuple[str, str]]:
     return pictures
 
 
+def score_charts(m: dict) -> list[tuple[str, str]]:
+    """Bar charts: bits per byte per source, and benchmark accuracy per task with chance marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pictures = []
+    names = list(m["scores"])
+    sources = list(next(iter(m["scores"].values())))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar([j + i * width for j in range(len(sources))], [m["scores"][n][s]["bpb"] for s in sources], width, label=n)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(sources))], sources)
+    ax.set(ylabel="bits per byte (lower is better)", title="Test-split bits per byte")
+    ax.legend()
+    pictures.append(("Bits per byte", _png(fig)))
+    plt.close(fig)
+    if m.get("benchmarks"):
+        rows = [(t, k) for t, k in _bench_rows(m) if k in ("acc", "acc_norm", "exact_match", "rougeL")]
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for i, n in enumerate(m["benchmarks"]):
+            ax.bar([j + i * width for j in range(len(rows))], [m["benchmarks"][n][t].get(k, 0) for t, k in rows],
+                   width, label=n)
+        ax.axhline(0.25, color="grey", ls="--", lw=1, label="chance (choice tasks)")
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))],
+                      [f"{t.split('_', 1)[-1]}\n{k}" for t, k in rows], fontsize=8)
+        ax.set(ylabel="score (higher is better)", title="Domain benchmarks", ylim=(0, 1))
+        ax.legend(fontsize=8)
+        pictures.append(("Domain benchmarks", _png(fig)))
+        plt.close(fig)
+    return pictures
+
+
 def render_report(pretrain: Artifact, m: dict) -> str:
     e = html.escape
     sources = list(next(iter(m["scores"].values())))
@@ -266,6 +301,7 @@ def render_report(pretrain: Artifact, m: dict) -> str:
         f"<td>{mm['train_time_s']:.0f}s</td><td>{mm['tokens_per_s']:,.0f}</td>"
         f"<td>{(mm['mfu'] or 0):.1%}</td></tr>" for n, mm in pretrain.manifest["metrics"]["models"].items())
     pics = "".join(f"<h3>{e(t)}</h3><img alt='{e(t)}' src='{uri}'>" for t, uri in loss_curves(pretrain))
+    charts = "".join(f"<img alt='{e(t)}' src='{uri}'>" for t, uri in score_charts(m))
     bench_rows = ""
     if m.get("benchmarks"):
         names = list(m["benchmarks"])
@@ -289,6 +325,7 @@ img{{max-width:100%}}.s{{border-left:3px solid #69c;padding-left:8px;margin:8px 
 <body><h1>slmforge report</h1>
 <h2>Bits per byte on the test splits (lower is better)</h2><table><tr><th>model</th>{head}</tr>{rows}</table>
 <ul>{margins}</ul>
+{charts}
 {bench_rows}
 <h2>Models</h2><table><tr><th>model</th><th>params</th><th>tokens</th><th>steps</th><th>domain epochs</th>
 <th>FLOPs</th><th>time</th><th>tokens/s</th><th>MFU</th></tr>{models}</table>
