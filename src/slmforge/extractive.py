@@ -119,6 +119,19 @@ def content_words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text) if len(w) >= 3 and w.lower() not in STOPWORDS]
 
 
+def trivial_baselines(items: list[dict]) -> dict:
+    """Accuracy of rules that ignore meaning on 4-option items (question, options, answer_index):
+    chance, always the longest option, the option sharing most content words with the question."""
+    if not items:
+        return {}
+    longest = sum(max(range(4), key=lambda i: len(it["options"][i])) == it["answer_index"] for it in items)
+    q_words = [set(content_words(it["question"])) for it in items]
+    overlap = sum(max(range(4), key=lambda i: len(set(content_words(it["options"][i])) & qw)) == it["answer_index"]
+                  for it, qw in zip(items, q_words))
+    return {"items": len(items), "chance": 0.25, "longest_option": round(longest / len(items), 3),
+            "most_overlap": round(overlap / len(items), 3)}
+
+
 def heading_of(chunk: Chunk) -> str:
     """The section's heading without its number ('26.1. SQL Dump' -> 'SQL Dump')."""
     first = chunk.title or chunk.text.strip().split("\n", 1)[0]

@@ -21,14 +21,13 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig
 from slmforge.console import console, info
 from slmforge.errors import UserError
-from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, content_words, terms_in
+from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, terms_in, trivial_baselines
 from slmforge.records import read_documents
 from slmforge.stages.synth import chunk_document, ngrams
 
@@ -62,16 +61,6 @@ def _qa_item(teacher: ExtractiveTeacher, chunk: Chunk, rng: random.Random) -> di
         return None
     s, t = rng.choice(cands)
     return {"question": s.replace(t, "_____", 1), "answer": t}
-
-
-def trivial_baselines(items: list[dict]) -> dict:
-    """Accuracy of rules that ignore the text's meaning: chance, longest option, most word overlap."""
-    if not items:
-        return {}
-    longest = np.mean([int(np.argmax([len(o) for o in it["options"]]) == it["answer_index"]) for it in items])
-    overlap = np.mean([int(np.argmax([len(set(content_words(o)) & set(content_words(it["question"])))
-                                      for o in it["options"]]) == it["answer_index"]) for it in items])
-    return {"chance": 0.25, "longest_option": round(float(longest), 3), "most_overlap": round(float(overlap), 3)}
 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:

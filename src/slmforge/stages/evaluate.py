@@ -195,10 +195,7 @@ def print_results(m: dict, report: Path) -> None:
             b.add_column(name, justify="right")
         b.add_column("chance / trivial rules", justify="right")
         for task, metric in _bench_rows(m):
-            kind = task.split("_", 1)[-1]
-            base = m["baselines"].get(kind, {})
-            ref = f"{base['chance']:.2f} / {max(base['longest_option'], base['most_overlap']):.2f}" if base and \
-                metric.startswith("acc") else ""
+            ref = _reference(m, task, metric)
             b.add_row(f"{task} · {metric}", *[f"{m['benchmarks'][n].get(task, {}).get(metric, float('nan')):.3f}"
                                               for n in m["benchmarks"]], ref)
         stdout.print(b)
@@ -207,6 +204,14 @@ def print_results(m: dict, report: Path) -> None:
         for o in outs:
             stdout.print(f"  [cyan]{o['model']}[/]: {o['completion'][:160]!r}")
     stdout.print(f"\nreport: {report}")
+
+
+def _reference(m: dict, task: str, metric: str) -> str:
+    """'chance / best trivial rule' for an accuracy metric of a choice task, else ''."""
+    base = m["baselines"].get(task.split("_", 1)[-1], {})
+    if not base or not metric.startswith("acc"):
+        return ""
+    return f"{base['chance']:.2f} / {max(base['longest_option'], base['most_overlap']):.2f}"
 
 
 def _bench_rows(m: dict) -> list[tuple[str, str]]:
@@ -306,9 +311,7 @@ def render_report(pretrain: Artifact, m: dict) -> str:
     if m.get("benchmarks"):
         names = list(m["benchmarks"])
         for task, metric in _bench_rows(m):
-            base = m["baselines"].get(task.split("_", 1)[-1], {})
-            ref = f"{base['chance']:.2f} / {max(base['longest_option'], base['most_overlap']):.2f}" if base and \
-                metric.startswith("acc") else ""
+            ref = _reference(m, task, metric)
             bench_rows += f"<tr><td>{e(task)} · {e(metric)}</td>" + "".join(
                 f"<td>{m['benchmarks'][n].get(task, {}).get(metric, float('nan')):.3f}</td>" for n in names) + \
                 f"<td>{ref}</td></tr>"

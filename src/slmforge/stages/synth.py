@@ -33,7 +33,7 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig, resolve_path
 from slmforge.console import console, count_progress, info
 from slmforge.errors import UserError
-from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, content_words, heading_of
+from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, content_words, heading_of, trivial_baselines
 from slmforge.records import read_documents
 
 NAME = "synth"
@@ -474,20 +474,9 @@ def _write_outputs(cfg, out: Path, shards, teacher, elapsed: float, n_chunks: in
 
 
 def _quality(kept: list[dict]) -> dict:
-    """How answerable the multiple-choice items are by trivial rules (chance is 25%)."""
-    out = {}
-    for kind in ("mcq", "completion"):
-        items = [r for r in kept if r["kind"] == kind]
-        if not items:
-            continue
-        longest = np.mean([int(np.argmax([len(o) for o in r["options"]]) == r["answer_index"]) for r in items])
-        overlap = np.mean([int(np.argmax([len(set(content_words(o)) & set(content_words(r["question"])))
-                                          for o in r["options"]]) == r["answer_index"]) for r in items])
-        out[kind] = {"items": len(items), "chance": 0.25, "longest_option": round(float(longest), 3),
-                     "most_overlap_with_question": round(float(overlap), 3)}
-    grounded = [r for r in kept if r["kind"] in ("qa", "rationale", "instruction", "summary", "preference")]
-    out["answers_grounded_in_chunk"] = 1.0 if grounded else None  # every kept answer passed the grounded filter
-    return out
+    """How answerable the choice items are by trivial rules (chance is 25%)."""
+    out = {k: trivial_baselines([r for r in kept if r["kind"] == k]) for k in ("mcq", "completion")}
+    return {k: v for k, v in out.items() if v}
 
 
 def _report(m: dict, kept: list[dict]) -> str:
@@ -497,8 +486,8 @@ def _report(m: dict, kept: list[dict]) -> str:
     lines += [f"| {k} | {m['generated'].get(k, 0)} | {m['kept'].get(k, 0)} |" for k in KINDS if k in m["generated"]]
     lines += ["", "## Dropped by filter", ""] + [f"- {k}: {v}" for k, v in sorted(m["dropped_by_filter"].items())]
     lines += ["", "## Trivial-rule accuracy on choice items (chance 25%)", ""]
-    lines += [f"- {k}: longest option {q['longest_option']:.0%}, most word overlap {q['most_overlap_with_question']:.0%}"
-              f" ({q['items']} items)" for k, q in m["quality"].items() if isinstance(q, dict)]
+    lines += [f"- {k}: longest option {q['longest_option']:.0%}, most word overlap {q['most_overlap']:.0%}"
+              f" ({q['items']} items)" for k, q in m["quality"].items()]
     rng = random.Random(0)
     sample = rng.sample(kept, min(10, len(kept)))
     lines += ["", "## Spot-check sample", ""]
