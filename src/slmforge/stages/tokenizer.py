@@ -136,10 +136,20 @@ def _build(cfg: Config, curate: Artifact, out: Path) -> dict:
 
     tokenizers = {}
     timings = {}
+    train_chars: dict[str, int] = {}
+
+    def counted(name: str, texts: Iterator[str]) -> Iterator[str]:
+        """The training texts, counting their characters on the way (no second pass over the split)."""
+        train_chars[name] = 0
+        for t in texts:
+            train_chars[name] += len(t)
+            yield t
+
     for name, sources in [("tokenizer", domain)] + ([("general_tokenizer", general)] if general and cfg.general_baseline else []):
         info(f"  tokenizer · training {name} on {', '.join(sources)} (vocab {cfg.vocab_size})")
         t0 = time.perf_counter()
-        tok = train_bpe(_texts(curate, "train", sources, cfg.max_train_chars), cfg.vocab_size, cfg.min_frequency)
+        texts = counted(name, _texts(curate, "train", sources, cfg.max_train_chars))
+        tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
         timings[name] = round(time.perf_counter() - t0, 2)
         save_hf(tok, out / name)
         tokenizers[name] = tok
@@ -147,7 +157,7 @@ def _build(cfg: Config, curate: Artifact, out: Path) -> dict:
     evals = {name: {text: measure(tok, texts) for text, texts in eval_sets.items() if texts}
              for name, tok in tokenizers.items()}
     metrics = {"vocab_size": tokenizers["tokenizer"].get_vocab_size(), "trained_on": domain,
-               "train_chars": sum(len(t) for t in _texts(curate, "train", domain, cfg.max_train_chars)),
+               "train_chars": train_chars["tokenizer"],
                "train_time_s": timings, "eval": evals}
     if "general_tokenizer" in evals:
         d, g = evals["tokenizer"]["domain"], evals["general_tokenizer"]["domain"]
