@@ -115,20 +115,34 @@ def term_shape(t: str) -> str:
     return "word"
 
 
+def near_length(options: list[str], n: int, rng: random.Random, k: int = 3) -> list[str]:
+    """Distractor candidates whose lengths lie in a window of width max(4, n/2) that holds the
+    answer's length n at a uniformly random place. Distractors centred on the answer's length would
+    make the answer the middle one (the shortest or the longest only 1 time in 8), a tell that a
+    length-biased model exploits. A small corpus with fewer than k in the window gets the k closest."""
+    width = max(4, n / 2)
+    lo = n - rng.uniform(0, width)
+    near = [o for o in options if lo <= len(o) <= lo + width]
+    return near if len(near) >= k else sorted(options, key=lambda o: (abs(len(o) - n), o))[:k]
+
+
 def content_words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text) if len(w) >= 3 and w.lower() not in STOPWORDS]
 
 
 def trivial_baselines(items: list[dict]) -> dict:
     """Accuracy of rules that ignore meaning on 4-option items (question, options, answer_index):
-    chance, always the longest option, the option sharing most content words with the question."""
+    chance, always the longest (or shortest: a summed log-likelihood favours short options) option, the
+    option sharing most content words with the question."""
     if not items:
         return {}
     longest = sum(max(range(4), key=lambda i: len(it["options"][i])) == it["answer_index"] for it in items)
+    shortest = sum(min(range(4), key=lambda i: len(it["options"][i])) == it["answer_index"] for it in items)
     q_words = [set(content_words(it["question"])) for it in items]
     overlap = sum(max(range(4), key=lambda i: len(set(content_words(it["options"][i])) & qw)) == it["answer_index"]
                   for it, qw in zip(items, q_words))
     return {"items": len(items), "chance": 0.25, "longest_option": round(longest / len(items), 3),
+            "shortest_option": round(shortest / len(items), 3),
             "most_overlap": round(overlap / len(items), 3)}
 
 
@@ -233,8 +247,7 @@ class ExtractiveTeacher:
             if len(others) < 3:
                 continue
             # distractors close in length to the answer, so "the longest option" is no tell
-            others.sort(key=lambda t: (abs(len(t) - len(term)), t))
-            distractors = rng.sample(others[:12], 3)
+            distractors = rng.sample(near_length(others, len(term), rng), 3)
             options = distractors + [term]
             rng.shuffle(options)
             stem = sentence.replace(term, "_____", 1)
@@ -248,29 +261,39 @@ class ExtractiveTeacher:
         return None
 
     def _completion(self, chunk, rng):
-        sents = [s for s in chunk.sentences() if len(s.split()) >= 10]
-        if not sents:
+        # the sentence before as context (as in LAMBADA/HellaSwag): the true ending must follow from
+        # the text, not only from grammar; without it, both demo models scored below chance
+        sents = chunk.sentences()
+        picks = [i for i, s in enumerate(sents) if len(s.split()) >= 10]
+        if not picks:
             return None
-        s = rng.choice(sents)
-        words = s.split()
+        i = rng.choice(picks)
+        words = sents[i].split()
         cut = max(4, int(len(words) * 0.55))
         context, ending = " ".join(words[:cut]), " ".join(words[cut:])
-        # wrong endings of similar length that share about as many words with the context as the true
-        # one, so that neither "longest option" nor "most (or least) overlap" gives the answer away
+        if i > 0:
+            context = f"{sents[i - 1]} {context}"
+        # wrong endings of about the same length (a summed log-likelihood favours short options) that
+        # share about as many words with the context as the true one, so that neither "longest",
+        # "shortest" nor "most (or least) overlap" gives the answer away
         ctx_words = set(content_words(context))
         candidates = set()
-        for cid, other in rng.sample(self.pool.sentences, min(400, len(self.pool.sentences))):
+        # endings from the same section too: they share its topic words, so copying words from the
+        # context does not pick the true one
+        same = [(chunk.id + "/", t) for j, t in enumerate(sents) if j not in (i - 1, i)]
+        for cid, other in same + rng.sample(self.pool.sentences, min(400, len(self.pool.sentences))):
             w = other.split()
             if cid == chunk.id or len(w) < 8:
                 continue
             cand = " ".join(w[int(len(w) * 0.55):])
-            if cand != ending and abs(len(cand) - len(ending)) < max(20, len(ending) // 2):
+            if cand != ending:
                 candidates.add(cand)
         target = len(ctx_words & set(content_words(ending)))
-        ranked = sorted(candidates)
+        ranked = near_length(sorted(candidates), len(ending), rng)
         rng.shuffle(ranked)
         wrong = sorted(ranked, key=lambda c: abs(len(ctx_words & set(content_words(c))) - target))[:3]
-        if len(wrong) < 3:
+        # the true ending must not be the one sharing most words with the context
+        if len(wrong) < 3 or max(len(ctx_words & set(content_words(c))) for c in wrong) < target:
             return None
         options = wrong + [ending]
         rng.shuffle(options)

@@ -45,7 +45,7 @@ def test_sets_come_from_the_test_split_and_share_no_13gram_with_training(built):
     for it in _jsonl(art.path / "tasks" / "mcq.jsonl"):
         assert len(set(it["options"])) == 4 and "_____" in it["question"]
         assert it["question"].count(it["options"][it["answer_index"]]) == 0  # the answer is not visible
-    assert set(m["trivial_baselines"]["mcq"]) == {"items", "chance", "longest_option", "most_overlap"}
+    assert set(m["trivial_baselines"]["mcq"]) == {"items", "chance", "longest_option", "shortest_option", "most_overlap"}
 
 
 def test_tasks_run_offline_in_lm_eval_and_score_the_same_twice(built, tmp_path):

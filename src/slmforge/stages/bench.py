@@ -130,7 +130,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     (tasks / "utils.py").write_text(UTILS, encoding="utf-8")
     baselines = {k: trivial_baselines(sets[k]) for k in ("mcq", "completion")}
     flags = [f"{k}: {rule} {v:.0%} vs chance 25%" for k, b in baselines.items() for rule, v in b.items()
-             if rule != "chance" and v > 0.40]
+             if rule not in ("chance", "items") and v > 0.40]
     metrics = {"sizes": {k: len(v) for k, v in sets.items()}, "asked": wanted, "decontaminated": dict(dropped),
                "trivial_baselines": baselines, "flags": flags, "test_chunks": len(chunks),
                "tasks": [f"{cfg.prefix}_{k}" for k in SETS if sets[k]],
@@ -147,7 +147,8 @@ def task_yaml(task: str, kind: str, data: Path, summary_tokens: int = 96) -> str
         return head + (f'output_type: multiple_choice\ndoc_to_text: "{text}"\ndoc_to_choice: "{{{{options}}}}"\n'
                        "doc_to_target: answer_index\ntarget_delimiter: \" \"\nmetric_list:\n"
                        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                       "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+                       "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+                       "  - metric: acc_mutual_info\n    aggregation: mean\n    higher_is_better: true\n")
     if kind == "qa":
         return head + ('output_type: generate_until\ndoc_to_text: "Fill in the blank with one term.\\n{{question}}\\n'
                        'Answer:"\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n", "."]\n'
@@ -211,12 +212,13 @@ def _print(m: dict) -> None:
     from rich.table import Table
 
     t = Table(title="bench: items per set")
-    for col in ("set", "items", "dropped (train overlap)", "longest option", "most overlap", "chance"):
+    for col in ("set", "items", "dropped (train overlap)", "longest option", "shortest option", "most overlap",
+                "chance"):
         t.add_column(col)
     for k in SETS:
         b = m["trivial_baselines"].get(k, {})
         t.add_row(k, str(m["sizes"][k]), str(m["decontaminated"].get(k, 0)),
-                  f"{b['longest_option']:.0%}" if b else "", f"{b['most_overlap']:.0%}" if b else "",
+                  *[f"{b[r]:.0%}" if b else "" for r in ("longest_option", "shortest_option", "most_overlap")],
                   "25%" if b else "")
     console.print(t)
     for f in m["flags"]:
