@@ -4,6 +4,7 @@ request (500, 429, 400, slow, malformed/truncated/empty JSON) and records what i
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -94,3 +95,29 @@ class FakeServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class GroundedServer:
+    """A fake teacher that answers every synth prompt with JSON built from the prompt's own chunk."""
+
+    def __init__(self):
+        self.fake = FakeServer()
+        self.fake.answer = self.answer
+        self.url = self.fake.url
+
+    def answer(self, path, body, auth):
+        prompt = body["messages"][-1]["content"]
+        chunk = prompt.split('"""')[1]
+        sents = [s for s in re.split(r"(?<=\.)\s+", " ".join(chunk.split())) if len(s.split()) > 4] or [chunk[:200]]
+        schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
+        keys = list(schema.get("properties", {})) or ["question", "answer"]
+        fields = {"question": f"What does the section on {sents[0][:40]!r} say?", "answer": sents[0], "rationale": f'It says "{sents[0]}"',
+                  "chosen": sents[0], "rejected": "Nothing at all about that.",
+                  "options": [sents[0][:40], "alpha", "beta", "gamma"], "answer_index": 0}
+        with self.fake.lock:
+            self.fake.log.append({"name": "synth"})
+        content = json.dumps({k: fields[k] for k in keys})
+        return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 100, "completion_tokens": 20}}, {}

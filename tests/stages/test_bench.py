@@ -74,3 +74,24 @@ def test_tasks_run_offline_in_lm_eval_and_score_the_same_twice(built, tmp_path):
     assert {"acc,none", "acc_norm,none"} <= set(runs[0]["slmforge_mcq"])
     assert {"exact_match,none", "f1,none"} <= set(runs[0]["slmforge_qa"])
     assert "rougeL,none" in runs[0]["slmforge_summarization"]
+
+
+def test_a_model_teacher_writes_the_sets_through_the_synth_prompts_and_filters(built, tmp_path):
+    from tests.fake_openai import GroundedServer
+
+    art, cur = built
+    store = ArtifactStore(art.path.parent.parent)
+    server = GroundedServer()
+    try:
+        cfg = bench.Config(mcq=4, completion=4, qa=4, summarization=2, dev=2, teacher="openai",
+                           openai={"base_urls": [server.url], "model": "fake", "concurrency": 4})
+        made = bench.run(cfg, store, {"curate": cur, "synth": store.resolve("synth:latest")})
+    finally:
+        server.fake.close()
+    m = made.manifest["metrics"]
+    assert m["built_with"].startswith("openai teacher") and len(server.fake.log) > 0
+    assert all(m["sizes"][k] > 0 for k in bench.SETS)
+    mcq = _jsonl(made.path / "tasks" / "mcq.jsonl")
+    assert all(it["options"][1:] == ["alpha", "beta", "gamma"] and it["answer_index"] == 0 for it in mcq)
+    summ = _jsonl(made.path / "tasks" / "summarization.jsonl")[0]
+    assert summ["summary"] in " ".join(summ["document"].split())

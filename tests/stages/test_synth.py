@@ -111,38 +111,10 @@ def test_model_teacher_needs_its_settings(tmp_path, small_corpus):
         load_recipe(write_recipe(tmp_path, recipe))
 
 
-class GroundedServer:
-    """A fake teacher that answers every synth prompt with JSON built from the prompt's own chunk."""
-
-    def __init__(self):
-        from tests.fake_openai import FakeServer
-
-        self.fake = FakeServer()
-        self.fake.answer = self.answer
-        self.url = self.fake.url
-
-    def answer(self, path, body, auth):
-        import re
-
-        prompt = body["messages"][-1]["content"]
-        chunk = prompt.split('"""')[1]
-        sents = [s for s in re.split(r"(?<=\.)\s+", " ".join(chunk.split())) if len(s.split()) > 4] or [chunk[:200]]
-        schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
-        keys = list(schema.get("properties", {})) or ["question", "answer"]
-        fields = {"question": "What does this section say?", "answer": sents[0], "rationale": f'It says "{sents[0]}"',
-                  "chosen": sents[0], "rejected": "Nothing at all about that.",
-                  "options": [sents[0][:40], "alpha", "beta", "gamma"], "answer_index": 0}
-        with self.fake.lock:
-            self.fake.log.append({"name": "synth"})
-        content = json.dumps({k: fields[k] for k in keys})
-        return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                  "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 100, "completion_tokens": 20}}, {}
-
-
 def test_openai_teacher_end_to_end_with_cache(made, tmp_path):
     _, cfg, store, cur = made
+    from tests.fake_openai import GroundedServer
+
     server = GroundedServer()
     try:
         scfg = cfg["synth"].model_copy(update={

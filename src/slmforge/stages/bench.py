@@ -18,26 +18,42 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import StageConfig
+from slmforge.config import StageConfig, resolve_path
 from slmforge.console import console, info
 from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, terms_in, trivial_baselines
 from slmforge.records import read_documents
+from slmforge.stages import synth
 from slmforge.stages.synth import chunk_document, ngrams
 
 NAME = "bench"
 INPUTS = ("curate", "synth")
 SETS = ("mcq", "completion", "qa", "summarization")
+CHOICE_SETS = ("mcq", "completion")
+# The accuracy each choice set is judged by. mcq options are single terms of one shape, so their
+# prior probabilities are alike and plain accuracy works. completion options are spans whose prior
+# probability varies far more than the context changes it for a small model ("surface form
+# competition", Holtzman et al. 2021): on the demo both models score chance on plain acc, so the
+# headline is acc_mutual_info, log P(ending | context) - log P(ending). All three are reported.
+HEADLINE = {"mcq": "acc", "completion": "acc_mutual_info"}
+SET_FIELDS = {"mcq": ("question", "options", "answer_index"), "completion": ("question", "options", "answer_index"),
+              "qa": ("question", "answer")}
 
 
 class Config(StageConfig):
-    """How many items per set, and the decontamination n-gram."""
+    """How many items per set, who writes them, and the decontamination n-gram."""
+
+    teacher: Literal["extractive", "openai", "hf"] = Field(
+        "extractive", description="who writes the items (model teachers use the synth stage's prompts and filters)")
+    openai: dict | None = Field(None, description="teacher: openai: base_urls, model, api_key_env, concurrency, ...")
+    hf_model: str | None = Field(None, description="teacher: hf: a local HF model folder")
 
     mcq: int = Field(200, ge=0, description="multiple-choice items")
     completion: int = Field(200, ge=0, description="sentence-completion items")
@@ -47,12 +63,58 @@ class Config(StageConfig):
     chunk_chars: int = Field(1500, ge=200)
     summary_tokens: int = Field(96, ge=8, description="tokens a model may generate for a summary (below its context)")
     prefix: str = Field("slmforge", pattern=r"^[a-z][a-z0-9_]*$", description="task names: <prefix>_<set>")
+    dev: int = Field(100, ge=0, description="items per choice set from the val split, to pick checkpoints on")
     seed: int = 0
+
+    @field_validator("hf_model")
+    @classmethod
+    def _abs_path(cls, v: str | None, info) -> str | None:
+        return None if v is None else str(resolve_path(v, info))
+
+    @model_validator(mode="after")
+    def _teacher(self):
+        self.synth_config()  # the synth stage's checks of teacher, openai and hf_model
+        return self
+
+    def synth_config(self) -> synth.Config:
+        return synth.Config(teacher=self.teacher, openai=self.openai, hf_model=self.hf_model,
+                            kinds=["mcq", "completion", "qa", "summary"], decontam_ngram=self.decontam_ngram,
+                            chunk_chars=self.chunk_chars, seed=self.seed)
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {"curate": store.resolve("curate:latest"), "synth": store.resolve("synth:latest")}
-    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), force=force)
+    cache = store.workdir / "teacher-cache"
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out, cache), force=force)
+
+
+def _from_model_teacher(cfg: Config, chunks: list[Chunk], wanted: dict[str, int], cache: Path) -> dict:
+    """{(chunk id, set): item} written by a model teacher, for the chunks make_sets will visit first;
+    items that fail the synth stage's schema, length and groundedness filters are left out."""
+    scfg = cfg.synth_config()
+    teacher = synth.model_teacher(scfg, cache)
+    need = min(len(chunks), max(wanted.values(), default=0) * 3 // 2 + 5)
+    state = {"exact": set(), "near": defaultdict(lambda: synth.NearDup(scfg.near_dup_jaccard, cfg.seed)),
+             "heldout": set()}  # bench decontaminates against the training data itself, below
+    info(f"  bench · asking the {cfg.teacher} teacher about {need} test chunks")
+    by_id = {c.id: c for c in chunks}
+    found = {}
+    for row in synth.generate_items(scfg, teacher, _ordered(chunks, cfg.seed)[:need], [], state):
+        if not row["kept"]:
+            continue
+        if row["kind"] == "summary":
+            found[(row["chunk_id"], "summarization")] = {"document": by_id[row["chunk_id"]].text.strip(),
+                                                          "summary": row["answer"]}
+        else:
+            found[(row["chunk_id"], row["kind"])] = {k: row[k] for k in ("question", "options", "answer_index",
+                                                                         "answer") if k in SET_FIELDS[row["kind"]]}
+    return found
+
+
+def _ordered(chunks: list[Chunk], seed: int) -> list[Chunk]:
+    order = chunks[:]
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def _qa_item(teacher: ExtractiveTeacher, chunk: Chunk, rng: random.Random) -> dict | None:
@@ -63,36 +125,28 @@ def _qa_item(teacher: ExtractiveTeacher, chunk: Chunk, rng: random.Random) -> di
     return {"question": s.replace(t, "_____", 1), "answer": t}
 
 
-def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
-    curate, synth_art = inputs["curate"], inputs["synth"]
-    roles = curate.manifest["metrics"]["roles"]
-    domain = [s for s, r in roles.items() if r == "domain"]
-    chunks = [c for s in domain for d in read_documents(curate.path / "data" / "test", s)
-              for c in chunk_document(d, cfg.chunk_chars)]
-    if not chunks:
-        raise UserError("bench: the domain test split is empty; raise curate.test_fraction")
-    info(f"  bench · {len(chunks)} test chunks; indexing training text for decontamination")
-    train_grams: set[int] = set()
-    for row in read_documents(curate.path / "data" / "train", columns=["text"]):
-        train_grams |= ngrams(row["text"], cfg.decontam_ngram)
-    for line in (synth_art.path / "items.jsonl").read_text(encoding="utf-8").splitlines():
-        it = json.loads(line)
-        train_grams |= ngrams(" ".join(m["content"] for m in it.get("messages", [])), cfg.decontam_ngram)
+def _chunks(curate: Artifact, split: str, domain: list[str], chunk_chars: int) -> list[Chunk]:
+    return [c for s in domain for d in read_documents(curate.path / "data" / split, s)
+            for c in chunk_document(d, chunk_chars)]
 
+
+def make_sets(chunks: list[Chunk], wanted: dict[str, int], train_grams: set[int], cfg: Config,
+              written: dict | None = None) -> tuple[dict, Counter]:
+    """Items per set from the chunks (by the extractive teacher, or looked up in `written`, a model
+    teacher's items), and how many were dropped for sharing an n-gram with training."""
     teacher = ExtractiveTeacher(Pool.build(chunks), cfg.seed)
-    rng = random.Random(cfg.seed)
-    order = chunks[:]
-    rng.shuffle(order)
-    wanted = {"mcq": cfg.mcq, "completion": cfg.completion, "qa": cfg.qa, "summarization": cfg.summarization}
-    sets: dict[str, list[dict]] = {k: [] for k in SETS}
+    order = _ordered(chunks, cfg.seed)
+    sets: dict[str, list[dict]] = {k: [] for k in wanted}
     dropped: Counter = Counter()
     seen: set[tuple] = set()
-    for name in SETS:
+    for name in wanted:
         for c in order:
             if len(sets[name]) >= wanted[name]:
                 break
             r = random.Random(f"{cfg.seed}:{c.id}:{name}")
-            if name in ("mcq", "completion"):
+            if written is not None:
+                item = written.get((c.id, name))
+            elif name in ("mcq", "completion"):
                 made = teacher.items(c, name, 1)
                 item = made[0] if made else None
                 if item:
@@ -116,25 +170,59 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             item["id"] = f"{name}-{len(sets[name]):05d}"
             item["chunk_id"] = c.id
             sets[name].append(item)
+    return sets, dropped
+
+
+def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> dict:
+    curate, synth_art = inputs["curate"], inputs["synth"]
+    roles = curate.manifest["metrics"]["roles"]
+    domain = [s for s, r in roles.items() if r == "domain"]
+    chunks = _chunks(curate, "test", domain, cfg.chunk_chars)
+    if not chunks:
+        raise UserError("bench: the domain test split is empty; raise curate.test_fraction")
+    info(f"  bench · {len(chunks)} test chunks; indexing training text for decontamination")
+    train_grams: set[int] = set()
+    for row in read_documents(curate.path / "data" / "train", columns=["text"]):
+        train_grams |= ngrams(row["text"], cfg.decontam_ngram)
+    for line in (synth_art.path / "items.jsonl").read_text(encoding="utf-8").splitlines():
+        it = json.loads(line)
+        train_grams |= ngrams(" ".join(m["content"] for m in it.get("messages", [])), cfg.decontam_ngram)
+
+    wanted = {"mcq": cfg.mcq, "completion": cfg.completion, "qa": cfg.qa, "summarization": cfg.summarization}
+    written = _from_model_teacher(cfg, chunks, wanted, cache) if cfg.teacher != "extractive" else None
+    sets, dropped = make_sets(chunks, wanted, train_grams, cfg, written)
+    # dev sets from the val split, never the test split: evaluate.select picks checkpoints on them
+    dev: dict[str, list] = {}
+    dev_chunks = _chunks(curate, "val", domain, cfg.chunk_chars) if cfg.dev else []
+    if dev_chunks:
+        dev_wanted = {k: cfg.dev for k in CHOICE_SETS}
+        dev_written = _from_model_teacher(cfg, dev_chunks, dev_wanted, cache) if written is not None else None
+        dev, _ = make_sets(dev_chunks, dev_wanted, train_grams, cfg, dev_written)
 
     final = out.with_name(out.name.removesuffix(".partial"))  # where the task YAMLs will point
     tasks = out / "tasks"
     tasks.mkdir()
-    for name, items in sets.items():
+    for name, items in [*sets.items(), *((f"{k}_dev", v) for k, v in dev.items() if v)]:
         with open(tasks / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for it in items:
                 f.write(json.dumps(it, ensure_ascii=False) + "\n")
         (tasks / f"{cfg.prefix}_{name}.yaml").write_text(
-            task_yaml(f"{cfg.prefix}_{name}", name, final / "tasks" / f"{name}.jsonl", cfg.summary_tokens),
-            encoding="utf-8")
+            task_yaml(f"{cfg.prefix}_{name}", name.removesuffix("_dev"), final / "tasks" / f"{name}.jsonl",
+                      cfg.summary_tokens), encoding="utf-8")
     (tasks / "utils.py").write_text(UTILS, encoding="utf-8")
-    baselines = {k: trivial_baselines(sets[k]) for k in ("mcq", "completion")}
+    baselines = {k: trivial_baselines(sets[k]) for k in CHOICE_SETS}
     flags = [f"{k}: {rule} {v:.0%} vs chance 25%" for k, b in baselines.items() for rule, v in b.items()
              if rule not in ("chance", "items") and v > 0.40]
     metrics = {"sizes": {k: len(v) for k, v in sets.items()}, "asked": wanted, "decontaminated": dict(dropped),
                "trivial_baselines": baselines, "flags": flags, "test_chunks": len(chunks),
                "tasks": [f"{cfg.prefix}_{k}" for k in SETS if sets[k]],
-               "built_with": "extractive teacher from the domain test split; distractors from other test chunks"}
+               "dev_tasks": {k: f"{cfg.prefix}_{k}_dev" for k, v in dev.items() if v},
+               "dev_sizes": {k: len(v) for k, v in dev.items()},
+               "headline": {k: v for k, v in HEADLINE.items() if sets[k]},
+               "built_with": (f"{cfg.teacher} teacher from the domain test split" +
+                              ("; distractors from other test chunks" if written is None else
+                               "; the synth stage's prompts and filters") +
+                              "; dev sets (checkpoint selection) the same way from the val split")}
     _print(metrics)
     return metrics
 

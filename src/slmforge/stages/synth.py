@@ -378,7 +378,7 @@ def _build(cfg: Config, curate: Artifact, out: Path, cache: Path) -> dict:
                 for r in rows:  # rebuild the dedup state from finished shards
                     apply_filters(r, next(c for c in shard if c.id == r["chunk_id"]), cfg, state)
             else:
-                rows = _generate(cfg, teacher, shard, seeds, state)
+                rows = generate_items(cfg, teacher, shard, seeds, state)
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
                 os.replace(tmp, path)
@@ -388,7 +388,7 @@ def _build(cfg: Config, curate: Artifact, out: Path, cache: Path) -> dict:
     return _write_outputs(cfg, out, shards, teacher, elapsed, len(picked), len(chunks))
 
 
-def _generate(cfg, teacher, shard: list[Chunk], seeds, state) -> list[dict]:
+def generate_items(cfg, teacher, shard: list[Chunk], seeds, state) -> list[dict]:
     rows = []
     if isinstance(teacher, ExtractiveTeacher):
         made = [(c, it) for c in shard for kind in cfg.kinds for it in teacher.items(c, kind, cfg.per_chunk)]
@@ -427,7 +427,7 @@ def _fitness(cfg, teacher, picked, seeds, state) -> None:
     trial = cfg.model_copy(update={"per_chunk": 1})
     scratch = {"exact": set(), "near": defaultdict(lambda: NearDup(cfg.near_dup_jaccard, cfg.seed)),
                "heldout": state["heldout"]}
-    rows = _generate(trial, teacher, probe, seeds, scratch)
+    rows = generate_items(trial, teacher, probe, seeds, scratch)
     passed = sum(r["kept"] for r in rows)
     if not rows or passed / len(rows) < cfg.fitness_min_pass:
         fails = Counter(next((f"{k}: {v}" for k, v in r["verdicts"].items() if v != "ok"), "?")
