@@ -77,8 +77,31 @@ def small_recipe(corpus: dict[str, Path], workdir: Path, with_model: bool = Fals
                               "tokens": "12k", "batch_tokens": 1024, "micro_batch": 8, "lr": 3e-3,
                               "eval_every": 4, "eval_tokens": 512, "log_every": 2}
         recipe["synth"] = {"max_chunks": 20, "kinds": ["qa"]}
-        recipe["bench"] = {"mcq": 8, "completion": 8, "qa": 8, "summarization": 2, "summary_tokens": 24}
-        recipe["evaluate"] = {"max_bytes": 20000, "samples": 1, "sample_tokens": 8}
+        recipe["pretrain"]["snapshots"] = 2
+        recipe["bench"] = {"mcq": 8, "completion": 8, "qa": 8, "summarization": 2, "summary_tokens": 24, "dev": 6}
+        recipe["evaluate"] = {"max_bytes": 20000, "samples": 1, "sample_tokens": 8, "select": "mcq/acc"}
+        recipe["report"] = {}
     for k, v in sections.items():
         recipe[k] = v
     return recipe
+
+
+@pytest.fixture(scope="session")
+def model_run(tmp_path_factory, small_corpus):
+    """The tiny recipe with a model, run once through every stage for all test workers (a file lock in
+    the shared temp root): (recipe path, workdir, the CLI's result). Tests must treat it as read-only."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp().parent / "model_run"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "result.json"
+        if not done.is_file():
+            recipe = small_recipe(small_corpus, root / "w", with_model=True)
+            recipe["curate"].update(val_fraction=0.4, test_fraction=0.2)  # enough val text for the dev sets
+            path = write_recipe(root, recipe)
+            r = slmforge("run", str(path))
+            done.write_text(json.dumps({"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}))
+        r = subprocess.CompletedProcess(["slmforge", "run"], **json.loads(done.read_text()))
+    return root / "recipe.yaml", root / "w", r

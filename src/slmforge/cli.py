@@ -16,8 +16,11 @@ STAGE_HELP = {
     "plan": "what model should I train? (also without a recipe: slmforge plan --hours 24 --device h100 ...)",
     "pretrain": "train the specialist and a same-size generalist baseline",
     "synth": "synthetic QA/MCQ/completion/summary/instruction/rationale/preference data from the train split",
+    "sft": "fine-tune the specialist on the synth data (trl SFTTrainer), plain and with rationale distillation",
+    "dpo": "preference-optimise the SFT model on the synth pairs (trl DPOTrainer)",
     "bench": "domain benchmarks (mcq, completion, qa, summarization) from the test split, as lm-eval tasks",
-    "evaluate": "bits-per-byte of every model on each test split, samples, HTML report",
+    "evaluate": "every model on the benchmarks (lm-eval), bits-per-byte on each test split, the quality gate",
+    "report": "one HTML page and a Markdown summary of the run: data, tokenizer, models, scores, charts",
 }
 
 

@@ -152,7 +152,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
         except ValidationError as e:
             problems.extend(_format_errors(stage, e))
     for stage in stages:
-        for dep in stage_module(stage).INPUTS:
+        for dep in stage_inputs(stage, stages[stage]):
             if dep not in stages:
                 problems.append(
                     f"{stage}: needs the {dep} stage's output; add a `{dep}:` section to the recipe "
@@ -163,6 +163,12 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
     if problems:
         raise UserError(f"recipe {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return Recipe(path=path, name=name, workdir=(path.parent / workdir).resolve(), stages=stages)
+
+
+def stage_inputs(stage: str, cfg: StageConfig) -> tuple[str, ...]:
+    """The stages whose outputs `stage` reads: its INPUTS, or what its `needs(cfg)` says."""
+    mod = stage_module(stage)
+    return mod.needs(cfg) if hasattr(mod, "needs") else mod.INPUTS
 
 
 def resolve_path(value: str, info) -> Path:

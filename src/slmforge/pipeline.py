@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import Recipe, stage_module
+from slmforge.config import Recipe, stage_inputs, stage_module
 from slmforge.console import console, info
 from slmforge.errors import UserError
 
@@ -27,7 +27,7 @@ def plan(recipe: Recipe) -> list[StagePlan]:
     for stage, cfg in recipe.stages.items():
         mod = stage_module(stage)
         ext = mod.external(cfg) if hasattr(mod, "external") else None
-        key = store.key(stage, cfg.key_dict(), {d: keys[d] for d in mod.INPUTS}, ext)
+        key = store.key(stage, cfg.key_dict(), {d: keys[d] for d in stage_inputs(stage, cfg)}, ext)
         keys[stage] = key
         state = store.state(stage, key)
         wall = store.load(stage, key).manifest.get("wall_time_s") if state == "done" else None
@@ -49,7 +49,7 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: str | None = None
         needed = {only}
         for stage in reversed(wanted):
             if stage in needed:
-                needed.update(stage_module(stage).INPUTS)
+                needed.update(stage_inputs(stage, recipe.stages[stage]))
         wanted = [s for s in wanted if s in needed]
 
     store = ArtifactStore(recipe.workdir)
@@ -58,7 +58,7 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: str | None = None
     started = time.time()
     for stage in wanted:
         mod = stage_module(stage)
-        inputs = {d: artifacts[d] for d in mod.INPUTS}
+        inputs = {d: artifacts[d] for d in stage_inputs(stage, recipe.stages[stage])}
         art = mod.run(recipe.stages[stage], store, inputs=inputs, force=stage in force)
         artifacts[stage] = art
         if store.last_built == (stage, art.key):
@@ -67,6 +67,8 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: str | None = None
         info(f"[bold green]done[/]: ran {', '.join(ran)} in {time.time() - started:.1f}s; outputs in {recipe.workdir}")
     else:
         info(f"[bold green]nothing to do[/]: all {len(wanted)} stage(s) are up to date ({recipe.workdir})")
+    if "report" in artifacts:
+        print(f"report: {artifacts['report'].path / 'report.html'}")
     return artifacts
 
 

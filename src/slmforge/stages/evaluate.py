@@ -1,10 +1,15 @@
-"""evaluate: the domain benchmarks through lm-evaluation-harness, bits-per-byte and perplexity of every
-model on each source's test split, greedy samples, and a self-contained HTML report (loss curves
-drawn as pictures).
+"""evaluate: every model of the recipe through the same harness: the bench stage's domain benchmarks
+via lm-evaluation-harness, bits-per-byte and perplexity on each source's test split (the general
+sources show what specialisation costs on general text), greedy samples, and the quality gate.
 
-The benchmark suite (the bench stage's task folders) runs through lm-eval's Python API on each model
-(offline: tasks from local files, models and tokenizers from local folders), next to chance and the
-trivial-rule baselines the bench stage measured.
+Models come from the recipe's `models:` list: a stage name (`pretrain`, `sft`, `dpo`: every model
+that stage made), a local HF folder, or an OpenAI-compatible endpoint (lm-eval's `local-completions`,
+which needs a local tokenizer for log-likelihoods, or `local-chat-completions`, which can only run
+the generation tasks). Everything runs offline: tasks from local files, models from local folders.
+
+Checkpoint selection: with `select: mcq/acc` (a choice set and a metric), every snapshot a stage
+kept (pretrain.snapshots) is scored on the bench stage's dev set, built from the val split, and the
+best one is the model evaluated on the test sets; the table of snapshot scores goes to the report.
 
 Bits per byte = (summed negative log-likelihood of the text's tokens, in bits) / (UTF-8 bytes of the
 text). Unlike perplexity it does not depend on the tokenizer, so a specialist with a domain tokenizer
@@ -15,41 +20,124 @@ not scored.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import StageConfig
-from slmforge.console import info
+from slmforge.config import StageConfig, resolve_path
+from slmforge.console import console, info
 from slmforge.errors import UserError
 from slmforge.records import read_documents
 
 NAME = "evaluate"
-INPUTS = ("curate", "pretrain", "bench")
+INPUTS = ("curate", "bench")
+MODEL_STAGES = ("pretrain", "sft", "dpo")
+GENERATION_SETS = ("qa", "summarization")
+
+
+class ModelRef(BaseModel):
+    """A model outside the run: a local HF folder, or an OpenAI-compatible endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.+-]*$", description="the name shown in the report")
+    path: str | None = Field(None, description="a local HF model folder (safetensors)")
+    base_url: str | None = Field(None, description="an OpenAI-compatible server, e.g. http://host:8000/v1")
+    model: str | None = Field(None, description="the endpoint's model name (default: name)")
+    api: Literal["completions", "chat"] = Field(
+        "completions", description="completions: every task (needs tokenizer); chat: generation tasks only")
+    tokenizer: str | None = Field(None, description="completions endpoints: a local tokenizer folder")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    concurrency: int = Field(4, ge=1, description="requests in flight to the endpoint")
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _abs(cls, v: str | None, info) -> str | None:
+        return None if v is None else str(resolve_path(v, info))
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.path is None) == (self.base_url is None):
+            raise ValueError(f"model {self.name!r}: give `path` (a local folder) or `base_url` (an endpoint), not both")
+        if self.base_url and self.api == "completions" and not self.tokenizer:
+            raise ValueError(f"model {self.name!r}: a completions endpoint needs `tokenizer:` (a local folder) to "
+                             "score log-likelihoods; or set api: chat to run the generation tasks only")
+        return self
 
 
 class Config(StageConfig):
-    """Which text to score and how many samples to show."""
+    """Which models, which text to score, and how many samples to show."""
 
-    models: dict[str, str] = Field(
-        default_factory=dict, description="extra models to compare: name -> local HF folder (offline)")
+    models: list[str | ModelRef] = Field(
+        default_factory=lambda: ["pretrain"],
+        description="stage names (pretrain, sft, dpo), or {name, path} / {name, base_url, ...} entries")
+    select: str | None = Field(None, pattern=r"^((mcq|completion)/\w+|headline)$",
+                               description="pick each stage model's snapshot on the dev sets by this metric "
+                                           "(mcq/acc, ...) or by `headline` (each set's headline metric)")
     max_bytes: int = Field(400_000, ge=1000, description="test-split bytes scored per source (first documents by id)")
     batch_size: int = Field(8, ge=1)
-    samples: int = Field(3, ge=0, description="greedy samples per source")
+    samples: int = Field(3, ge=0, description="greedy samples per source, and sample answers per generation task")
     sample_tokens: int = Field(40, ge=1, description="tokens generated per sample")
     prompt_chars: int = Field(160, ge=10, description="characters of a test document used as the prompt")
     bench_limit: int | None = Field(None, ge=1, description="benchmark items per task at most (None: all)")
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _known(cls, v, info) -> list:
+        """Each entry checked on its own, so that one message names every bad entry and its problem."""
+        from pydantic import ValidationError
+
+        if not isinstance(v, list):
+            raise ValueError("expected a list of stage names and {name, path} / {name, base_url} entries")
+        out, problems = [], []
+        for i, m in enumerate(v):
+            if isinstance(m, str):
+                if m not in MODEL_STAGES:
+                    problems.append(f"{m!r}: not a stage that makes models ({', '.join(MODEL_STAGES)}); for a "
+                                    "folder or an endpoint write {name: ..., path: ...} or {name: ..., base_url: ...}")
+                out.append(m)
+            elif isinstance(m, (dict, ModelRef)):
+                try:
+                    out.append(m if isinstance(m, ModelRef) else ModelRef.model_validate(m, context=info.context))
+                except ValidationError as e:
+                    problems += [f"entry {i + 1}: " + (f"{'.'.join(map(str, x['loc']))}: " if x["loc"] else "") +
+                                 x["msg"].removeprefix("Value error, ") for x in e.errors()]
+            else:
+                problems.append(f"entry {i + 1}: {m!r} is neither a stage name nor a mapping")
+        names = [m if isinstance(m, str) else m.name for m in out]
+        if len(set(names)) != len(names):
+            problems.append("each model may appear once")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return out
+
+
+def needs(cfg: Config) -> tuple[str, ...]:
+    """The stages this run reads: curate, bench and every stage named in `models`."""
+    return INPUTS + tuple(m for m in cfg.models if isinstance(m, str))
+
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
-    inputs = inputs or {s: store.resolve(f"{s}:latest") for s in INPUTS}
+    inputs = inputs or {s: store.resolve(f"{s}:latest") for s in needs(cfg)}
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), force=force)
+
+
+@dataclass
+class Entry:
+    """One model to evaluate, where it came from, and what its stage recorded about its training."""
+
+    name: str
+    path: Path | None = None
+    ref: ModelRef | None = None
+    stage: str | None = None
+    key: str | None = None
+    meta: dict = field(default_factory=dict)
 
 
 def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: int = 8) -> dict:
@@ -81,21 +169,50 @@ def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: 
             "tokens": n_tok, "bytes": n_bytes}
 
 
-def run_benchmarks(model, tokenizer, tasks_dir: Path, tasks: list[str], batch_size: int, limit: int | None) -> dict:
-    """{task: {metric: value}} from lm-eval's simple_evaluate on an in-memory HF model."""
+def lm_eval_run(lm, tasks_dir: Path, tasks: list[str], limit: int | None, samples: int = 0,
+                chat: bool = False) -> tuple[dict, dict]:
+    """({task: {metric: value}}, {task: [sample answers]}) from lm-eval's simple_evaluate."""
     import logging
 
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(tasks_dir)),
-                          limit=limit, log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
-                          torch_random_seed=0, fewshot_random_seed=0)
-    return {t: {k.split(",")[0]: round(v, 4) for k, v in r.items() if isinstance(v, (int, float)) and "stderr" not in k}
-            for t, r in out["results"].items()}
+    # include_defaults=False: indexing lm-eval's thousands of built-in task YAMLs takes 6.1 s per call
+    # here, and our tasks are all local (0.002 s)
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+                          limit=limit, log_samples=samples > 0, bootstrap_iters=0, random_seed=0,
+                          numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+                          apply_chat_template=chat)
+    scores = {t: {k.split(",")[0]: round(v, 4) for k, v in r.items()
+                  if isinstance(v, (int, float)) and "stderr" not in k and k.split(",")[0] != "sample_len"}
+              for t, r in out["results"].items()}
+    answers = {}
+    for t, rows in (out.get("samples") or {}).items():
+        rows = sorted(rows, key=lambda r: r["doc_id"])[:samples]
+        if rows and isinstance(rows[0]["filtered_resps"][0], str):  # generation tasks only
+            answers[t] = [{"id": r["doc"].get("id"), "target": r["target"], "response": r["filtered_resps"][0]}
+                          for r in rows]
+    return scores, answers
+
+
+def hf_lm(model, tokenizer, batch_size: int):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+
+
+def endpoint_lm(ref: ModelRef):
+    """lm-eval's local-completions / local-chat-completions model for an OpenAI-compatible server."""
+    from lm_eval.api.registry import get_model
+
+    base = ref.base_url.rstrip("/")
+    args = {"model": ref.model or ref.name, "num_concurrent": ref.concurrency, "max_retries": 3, "timeout": 120}
+    if ref.api == "chat":
+        return get_model("local-chat-completions")(base_url=f"{base}/chat/completions", **args)
+    return get_model("local-completions")(base_url=f"{base}/completions", tokenizer_backend="huggingface",
+                                          tokenizer=ref.tokenizer, tokenized_requests=False, **args)
 
 
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -106,6 +223,28 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def quality_gate(benchmarks: dict, bench: dict, a: str = "specialist", b: str = "generalist") -> dict | None:
+    """Does model `a` beat model `b` on each choice set's headline accuracy, and both beat chance?
+    With each score's 95% interval (normal approximation), so a margin can be read against the noise."""
+    if a not in benchmarks or b not in benchmarks:
+        return None
+    checks = []
+    for s, metric in bench.get("headline", {}).items():
+        task = task_name(bench, s)
+        n, chance = bench["sizes"][s], bench["trivial_baselines"][s]["chance"]
+        va, vb = (benchmarks[m].get(task, {}).get(metric) for m in (a, b))
+        if va is None or vb is None:
+            continue
+        ci = {m: round(1.96 * math.sqrt(max(v * (1 - v), 1e-9) / n), 4) for m, v in ((a, va), (b, vb))}
+        checks.append({"set": s, "metric": metric, "items": n, "chance": chance, a: va, b: vb, "ci95": ci,
+                       "margin": round(va - vb, 4), "passed": va > vb and va > chance and vb > chance})
+    return {"compare": [a, b], "checks": checks, "passed": bool(checks) and all(c["passed"] for c in checks)}
+
+
+def task_name(bench: dict, s: str) -> str:
+    return next(t for t in bench["tasks"] if t.rsplit("_", 1)[-1] == s)
 
 
 def _prompt(text: str, chars: int) -> str:
@@ -123,35 +262,123 @@ def _texts(curate: Artifact, source: str, max_bytes: int) -> list[str]:
     return out
 
 
+def _entries(cfg: Config, inputs: dict[str, Artifact]) -> list[Entry]:
+    entries: list[Entry] = []
+    for ref in cfg.models:
+        if isinstance(ref, str):
+            art = inputs[ref]
+            for name, meta in art.manifest["metrics"].get("models", {}).items():
+                entries.append(Entry(name, path=art.path / name, stage=ref, key=art.key, meta=meta))
+        else:
+            entries.append(Entry(ref.name, path=Path(ref.path) if ref.path else None, ref=ref))
+    names = [e.name for e in entries]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise UserError(f"evaluate.models: more than one model is called {', '.join(clash)}; rename the entries")
+    for e in entries:
+        if e.path is not None and not (e.path / "config.json").is_file():
+            raise UserError(f"evaluate.models: {e.name}: {e.path} is not a HF model folder (no config.json)")
+    return entries
+
+
+def select_snapshot(e: Entry, cfg: Config, bench: Artifact) -> dict | None:
+    """Score each snapshot of a stage model (and its final weights) on the dev sets; the winner is the
+    latest one within one standard error of the best score. A 100-item dev set has a standard error
+    near 0.05, so "the best" alone would often pick an early snapshot by luck (on the demo: step 92 of
+    369, whose samples were all "The The The"); among scores the dev set cannot tell apart, the
+    longer-trained weights win."""
+    from slmforge.modeling import load_model
+
+    snaps = sorted((e.path / "snapshots").glob("step-*")) if (e.path / "snapshots").is_dir() else []
+    bm = bench.manifest["metrics"]
+    dev = bm.get("dev_tasks", {})
+    wanted = dict(bm["headline"]) if cfg.select == "headline" else dict([cfg.select.split("/")])
+    wanted = {s: m for s, m in wanted.items() if s in dev}
+    if not snaps or not wanted:
+        return None
+    n = sum(bm["dev_sizes"][s] for s in wanted)
+    scores = {}
+    for p in [*snaps, e.path]:
+        label = "final" if p == e.path else p.name
+        model, tok = load_model(p)
+        r, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.path / "tasks", [dev[s] for s in wanted], None,
+                           chat=bool(e.meta.get("chat")))
+        vals = []
+        for s, metric in wanted.items():
+            if metric not in r[dev[s]]:
+                raise UserError(f"evaluate.select: the {s} dev task has no metric {metric!r} "
+                                f"(it has {', '.join(r[dev[s]])})")
+            vals.append(r[dev[s]][metric] * bm["dev_sizes"][s])
+        scores[label] = round(sum(vals) / n, 4)
+        info(f"  evaluate · {e.name} {label}: dev {cfg.select} {scores[label]:.3f}")
+    best = max(scores.values())
+    se = math.sqrt(max(best * (1 - best), 1e-9) / n)
+    chosen = [k for k in scores if scores[k] >= best - se][-1]  # in training order, final last
+    return {"metric": cfg.select, "dev_items": n, "scores": scores, "best": best, "standard_error": round(se, 4),
+            "chosen": chosen, "path": str(e.path if chosen == "final" else e.path / "snapshots" / chosen)}
+
+
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     from slmforge.modeling import load_model
 
-    curate, pretrain, bench = inputs["curate"], inputs["pretrain"], inputs["bench"]
-    tasks = bench.manifest["metrics"]["tasks"]
+    curate, bench = inputs["curate"], inputs["bench"]
+    bm = bench.manifest["metrics"]
+    tasks = bm["tasks"]
+    gen_tasks = [task_name(bm, s) for s in GENERATION_SETS if any(t.endswith("_" + s) for t in tasks)]
     roles = curate.manifest["metrics"]["roles"]
-    models = {name: pretrain.path / name for name in pretrain.manifest["metrics"]["models"]}
-    models.update({k: Path(v) for k, v in cfg.models.items()})
+    entries = _entries(cfg, inputs)
     texts = {s: _texts(curate, s, cfg.max_bytes) for s in roles}
     empty = [s for s, t in texts.items() if not t]
     if empty:
         raise UserError(f"evaluate: the test split of {', '.join(empty)} is empty; raise curate.test_fraction")
     scores: dict[str, dict] = {}
     benchmarks: dict[str, dict] = {}
+    answers: dict[str, dict] = {}
     samples: dict[str, list] = {}
-    for name, path in models.items():
+    selection: dict[str, dict] = {}
+    models: dict[str, dict] = {}
+    for e in entries:
+        models[e.name] = {"stage": e.stage, "key": e.key, "path": str(e.path) if e.path else None,
+                          "endpoint": e.ref.base_url if e.ref and e.ref.base_url else None, **e.meta}
+        if e.path is None:  # an endpoint: the benchmarks only (bits per byte needs the weights)
+            ref = e.ref
+            run_tasks = tasks if ref.api == "completions" else gen_tasks
+            info(f"  evaluate · {e.name} ({ref.api} endpoint {ref.base_url}) on {', '.join(run_tasks)}")
+            env = {"OPENAI_API_KEY": os.environ.get(ref.api_key_env, "")} if ref.api_key_env else {}
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                benchmarks[e.name], answers[e.name] = lm_eval_run(
+                    endpoint_lm(ref), bench.path / "tasks", run_tasks, cfg.bench_limit, cfg.samples,
+                    chat=ref.api == "chat")
+            finally:
+                for k, v in old.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if ref.api == "chat":
+                models[e.name]["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
+            continue
+        path = e.path
+        if cfg.select and e.stage:
+            chosen = select_snapshot(e, cfg, bench)
+            if chosen:
+                selection[e.name] = chosen
+                path = Path(chosen["path"])
         model, tok = load_model(path)
         context = min(model.config.max_position_embeddings, 1024)
-        scores[name] = {}
+        scores[e.name] = {}
         for source, t in texts.items():
-            info(f"  evaluate · {name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
-            scores[name][source] = bits_per_byte(model, tok, t, context, cfg.batch_size)
-        info(f"  evaluate · {name} on the benchmark suite ({', '.join(tasks)})")
-        benchmarks[name] = run_benchmarks(model, tok, bench.path / "tasks", tasks, cfg.batch_size, cfg.bench_limit)
+            info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
+            scores[e.name][source] = bits_per_byte(model, tok, t, context, cfg.batch_size)
+        info(f"  evaluate · {e.name} on the benchmark suite ({', '.join(tasks)})")
+        # post-trained models (their stage says `chat`) get the prompts through their chat template
+        benchmarks[e.name], answers[e.name] = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.path / "tasks",
+                                                          tasks, cfg.bench_limit, cfg.samples,
+                                                          chat=bool(e.meta.get("chat")))
         for source, t in texts.items():
             for doc in t[: cfg.samples]:
                 prompt = _prompt(doc, cfg.prompt_chars)
                 samples.setdefault(f"{source}: {prompt}", []).append(
-                    {"model": name, "completion": greedy(model, tok, prompt, cfg.sample_tokens)})
+                    {"model": e.name, "completion": greedy(model, tok, prompt, cfg.sample_tokens)})
     domain = [s for s, r in roles.items() if r == "domain"]
     general = [s for s, r in roles.items() if r == "general"]
     margins = {}
@@ -159,189 +386,80 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         for s in domain + general:
             sp, ge = scores["specialist"][s]["bpb"], scores["generalist"][s]["bpb"]
             margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "relative": round(1 - sp / ge, 4)}
-    metrics = {"scores": scores, "margins": margins, "domain_sources": domain, "general_sources": general,
-               "benchmarks": benchmarks, "baselines": bench.manifest["metrics"]["trivial_baselines"],
-               "bench_sizes": bench.manifest["metrics"]["sizes"], "samples": samples}
-    (out / "results.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-    report = render_report(pretrain, metrics)
-    (out / "report.html").write_text(report, encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(pretrain, metrics), encoding="utf-8")
-    print_results(metrics, out.with_name(out.name.removesuffix(".partial")) / "report.html")
-    return {k: v for k, v in metrics.items() if k != "samples"} | {"report": "report.html"}
+    metrics = {"models": models, "scores": scores, "margins": margins, "domain_sources": domain,
+               "general_sources": general, "benchmarks": benchmarks, "headline": bm.get("headline", {}),
+               "gate": quality_gate(benchmarks, bm), "selection": selection,
+               "baselines": bm["trivial_baselines"], "bench_sizes": bm["sizes"]}
+    (out / "results.json").write_text(json.dumps(metrics | {"samples": samples, "answers": answers}, indent=2,
+                                                 ensure_ascii=False), encoding="utf-8")
+    print_results(metrics, samples)
+    return metrics
 
 
 # ---- presentation ------------------------------------------------------------------------------------
-def print_results(m: dict, report: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    stdout = Console(highlight=False)
-    t = Table(title="bits per byte on each test split (lower is better)")
-    t.add_column("model")
-    sources = list(next(iter(m["scores"].values())))
-    for s in sources:
-        t.add_column(f"{s} ({'domain' if s in m['domain_sources'] else 'general'})", justify="right")
-    for name, per in m["scores"].items():
-        t.add_row(name, *[f"{per[s]['bpb']:.3f}" for s in sources])
-    stdout.print(t)
-    for s, g in m["margins"].items():
-        better = "better" if g["relative"] > 0 else "worse"
-        stdout.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than the generalist "
-                     f"({g['specialist_bpb']:.3f} vs {g['generalist_bpb']:.3f} bits/byte)")
-    if m.get("benchmarks"):
-        b = Table(title="domain benchmarks (lm-evaluation-harness)")
-        b.add_column("task · metric")
-        for name in m["benchmarks"]:
-            b.add_column(name, justify="right")
-        b.add_column("chance / trivial rules", justify="right")
-        for task, metric in _bench_rows(m):
-            ref = _reference(m, task, metric)
-            b.add_row(f"{task} · {metric}", *[f"{m['benchmarks'][n].get(task, {}).get(metric, float('nan')):.3f}"
-                                              for n in m["benchmarks"]], ref)
-        stdout.print(b)
-    for prompt, outs in list(m["samples"].items())[:4]:
-        stdout.print(f"\n[bold]{prompt[:100]}[/]")
-        for o in outs:
-            stdout.print(f"  [cyan]{o['model']}[/]: {o['completion'][:160]!r}")
-    stdout.print(f"\nreport: {report}")
+def bench_rows(m: dict) -> list[tuple[str, str]]:
+    """(task, metric) pairs any model has, in a stable order."""
+    pairs = {(t, k) for r in m["benchmarks"].values() for t, ms in r.items() for k in ms if k != "alias"}
+    return sorted(pairs)
 
 
-def _reference(m: dict, task: str, metric: str) -> str:
+def reference(m: dict, task: str, metric: str) -> str:
     """'chance / best trivial rule' for an accuracy metric of a choice task, else ''."""
-    base = m["baselines"].get(task.split("_", 1)[-1], {})
+    base = m["baselines"].get(task.rsplit("_", 1)[-1], {})
     if not base or not metric.startswith("acc"):
         return ""
     return f"{base['chance']:.2f} / {max(v for k, v in base.items() if k not in ('items', 'chance')):.2f}"
 
 
-def _bench_rows(m: dict) -> list[tuple[str, str]]:
-    first = next(iter(m["benchmarks"].values()))
-    return [(t, k) for t in sorted(first) for k in sorted(first[t]) if k not in ("alias", "samples", "sample_len")]
+def gate_lines(gate: dict | None) -> list[str]:
+    if not gate:
+        return []
+    a, b = gate["compare"]
+    lines = [f"quality gate ({a} beats {b}, both beat chance): {'PASSED' if gate['passed'] else 'NOT MET'}"]
+    for c in gate["checks"]:
+        lines.append(f"  {c['set']} {c['metric']}: {a} {c[a]:.3f} ±{c['ci95'][a]:.3f}, {b} {c[b]:.3f} "
+                     f"±{c['ci95'][b]:.3f}, chance {c['chance']:.2f}, margin {c['margin']:+.3f} "
+                     f"({c['items']} items) {'ok' if c['passed'] else 'NOT MET'}")
+    return lines
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+def print_results(m: dict, samples: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)  # results go to stdout
+
+    if m["scores"]:
+        t = Table(title="bits per byte on each test split (lower is better)")
+        t.add_column("model")
+        sources = list(next(iter(m["scores"].values())))
+        for s in sources:
+            t.add_column(f"{s} ({'domain' if s in m['domain_sources'] else 'general'})", justify="right")
+        for name, per in m["scores"].items():
+            t.add_row(name, *[f"{per[s]['bpb']:.3f}" for s in sources])
+        console.print(t)
+    for s, g in m["margins"].items():
+        better = "better" if g["relative"] > 0 else "worse"
+        console.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than the generalist "
+                      f"({g['specialist_bpb']:.3f} vs {g['generalist_bpb']:.3f} bits/byte)")
+    if m["benchmarks"]:
+        b = Table(title="domain benchmarks (lm-evaluation-harness)")
+        b.add_column("task · metric")
+        for name in m["benchmarks"]:
+            b.add_column(name, justify="right")
+        b.add_column("chance / trivial rules", justify="right")
+        for task, metric in bench_rows(m):
+            b.add_row(f"{task} · {metric}", *[_cell(m["benchmarks"][n], task, metric) for n in m["benchmarks"]],
+                      reference(m, task, metric))
+        console.print(b)
+    for line in gate_lines(m["gate"]):
+        console.print(line)
+    for prompt, outs in list(samples.items())[:4]:
+        console.print(f"\n[bold]{prompt[:100]}[/]")
+        for o in outs:
+            console.print(f"  [cyan]{o['model']}[/]: {o['completion'][:160]!r}")
 
 
-def loss_curves(pretrain: Artifact) -> list[tuple[str, str]]:
-    """(title, PNG data URI) for the training loss and the per-source validation losses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pictures = []
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for name in pretrain.manifest["metrics"]["models"]:
-        rows = [json.loads(x) for x in (pretrain.path / name / "train_log.jsonl").read_text().splitlines()]
-        ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], label=name, lw=1)
-    ax.set(xlabel="training tokens (M)", ylabel="train loss (nats/token)", title="Training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    pictures.append(("Training loss", _png(fig)))
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for name in pretrain.manifest["metrics"]["models"]:
-        rows = [json.loads(x) for x in (pretrain.path / name / "val_log.jsonl").read_text().splitlines()]
-        for source in [k for k in (rows[0] if rows else {}) if k not in ("step", "tokens")]:
-            ax.plot([r["tokens"] / 1e6 for r in rows], [r[source] for r in rows], marker=".", label=f"{name} · {source}")
-    ax.set(xlabel="training tokens (M)", ylabel="val loss (nats/token)", title="Validation loss per source")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    pictures.append(("Validation loss per source", _png(fig)))
-    plt.close(fig)
-    return pictures
-
-
-def score_charts(m: dict) -> list[tuple[str, str]]:
-    """Bar charts: bits per byte per source, and benchmark accuracy per task with chance marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pictures = []
-    names = list(m["scores"])
-    sources = list(next(iter(m["scores"].values())))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    width = 0.8 / len(names)
-    for i, n in enumerate(names):
-        ax.bar([j + i * width for j in range(len(sources))], [m["scores"][n][s]["bpb"] for s in sources], width, label=n)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(sources))], sources)
-    ax.set(ylabel="bits per byte (lower is better)", title="Test-split bits per byte")
-    ax.legend()
-    pictures.append(("Bits per byte", _png(fig)))
-    plt.close(fig)
-    if m.get("benchmarks"):
-        rows = [(t, k) for t, k in _bench_rows(m) if k in ("acc", "acc_norm", "exact_match", "rougeL")]
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        for i, n in enumerate(m["benchmarks"]):
-            ax.bar([j + i * width for j in range(len(rows))], [m["benchmarks"][n][t].get(k, 0) for t, k in rows],
-                   width, label=n)
-        ax.axhline(0.25, color="grey", ls="--", lw=1, label="chance (choice tasks)")
-        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))],
-                      [f"{t.split('_', 1)[-1]}\n{k}" for t, k in rows], fontsize=8)
-        ax.set(ylabel="score (higher is better)", title="Domain benchmarks", ylim=(0, 1))
-        ax.legend(fontsize=8)
-        pictures.append(("Domain benchmarks", _png(fig)))
-        plt.close(fig)
-    return pictures
-
-
-def render_report(pretrain: Artifact, m: dict) -> str:
-    e = html.escape
-    sources = list(next(iter(m["scores"].values())))
-    rows = "".join(
-        f"<tr><td>{e(name)}</td>" + "".join(f"<td>{per[s]['bpb']:.3f}</td><td>{per[s]['ppl']:.1f}</td>" for s in sources)
-        + "</tr>" for name, per in m["scores"].items())
-    head = "".join(f"<th>{e(s)} bpb</th><th>{e(s)} ppl</th>" for s in sources)
-    margins = "".join(f"<li><b>{e(s)}</b>: specialist {g['specialist_bpb']:.3f} vs generalist {g['generalist_bpb']:.3f} "
-                      f"bits/byte: {abs(g['relative']):.1%} {'better' if g['relative'] > 0 else 'worse'}</li>"
-                      for s, g in m["margins"].items())
-    models = "".join(
-        f"<tr><td>{e(n)}</td><td>{mm['shape']['params'] / 1e6:.2f}M</td><td>{mm['tokens'] / 1e6:.2f}M</td>"
-        f"<td>{mm['steps']}</td><td>{mm['domain_epochs']:.2f}</td><td>{mm['flops']:.2e}</td>"
-        f"<td>{mm['train_time_s']:.0f}s</td><td>{mm['tokens_per_s']:,.0f}</td>"
-        f"<td>{(mm['mfu'] or 0):.1%}</td></tr>" for n, mm in pretrain.manifest["metrics"]["models"].items())
-    pics = "".join(f"<h3>{e(t)}</h3><img alt='{e(t)}' src='{uri}'>" for t, uri in loss_curves(pretrain))
-    charts = "".join(f"<img alt='{e(t)}' src='{uri}'>" for t, uri in score_charts(m))
-    bench_rows = ""
-    if m.get("benchmarks"):
-        names = list(m["benchmarks"])
-        for task, metric in _bench_rows(m):
-            ref = _reference(m, task, metric)
-            bench_rows += f"<tr><td>{e(task)} · {e(metric)}</td>" + "".join(
-                f"<td>{m['benchmarks'][n].get(task, {}).get(metric, float('nan')):.3f}</td>" for n in names) + \
-                f"<td>{ref}</td></tr>"
-        bench_rows = ("<h2>Domain benchmarks (lm-evaluation-harness)</h2><table><tr><th>task · metric</th>" +
-                      "".join(f"<th>{e(n)}</th>" for n in names) + "<th>chance / best trivial rule</th></tr>" +
-                      bench_rows + "</table>")
-    samples = "".join(
-        f"<div class='s'><p class='p'>{e(p)}</p>" + "".join(f"<p><b>{e(o['model'])}</b>: {e(o['completion'])}</p>"
-                                                          for o in outs) + "</div>" for p, outs in m["samples"].items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>slmforge report</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
-img{{max-width:100%}}.s{{border-left:3px solid #69c;padding-left:8px;margin:8px 0}}.p{{color:#555}}</style></head>
-<body><h1>slmforge report</h1>
-<h2>Bits per byte on the test splits (lower is better)</h2><table><tr><th>model</th>{head}</tr>{rows}</table>
-<ul>{margins}</ul>
-{charts}
-{bench_rows}
-<h2>Models</h2><table><tr><th>model</th><th>params</th><th>tokens</th><th>steps</th><th>domain epochs</th>
-<th>FLOPs</th><th>time</th><th>tokens/s</th><th>MFU</th></tr>{models}</table>
-<h2>Loss curves</h2>{pics}
-<h2>Greedy samples</h2>{samples}
-</body></html>"""
-
-
-def render_markdown(pretrain: Artifact, m: dict) -> str:
-    sources = list(next(iter(m["scores"].values())))
-    lines = ["# slmforge report", "", "## Bits per byte (lower is better)", "",
-             "| model | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
-    lines += [f"| {n} | " + " | ".join(f"{per[s]['bpb']:.3f}" for s in sources) + " |" for n, per in m["scores"].items()]
-    lines += [""] + [f"- {s}: specialist {g['specialist_bpb']:.3f} vs generalist {g['generalist_bpb']:.3f} "
-                     f"({g['relative']:+.1%})" for s, g in m["margins"].items()]
-    return "\n".join(lines) + "\n"
+def _cell(scores: dict, task: str, metric: str) -> str:
+    v = scores.get(task, {}).get(metric)
+    return "-" if v is None else f"{v:.3f}"

@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -88,6 +89,8 @@ class Config(StageConfig):
     checkpoint_every_min: float = Field(5.0, gt=0, description="minutes between checkpoints")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (in addition)")
     log_every: int = Field(10, ge=1, description="steps between log lines")
+    snapshots: int = Field(0, ge=0, description="HF snapshots kept at evenly spaced steps (evaluate.select picks "
+                                                 "one by a domain metric on the dev sets)")
     seed: int = 0
     tensorboard: bool = Field(False, description="also log to TensorBoard through accelerate's trackers")
 
@@ -222,8 +225,9 @@ def flops_per_token(shape_: dict, seq: int) -> float:
 
 
 def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val: dict[str, np.ndarray],
-              out: Path, total_steps: int | None, peak_flops: float, bf16: bool) -> dict:
-    """Train `model` in place; checkpoints in out/<name>.ckpt.pt; returns the run's metrics and log."""
+              out: Path, total_steps: int | None, peak_flops: float, bf16: bool, snapshot=None) -> dict:
+    """Train `model` in place; checkpoints in out/<name>.ckpt.pt; `snapshot(model, step)` is called at
+    cfg.snapshots evenly spaced steps before the last; returns the run's metrics and log."""
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -377,6 +381,11 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
                 if cfg.tensorboard:
                     acc.log({"loss": loss_sum, "lr": state["log"][-1]["lr"], "tokens_per_s": tps}, step=state["step"])
                 window_t, window_tok = time.time(), 0
+            every = max(1, total // (cfg.snapshots + 1))
+            if snapshot and cfg.snapshots and state["step"] % every == 0 and state["step"] // every <= cfg.snapshots:
+                if dist.is_main():
+                    snapshot(acc.unwrap_model(model), state["step"])
+                dist.barrier()
             if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or \
                     time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
                 save_checkpoint()
@@ -494,7 +503,17 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             cfg_g = cfg.model_copy(update={"mixture": Mixture(schedule="constant", domain_fraction=0.0)})
         else:
             cfg_g = cfg
-        result = train_one(name, cfg_g, model, shape_, sampler, val, out, total_steps, peak, bf16)
+        def snapshot(m, step, tokenizer=tokenizer, name=name) -> None:
+            path = out / name / "snapshots" / f"step-{step:06d}"
+            if path.is_dir():  # written before a restart
+                return
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            m.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            os.replace(tmp, path)
+
+        result = train_one(name, cfg_g, model, shape_, sampler, val, out, total_steps, peak, bf16, snapshot)
         tokens_budget = tokens_budget or result["tokens"]
         data = {"sources": ", ".join(sources), "tokenizer": tok_dir if not cfg.init_from else cfg.init_from,
                 "unique train tokens": sum(len(a) for a in streams.values()),

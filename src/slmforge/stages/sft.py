@@ -1,0 +1,375 @@
+"""sft: domain supervised fine-tuning with trl's SFTTrainer, and step-by-step rationale distillation.
+
+Data: the synth stage's items in chat format, through the tokenizer's chat template, with the loss on
+assistant tokens only (the template's {% generation %} marks) and packing. Each item trains its own
+prompt and, for mcq, completion and summary items, also the prompt shapes the bench stage asks in
+(`<stem>\\nAnswer:` -> term, `Fill in the blank with one term.` -> term, `<context>` -> ending,
+`<section>\\n\\nSummary:` -> lead), as instruction-tuning collections train several templates per task.
+A held-out slice (`eval_fraction`, by a hash of the item id) gives the eval loss.
+
+Mixture: domain tasks plus `general_share` of general examples as a regulariser (the "cocktail
+effect": mixing in general data reduces forgetting). They come from `general_data` (a JSONL of chat
+`messages`) or, by default, from the extractive teacher run on the general sources' train split.
+
+Models (`<run>/<name>/`, full weights, loadable offline like every slmforge model):
+- `sft`: the pretrained specialist fine-tuned on the domain tasks (rationale items as question -> answer).
+- `sft-rationale` (`distill: true`, "Distilling step-by-step", Hsieh et al. 2023): every rationale item
+  is two tasks with prefixes, `[label] question -> answer` and `[rationale] question -> rationale`,
+  and every other example is a `[label]` task. The loss is alpha * L_label + (1 - alpha) * L_rationale
+  (per-token means): the rationale examples are repeated until the two tasks' assistant-token totals
+  stand at alpha : 1 - alpha, which makes the per-token mean over an epoch exactly that weighted sum,
+  so trl's trainer is called as it is. The model's chat template adds `[label] ` to every user turn
+  that does not start with `[rationale]`, so at inference only the label task is used.
+
+LoRA (`lora: {r: 16}`) trains adapters through peft and merges them into full weights at the end (the
+adapter is kept in `adapter/`); full fine-tuning is the default for slmforge's own small models.
+Trainer checkpoints go to `trainer-<name>/` every `save_steps`; a killed run resumes from the last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.config import StageConfig, resolve_path
+from slmforge.console import info
+from slmforge.errors import UserError
+
+NAME = "sft"
+INPUTS = ("curate", "pretrain", "synth")
+KINDS = ("instruction", "qa", "mcq", "completion", "summary", "rationale")
+# summaries are left out by default: a section plus its lead is ~5x a qa item, 58% of the demo's SFT
+# tokens with both prompt shapes, and the issue's SFT mixture is instructions, qa, mcq and completion
+DEFAULT_KINDS = ("instruction", "qa", "mcq", "completion", "rationale")
+LABEL, RATIONALE = "[label] ", "[rationale] "
+# The distilled model's chat template: a user turn gets the [label] prefix unless it asks for the rationale.
+DISTILL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% elif message['role'] == 'user' and not message['content'].startswith('[rationale]') %}"
+    "{{ '[label] ' + message['content'] + '<|im_end|>' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class Lora(BaseModel):
+    """LoRA adapters (peft) instead of full fine-tuning; merged into full weights when training ends."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class Config(StageConfig):
+    """What to fine-tune, on which data, and how."""
+
+    base: str = Field("specialist", description="a model of the pretrain stage, or a local HF folder")
+    kinds: list[str] = Field(list(DEFAULT_KINDS), description=f"synth item kinds to train on, of {', '.join(KINDS)}")
+    distill: bool = Field(True, description="also train sft-rationale (step-by-step distillation)")
+    alpha: float = Field(0.5, gt=0, lt=1, description="distill: weight of the label task; 1 - alpha: the rationale")
+    general_share: float = Field(0.1, ge=0, lt=1, description="share of training examples from general data")
+    general_data: str | None = Field(None, description="JSONL of chat `messages` (default: extractive items "
+                                                       "from the general sources' train split)")
+    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out share of the examples (eval loss)")
+    epochs: float = Field(2.0, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, ge=1, description="packed sequences per step per process")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=16, description="tokens per packed sequence (at most the model's context)")
+    packing: str = Field("auto", pattern="^(auto|bfd|wrapped|none)$",
+                         description="auto: bfd (best-fit, padding-free) on a GPU, wrapped on a CPU")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lora: Lora | None = Field(None, description="train LoRA adapters instead of all weights")
+    precision: str = Field("auto", pattern="^(auto|bf16|fp32)$")
+    save_steps: int = Field(100, ge=1, description="steps between trainer checkpoints (the unit of resume)")
+    seed: int = 0
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        bad = [k for k in v if k not in KINDS]
+        if bad:
+            raise ValueError(f"unknown kind(s) {', '.join(bad)}; SFT trains on {', '.join(KINDS)}")
+        return v
+
+    @field_validator("general_data")
+    @classmethod
+    def _abs(cls, v: str | None, info) -> str | None:
+        return None if v is None else str(resolve_path(v, info))
+
+
+def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
+    inputs = inputs or {s: store.resolve(f"{s}:latest") for s in INPUTS}
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), resumable=True, force=force,
+                       distributed=True)
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def _chat(user: str, assistant: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def examples_of(item: dict) -> list[list[dict]]:
+    """The chat examples one synth item trains: its own prompt, and the bench stage's prompt shapes."""
+    kind, out = item["kind"], [item["messages"]]
+    if kind == "mcq":
+        term = item["options"][item["answer_index"]]
+        out += [_chat(f"{item['question']}\nAnswer:", term),
+                _chat(f"Fill in the blank with one term.\n{item['question']}\nAnswer:", term)]
+    elif kind == "completion":
+        out.append(_chat(item["question"], item["options"][item["answer_index"]]))
+    elif kind == "summary":
+        text = item["messages"][0]["content"].split("\n\n", 1)[-1]
+        out.append(_chat(f"{text}\n\nSummary:", item["answer"]))
+    elif kind == "rationale":
+        out = [_chat(item["question"], item["answer"])]
+    return out
+
+
+def held_out(item_id: str, fraction: float) -> bool:
+    return int(hashlib.sha1(item_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def general_examples(cfg: Config, curate: Artifact, n: int) -> list[list[dict]]:
+    """n general chat examples: from cfg.general_data, or extractive items of the general train split."""
+    if n <= 0:
+        return []
+    rng = random.Random(cfg.seed)
+    if cfg.general_data:
+        p = Path(cfg.general_data)
+        if not p.is_file():
+            raise UserError(f"sft.general_data: {p} does not exist")
+        rows = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                msgs = json.loads(line)["messages"]
+                assert isinstance(msgs, list) and msgs and all({"role", "content"} <= set(m) for m in msgs)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise UserError(f"sft.general_data: {p} line {i + 1} needs a `messages` list of "
+                                "{role, content}") from None
+            rows.append(msgs)
+        rng.shuffle(rows)
+        return rows[:n]
+    from slmforge.extractive import ExtractiveTeacher, Pool
+    from slmforge.records import read_documents
+    from slmforge.stages.synth import chunk_document
+
+    general = [s for s, r in curate.manifest["metrics"]["roles"].items() if r == "general"]
+    chunks = [c for s in general for d in read_documents(curate.path / "data" / "train", s)
+              for c in chunk_document(d, 1500)]
+    rng.shuffle(chunks)
+    teacher = ExtractiveTeacher(Pool.build(chunks[:2000]), cfg.seed)
+    out: list[list[dict]] = []
+    for c in chunks:
+        for kind in ("completion", "summary", "instruction"):
+            out += [ex for it in teacher.items(c, kind, 1) for ex in examples_of(it)[:1]]
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def build_data(cfg: Config, items: list[dict], general: list[list[dict]], tokenizer, distill: bool) -> dict:
+    """{"train": [messages], "eval": [messages], "stats": {...}} for one model."""
+    train, held, rationale = [], [], []
+    for it in items:
+        if it["kind"] not in cfg.kinds:
+            continue
+        (held if held_out(it["id"], cfg.eval_fraction) else train).extend(examples_of(it))
+        if distill and it["kind"] == "rationale" and not held_out(it["id"], cfg.eval_fraction):
+            rationale.append(_chat(RATIONALE + it["question"], it["rationale"]))
+    train += general
+    stats = {"domain_examples": len(train) - len(general), "general_examples": len(general), "eval_examples": len(held)}
+    if distill and rationale:
+        def tokens(rows):
+            return sum(len(tokenizer(m[-1]["content"], add_special_tokens=False)["input_ids"]) for m in rows)
+
+        t_label, t_rat = tokens(train), tokens(rationale)
+        want = t_label * (1 - cfg.alpha) / cfg.alpha  # rationale-task tokens that give alpha : 1 - alpha
+        reps, rest = divmod(want, t_rat)
+        rng = random.Random(cfg.seed)
+        extra = rationale[:]
+        rng.shuffle(extra)
+        picked, acc = [], 0
+        for r in extra:  # a partial repeat, whole examples, closest to the wanted total
+            n = tokens([r])
+            if acc + n / 2 > rest:
+                break
+            picked.append(r)
+            acc += n
+        train += rationale * int(reps) + picked
+        got = t_rat * int(reps) + acc
+        stats.update(rationale_examples=len(rationale) * int(reps) + len(picked),
+                     label_tokens=t_label, rationale_tokens=got, alpha_realised=round(t_label / (t_label + got), 4))
+    random.Random(cfg.seed).shuffle(train)
+    return {"train": train, "eval": held, "stats": stats}
+
+
+# ---- training ---------------------------------------------------------------------------------------
+def _base(cfg: Config, pretrain: Artifact) -> Path:
+    models = pretrain.manifest["metrics"]["models"]
+    if cfg.base in models:
+        return pretrain.path / cfg.base
+    p = Path(cfg.base)
+    if not (p / "config.json").is_file():
+        raise UserError(f"sft.base: {cfg.base!r} is neither a pretrain model ({', '.join(models)}) nor a local HF "
+                        "model folder")
+    return p
+
+
+def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_template: str | None = None) -> dict:
+    """Fine-tune `base` on data["train"] with trl's SFTTrainer; the merged model goes to out/name."""
+    import torch
+    from datasets import Dataset
+    from transformers.utils import logging as hf_logging
+    from trl import SFTConfig, SFTTrainer
+
+    from slmforge.modeling import load_model
+    from slmforge.stages.pretrain import use_bf16
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated")  # trl's own config
+    model, tok = load_model(base)
+    if chat_template:
+        tok.chat_template = chat_template
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    max_length = min(cfg.max_length, model.config.max_position_embeddings)
+    work = out / f"trainer-{name}"
+    bf16 = use_bf16(cfg.precision)
+    # On CPU, trl's best-fit packing (padding-free: position ids, no padding) runs 2.81 s/step against
+    # 1.66 s/step for plain wrapped packing (demo specialist, 16 x 256 tokens, bf16;
+    # benchmarks/sft_packing.py): without a flash-attention kernel the packed layout costs time
+    strategy = cfg.packing if cfg.packing != "auto" else ("bfd" if torch.cuda.is_available() else "wrapped")
+    args = SFTConfig(
+        output_dir=str(work), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # < 1: a share of the steps
+        weight_decay=cfg.weight_decay, max_length=max_length, packing=strategy != "none",
+        packing_strategy=strategy if strategy != "none" else "bfd", assistant_only_loss=True,
+        eval_strategy="epoch" if data["eval"] else "no", save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, logging_steps=10, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        bf16=bf16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=False,
+    )
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=peft_config,
+                         train_dataset=Dataset.from_list([{"messages": m} for m in data["train"]]),
+                         eval_dataset=Dataset.from_list([{"messages": m} for m in data["eval"]]) if data["eval"] else None)
+    resume = any(work.glob("checkpoint-*"))
+    if resume:
+        info(f"  sft · {name}: resuming from {max(work.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1])).name}")
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    wall = time.time() - t0
+    evals = trainer.evaluate() if data["eval"] else {}
+    model = trainer.model
+    if cfg.lora:
+        model.save_pretrained(str(out / name / "adapter"))
+        model = model.merge_and_unload()
+    changed = sum(not torch.equal(before[k], v.detach().cpu()) for k, v in model.named_parameters())
+    log = [r for r in trainer.state.log_history if "loss" in r]
+    tokens = int(trainer.state.num_input_tokens_seen or 0) or sum(
+        len(x) for x in trainer.train_dataset["input_ids"]) * math.ceil(cfg.epochs)
+    return {"model": model, "tokenizer": tok, "log": log, "wall": wall, "tokens": tokens,
+            "metrics": {"steps": trainer.state.global_step, "train_loss": round(result.training_loss, 4),
+                        "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
+                        "eval_loss": round(evals["eval_loss"], 4) if "eval_loss" in evals else None,
+                        "train_time_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 1) if wall else None,
+                        "params_changed": f"{changed}/{len(before)}", "lora": cfg.lora.model_dump() if cfg.lora else None}}
+
+
+def save_model(result: dict, out: Path, name: str, base: Path, data_stats: dict, stage: str) -> dict:
+    """The fine-tuned model as a HF folder with its card and logs; returns its manifest entry."""
+    from transformers import GenerationConfig
+
+    from slmforge.modeling import model_card
+
+    model, tok = result["model"], result["tokenizer"]
+    path = out / name
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    if (base / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(str(base)).save_pretrained(str(path))
+    c = model.config
+    shape = {"depth": c.num_hidden_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+             "num_key_value_heads": c.num_key_value_heads, "intermediate_size": c.intermediate_size,
+             "context": c.max_position_embeddings, "params": sum(p.numel() for p in model.parameters())}
+    (path / "README.md").write_text(model_card(name, shape, {"base": str(base), "stage": stage, **data_stats},
+                                               result["metrics"]), encoding="utf-8")
+    with open(path / "train_log.jsonl", "w", encoding="utf-8") as f:
+        seen = 0
+        for r in result["log"]:
+            seen = r.get("num_tokens", seen)
+            f.write(json.dumps({"step": r["step"], "loss": r["loss"], "tokens": seen or r["step"]}) + "\n")
+    entry = {**result["metrics"], "shape": shape, "tokens": result["tokens"], "base": str(base), "chat": True,
+             "data": data_stats}
+    (path / "metrics.json").write_text(json.dumps(entry, indent=2))
+    return entry
+
+
+def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
+    from slmforge import dist
+    from slmforge.modeling import load_model
+
+    dist.init()
+    base = _base(cfg, inputs["pretrain"])
+    items = [json.loads(x) for x in (inputs["synth"].path / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    items = [it for it in items if it["kind"] in cfg.kinds]
+    if not items:
+        raise UserError(f"sft: the synth stage made no items of the kinds {', '.join(cfg.kinds)}; check synth.kinds")
+    _, tok = load_model(base)
+    n_domain = sum(len(examples_of(it)) for it in items)
+    general = general_examples(cfg, inputs["curate"], round(n_domain * cfg.general_share / (1 - cfg.general_share)))
+    plans = [("sft", False)]
+    if cfg.distill and any(it["kind"] == "rationale" for it in items):
+        plans.append(("sft-rationale", True))
+    models = {}
+    for name, distill in plans:
+        if (out / name / "metrics.json").is_file():  # finished before a restart
+            models[name] = json.loads((out / name / "metrics.json").read_text())
+            continue
+        data = build_data(cfg, items, general, tok, distill)
+        info(f"  sft · {name}: {len(data['train'])} training examples ({data['stats']['general_examples']} general), "
+             f"{len(data['eval'])} held out" + (f"; label : rationale tokens {data['stats']['alpha_realised']:.2f} : "
+                                                 f"{1 - data['stats']['alpha_realised']:.2f}" if distill else ""))
+        result = train_model(cfg, name, base, data, out, DISTILL_TEMPLATE if distill else None)
+        if dist.is_main():
+            models[name] = save_model(result, out, name, base, data["stats"], NAME)
+            shutil.rmtree(out / f"trainer-{name}", ignore_errors=True)
+        dist.barrier()
+    _print(models)
+    return {"models": models, "base": str(base), "items": len(items)}
+
+
+def _print(models: dict) -> None:
+    from rich.table import Table
+
+    from slmforge.console import console
+
+    t = Table(title="sft")
+    for col in ("model", "examples", "steps", "loss first → last", "eval loss", "params changed", "tok/s", "time"):
+        t.add_column(col)
+    for n, m in models.items():
+        t.add_row(n, str(m["data"]["domain_examples"] + m["data"]["general_examples"]), str(m["steps"]),
+                  f"{m['first_loss']} → {m['final_loss']}", str(m["eval_loss"]), m["params_changed"],
+                  f"{m['tokens_per_s'] or 0:,.0f}", f"{m['train_time_s']:.0f}s")
+    console.print(t)

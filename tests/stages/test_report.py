@@ -1,0 +1,39 @@
+import json
+import shutil
+import subprocess
+
+import numpy as np
+
+
+def test_the_report_gathers_every_stage_and_its_charts_render(model_run, tmp_path):
+    _, workdir, r = model_run
+    assert r.returncode == 0, r.stderr
+    [run] = [p for p in (workdir / "report").iterdir() if p.is_dir()]
+    assert f"report: {run / 'report.html'}" in r.stdout.replace("\n", "")
+    page = (run / "report.html").read_text()
+    for section in ("Quality gate", "Bits per byte", "Domain benchmarks", "Checkpoint selection", "Models", "Data",
+                    "Tokenizer", "fertility", "Loss curves", "Sample answers next to the references", "reference"):
+        assert section in page, section
+    assert page.count("data:image/png;base64,") == 4  # two bar charts, two loss curves
+    assert "http://" not in page.replace("http://www.w3.org", "")  # self-contained
+    md = (run / "report.md").read_text()
+    assert md.startswith("# slmforge report") and "## Quality gate" in md and "| specialist |" in md
+    results = json.loads(next((workdir / "evaluate").glob("*/results.json")).read_text())
+    assert results["answers"]["specialist"]["slmforge_qa"][0]["target"]
+    _screenshot_shows_the_charts(run / "report.html", tmp_path / "shot.png")
+
+
+def _screenshot_shows_the_charts(page, png):
+    """Render the report in headless Chromium and check the pictures are drawn, not just present."""
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "make test installs Debian's chromium; run: apt-get install -y chromium"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={png.parent / 'chrome'}", "--hide-scrollbars", "--window-size=1000,4000",
+                    f"--screenshot={png}", page.as_uri()], check=True, capture_output=True, timeout=120)
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    blue = (abs(img[..., 0] - 31) < 30) & (abs(img[..., 1] - 119) < 30) & (abs(img[..., 2] - 180) < 30)
+    orange = (abs(img[..., 0] - 255) < 30) & (abs(img[..., 1] - 127) < 30) & (abs(img[..., 2] - 14) < 40)
+    assert blue.sum() > 2000 and orange.sum() > 2000, (blue.sum(), orange.sum())  # bars and curves drawn

@@ -1,0 +1,170 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from slmforge.stages import sft
+from tests.conftest import slmforge, small_recipe, write_recipe
+
+ALL_KINDS = ["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]
+
+
+def post_recipe(small_corpus, workdir, **sft_settings) -> dict:
+    """The tiny model recipe with every synth kind, SFT and DPO sized for tests."""
+    recipe = small_recipe(small_corpus, workdir, with_model=True)
+    recipe["synth"] = {"max_chunks": 30, "kinds": ALL_KINDS}
+    recipe["sft"] = {"epochs": 3, "lr": 3e-3, "batch_size": 4, "max_length": 64, "save_steps": 4,
+                     "general_share": 0.1, **sft_settings}
+    recipe["dpo"] = {"epochs": 2, "lr": 1e-3, "batch_size": 4, "max_length": 64, "on_policy": True,
+                     "on_policy_questions": 6, "answer_tokens": 8, "precompute_ref": True}
+    for stage in ("bench", "evaluate", "report"):
+        recipe.pop(stage)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def posttrained(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("post")
+    recipe = write_recipe(tmp, post_recipe(small_corpus, tmp / "w"))
+    r = slmforge("run", str(recipe))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return recipe, tmp / "w"
+
+
+def _metrics(workdir, stage):
+    [run] = [p for p in (workdir / stage).iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    return run, json.loads((run / "manifest.json").read_text())["metrics"]
+
+
+def test_sft_trains_every_parameter_and_the_loss_falls(posttrained):
+    from slmforge.modeling import load_model
+
+    _, workdir = posttrained
+    run, m = _metrics(workdir, "sft")
+    assert set(m["models"]) == {"sft", "sft-rationale"}
+    for name, mm in m["models"].items():
+        changed, total = map(int, mm["params_changed"].split("/"))
+        assert changed == total, (name, mm["params_changed"])
+        assert mm["final_loss"] < mm["first_loss"] and mm["eval_loss"] is not None
+        assert mm["data"]["general_examples"] > 0 and mm["chat"] is True
+        model, tok = load_model(run / name)  # offline, safetensors
+    d = m["models"]["sft-rationale"]["data"]
+    assert d["rationale_examples"] > 0 and abs(d["alpha_realised"] - 0.5) < 0.1
+    tok = load_model(run / "sft-rationale")[1]
+    text = tok.apply_chat_template([{"role": "user", "content": "What is VACUUM?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert "[label] What is VACUUM?" in text  # inference uses the label task only
+    rat = tok.apply_chat_template([{"role": "user", "content": "[rationale] What is VACUUM?"}], tokenize=False)
+    assert "[label]" not in rat
+
+
+def test_rationale_items_become_two_weighted_tasks():
+    class Words:  # counts words as tokens
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    items = [{"id": f"r{i}", "kind": "rationale", "question": f"Q{i}?", "answer": "short answer",
+              "rationale": "a much longer rationale " * 6, "messages": []} for i in range(40)]
+    items += [{"id": f"q{i}", "kind": "qa", "question": f"What {i}?", "answer": "one two three four five six",
+               "messages": [{"role": "user", "content": f"What {i}?"},
+                            {"role": "assistant", "content": "one two three four five six"}]} for i in range(200)]
+    cfg = sft.Config(alpha=0.7, eval_fraction=0.0)
+    plain = sft.build_data(cfg, items, [], Words(), distill=False)
+    both = sft.build_data(cfg, items, [], Words(), distill=True)
+    assert not any(m[0]["content"].startswith("[rationale]") for m in plain["train"])
+    rat = [m for m in both["train"] if m[0]["content"].startswith(sft.RATIONALE)]
+    assert rat and all(m[1]["content"].startswith("a much longer") for m in rat)
+    s = both["stats"]
+    assert s["alpha_realised"] == pytest.approx(0.7, abs=0.02)
+    assert s["label_tokens"] / (s["label_tokens"] + s["rationale_tokens"]) == pytest.approx(s["alpha_realised"], abs=1e-4)
+
+
+def test_lora_trains_adapters_and_merges_them_into_full_weights(posttrained, tmp_path):
+    from safetensors.torch import load_file
+
+    from slmforge.artifacts import ArtifactStore
+    from slmforge.config import load_recipe
+
+    recipe, workdir = posttrained
+    store = ArtifactStore(workdir)
+    cfg = load_recipe(recipe).stages["sft"].model_copy(update={"distill": False, "lora": sft.Lora(r=4, alpha=8)})
+    art = sft.run(cfg, ArtifactStore(tmp_path / "w"), {s: store.resolve(f"{s}:latest") for s in sft.INPUTS})
+    m = art.manifest["metrics"]["models"]["sft"]
+    assert (art.path / "sft" / "adapter" / "adapter_config.json").is_file()
+    merged = load_file(art.path / "sft" / "model.safetensors")
+    assert not any("lora" in k for k in merged)
+    base = load_file(store.resolve("pretrain:latest").path / "specialist" / "model.safetensors")
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # not a LoRA target
+    assert m["final_loss"] < m["first_loss"]
+
+
+def test_sft_resumes_after_sigkill(tmp_path, small_corpus):
+    recipe = write_recipe(tmp_path, post_recipe(small_corpus, tmp_path / "w", distill=False, epochs=6))
+    assert slmforge("run", str(recipe), "--until", "synth").returncode == 0
+    args = [sys.executable, "-m", "slmforge.cli", "sft", "--recipe", str(recipe)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not list((tmp_path / "w").glob("sft/*.partial/trainer-sft/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "sft ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((tmp_path / "w").glob("sft/*/manifest.json"))
+    r = slmforge("sft", "--recipe", str(recipe))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from checkpoint-" in r.stderr
+
+
+def test_dpo_trains_on_synth_and_on_policy_pairs(posttrained):
+    _, workdir = posttrained
+    run, m = _metrics(workdir, "dpo")
+    mm = m["models"]["dpo"]
+    assert m["base"] == "sft-rationale"
+    changed, total = map(int, mm["params_changed"].split("/"))
+    assert changed == total and mm["final_loss"] < mm["first_loss"]
+    assert mm["data"]["synth_pairs"] > 0 and mm["data"]["on_policy"]["asked"] == 6
+    assert len((run / "ref_logps.jsonl").read_text().splitlines()) == mm["data"]["train_pairs"]
+
+
+def test_trl_dpo_loss_matches_the_formula(posttrained, tmp_path):
+    import torch.nn.functional as F
+
+    from slmforge.artifacts import ArtifactStore
+    from slmforge.modeling import load_model
+    from slmforge.stages import dpo
+
+    _, workdir = posttrained
+    store = ArtifactStore(workdir)
+    sft_dir = store.resolve("sft:latest").path / "sft"
+    items = [json.loads(x) for x in (store.resolve("synth:latest").path / "items.jsonl").read_text().splitlines()]
+    pairs = dpo.synth_pairs(items)[:6]
+    model, tok = load_model(sft_dir)
+    ref, _ = load_model(sft_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy away from the reference, or every margin is 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    cfg = dpo.Config(beta=0.3, precision="fp32", batch_size=6, max_length=64)
+    trainer = dpo.make_trainer(cfg, model, tok, pairs, [], tmp_path / "t")
+    trainer.ref_model = ref
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+
+    def seq_logps(m):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return (lp * batch["completion_mask"][:, 1:]).sum(-1)
+
+    with torch.no_grad():
+        pc, pr = seq_logps(model).chunk(2)
+        rc, rr = seq_logps(ref).chunk(2)
+    by_hand = -F.logsigmoid(0.3 * ((pc - rc) - (pr - rr))).mean().item()
+    assert loss == pytest.approx(by_hand, rel=1e-4, abs=1e-5)
+    assert abs(by_hand - 0.6931) > 1e-3  # the policy really differs from the reference
