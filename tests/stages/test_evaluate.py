@@ -60,7 +60,9 @@ def test_every_model_is_scored_twice_the_same_and_snapshots_are_picked_on_the_de
     for name in ("specialist", "generalist"):
         sel = m["selection"][name]
         assert len(sel["scores"]) == 3 and "final" in sel["scores"] and sel["chosen"] in sel["scores"]
-        assert sel["scores"][sel["chosen"]] == max(sel["scores"].values())
+        order = sorted(k for k in sel["scores"] if k != "final") + ["final"]  # training order
+        within = [k for k in order if sel["scores"][k] >= max(sel["scores"].values()) - sel["standard_error"]]
+        assert sel["chosen"] == within[-1]  # the latest snapshot the dev set cannot tell from the best
     gate = m["gate"]
     assert [c["set"] for c in gate["checks"]] == ["mcq", "completion"]
     assert all(c["passed"] == (c["specialist"] > c["generalist"] and min(c["specialist"], c["generalist"]) > 0.25)

@@ -17,13 +17,13 @@ ALL_KINDS = ["qa", "mcq", "completion", "summary", "instruction", "rationale", "
 def post_recipe(small_corpus, workdir, **sft_settings) -> dict:
     """The tiny model recipe with every synth kind, SFT and DPO sized for tests."""
     recipe = small_recipe(small_corpus, workdir, with_model=True)
-    recipe["synth"] = {"max_chunks": 30, "kinds": ALL_KINDS}
-    recipe["sft"] = {"epochs": 3, "lr": 3e-3, "batch_size": 4, "max_length": 64, "save_steps": 4,
+    recipe["synth"] = {"max_chunks": 20, "kinds": ALL_KINDS}
+    recipe["sft"] = {"epochs": 2, "lr": 3e-3, "batch_size": 16, "max_length": 64, "save_steps": 50,
                      "general_share": 0.1, **sft_settings}
-    recipe["dpo"] = {"epochs": 2, "lr": 1e-3, "batch_size": 4, "max_length": 64, "on_policy": True,
+    recipe["dpo"] = {"epochs": 2, "lr": 1e-3, "batch_size": 8, "max_length": 64, "on_policy": True,
                      "on_policy_questions": 6, "answer_tokens": 8, "precompute_ref": True}
-    for stage in ("bench", "evaluate", "report"):
-        recipe.pop(stage)
+    recipe["evaluate"].update(models=["pretrain", "sft", "dpo"], samples=1)
+    recipe["evaluate"].pop("select")
     return recipe
 
 
@@ -105,7 +105,8 @@ def test_lora_trains_adapters_and_merges_them_into_full_weights(posttrained, tmp
 
 
 def test_sft_resumes_after_sigkill(tmp_path, small_corpus):
-    recipe = write_recipe(tmp_path, post_recipe(small_corpus, tmp_path / "w", distill=False, epochs=6))
+    recipe = write_recipe(tmp_path, post_recipe(small_corpus, tmp_path / "w", distill=False, epochs=8,
+                                                      save_steps=2))
     assert slmforge("run", str(recipe), "--until", "synth").returncode == 0
     args = [sys.executable, "-m", "slmforge.cli", "sft", "--recipe", str(recipe)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -132,6 +133,18 @@ def test_dpo_trains_on_synth_and_on_policy_pairs(posttrained):
     assert len((run / "ref_logps.jsonl").read_text().splitlines()) == mm["data"]["train_pairs"]
 
 
+def test_the_report_shows_each_post_training_stage_on_the_same_items(posttrained):
+    _, workdir = posttrained
+    _, m = _metrics(workdir, "evaluate")
+    assert set(m["benchmarks"]) == {"specialist", "generalist", "sft", "sft-rationale", "dpo"}
+    assert all(set(b) == set(m["benchmarks"]["specialist"]) for b in m["benchmarks"].values())
+    assert "generation tasks through its chat template" in m["models"]["sft"]["note"]
+    run, _ = _metrics(workdir, "report")
+    page = (run / "report.html").read_text()
+    gains = page[page.index("Post-training: each stage's gain"):]
+    assert all(f"<td>{n}</td>" in gains for n in ("specialist", "sft", "sft-rationale", "dpo"))
+
+
 def test_trl_dpo_loss_matches_the_formula(posttrained, tmp_path):
     import torch.nn.functional as F
 
@@ -146,16 +159,17 @@ def test_trl_dpo_loss_matches_the_formula(posttrained, tmp_path):
     pairs = dpo.synth_pairs(items)[:6]
     model, tok = load_model(sft_dir)
     ref, _ = load_model(sft_dir)
+    cfg = dpo.Config(beta=0.3, precision="fp32", batch_size=6, max_length=64)
+    trainer = dpo.make_trainer(cfg, model, tok, pairs, [], tmp_path / "t")  # its reference: a copy of the SFT model
     torch.manual_seed(0)
     with torch.no_grad():  # move the policy away from the reference, or every margin is 0
-        for p in model.parameters():
+        for p in trainer.model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    cfg = dpo.Config(beta=0.3, precision="fp32", batch_size=6, max_length=64)
-    trainer = dpo.make_trainer(cfg, model, tok, pairs, [], tmp_path / "t")
-    trainer.ref_model = ref
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch).item()
+
+    model = trainer.model
 
     def seq_logps(m):
         logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

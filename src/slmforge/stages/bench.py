@@ -4,8 +4,8 @@ Four sets, made by the extractive teacher (`extractive.py`) from test-split chun
 - `mcq`: cloze questions with 4 options (same-shape, length-matched distractors), multiple_choice,
   scored by acc / acc_norm;
 - `completion`: a sentence's first part with 4 possible endings, multiple_choice, acc / acc_norm;
-- `qa`: short-answer cloze (one blanked technical term, no options), generate_until, exact match and
-  token F1;
+- `qa`: open-book short answer (a passage, one of its sentences with a technical term blanked, no
+  options), generate_until, exact match and token F1;
 - `summarization`: a section and its lead sentences as the reference, generate_until, ROUGE-L.
 Items sharing any 13-gram with a training set (the curated train split, the synth data) are dropped
 and counted. Each set is checked against trivial rules (always the longest option, the option
@@ -43,6 +43,7 @@ CHOICE_SETS = ("mcq", "completion")
 # competition", Holtzman et al. 2021): on the demo both models score chance on plain acc, so the
 # headline is acc_mutual_info, log P(ending | context) - log P(ending). All three are reported.
 HEADLINE = {"mcq": "acc", "completion": "acc_mutual_info"}
+QA_INSTRUCTION = "Fill in the blank with a term from the text above."
 SET_FIELDS = {"mcq": ("question", "options", "answer_index"), "completion": ("question", "options", "answer_index"),
               "qa": ("question", "answer")}
 
@@ -108,6 +109,8 @@ def _from_model_teacher(cfg: Config, chunks: list[Chunk], wanted: dict[str, int]
         else:
             found[(row["chunk_id"], row["kind"])] = {k: row[k] for k in ("question", "options", "answer_index",
                                                                          "answer") if k in SET_FIELDS[row["kind"]]}
+            if row["kind"] == "qa":  # open book, like the extractive set: the section is the passage
+                found[(row["chunk_id"], "qa")]["passage"] = " ".join(by_id[row["chunk_id"]].text.split())[:1200]
     return found
 
 
@@ -118,11 +121,16 @@ def _ordered(chunks: list[Chunk], seed: int) -> list[Chunk]:
 
 
 def _qa_item(teacher: ExtractiveTeacher, chunk: Chunk, rng: random.Random) -> dict | None:
-    cands = [(s, t) for s in chunk.sentences() for t in terms_in(s) if s.count(t) == 1]
+    """Open-book short answer (SQuAD-style): a passage of the section, and one of its sentences with a
+    technical term blanked; the answer is that term. Closed-book recall of a term from an unseen page
+    is beyond a model of a few million parameters (both demo models scored exact match 0.000)."""
+    sents = chunk.sentences()
+    cands = [(i, t) for i, s in enumerate(sents) for t in terms_in(s) if s.count(t) == 1]
     if not cands:
         return None
-    s, t = rng.choice(cands)
-    return {"question": s.replace(t, "_____", 1), "answer": t}
+    i, t = rng.choice(cands)
+    return {"passage": " ".join(sents[max(0, i - 1): i + 2]), "question": sents[i].replace(t, "_____", 1),
+            "answer": t}
 
 
 def _chunks(curate: Artifact, split: str, domain: list[str], chunk_chars: int) -> list[Chunk]:
@@ -238,8 +246,9 @@ def task_yaml(task: str, kind: str, data: Path, summary_tokens: int = 96) -> str
                        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
                        "  - metric: acc_mutual_info\n    aggregation: mean\n    higher_is_better: true\n")
     if kind == "qa":
-        return head + ('output_type: generate_until\ndoc_to_text: "Fill in the blank with one term.\\n{{question}}\\n'
-                       'Answer:"\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n", "."]\n'
+        return head + ('output_type: generate_until\ndoc_to_text: "{{passage}}\\n\\n' + QA_INSTRUCTION +
+                       '\\n{{question}}\\nAnswer:"\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n'
+                       '  until: ["\\n", "."]\n'
                        "  max_gen_toks: 16\n  do_sample: false\nprocess_results: !function utils.process_qa\n"
                        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
                        "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n")

@@ -117,7 +117,7 @@ def make_trainer(cfg: Config, model, tok, train: list[dict], held: list[dict], w
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=0.05, beta=cfg.beta,
         loss_type=[cfg.loss_type], precompute_ref_log_probs=cfg.precompute_ref, max_length=max_length,
         eval_strategy="epoch" if held else "no", save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=1, logging_steps=5, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        save_total_limit=1, logging_steps=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         bf16=use_bf16(cfg.precision), use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
     fields = ("prompt", "chosen", "rejected")

@@ -175,11 +175,11 @@ def model_rows(models: dict) -> list[list]:
     for n, mm in models.items():
         shape = mm.get("shape", {})
         rows.append([n, mm.get("stage") or ("endpoint" if mm.get("endpoint") else "folder"),
-                     f"{shape['params'] / 1e6:.2f}M" if shape else "", f"{mm['tokens'] / 1e6:.2f}M" if "tokens" in mm else "",
+                     f"{shape['params'] / 1e6:.2f}M" if shape else "", f"{mm['tokens'] / 1e6:.2f}M" if mm.get("tokens") else "",
                      f"{mm['domain_epochs']:.2f}" if "domain_epochs" in mm else "",
                      f"{mm['flops']:.2e}" if "flops" in mm else "",
-                     f"{mm['train_time_s']:.0f}s" if "train_time_s" in mm else "",
-                     f"{mm['tokens_per_s']:,.0f}" if "tokens_per_s" in mm else "",
+                     f"{mm['train_time_s']:.0f}s" if mm.get("train_time_s") is not None else "",
+                     f"{mm['tokens_per_s']:,.0f}" if mm.get("tokens_per_s") is not None else "",
                      f"{mm['mfu']:.1%}" if mm.get("mfu") else ""])
     return rows
 

@@ -3,7 +3,8 @@
 Data: the synth stage's items in chat format, through the tokenizer's chat template, with the loss on
 assistant tokens only (the template's {% generation %} marks) and packing. Each item trains its own
 prompt and, for mcq, completion and summary items, also the prompt shapes the bench stage asks in
-(`<stem>\\nAnswer:` -> term, `Fill in the blank with one term.` -> term, `<context>` -> ending,
+(`<stem>\\nAnswer:` -> term, `<sentence> Fill in the blank with a term from the text above. <stem>` ->
+term, `<context>` -> ending,
 `<section>\\n\\nSummary:` -> lead), as instruction-tuning collections train several templates per task.
 A held-out slice (`eval_fraction`, by a hash of the item id) gives the eval loss.
 
@@ -43,6 +44,7 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig, resolve_path
 from slmforge.console import info
 from slmforge.errors import UserError
+from slmforge.stages.bench import QA_INSTRUCTION
 
 NAME = "sft"
 INPUTS = ("curate", "pretrain", "synth")
@@ -128,8 +130,9 @@ def examples_of(item: dict) -> list[list[dict]]:
     kind, out = item["kind"], [item["messages"]]
     if kind == "mcq":
         term = item["options"][item["answer_index"]]
+        sentence = item["question"].replace("_____", term, 1)
         out += [_chat(f"{item['question']}\nAnswer:", term),
-                _chat(f"Fill in the blank with one term.\n{item['question']}\nAnswer:", term)]
+                _chat(f"{sentence}\n\n{QA_INSTRUCTION}\n{item['question']}\nAnswer:", term)]
     elif kind == "completion":
         out.append(_chat(item["question"], item["options"][item["answer_index"]]))
     elif kind == "summary":
@@ -193,6 +196,8 @@ def build_data(cfg: Config, items: list[dict], general: list[list[dict]], tokeni
         (held if held_out(it["id"], cfg.eval_fraction) else train).extend(examples_of(it))
         if distill and it["kind"] == "rationale" and not held_out(it["id"], cfg.eval_fraction):
             rationale.append(_chat(RATIONALE + it["question"], it["rationale"]))
+    if cfg.eval_fraction > 0 and not held and len(train) > 1:  # a small corpus: hold out one example at least
+        held.append(train.pop())
     train += general
     stats = {"domain_examples": len(train) - len(general), "general_examples": len(general), "eval_examples": len(held)}
     if distill and rationale:
