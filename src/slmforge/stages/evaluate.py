@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig, resolve_path
-from slmforge.console import console, info
+from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.records import read_documents
 
@@ -352,7 +352,10 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
                     chat=ref.api == "chat")
             finally:
                 for k, v in old.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             if ref.api == "chat":
                 models[e.name]["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
             continue

@@ -83,10 +83,11 @@ def _plt():
 
 
 def loss_curves(models: dict) -> list[tuple[str, str]]:
-    """(title, PNG data URI) for the training loss and the per-source validation losses of every model
-    whose folder holds train_log.jsonl / val_log.jsonl."""
+    """(title, PNG data URI) for the training loss and the per-source validation losses of every
+    pretrained model (its folder holds train_log.jsonl and val_log.jsonl)."""
     plt = _plt()
-    logs = {n: Path(m["path"]) for n, m in models.items() if m.get("path") and (Path(m["path"]) / "train_log.jsonl").is_file()}
+    # pretraining runs only (they keep val_log.jsonl): SFT and DPO losses are on other scales
+    logs = {n: Path(m["path"]) for n, m in models.items() if m.get("path") and (Path(m["path"]) / "val_log.jsonl").is_file()}
     if not logs:
         return []
     pictures = []
@@ -220,7 +221,7 @@ def answer_blocks(doc: dict) -> list[tuple[str, str, dict]]:
             item = items.get(i)
             if not item:
                 continue
-            prompt = item.get("question") or item.get("document", "")[:400]
+            prompt = " ".join(x for x in (item.get("passage"), item.get("question")) if x) or item.get("document", "")[:400]
             ref = item.get("answer") or item.get("summary", "")
             got = {m: next((a["response"] for a in per.get(task, []) if a["id"] == i), None) for m, per in answers.items()}
             out.append((task, prompt, ref, {m: a for m, a in got.items() if a is not None}))
