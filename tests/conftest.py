@@ -105,3 +105,37 @@ def model_run(tmp_path_factory, small_corpus):
             done.write_text(json.dumps({"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}))
         r = subprocess.CompletedProcess(["slmforge", "run"], **json.loads(done.read_text()))
     return root / "recipe.yaml", root / "w", r
+
+
+ALL_KINDS = ["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]
+
+
+def post_recipe(small_corpus, workdir, **sft_settings) -> dict:
+    """The tiny model recipe with every synth kind, SFT and DPO sized for tests."""
+    recipe = small_recipe(small_corpus, workdir, with_model=True)
+    recipe["synth"] = {"max_chunks": 20, "kinds": ALL_KINDS}
+    recipe["sft"] = {"epochs": 2, "lr": 3e-3, "batch_size": 16, "max_length": 64, "save_steps": 50,
+                     "general_share": 0.1, **sft_settings}
+    recipe["dpo"] = {"epochs": 2, "lr": 1e-3, "batch_size": 8, "max_length": 64, "on_policy": True,
+                     "on_policy_questions": 6, "answer_tokens": 8, "precompute_ref": True}
+    recipe["evaluate"].update(models=["pretrain", "sft", "dpo"], samples=1)
+    recipe["evaluate"].pop("select")
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def posttrained(tmp_path_factory, small_corpus):
+    """post_recipe run once through every stage for all test workers (a file lock in the shared temp
+    root): (recipe path, workdir). Tests must treat it as read-only."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp().parent / "posttrained"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").is_file():
+            recipe = write_recipe(root, post_recipe(small_corpus, root / "w"))
+            r = slmforge("run", str(recipe))
+            assert r.returncode == 0, r.stderr[-3000:]
+            (root / "done").write_text("ok")
+    return root / "recipe.yaml", root / "w"
