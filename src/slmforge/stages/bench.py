@@ -31,7 +31,7 @@ from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, terms_in, trivial_baselines
 from slmforge.records import read_documents
 from slmforge.stages import synth
-from slmforge.stages.synth import chunk_document, ngrams
+from slmforge.stages.synth import ngrams, split_chunks
 
 NAME = "bench"
 INPUTS = ("curate", "synth")
@@ -133,11 +133,6 @@ def _qa_item(teacher: ExtractiveTeacher, chunk: Chunk, rng: random.Random) -> di
             "answer": t}
 
 
-def _chunks(curate: Artifact, split: str, domain: list[str], chunk_chars: int) -> list[Chunk]:
-    return [c for s in domain for d in read_documents(curate.path / "data" / split, s)
-            for c in chunk_document(d, chunk_chars)]
-
-
 def make_sets(chunks: list[Chunk], wanted: dict[str, int], train_grams: set[int], cfg: Config,
               written: dict | None = None) -> tuple[dict, Counter]:
     """Items per set from the chunks (by the extractive teacher, or looked up in `written`, a model
@@ -185,7 +180,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     curate, synth_art = inputs["curate"], inputs["synth"]
     roles = curate.manifest["metrics"]["roles"]
     domain = [s for s, r in roles.items() if r == "domain"]
-    chunks = _chunks(curate, "test", domain, cfg.chunk_chars)
+    chunks = split_chunks(curate, "test", domain, cfg.chunk_chars)
     if not chunks:
         raise UserError("bench: the domain test split is empty; raise curate.test_fraction")
     info(f"  bench · {len(chunks)} test chunks; indexing training text for decontamination")
@@ -201,7 +196,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     sets, dropped = make_sets(chunks, wanted, train_grams, cfg, written)
     # dev sets from the val split, never the test split: evaluate.select picks checkpoints on them
     dev: dict[str, list] = {}
-    dev_chunks = _chunks(curate, "val", domain, cfg.chunk_chars) if cfg.dev else []
+    dev_chunks = split_chunks(curate, "val", domain, cfg.chunk_chars) if cfg.dev else []
     if dev_chunks:
         dev_wanted = {k: cfg.dev for k in CHOICE_SETS}
         dev_written = _from_model_teacher(cfg, dev_chunks, dev_wanted, cache) if written is not None else None

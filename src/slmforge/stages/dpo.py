@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 from pydantic import Field
@@ -26,7 +25,7 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
-from slmforge.stages.sft import held_out, save_model
+from slmforge.stages.sft import fit, held_out, params_changed, save_model, trainer_args
 
 NAME = "dpo"
 INPUTS = ("curate", "synth", "sft")
@@ -94,31 +93,23 @@ def on_policy_pairs(cfg: Config, model, tok, items: list[dict], chunks: dict[str
     return pairs, {"asked": asked, "grounded": grounded, "pairs": len(pairs)}
 
 
-def _chunks(curate: Artifact, ids: set[str]) -> dict[str, str]:
-    from slmforge.records import read_documents
-    from slmforge.stages.synth import chunk_document
+def _chunks(curate: Artifact, synth: Artifact, ids: set[str]) -> dict[str, str]:
+    """The texts of the synth stage's chunks with these ids, cut as synth cut them (its chunk_chars)."""
+    from slmforge.stages.synth import split_chunks
 
-    docs = {i.rsplit("#", 1)[0] for i in ids}
-    return {c.id: c.text for d in read_documents(curate.path / "data" / "train") if d["id"] in docs
-            for c in chunk_document(d, 1500) if c.id in ids}
+    domain = [s for s, r in curate.manifest["metrics"]["roles"].items() if r == "domain"]
+    chunk_chars = synth.manifest["config"]["chunk_chars"]
+    return {c.id: c.text for c in split_chunks(curate, "train", domain, chunk_chars) if c.id in ids}
 
 
 def make_trainer(cfg: Config, model, tok, train: list[dict], held: list[dict], work: Path):
-    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from slmforge.stages.pretrain import use_bf16
-
     max_length = min(cfg.max_length, model.config.max_position_embeddings)
     args = DPOConfig(
-        output_dir=str(work), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=0.05, beta=cfg.beta,
-        loss_type=[cfg.loss_type], precompute_ref_log_probs=cfg.precompute_ref, max_length=max_length,
-        eval_strategy="epoch" if held else "no", save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=1, logging_steps=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        bf16=use_bf16(cfg.precision), use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        **trainer_args(cfg, work, bool(held), 0.05), beta=cfg.beta, loss_type=[cfg.loss_type],
+        precompute_ref_log_probs=cfg.precompute_ref, max_length=max_length, logging_steps=1,
     )
     fields = ("prompt", "chosen", "rejected")
     return DPOTrainer(model=model, ref_model=None, args=args, processing_class=tok,
@@ -127,8 +118,6 @@ def make_trainer(cfg: Config, model, tok, train: list[dict], held: list[dict], w
 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
-    import torch
-
     from slmforge import dist
     from slmforge.modeling import load_model
 
@@ -153,7 +142,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         else:
             wanted = {it["chunk_id"] for it in items if it["kind"] in ("qa", "instruction")}
             info(f"  dpo · the {name} model answers up to {cfg.on_policy_questions} synthetic questions")
-            extra, stats["on_policy"] = on_policy_pairs(cfg, model, tok, items, _chunks(inputs["curate"], wanted))
+            extra, stats["on_policy"] = on_policy_pairs(cfg, model, tok, items, _chunks(inputs["curate"], inputs["synth"], wanted))
             if dist.is_main():
                 cached.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in extra), encoding="utf-8")
                 (out / "on_policy.json").write_text(json.dumps(stats["on_policy"]))
@@ -168,29 +157,21 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     work = out / "trainer-dpo"
     trainer = make_trainer(cfg, model, tok, train, held, work)
-    resume = any(work.glob("checkpoint-*"))
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    wall = time.time() - t0
-    evals = trainer.evaluate() if held else {}
+    run = fit(trainer, work, "dpo", bool(held))
     if cfg.precompute_ref and dist.is_main() and "ref_chosen_logps" in trainer.train_dataset.column_names:
         ds = trainer.train_dataset
         with open(out / "ref_logps.jsonl", "w", encoding="utf-8") as f:
             for c, r in zip(ds["ref_chosen_logps"], ds["ref_rejected_logps"]):
                 f.write(json.dumps({"ref_chosen_logps": c, "ref_rejected_logps": r}) + "\n")
-    log = [r for r in trainer.state.log_history if "loss" in r]
-    changed = sum(not torch.equal(before[k], v.detach().cpu()) for k, v in trainer.model.named_parameters())
+    evals = run["evals"]
     acc_key = next((k for k in evals if k.endswith("rewards/accuracies")), None)
-    metrics = {"steps": trainer.state.global_step, "train_loss": round(result.training_loss, 4),
-               "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-               "eval_loss": round(evals["eval_loss"], 4) if "eval_loss" in evals else None,
-               "eval_reward_accuracy": round(evals[acc_key], 4) if acc_key else None,
-               "train_time_s": round(wall, 1), "tokens_per_s": None, "params_changed": f"{changed}/{len(before)}",
+    metrics = {**run["metrics"], "eval_reward_accuracy": round(evals[acc_key], 4) if acc_key else None,
+               "tokens_per_s": None, "params_changed": params_changed(before, trainer.model),
                "beta": cfg.beta, "loss_type": cfg.loss_type}
     entry = {}
     if dist.is_main():
-        entry = save_model({"model": trainer.model, "tokenizer": tok, "log": log, "wall": wall, "tokens": 0,
-                            "metrics": metrics}, out, "dpo", base, stats, NAME)
+        entry = save_model({"model": trainer.model, "tokenizer": tok, "log": run["log"], "wall": run["wall"],
+                            "tokens": 0, "metrics": metrics}, out, "dpo", base, stats, NAME)
         shutil.rmtree(work, ignore_errors=True)
     dist.barrier()
     _print(entry)

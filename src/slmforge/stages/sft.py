@@ -170,12 +170,10 @@ def general_examples(cfg: Config, curate: Artifact, n: int) -> list[list[dict]]:
         rng.shuffle(rows)
         return rows[:n]
     from slmforge.extractive import ExtractiveTeacher, Pool
-    from slmforge.records import read_documents
-    from slmforge.stages.synth import chunk_document
+    from slmforge.stages.synth import split_chunks
 
     general = [s for s, r in curate.manifest["metrics"]["roles"].items() if r == "general"]
-    chunks = [c for s in general for d in read_documents(curate.path / "data" / "train", s)
-              for c in chunk_document(d, 1500)]
+    chunks = split_chunks(curate, "train", general, 1500)
     rng.shuffle(chunks)
     teacher = ExtractiveTeacher(Pool.build(chunks[:2000]), cfg.seed)
     out: list[list[dict]] = []
@@ -237,6 +235,46 @@ def _base(cfg: Config, pretrain: Artifact) -> Path:
     return p
 
 
+def trainer_args(cfg, work: Path, has_eval: bool, warmup: float) -> dict:
+    """The TrainingArguments fields sft and dpo share (cfg: either stage's Config)."""
+    import torch
+
+    from slmforge.stages.pretrain import use_bf16
+
+    return dict(
+        output_dir=str(work), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=warmup,  # < 1: a share of the steps
+        eval_strategy="epoch" if has_eval else "no", save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed, bf16=use_bf16(cfg.precision),
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+
+
+def fit(trainer, work: Path, label: str, has_eval: bool) -> dict:
+    """Train (resuming from the last checkpoint in `work`), then evaluate: the result, the loss log,
+    the eval figures and the metrics every post-training stage reports."""
+    checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if checkpoints:
+        info(f"  {label}: resuming from {checkpoints[-1].name}")
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=True if checkpoints else None)
+    wall = time.time() - t0
+    evals = trainer.evaluate() if has_eval else {}
+    log = [r for r in trainer.state.log_history if "loss" in r]
+    return {"wall": wall, "evals": evals, "log": log,
+            "metrics": {"steps": trainer.state.global_step, "train_loss": round(result.training_loss, 4),
+                        "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
+                        "eval_loss": round(evals["eval_loss"], 4) if "eval_loss" in evals else None,
+                        "train_time_s": round(wall, 1)}}
+
+
+def params_changed(before: dict, model) -> str:
+    """'changed/total' parameter tensors of `model` against a copy taken before training."""
+    import torch
+
+    return f"{sum(not torch.equal(before[k], v.detach().cpu()) for k, v in model.named_parameters())}/{len(before)}"
+
+
 def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_template: str | None = None) -> dict:
     """Fine-tune `base` on data["train"] with trl's SFTTrainer; the merged model goes to out/name."""
     import torch
@@ -245,7 +283,6 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_
     from trl import SFTConfig, SFTTrainer
 
     from slmforge.modeling import load_model
-    from slmforge.stages.pretrain import use_bf16
 
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated")  # trl's own config
@@ -255,20 +292,14 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     max_length = min(cfg.max_length, model.config.max_position_embeddings)
     work = out / f"trainer-{name}"
-    bf16 = use_bf16(cfg.precision)
     # On CPU, trl's best-fit packing (padding-free: position ids, no padding) trains 1,262 real tokens/s
     # against 2,135 for plain wrapped packing and 753 unpacked (demo specialist, 16 x 256 tokens, bf16;
     # benchmarks/sft_packing.py): without a flash-attention kernel the packed layout costs time
     strategy = cfg.packing if cfg.packing != "auto" else ("bfd" if torch.cuda.is_available() else "wrapped")
     args = SFTConfig(
-        output_dir=str(work), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # < 1: a share of the steps
-        weight_decay=cfg.weight_decay, max_length=max_length, packing=strategy != "none",
-        packing_strategy=strategy if strategy != "none" else "bfd", assistant_only_loss=True,
-        eval_strategy="epoch" if data["eval"] else "no", save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=1, logging_steps=10, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        bf16=bf16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=False,
+        **trainer_args(cfg, work, bool(data["eval"]), cfg.warmup_ratio), weight_decay=cfg.weight_decay,
+        max_length=max_length, packing=strategy != "none", packing_strategy=strategy if strategy != "none" else "bfd",
+        assistant_only_loss=True, logging_steps=10, disable_tqdm=False,
     )
     peft_config = None
     if cfg.lora:
@@ -279,27 +310,18 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_
     trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=peft_config,
                          train_dataset=Dataset.from_list([{"messages": m} for m in data["train"]]),
                          eval_dataset=Dataset.from_list([{"messages": m} for m in data["eval"]]) if data["eval"] else None)
-    resume = any(work.glob("checkpoint-*"))
-    if resume:
-        info(f"  sft · {name}: resuming from {max(work.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1])).name}")
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    wall = time.time() - t0
-    evals = trainer.evaluate() if data["eval"] else {}
+    run = fit(trainer, work, f"sft · {name}", bool(data["eval"]))
     model = trainer.model
     if cfg.lora:
         model.save_pretrained(str(out / name / "adapter"))
         model = model.merge_and_unload()
-    changed = sum(not torch.equal(before[k], v.detach().cpu()) for k, v in model.named_parameters())
-    log = [r for r in trainer.state.log_history if "loss" in r]
+    wall = run["wall"]
     tokens = int(trainer.state.num_input_tokens_seen or 0) or sum(
         len(x) for x in trainer.train_dataset["input_ids"]) * math.ceil(cfg.epochs)
-    return {"model": model, "tokenizer": tok, "log": log, "wall": wall, "tokens": tokens,
-            "metrics": {"steps": trainer.state.global_step, "train_loss": round(result.training_loss, 4),
-                        "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-                        "eval_loss": round(evals["eval_loss"], 4) if "eval_loss" in evals else None,
-                        "train_time_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 1) if wall else None,
-                        "params_changed": f"{changed}/{len(before)}", "lora": cfg.lora.model_dump() if cfg.lora else None}}
+    return {"model": model, "tokenizer": tok, "log": run["log"], "wall": wall, "tokens": tokens,
+            "metrics": {**run["metrics"], "tokens_per_s": round(tokens / wall, 1) if wall else None,
+                        "params_changed": params_changed(before, model),
+                        "lora": cfg.lora.model_dump() if cfg.lora else None}}
 
 
 def save_model(result: dict, out: Path, name: str, base: Path, data_stats: dict, stage: str) -> dict:
@@ -332,8 +354,9 @@ def save_model(result: dict, out: Path, name: str, base: Path, data_stats: dict,
 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
+    from transformers import AutoTokenizer
+
     from slmforge import dist
-    from slmforge.modeling import load_model
 
     dist.init()
     base = _base(cfg, inputs["pretrain"])
@@ -341,7 +364,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     items = [it for it in items if it["kind"] in cfg.kinds]
     if not items:
         raise UserError(f"sft: the synth stage made no items of the kinds {', '.join(cfg.kinds)}; check synth.kinds")
-    _, tok = load_model(base)
+    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)  # only to count tokens (alpha)
     n_domain = sum(len(examples_of(it)) for it in items)
     general = general_examples(cfg, inputs["curate"], round(n_domain * cfg.general_share / (1 - cfg.general_share)))
     plans = [("sft", False)]

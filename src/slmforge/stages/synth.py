@@ -127,6 +127,12 @@ def chunk_document(doc: dict, chunk_chars: int) -> list[Chunk]:
     return out
 
 
+def split_chunks(curate: Artifact, split: str, sources: list[str], chunk_chars: int) -> list[Chunk]:
+    """Every chunk of the sources' documents in one split of the curate stage."""
+    return [c for s in sources for d in read_documents(curate.path / "data" / split, s)
+            for c in chunk_document(d, chunk_chars)]
+
+
 def select_chunks(chunks: list[Chunk], max_chunks: int | None, topics: list[str] | None, seed: int) -> list[Chunk]:
     """Cover topics (or documents) evenly: round-robin over groups, in a seeded order."""
     groups: dict[str, list[Chunk]] = defaultdict(list)
@@ -352,8 +358,7 @@ def _heldout(curate: Artifact, n: int) -> set[int]:
 def _build(cfg: Config, curate: Artifact, out: Path, cache: Path) -> dict:
     roles = curate.manifest["metrics"]["roles"]
     domain = [s for s, r in roles.items() if r == "domain"]
-    docs = [d for s in domain for d in read_documents(curate.path / "data" / "train", s)]
-    chunks = [c for d in docs for c in chunk_document(d, cfg.chunk_chars)]
+    chunks = split_chunks(curate, "train", domain, cfg.chunk_chars)
     picked = select_chunks(chunks, cfg.max_chunks, cfg.topics, cfg.seed)
     if not picked:
         raise UserError("synth: no chunks to work from; the domain train split is empty")
