@@ -209,6 +209,8 @@ def endpoint_lm(ref: ModelRef):
 
     base = ref.base_url.rstrip("/")
     args = {"model": ref.model or ref.name, "num_concurrent": ref.concurrency, "max_retries": 3, "timeout": 120}
+    if ref.api_key_env:  # the key goes in the request header; the process environment is left alone
+        args["header"] = {"Authorization": f"Bearer {os.environ.get(ref.api_key_env, '')}"}
     if ref.api == "chat":
         return get_model("local-chat-completions")(base_url=f"{base}/chat/completions", **args)
     return get_model("local-completions")(base_url=f"{base}/completions", tokenizer_backend="huggingface",
@@ -343,19 +345,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             ref = e.ref
             run_tasks = tasks if ref.api == "completions" else gen_tasks
             info(f"  evaluate · {e.name} ({ref.api} endpoint {ref.base_url}) on {', '.join(run_tasks)}")
-            env = {"OPENAI_API_KEY": os.environ.get(ref.api_key_env, "")} if ref.api_key_env else {}
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                benchmarks[e.name], answers[e.name] = lm_eval_run(
-                    endpoint_lm(ref), bench.path / "tasks", run_tasks, cfg.bench_limit, cfg.samples,
-                    chat=ref.api == "chat")
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+            benchmarks[e.name], answers[e.name] = lm_eval_run(
+                endpoint_lm(ref), bench.path / "tasks", run_tasks, cfg.bench_limit, cfg.samples, chat=ref.api == "chat")
             if ref.api == "chat":
                 models[e.name]["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
             continue

@@ -295,7 +295,7 @@ def render_html(doc: dict) -> str:
         parts.append("<h2>Sample answers next to the references</h2>" + "".join(
             f"<div class='s'><p class='p'>{e(t)}: {e(p)}</p><p><b>reference</b>: {e(r)}</p>" +
             "".join(f"<p><b>{e(n)}</b>: {e(a)}</p>" for n, a in got.items()) + "</div>" for t, p, r, got in blocks))
-    samples = m.get("samples") or doc["results"].get("samples", {})
+    samples = m.get("samples", {})
     if samples:
         parts.append("<h2>Greedy continuations of test documents</h2>" + "".join(
             f"<div class='s'><p class='p'>{e(p)}</p>" + "".join(f"<p><b>{e(o['model'])}</b>: {e(o['completion'])}</p>"
