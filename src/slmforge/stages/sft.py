@@ -199,18 +199,16 @@ def build_data(cfg: Config, items: list[dict], general: list[list[dict]], tokeni
     train += general
     stats = {"domain_examples": len(train) - len(general), "general_examples": len(general), "eval_examples": len(held)}
     if distill and rationale:
-        def tokens(rows):
-            return sum(len(tokenizer(m[-1]["content"], add_special_tokens=False)["input_ids"]) for m in rows)
+        def tokens(row):
+            return len(tokenizer(row[-1]["content"], add_special_tokens=False)["input_ids"])
 
-        t_label, t_rat = tokens(train), tokens(rationale)
+        sized = [(r, tokens(r)) for r in rationale]
+        t_label, t_rat = sum(map(tokens, train)), sum(n for _, n in sized)
         want = t_label * (1 - cfg.alpha) / cfg.alpha  # rationale-task tokens that give alpha : 1 - alpha
         reps, rest = divmod(want, t_rat)
-        rng = random.Random(cfg.seed)
-        extra = rationale[:]
-        rng.shuffle(extra)
+        random.Random(cfg.seed).shuffle(sized)
         picked, acc = [], 0
-        for r in extra:  # a partial repeat, whole examples, closest to the wanted total
-            n = tokens([r])
+        for r, n in sized:  # a partial repeat, whole examples, closest to the wanted total
             if acc + n / 2 > rest:
                 break
             picked.append(r)
