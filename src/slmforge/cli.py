@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
 
+    # Verbs with their own argument parsers (main() hands them the rest of the command line).
+    sub.add_parser("models", help="the catalog of exported specialists: list, show, add, rm (see `slmforge models -h`)",
+                   add_help=False)
+    sub.add_parser("serve", help="an OpenAI-compatible server for catalog models, with a router (`slmforge serve -h`)",
+                   add_help=False)
+
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run one stage: {STAGE_HELP.get(stage, stage)}")
         p.add_argument("--recipe", required=stage != "plan", help="the recipe YAML")
@@ -120,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plan"] and "--recipe" not in argv and not {"-h", "--help"} & set(argv):
         from slmforge.stages.plan import cli_main
+
+        return cli_main(argv[1:])
+    if argv[:1] == ["models"]:
+        from slmforge.stages.catalog import cli_main
+
+        return cli_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from slmforge.stages.serve import cli_main
 
         return cli_main(argv[1:])
     parser = build_parser()
