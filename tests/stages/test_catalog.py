@@ -138,7 +138,7 @@ def _reader(db: str, ready, stop, q) -> None:
             if lists == 1:
                 ready.put(1)
         q.put(("ok", bad, lists))
-    except Exception as e:  # reported to the test, which fails with it
+    except Exception as e:  # noqa: BLE001 (reported to the test, which fails with it)
         q.put(("error", repr(e)))
 
 

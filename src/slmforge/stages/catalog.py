@@ -28,7 +28,7 @@ import sqlite3
 import sys
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from slmforge.errors import UserError
@@ -175,7 +175,7 @@ class Catalog:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _row(e: Entry) -> tuple:
@@ -217,7 +217,7 @@ def validate_folder(folder: Path) -> dict:
     """Check that `folder` is a loadable, safe causal-LM folder with a card (module docstring); return
     what the catalog records: slmforge.json's fields, with params, context and chat filled in."""
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not folder.is_dir():
@@ -248,8 +248,8 @@ def validate_folder(folder: Path) -> dict:
     for w in weights:
         try:
             with safe_open(str(w), framework="pt") as f:
-                found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-        except Exception as e:  # safetensors raises its own error types for a damaged header
+                found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError) as e:
             raise UserError(f"{w}: not a readable safetensors file ({e}); export the model again") from None
     tied = {k for k in ("lm_head.weight",) if getattr(config, "tie_word_embeddings", False)}
     problems = []
