@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser llama demo test bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ demo: setup
 # The report test renders HTML in headless Chromium (Debian's package; needs root on a fresh machine).
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+# llama.cpp's Python binding, for export's GGUF check (greedy tokens equal to transformers'). PyPI has
+# only its source: the build takes 6-12 min on 2 cores, once (pip caches the wheel), so it is opt-in.
+llama: setup
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  $(BIN)/pip install -q --disable-pip-version-check -e ".[llama]"
 
 test: setup browser
 	$(BIN)/python -m pytest -n 2 --timeout 600 tests

@@ -86,14 +86,22 @@ def small_recipe(corpus: dict[str, Path], workdir: Path, with_model: bool = Fals
     return recipe
 
 
+def run_root(tmp_path_factory, name: str) -> Path:
+    """A folder shared by every worker of this pytest run (xdist workers' temp folders are siblings)
+    and by no other run, so that a run never reuses a pipeline built by older code."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def model_run(tmp_path_factory, small_corpus):
     """The tiny recipe with a model, run once through every stage for all test workers (a file lock in
     the shared temp root): (recipe path, workdir, the CLI's result). Tests must treat it as read-only."""
     import fcntl
 
-    root = tmp_path_factory.getbasetemp().parent / "model_run"
-    root.mkdir(exist_ok=True)
+    root = run_root(tmp_path_factory, "model_run")
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = root / "result.json"
@@ -129,8 +137,7 @@ def posttrained(tmp_path_factory, small_corpus):
     root): (recipe path, workdir). Tests must treat it as read-only."""
     import fcntl
 
-    root = tmp_path_factory.getbasetemp().parent / "posttrained"
-    root.mkdir(exist_ok=True)
+    root = run_root(tmp_path_factory, "posttrained")
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "done").is_file():

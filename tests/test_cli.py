@@ -23,7 +23,7 @@ def test_init_writes_a_recipe_that_loads_and_never_overwrites(tmp_path):
     (target / "data" / "notes.md").write_text("# Notes\n\nThe pump must be primed before start.\n")
     recipe = load_recipe(target / "recipe.yaml")
     assert list(recipe.stages) == ["ingest", "curate", "tokenizer", "plan", "pretrain", "synth", "sft", "dpo",
-                                   "bench", "evaluate", "report"]
+                                   "bench", "evaluate", "report", "export"]
     (target / "recipe.yaml").write_text("name: mine\n")
     r = slmforge("init", str(target))
     assert r.returncode == 2 and "already exists" in r.stderr

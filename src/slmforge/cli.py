@@ -21,6 +21,7 @@ STAGE_HELP = {
     "bench": "domain benchmarks (mcq, completion, qa, summarization) from the test split, as lm-eval tasks",
     "evaluate": "every model on the benchmarks (lm-eval), bits-per-byte on each test split, the quality gate",
     "report": "one HTML page and a Markdown summary of the run: data, tokenizer, models, scores, charts",
+    "export": "Hugging Face folders with model cards, GGUF files and Ollama Modelfiles; adds them to the catalog",
 }
 
 

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from slmforge.errors import UserError
-from slmforge.stages import STAGES
+from slmforge.stages import SERVICES, STAGES
 
 TOP_LEVEL = {
     "name": "a short name for this run (letters, digits, '-', '_')",
@@ -45,6 +45,7 @@ class Recipe:
     name: str
     workdir: Path
     stages: dict[str, StageConfig] = field(default_factory=dict)  # in pipeline order
+    services: dict[str, StageConfig] = field(default_factory=dict)  # e.g. serve: started by its own verb
 
     @property
     def base_dir(self) -> Path:
@@ -75,7 +76,7 @@ def apply_overrides(raw: dict, overrides: list[str], default_section: str | None
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set tokenizer.vocab_size=4096")
         dotted, value = item.split("=", 1)
         parts = dotted.strip().split(".")
-        if default_section and len(parts) == 1 and parts[0] not in TOP_LEVEL and parts[0] not in STAGES:
+        if default_section and len(parts) == 1 and parts[0] not in TOP_LEVEL and parts[0] not in STAGES + SERVICES:
             parts = [default_section, *parts]
         node = raw
         for i, part in enumerate(parts[:-1]):
@@ -123,10 +124,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
 
     problems: list[str] = []
     for key in raw:
-        if key not in TOP_LEVEL and key not in STAGES:
+        if key not in TOP_LEVEL and key not in STAGES + SERVICES:
             problems.append(
-                f"{key}: unknown key; top-level keys are {', '.join(TOP_LEVEL)} and the stages "
-                f"{', '.join(STAGES)}"
+                f"{key}: unknown key; top-level keys are {', '.join(TOP_LEVEL)}, the stages "
+                f"{', '.join(STAGES)} and {', '.join(SERVICES)}"
             )
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -138,8 +139,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
         workdir = f"runs/{name}"
 
     stages: dict[str, StageConfig] = {}
-    context = {"base_dir": path.parent}
-    for stage in STAGES:
+    services: dict[str, StageConfig] = {}
+    context = {"base_dir": path.parent, "recipe_name": name}
+    for stage in STAGES + SERVICES:
         if stage not in raw:
             continue
         section = raw[stage] or {}
@@ -148,7 +150,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
             continue
         cfg_cls = stage_module(stage).Config
         try:
-            stages[stage] = cfg_cls.model_validate(section, context=context)
+            (stages if stage in STAGES else services)[stage] = cfg_cls.model_validate(section, context=context)
         except ValidationError as e:
             problems.extend(_format_errors(stage, e))
     for stage in stages:
@@ -162,7 +164,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
         problems.append(f"the recipe names no stage; add sections such as {', '.join(STAGES[:3])}")
     if problems:
         raise UserError(f"recipe {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    return Recipe(path=path, name=name, workdir=(path.parent / workdir).resolve(), stages=stages)
+    return Recipe(path=path, name=name, workdir=(path.parent / workdir).resolve(), stages=stages, services=services)
 
 
 def stage_inputs(stage: str, cfg: StageConfig) -> tuple[str, ...]:

@@ -5,4 +5,7 @@ Only names live here so that `slmforge --help` imports nothing heavy.
 """
 
 STAGES: tuple[str, ...] = ("ingest", "curate", "tokenizer", "plan", "pretrain", "synth", "sft", "dpo", "bench",
-                           "evaluate", "report")
+                           "evaluate", "report", "export")
+# Recipe sections for long-running services: validated with the stages, started by their own verb
+# (`slmforge serve --recipe R`), never by `slmforge run`.
+SERVICES: tuple[str, ...] = ("serve",)

@@ -1,0 +1,227 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from slmforge.records import read_documents
+
+
+@pytest.fixture(scope="module")
+def exported(posttrained, tmp_path_factory):
+    """The post-trained run copied (the fixture is read-only), then `specialist` and `dpo` exported:
+    (store, export artifact, workdir copy)."""
+    from slmforge.artifacts import ArtifactStore
+    from slmforge.stages import export
+
+    _, workdir = posttrained
+    work = tmp_path_factory.mktemp("export") / "w"
+    shutil.copytree(workdir, work)
+    store = ArtifactStore(work)
+    cfg = export.Config.model_validate({"models": ["specialist", "dpo"], "gguf": "f16", "router_docs": 5},
+                                       context={"recipe_name": "t"})
+    return store, export.run(cfg, store), work
+
+
+def _greedy(model, ids, n=12):
+    with torch.no_grad():
+        return model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=2)[0].tolist()
+
+
+def test_the_hf_folder_loads_with_transformers_and_generates_like_the_source(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmforge.modeling import load_model
+
+    store, art, _ = exported
+    folder = art.path / "t-dpo"
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "README.md", "slmforge.json", "Modelfile"} <= {p.name for p in folder.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    source, stok = load_model(store.resolve("dpo:latest").path / "dpo")
+    for prompt in ("The VACUUM command", "SELECT * FROM"):
+        assert tok(prompt)["input_ids"] == stok(prompt)["input_ids"]
+        assert _greedy(model, tok(prompt, return_tensors="pt")) == _greedy(source, stok(prompt, return_tensors="pt"))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        stok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_the_card_has_front_matter_and_scores_the_hub_reads(exported):
+    from huggingface_hub import ModelCard
+
+    store, art, _ = exported
+    text = (art.path / "t-dpo" / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+    assert "license" not in front  # not known unless export.license says it
+    results = json.loads((store.resolve("evaluate:latest").path / "results.json").read_text())
+    card = ModelCard.load(art.path / "t-dpo" / "README.md")
+    got = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    mcq = results["benchmarks"]["dpo"]["slmforge_mcq"]["acc"]
+    assert got[("slmforge_mcq", "acc")] == mcq
+    assert got[("slmforge_pg", "bpb")] == results["scores"]["dpo"]["pg"]["bpb"]
+    assert f"| mcq · acc (headline) | {mcq:.3f} | {results['benchmarks']['generalist']['slmforge_mcq']['acc']:.3f} |" \
+        in text
+    assert "ollama create t-dpo -f Modelfile" in text
+
+
+def test_slmforge_json_describes_the_export(exported):
+    from slmforge.stages.export import llama_cpp_available
+
+    store, art, _ = exported
+    results = json.loads((store.resolve("evaluate:latest").path / "results.json").read_text())
+    for name, model, chat in (("t-dpo", "dpo", True), ("t-specialist", "specialist", False)):
+        doc = json.loads((art.path / name / "slmforge.json").read_text())
+        assert doc["format"] == 1 and doc["name"] == name and doc["domain"] == "pg" and doc["chat"] is chat
+        assert doc["context"] == 64 and doc["tokenizer"] == {"type": "byte-level BPE", "vocab_size": 600}
+        assert doc["params"] == results["models"][model]["shape"]["params"]
+        assert doc["scores"]["mcq/acc"] == results["benchmarks"][model]["slmforge_mcq"]["acc"]
+        assert doc["scores"]["bpb/general"] == results["scores"][model]["general"]["bpb"]
+        assert doc["gguf"] == f"{name}.f16.gguf" and (art.path / name / doc["gguf"]).is_file()
+        assert doc["gguf_verified"] is (True if llama_cpp_available() else None)
+        assert doc["router"] == {"train": "domain/train.jsonl", "test": "domain/test.jsonl"}
+        assert doc["lineage"]["model"] == model and doc["lineage"]["recipe"] == "t"
+        assert set(doc["lineage"]["stages"]) >= {"ingest", "curate", "tokenizer", "pretrain", "evaluate"}
+    dpo = json.loads((art.path / "t-dpo" / "slmforge.json").read_text())
+    assert dpo["lineage"]["stages"]["dpo"] == store.resolve("dpo:latest").key
+    assert dpo["lineage"]["stages"]["sft"] == store.resolve("sft:latest").key
+    pre = store.resolve("pretrain:latest").manifest["metrics"]["models"]["specialist"]["tokens"]
+    sft = store.resolve("sft:latest").manifest["metrics"]["models"]["sft-rationale"]["tokens"]
+    assert dpo["training_tokens"] == pre + sft  # dpo counts no tokens of its own
+
+
+def test_domain_samples_come_from_the_train_and_test_splits(exported):
+    store, art, _ = exported
+    curate = store.resolve("curate:latest")
+    split = {s: {r["text"] for r in read_documents(curate.path / "data" / s, "pg", columns=["text"])}
+             for s in ("train", "test")}
+    general = {r["text"] for r in read_documents(curate.path / "data" / "train", "general", columns=["text"])}
+    for part in ("train", "test"):
+        rows = [json.loads(x) for x in (art.path / "t-dpo" / "domain" / f"{part}.jsonl").read_text().splitlines()]
+        assert len(rows) == min(5, len(split[part]))
+        for r in rows:  # each row is a document of the right split (cut at 4000 chars), never a general one
+            assert any(t.startswith(r["text"]) for t in split[part])
+            assert not any(t.startswith(r["text"]) for t in general)
+    test = (art.path / "t-dpo" / "domain" / "test.jsonl").read_text()
+    train = (art.path / "t-dpo" / "domain" / "train.jsonl").read_text()
+    assert not set(test.splitlines()) & set(train.splitlines())
+
+
+def test_the_gguf_reads_back_with_the_weights_and_tokenizer(exported):
+    import gguf
+    from safetensors.numpy import load_file
+
+    from slmforge.stages.export import _permute
+
+    _, art, _ = exported
+    folder = art.path / "t-dpo"
+    cfg = json.loads((folder / "config.json").read_text())
+    r = gguf.GGUFReader(folder / "t-dpo.f16.gguf")
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == cfg["num_hidden_layers"]
+    assert meta["llama.embedding_length"] == cfg["hidden_size"] and meta["llama.context_length"] == 64
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "llama-bpe"
+    assert meta["tokenizer.ggml.bos_token_id"] == 0 and meta["tokenizer.ggml.add_bos_token"] is True
+    assert "{% generation %}" not in meta["tokenizer.chat_template"] and "[label] " in meta["tokenizer.chat_template"]
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {t: i for t, i in tj["model"]["vocab"].items()}
+    assert meta["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    assert meta["tokenizer.ggml.token_type"][:6] == [3, 3, 3, 3, 3, 1]  # specials are CONTROL
+    assert len(meta["tokenizer.ggml.merges"]) == len(tj["model"]["merges"])
+    tensors = {t.name: t for t in r.tensors}
+    assert len(tensors) == 2 + 9 * cfg["num_hidden_layers"]  # embeddings, final norm; tied output omitted
+    hf = load_file(folder / "model.safetensors")
+    q = tensors["blk.1.attn_q.weight"]
+    assert q.tensor_type == gguf.GGMLQuantizationType.F16 and list(q.shape[::-1]) == list(hf[
+        "model.layers.1.self_attn.q_proj.weight"].shape)
+    want = _permute(hf["model.layers.1.self_attn.q_proj.weight"], cfg["num_attention_heads"]).astype(np.float16)
+    np.testing.assert_array_equal(np.asarray(q.data).reshape(want.shape), want)
+    norm = tensors["blk.0.attn_norm.weight"]
+    assert norm.tensor_type == gguf.GGMLQuantizationType.F32
+    np.testing.assert_array_equal(norm.data, hf["model.layers.0.input_layernorm.weight"])
+
+
+def test_the_modelfile_uses_the_chat_format(exported):
+    _, art, _ = exported
+    chat = (art.path / "t-dpo" / "Modelfile").read_text()
+    assert chat.startswith("FROM ./t-dpo.f16.gguf") and "<|im_start|>{{ .Role }}" in chat
+    assert '[label] ' in chat and 'PARAMETER stop "<|im_end|>"' in chat and "PARAMETER num_ctx 64" in chat
+    base = (art.path / "t-specialist" / "Modelfile").read_text()
+    assert 'TEMPLATE """{{ .Prompt }}"""' in base and "<|im_start|>" not in base
+
+
+def test_bad_settings_give_one_clear_error():
+    from pydantic import ValidationError
+
+    from slmforge.config import _format_errors
+    from slmforge.stages import export
+
+    with pytest.raises(ValidationError) as e:
+        export.Config.model_validate({"models": ["specialst", "dpo"]})
+    (msg,) = _format_errors("export", e.value)
+    assert msg.startswith("export.models: ") and "'specialst'" in msg and "specialist, generalist, sft" in msg
+    with pytest.raises(ValidationError) as e:
+        export.Config.model_validate({"models": ["dpo"], "names": {"dpo": "Bad Name"}})
+    assert "'Bad Name' must be" in _format_errors("export", e.value)[0]
+    assert export.Config.model_validate({}, context={"recipe_name": "Demo"}).export_name("specialist") == \
+        "demo-specialist"
+    assert export.Config().export_name("dpo") == "dpo"
+    assert export.needs(export.Config(models=["dpo", "specialist"])) == ("curate", "evaluate", "dpo", "pretrain")
+
+
+def test_llama_cpp_decodes_the_gguf_like_transformers(exported, tmp_path):
+    """Opt-in (needs llama-cpp-python): f32 and f16 files give transformers' greedy tokens; q8_0 is reported."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from slmforge.stages.export import verify_gguf, verify_prompts, write_gguf
+
+    store, art, _ = exported
+    folder = art.path / "t-dpo"
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    curate = store.resolve("curate:latest")
+    texts = [r["text"] for r in read_documents(curate.path / "data" / "test", "pg", columns=["text"])][:3]
+    prompts = verify_prompts(tok, texts, chat=True)
+    assert len(prompts) == 4 and "<|im_start|>" in prompts[-1]
+    report = {}
+    for outtype in ("f32", "f16", "q8_0"):
+        path = write_gguf(folder, tmp_path / f"m.{outtype}.gguf", outtype, "t")
+        v = verify_gguf(tmp_path / path["file"], folder, outtype, prompts, context=64)
+        assert v["tokenization_equal"], v
+        if outtype != "q8_0":
+            assert v["passed"] and v["exact"], v
+            assert all(r["matching_prefix"] == 16 for r in v["prompts"]), v  # no near ties on these prompts
+        report[outtype] = v["agreement"]
+    print("llama.cpp greedy agreement with transformers:", report)
+
+
+def test_slmforge_export_from_a_recipe(posttrained, tmp_path):
+    """The CLI verb on a copy of the post-trained run: names from the recipe, q8_0, one error for a bad model."""
+    from tests.conftest import slmforge
+
+    recipe_path, workdir = posttrained
+    shutil.copytree(workdir, tmp_path / "w")
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe["workdir"] = str(tmp_path / "w")
+    recipe["export"] = {"models": ["sft"], "gguf": "q8_0", "verify": False, "router_docs": 3,
+                        "catalog": str(tmp_path / "catalog.db")}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    r = slmforge("export", "--recipe", str(path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = tmp_path / "w" / "export" / (tmp_path / "w" / "export" / "latest").read_text().strip() / "t-sft"
+    doc = json.loads((folder / "slmforge.json").read_text())
+    assert doc["gguf"] == "t-sft.q8_0.gguf" and doc["gguf_verified"] is None and doc["lineage"]["recipe"] == "t"
+    assert (folder / "t-sft.q8_0.gguf").stat().st_size < 0.5 * (folder / "model.safetensors").stat().st_size
+    from slmforge.stages.catalog import Catalog
+
+    entry = Catalog(tmp_path / "catalog.db").get("t-sft")  # export added it, validated, to the catalog
+    assert entry.path == folder.resolve() and entry.domain == doc["domain"] and entry.scores == doc["scores"]
+    assert entry.router == doc["router"] and entry.gguf == "t-sft.q8_0.gguf"
+    bad = slmforge("export", "--recipe", str(path), "--set", "export.models=[specialst]")
+    assert bad.returncode == 2
+    assert bad.stderr.count("export.models: ") == 1 and "'specialst'" in bad.stderr, bad.stderr
