@@ -660,7 +660,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
     can_verify = want_verify and llama_cpp_available()
     if want_verify and not can_verify:
         info("  export · llama-cpp-python is not installed, so the GGUF files are not checked (gguf_verified: "
-             "null). To check them: `pip install llama-cpp-python` (builds llama.cpp from source), then "
+             "null). To check them: `make llama` (pip install llama-cpp-python; it builds llama.cpp from source, "
+             "6-12 min on 2 cores), then "
              "`slmforge export --recipe RECIPE --force`")
     exports = {}
     for model in cfg.models:
