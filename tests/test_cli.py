@@ -24,6 +24,7 @@ def test_init_writes_a_recipe_that_loads_and_never_overwrites(tmp_path):
     recipe = load_recipe(target / "recipe.yaml")
     assert list(recipe.stages) == ["ingest", "curate", "tokenizer", "plan", "pretrain", "synth", "sft", "dpo",
                                    "bench", "evaluate", "report", "export"]
+    assert list(recipe.services) == ["serve"] and recipe.services["serve"].catalog == str(target / "catalog.db")
     (target / "recipe.yaml").write_text("name: mine\n")
     r = slmforge("init", str(target))
     assert r.returncode == 2 and "already exists" in r.stderr

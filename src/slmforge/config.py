@@ -160,7 +160,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
                     f"{stage}: needs the {dep} stage's output; add a `{dep}:` section to the recipe "
                     f"(an empty one takes the defaults)"
                 )
-    if not stages and not problems:
+    if not stages and not services and not problems:
         problems.append(f"the recipe names no stage; add sections such as {', '.join(STAGES[:3])}")
     if problems:
         raise UserError(f"recipe {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))

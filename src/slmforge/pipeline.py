@@ -40,6 +40,9 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: str | None = None
     """Run the recipe's stages in order, up to `until` (inclusive); `only` runs one stage, running
     the stages it needs first if they are not cached. `force` re-runs the named stages."""
     names = list(recipe.stages)
+    if not names:
+        raise UserError(f"recipe {recipe.path} has no stage to run, only {', '.join(recipe.services)} "
+                        f"(start it with `slmforge serve --recipe {recipe.path}`)")
     for name in (until, only, *force):
         if name is not None and name not in names:
             raise UserError(f"stage {name!r} is not in recipe {recipe.path} (it has: {', '.join(names)})")

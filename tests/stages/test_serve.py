@@ -1,0 +1,348 @@
+"""slmforge serve through the official openai client, on loopback: one server per module (two tiny models,
+API keys, one generation slot and no queue), a second one forwarding low-confidence auto requests to the first
+as its fallback endpoint, and the chat page in headless Chromium."""
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from slmforge.errors import UserError
+from slmforge.stages import serve
+from slmforge.stages.serve import Config, _held_back, build_config, create_app
+
+KEY_ENV = "SLMFORGE_TEST_SERVE_KEYS"
+KEY = "test-key-1"
+PG_PROMPT = "How do I create an index on a table with CREATE INDEX, and when does VACUUM run?"
+
+
+def _export_like(model_dir: Path, out: Path, name: str, domain: str, train: list[str], test: list[str]) -> Path:
+    """An export folder as stages/export.py writes it (the parts serve reads), built here by hand."""
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("snapshots", "*.jsonl"))
+    (out / "domain").mkdir()
+    for split, texts in (("train", train), ("test", test)):
+        (out / "domain" / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (out / "slmforge.json").write_text(json.dumps({
+        "format": 1, "name": name, "domain": domain, "description": f"test {domain} model", "context": 64,
+        "chat": True, "router": {"train": "domain/train.jsonl", "test": "domain/test.jsonl"}}))
+    return out
+
+
+class Live:
+    """create_app's app under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def client(self, key: str | None = KEY, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _texts(path: Path) -> list[str]:
+    return [json.loads(x)["text"] for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def exports(model_run, small_corpus, tmp_path_factory):
+    _, workdir, result = model_run
+    assert result.returncode == 0, result.stderr[-2000:]
+    pre = next(m.parent for m in sorted((workdir / "pretrain").glob("*/manifest.json"))
+               if (m.parent / "generalist").is_dir())
+    pg, gen = _texts(small_corpus["domain"]), _texts(small_corpus["general"])
+    root = tmp_path_factory.mktemp("serve-exports")
+    return {"spec": _export_like(pre / "specialist", root / "spec", "spec", "pg", pg[:22], pg[22:]),
+            "gen": _export_like(pre / "generalist", root / "gen", "gen", "general", gen[:120], gen[120:]),
+            "pg_test": pg[22:], "gen_test": gen[120:]}
+
+
+@pytest.fixture(scope="module")
+def live(exports):
+    os.environ[KEY_ENV] = f"{KEY},other-key"
+    try:
+        cfg = Config(models=[str(exports["spec"]), str(exports["gen"])], api_keys_env=KEY_ENV, max_concurrency=1,
+                     max_queue=0, max_tokens=8)
+        server = Live(create_app(cfg, log=lambda msg: None))
+    finally:
+        del os.environ[KEY_ENV]
+    yield server
+    server.stop()
+
+
+def test_models_listed_and_keys_required(live):
+    ids = [m.id for m in live.client().models.list().data]
+    assert ids == ["auto", "spec", "gen"]
+    for key in (None, "wrong"):
+        with pytest.raises(openai.AuthenticationError) as e:
+            live.client(key).models.list()
+        assert e.value.code == "invalid_api_key"
+    assert httpx.get(live.url + "/").status_code == 200  # the page itself is public; its requests carry the key
+
+
+def test_completion_usage_and_seeds(live, exports):
+    from transformers import AutoTokenizer
+
+    c = live.client()
+    r = c.completions.create(model="spec", prompt="The catalog pg_class stores", max_tokens=6, temperature=0)
+    tok = AutoTokenizer.from_pretrained(str(exports["spec"]))
+    assert r.model == "spec" and r.object == "text_completion"
+    assert r.usage.prompt_tokens == len(tok("The catalog pg_class stores").input_ids)
+    assert 1 <= r.usage.completion_tokens <= 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+    again = c.completions.create(model="spec", prompt="The catalog pg_class stores", max_tokens=6, temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+    sampled = [c.completions.create(model="gen", prompt="A", max_tokens=12, temperature=1.0, seed=s)
+               .choices[0].text for s in (1, 1, 2, 3, 4)]
+    assert sampled[0] == sampled[1]  # same seed, same sample
+    assert len(set(sampled[1:])) > 1  # different seeds sample differently
+
+
+def test_stop_sequences_cut_the_text(live):
+    c = live.client()
+    full = c.completions.create(model="gen", prompt="The", max_tokens=20, temperature=0).choices[0].text
+    stripped = full.strip()
+    assert len(stripped) >= 4, full
+    stop = stripped[len(stripped) // 2: len(stripped) // 2 + 2]
+    r = c.completions.create(model="gen", prompt="The", max_tokens=20, temperature=0, stop=[stop, "zzzz"])
+    assert r.choices[0].text == full[: full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_chat_streaming_matches_non_streaming(live):
+    c = live.client()
+    msgs = [{"role": "user", "content": "What is a table?"}]
+    whole = c.chat.completions.create(model="spec", messages=msgs, max_tokens=8, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    chunks = list(c.chat.completions.create(model="spec", messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert all(ch.model == "spec" for ch in chunks)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="spec", prompt="SELECT", max_tokens=6, temperature=0, stream=True))
+    assert streamed == c.completions.create(model="spec", prompt="SELECT", max_tokens=6, temperature=0).choices[0].text
+
+
+def test_invalid_requests_get_openai_errors(live):
+    c = live.client()
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="spec", messages=msgs, temperature=3)
+    assert e.value.body["param"] == "temperature" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="spec", messages=msgs, n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="spec", messages=msgs, max_tokens=10_000)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="spec", prompt="SELECT * FROM pg_class; " * 40, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="spec", messages=msgs, stop=["a", "b", "c", "d", "e"])
+    assert e.value.body["param"] == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="spec", messages=msgs, extra_body={"best_guess": True})
+    assert e.value.body["param"] == "best_guess"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="nope", messages=msgs)
+    assert e.value.code == "model_not_found"
+    r = httpx.post(live.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert c.completions.create(model="spec", prompt="ok", max_tokens=2).usage.completion_tokens >= 1  # still up
+
+
+def test_full_server_answers_429(live):
+    """One slot, no queue: of several simultaneous requests some get 429 (Retry-After), none crash."""
+    clients = [live.client() for _ in range(6)]
+    for c in clients:  # warm up each client (lazy imports, connection) so that the six requests really overlap
+        c.completions.create(model="spec", prompt="The", max_tokens=1)
+    start = threading.Barrier(6)
+    results: list = []
+
+    def one(c):
+        start.wait()
+        try:
+            # temperature 2 flattens the distribution: end-of-text is unlikely, so each request runs ~60 tokens
+            c.completions.create(model="spec", prompt="The", max_tokens=60, temperature=2.0, seed=0)
+            results.append("ok")
+        except openai.RateLimitError as e:
+            results.append(e.response.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in clients]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert len(results) == 6
+    assert "ok" in results and "1" in results, results
+    assert set(results) <= {"ok", "1"}
+    assert httpx.get(live.url + "/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+def test_client_gone_mid_stream_frees_the_slot(live):
+    body = {"model": "spec", "prompt": "The", "max_tokens": 60, "temperature": 2.0, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200 and r.headers["x-slmforge-model"] == "spec"
+        next(r.iter_lines())  # one event, then hang up
+    deadline = time.time() + 10
+    while httpx.get(live.url + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(live.url + "/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+    assert live.client().completions.create(model="spec", prompt="The", max_tokens=2).model == "spec"
+
+
+def test_auto_routes_by_domain(live, exports):
+    c = live.client()
+    raw = c.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": exports["pg_test"][0][:60]}], max_tokens=4)
+    r = raw.parse()
+    assert r.model == "spec" and raw.headers["x-slmforge-model"] == "spec"
+    ext = r.model_extra["slmforge"]
+    assert ext["routed"] and not ext["fallback"] and ext["candidates"]["spec"] == ext["confidence"] > 0.5
+    r = c.completions.create(model="auto", prompt=exports["gen_test"][0][:60], max_tokens=4)
+    assert r.model == "gen"
+    report = httpx.get(live.url + "/v1/router", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert report["kind"] == "tfidf" and set(report["accuracy"]["domains"]) == {"pg", "general"}
+    assert report["accuracy"]["accuracy_first_200"] >= 0.8
+
+
+def test_fallback_forwards_to_another_endpoint(live, exports):
+    """threshold 1: every auto request is below it and goes to the fallback (the first server's generalist)."""
+    os.environ["SLMFORGE_TEST_FALLBACK_KEY"] = KEY
+    cfg = Config(models=[str(exports["spec"]), str(exports["gen"])], api_keys_env="SLMFORGE_TEST_UNSET_KEYS",
+                 router={"threshold": 1.0, "eval_docs": 0},
+                 fallback={"base_url": live.url + "/v1", "model": "gen", "api_key_env": "SLMFORGE_TEST_FALLBACK_KEY"})
+    front = Live(create_app(cfg, log=lambda msg: None))
+    try:
+        c = front.client(None)
+        msgs = [{"role": "user", "content": PG_PROMPT}]
+        r = c.chat.completions.create(model="auto", messages=msgs, max_tokens=4, temperature=0)
+        direct = live.client().chat.completions.create(model="gen", messages=msgs, max_tokens=4, temperature=0)
+        assert r.model == "gen" and r.choices[0].message.content == direct.choices[0].message.content
+        ext = r.model_extra["slmforge"]
+        assert ext["fallback"] and ext["confidence"] < 1.0 and ext["endpoint"] == live.url + "/v1"
+        chunks = list(c.chat.completions.create(model="auto", messages=msgs, max_tokens=4, temperature=0,
+                                                stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+            direct.choices[0].message.content
+        assert chunks[0].model == "gen" and chunks[0].model_extra["slmforge"]["fallback"]
+        assert c.chat.completions.create(model="spec", messages=msgs, max_tokens=2).model == "spec"  # named: local
+    finally:
+        front.stop()
+        del os.environ["SLMFORGE_TEST_FALLBACK_KEY"]
+
+
+def test_local_fallback_model_is_a_routing_class(exports):
+    """fallback = a model folder: it is loaded and listed, and auto sends its domain's prompts to it."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(Config(models=[str(exports["spec"])], fallback=str(exports["gen"]), max_tokens=2),
+                     log=lambda msg: None)
+    with TestClient(app) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["auto", "spec", "gen"]
+        r = c.post("/v1/completions", json={"model": "auto", "prompt": exports["gen_test"][1][:60]}).json()
+        assert r["model"] == "gen" and r["slmforge"]["fallback"] is True
+        r = c.post("/v1/completions", json={"model": "auto", "prompt": exports["pg_test"][1][:60]}).json()
+        assert r["model"] == "spec" and r["slmforge"]["fallback"] is False
+        assert c.get("/v1/router").json()["fallback"] == "gen"
+
+
+def test_serves_catalog_models_by_name(exports, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from slmforge.stages.catalog import Catalog
+
+    catalog = Catalog(tmp_path / "catalog.db")
+    catalog.add(exports["spec"])
+    catalog.add(exports["gen"])
+    app = create_app(Config(catalog=str(catalog.path), max_tokens=2), log=lambda msg: None)  # all of them
+    with TestClient(app) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["auto", "gen", "spec"]
+        assert c.get("/v1/router").json()["accuracy"]["domains"]["pg"]["n"] == 8  # router data via the catalog
+        r = c.post("/v1/completions", json={"model": "auto", "prompt": exports["pg_test"][2][:60]}).json()
+        assert r["model"] == "spec"
+    with pytest.raises(UserError, match="no model called 'nope'"):
+        create_app(Config(catalog=str(catalog.path), models=["spec", "nope"]))
+
+
+def test_chat_page_in_chromium(live, exports):
+    from playwright.sync_api import sync_playwright
+
+    # the answer is complete when Send is enabled again (send() disables it before its first await)
+    answered = ("document.getElementById('by').textContent.includes('answered by') && "
+                "!document.getElementById('send').disabled")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.fill("#key", KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_selector("#model option[value=gen]", state="attached", timeout=10_000)
+            page.fill("#max_tokens", "6")
+            page.fill("#prompt", exports["pg_test"][0][:60])  # auto, streaming: routed to the pg specialist
+            page.click("#send")
+            page.wait_for_function(answered, timeout=20_000)
+            assert page.text_content("#by").startswith("answered by spec (routed, confidence")
+            assert page.text_content("#answer").strip() and not page.text_content("#error")
+            page.select_option("#model", "gen")  # a chosen model, not streaming
+            page.uncheck("#stream")
+            page.fill("#prompt", "What is a cynic?")
+            page.click("#send")
+            page.wait_for_function(answered, timeout=20_000)
+            assert page.text_content("#by") == "answered by gen"
+            assert page.text_content("#answer").strip() and not page.text_content("#error")
+        finally:
+            browser.close()
+
+
+def test_loads_only_safetensors(exports, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(exports["spec"], folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="no .safetensors weights"):
+        create_app(Config(models=[str(folder)]), log=lambda msg: None)
+
+
+def test_helpers_and_config_errors(tmp_path):
+    assert _held_back("abc</", ["</s>"]) == 2 and _held_back("abc", ["</s>"]) == 0
+    assert _held_back("ab\ufffd", []) == 1
+    with pytest.raises(UserError, match=r"serve.router.threshold"):
+        build_config({"router": {"threshold": 2}})
+    with pytest.raises(UserError, match=r"serve.fallback.*base_url.*http"):
+        build_config({"fallback": {"base_url": "ftp://x", "model": "m"}})
+    with pytest.raises(UserError, match="folder not found"):
+        create_app(Config(models=[str(tmp_path / "missing/model")]))
+    recipe = tmp_path / "r" / "recipe.yaml"
+    (tmp_path / "r" / "models" / "a").mkdir(parents=True)
+    recipe.write_text("name: x\nserve:\n  models: [models/a, some-catalog-name]\n  port: 9000\n"
+                      "  router: {threshold: 0.7}\n")
+    cfg = build_config(serve._recipe_section(str(recipe)))
+    assert cfg.models == [str(tmp_path / "r" / "models" / "a"), "some-catalog-name"]
+    assert cfg.port == 9000 and cfg.router.threshold == 0.7 and cfg.router.kind == "tfidf"
+    assert serve.cli_main(["--dtype", "float64"]) == 2
+    assert serve.cli_main(["--model", str(tmp_path / "nope/x")]) == 2
