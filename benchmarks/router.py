@@ -13,6 +13,13 @@ wins here on accuracy at 200 characters and on latency.
 
     .venv/bin/python benchmarks/router.py                 # ~5 minutes on 2 shared cores (bpb dominates)
     .venv/bin/python benchmarks/router.py --test-docs 20  # quick check
+
+With --corpora, the TF-IDF router alone on many domains at once, which is harder than a specialist against
+prose: each .jsonl(.gz) file of documents is one domain, its documents split 80/20 by a hash of their
+position into router training and held-out sets (no models needed):
+
+    .venv/bin/python benchmarks/router.py --corpora ../shared/data/{postgresql_docs,sqlite_docs,\
+        debian_handbook,debian_reference,manpages,foldoc,bible_kjv,literature_pd}.jsonl.gz
 """
 
 from __future__ import annotations
@@ -88,6 +95,46 @@ def demo_exports(out: Path, workdir: Path = DEMO, max_docs: int = 2000) -> list[
                         max_docs)]
 
 
+def corpus_split(path: Path, max_docs: int, test_docs: int) -> tuple[list[str], list[str]]:
+    """Documents of one .jsonl(.gz) file: every fifth (by position) held out, the rest for training."""
+    import gzip
+    import hashlib
+
+    train, test = [], []
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+        for i, line in enumerate(f):
+            text = json.loads(line).get("text", "")
+            if not text.strip():
+                continue
+            held = int(hashlib.sha1(str(i).encode()).hexdigest(), 16) % 5 == 0
+            (test if held else train).append(text[:4000])  # export keeps ~4000 characters per document too
+            if len(train) >= max_docs and len(test) >= test_docs:
+                break
+    return train[:max_docs], test[:test_docs]
+
+
+def multi_domain(paths: list[Path], max_docs: int, test_docs: int) -> dict:
+    from slmforge.router import PROMPT_CUT, TfidfRouter, evaluate
+
+    train, test = {}, {}
+    for p in paths:
+        name = p.name.split(".")[0]
+        train[name], test[name] = corpus_split(p, max_docs, test_docs)
+    router = TfidfRouter().fit(train)
+    r = evaluate(router, test)
+    cut = f"first_{PROMPT_CUT}"
+    print(f"\nTF-IDF routing over {len(paths)} domains (train documents per domain up to {max_docs}, "
+          f"held-out up to {test_docs}; fit {r['fit_s']:.1f} s)")
+    head = f"{'domain':<18} {'held out':>8} {'acc full':>9} {'acc ' + cut:>16}"
+    print(head)
+    print("-" * len(head))
+    for d, row in r["domains"].items():
+        print(f"{d:<18} {row['n']:>8} {row['full']:>9.3f} {row[cut]:>16.3f}")
+    print(f"{'all':<18} {r['n']:>8} {r['accuracy']:>9.3f} {r['accuracy_' + cut]:>16.3f}   "
+          f"{r['ms_per_prompt']:.2f} ms/prompt")
+    return r
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=str(DEMO), help="a run's workdir with curate, pretrain (and dpo)")
@@ -95,7 +142,14 @@ def main() -> None:
     p.add_argument("--max-docs", type=int, default=2000, help="training documents per domain")
     p.add_argument("--test-docs", type=int, default=200, help="held-out documents per domain (at most)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--corpora", nargs="+", type=Path, help="TF-IDF only, one domain per .jsonl(.gz) file")
     args = p.parse_args()
+    if args.corpora:
+        r = multi_domain(args.corpora, args.max_docs, args.test_docs)
+        print(json.dumps({"benchmark": "router_domains", "results": r,
+                          "command": " ".join(shlex.quote(a) for a in sys.argv),
+                          "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}))
+        return
 
     import torch
 
