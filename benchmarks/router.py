@@ -16,7 +16,7 @@ wins here on accuracy at 200 characters and on latency.
 
 With --corpora, the TF-IDF router alone on many domains at once, which is harder than a specialist against
 prose: each .jsonl(.gz) file of documents is one domain, its documents split 80/20 by a hash of their
-position into router training and held-out sets (no models needed):
+position into router training and held-out sets, in pieces of up to 2000 characters (no models needed):
 
     .venv/bin/python benchmarks/router.py --corpora ../shared/data/{postgresql_docs,sqlite_docs,\
         debian_handbook,debian_reference,manpages,foldoc,bible_kjv,literature_pd}.jsonl.gz
@@ -95,8 +95,10 @@ def demo_exports(out: Path, workdir: Path = DEMO, max_docs: int = 2000) -> list[
                         max_docs)]
 
 
-def corpus_split(path: Path, max_docs: int, test_docs: int) -> tuple[list[str], list[str]]:
-    """Documents of one .jsonl(.gz) file: every fifth (by position) held out, the rest for training."""
+def corpus_split(path: Path, max_docs: int, test_docs: int, piece: int = 2000) -> tuple[list[str], list[str]]:
+    """Pieces of up to `piece` characters of the documents of one .jsonl(.gz) file (some corpora hold a few
+    book-sized documents); every fifth document (by a hash of its position) goes, all its pieces, to the
+    held-out side, so no held-out text was seen in training."""
     import gzip
     import hashlib
 
@@ -104,10 +106,9 @@ def corpus_split(path: Path, max_docs: int, test_docs: int) -> tuple[list[str], 
     with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
         for i, line in enumerate(f):
             text = json.loads(line).get("text", "")
-            if not text.strip():
-                continue
             held = int(hashlib.sha1(str(i).encode()).hexdigest(), 16) % 5 == 0
-            (test if held else train).append(text[:4000])  # export keeps ~4000 characters per document too
+            pieces = [p for k in range(0, len(text), piece) if (p := text[k: k + piece]).strip()]
+            (test if held else train).extend(pieces)
             if len(train) >= max_docs and len(test) >= test_docs:
                 break
     return train[:max_docs], test[:test_docs]
@@ -123,7 +124,7 @@ def multi_domain(paths: list[Path], max_docs: int, test_docs: int) -> dict:
     router = TfidfRouter().fit(train)
     r = evaluate(router, test)
     cut = f"first_{PROMPT_CUT}"
-    print(f"\nTF-IDF routing over {len(paths)} domains (train documents per domain up to {max_docs}, "
+    print(f"\nTF-IDF routing over {len(paths)} domains (training pieces per domain up to {max_docs}, "
           f"held-out up to {test_docs}; fit {r['fit_s']:.1f} s)")
     head = f"{'domain':<18} {'held out':>8} {'acc full':>9} {'acc ' + cut:>16}"
     print(head)

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from slmforge.errors import UserError
 
-# benchmarks/router.py on runs/demo (dpo specialist, postgres, vs the generalist, general; 42 + 124 held-out
-# documents; 2 CPU threads): TF-IDF routed 99.4% of full documents and 100% of their first 200 characters right,
-# in 5.5 ms per prompt (fit 7.8 s at start); bpb 98.8% / 99.4% in 796 ms per prompt (every model runs on every
-# prompt). TF-IDF wins on both, so it is the default; bpb remains for models without domain data.
+# benchmarks/router.py --workdir runs/demo-fresh (dpo specialist, postgres, vs the generalist, general; 42 + 124
+# held-out documents; 2 CPU threads, idle machine): TF-IDF routed 99.4% of full documents and 100% of their first
+# 200 characters right, in 4.3 ms per prompt (fit 3.8 s at start); bpb 98.8% / 99.4% in 29 ms per prompt (every
+# model runs on every prompt, so the cost grows with their size and number). TF-IDF wins on both, so it is the
+# default; bpb remains for models without domain data.
 DEFAULT_KIND = "tfidf"
 KINDS = ("tfidf", "bpb")
 PROMPT_CUT = 200  # characters: routing accuracy is also reported on prompts cut to this length

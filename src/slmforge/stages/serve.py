@@ -44,13 +44,13 @@ NAME = "serve"
 INPUTS: tuple[str, ...] = ()
 
 # Decode speed, ms per token: serve's loop (generate below) vs transformers' generate, on the demo DPO model
-# (2.9M params, vocab 8192, 3 layers), 2 torch threads, 64 greedy tokens, best of 5 interleaved
-# (benchmarks/serve_load.py --decode-tokens 64 --decode-repeats 5, shared 2-core machine, quietest run):
-#   float32 1.57 vs 2.06; bfloat16 2.08 vs 2.64; int8 (dynamic quantization of the Linear layers) 1.65 vs 2.06.
-# Other runs on the busy machine put int8 a little ahead (1.76 vs 2.03): int8 and float32 are within noise at
-# this size, bfloat16 is never faster. float32 is the default: as fast, exact, and int8 goes through
-# torch.ao.quantization, which torch deprecates. int8 kept the bits per byte (1.9701 vs 1.9716 on 30 held-out
-# docs, /tmp/serve-dev/int8_bpb.py), so it is there to try on larger models.
+# (2.9M params, vocab 8192, 3 layers), 2 torch threads, 64 greedy tokens (benchmarks/serve_load.py):
+#   idle machine, best of 3:        float32 2.27 vs 2.80; bfloat16 2.29 vs 2.53; int8 1.55 vs 1.95
+#   beside other work, best of 5:   float32 1.57 vs 2.06; bfloat16 2.08 vs 2.64; int8 1.65 vs 2.06
+# int8 (dynamic quantization of the Linear layers) kept the bits per byte (1.9701 vs 1.9716 on 30 held-out
+# docs) but its greedy continuations differ from float32's (benchmarks/gguf_verify.py: 13% of 128 tokens
+# equal), and its speed-up did not hold on the busy machine; float32 stays the default: exact, and int8 goes
+# through torch.ao.quantization, which torch deprecates. bfloat16 is never faster on this CPU.
 DEFAULT_DTYPE = "float32"
 DTYPES = ("float32", "bfloat16", "int8")
 
