@@ -72,8 +72,9 @@ def test_cli_verb(folders, tmp_path):
     db = tmp_path / "c.db"
     r = slmforge("models", "--catalog", str(db), "add", str(folders["exported"]))
     assert r.returncode == 0, r.stderr
-    r = slmforge("models", "--catalog", str(db), "list")
+    r = slmforge("models", "list", "--catalog", str(db))  # --catalog before or after the action
     assert r.returncode == 0 and "t-specialist" in r.stdout and "postgres" in r.stdout and "12k" in r.stdout
+    assert "mcq/acc 0.500" in r.stdout
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "Upper", "auto", "", "x" * 65, "with space", ".hidden"])

@@ -21,6 +21,7 @@ another (busy timeout) instead of failing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -287,10 +288,13 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
-def _headline(scores: dict) -> str:
-    keys = [k for k in scores if not k.startswith("bpb/")][:3] + [k for k in scores if k.startswith("bpb/")][:2]
-    return ", ".join(f"{k} {scores[k]:.3f}" if isinstance(scores[k], (int, float)) else f"{k} {scores[k]}"
-                     for k in keys)
+HEADLINE = ("mcq/acc", "completion/acc_mutual_info", "qa/exact_match", "summarization/rougeL")
+
+
+def _headline(e: Entry) -> str:
+    """The bench stage's headline scores and the bits per byte on the model's own domain."""
+    keys = [k for k in HEADLINE if k in e.scores] + [k for k in (f"bpb/{e.domain}",) if k in e.scores]
+    return ", ".join(f"{k} {e.scores[k]:.3f}" for k in keys if isinstance(e.scores[k], (int, float)))
 
 
 def _print_table(entries: list[Entry], catalog: Catalog) -> None:
@@ -307,25 +311,30 @@ def _print_table(entries: list[Entry], catalog: Catalog) -> None:
     for e in entries:
         path = str(e.path) + ("" if e.path.is_dir() else "  [red](missing)[/red]")
         t.add_row(e.name, e.domain, _fmt_params(e.params), str(e.context), "yes" if e.chat else "no",
-                  "yes" if e.gguf else "no", _headline(e.scores), path)
+                  "yes" if e.gguf else "no", _headline(e), path)
     out.print(t)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    where = f"the catalog file (default: $SLMFORGE_CATALOG or {default_path()})"
     p = argparse.ArgumentParser(prog="slmforge models", description="The catalog of exported specialists.")
-    p.add_argument("--catalog", help=f"the catalog file (default: $SLMFORGE_CATALOG or {default_path()})")
+    p.add_argument("--catalog", help=where)
+    # --catalog also after the action (`slmforge models list --catalog runs/catalog.db`)
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--catalog", default=argparse.SUPPRESS, help=where)
     sub = p.add_subparsers(dest="action", metavar="ACTION")
-    s = sub.add_parser("list", help="every model: name, domain, size, scores, folder")
+    add_parser = functools.partial(sub.add_parser, parents=[after])
+    s = add_parser("list", help="every model: name, domain, size, scores, folder")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s = sub.add_parser("show", help="everything the catalog knows about one model")
+    s = add_parser("show", help="everything the catalog knows about one model")
     s.add_argument("name")
-    s = sub.add_parser("add", help="validate an exported model folder and add it")
+    s = add_parser("add", help="validate an exported model folder and add it")
     s.add_argument("folder")
     s.add_argument("--name", help="the catalog name (default: the name in slmforge.json, else the folder's)")
     s.add_argument("--domain", help="the model's domain (needed when the folder has no slmforge.json)")
     s.add_argument("--description")
     s.add_argument("--replace", action="store_true", help="re-point an existing name at this folder")
-    s = sub.add_parser("rm", help="remove a model from the catalog (its folder is left alone)")
+    s = add_parser("rm", help="remove a model from the catalog (its folder is left alone)")
     s.add_argument("name")
     return p
 
