@@ -58,6 +58,10 @@ def test_the_card_has_front_matter_and_scores_the_hub_reads(exported):
     front = yaml.safe_load(text.split("---\n")[1])
     assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
     assert "license" not in front  # not known unless export.license says it
+    doc = json.loads((art.path / "t-dpo" / "slmforge.json").read_text())
+    assert (front["domain"], front["parameters"], front["training_tokens"]) == \
+        ("pg", doc["params"], doc["training_tokens"]) and doc["training_tokens"] > 0
+    assert front["training_data"] == {"sources": ["pg", "general"], "stages": ["pretrain", "sft", "dpo"]}
     results = json.loads((store.resolve("evaluate:latest").path / "results.json").read_text())
     card = ModelCard.load(art.path / "t-dpo" / "README.md")
     got = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}

@@ -533,6 +533,12 @@ def model_card(doc: dict, results: dict, model: str, chain: list[dict], cfg: Con
         front["license"] = cfg.license
     front["tags"] = ["slmforge", "llama", "small-language-model", domain] + (["gguf"] if doc["gguf"] else [])
     front["model_name"] = name
+    # What a catalog or a person filtering cards needs without reading the body (the Hub keeps unknown keys)
+    pretrain = next((c["meta"] for c in chain if c["stage"] == "pretrain"), {})
+    front["domain"] = domain
+    front["parameters"] = doc["params"]
+    front["training_tokens"] = doc["training_tokens"]
+    front["training_data"] = {"sources": pretrain.get("sources", []), "stages": [c["stage"] for c in chain]}
     if index := model_index(name, results, model, domain):
         front["model-index"] = index
     s = doc["shape"]
