@@ -12,10 +12,10 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from slmforge.errors import UserError
 from slmforge.stages import SERVICES, STAGES
@@ -91,11 +91,12 @@ def apply_overrides(raw: dict, overrides: list[str], default_section: str | None
     return raw
 
 
-def _format_errors(section: str, err: ValidationError) -> list[str]:
+def format_errors(section: str, err: ValidationError) -> list[str]:
+    """One line per problem, each naming its key as section.key.sub."""
     out = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (section, *e["loc"]))
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check its spelling (`slmforge init` writes every key with its meaning)"
         elif e["type"] == "missing":
@@ -152,7 +153,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
         try:
             (stages if stage in STAGES else services)[stage] = cfg_cls.model_validate(section, context=context)
         except ValidationError as e:
-            problems.extend(_format_errors(stage, e))
+            problems.extend(format_errors(stage, e))
     for stage in stages:
         for dep in stage_inputs(stage, stages[stage]):
             if dep not in stages:
@@ -180,3 +181,12 @@ def resolve_path(value: str, info) -> Path:
     if not p.is_absolute() and base is not None:
         p = Path(base) / p
     return p
+
+
+def _absolute(value: str, info) -> str:
+    return str(resolve_path(value, info))
+
+
+# A path in a recipe, validated into an absolute path against the recipe's folder (a field typed
+# `RecipePath | None` keeps None).
+RecipePath = Annotated[str, AfterValidator(_absolute)]

@@ -135,13 +135,6 @@ class BpbRouter:
         self.domains = list(models)
         self.fit_s = 0.0
 
-    def fit(self, train=None, per_doc: int = 4) -> BpbRouter:
-        return self
-
-    def bits_per_byte(self, prompt: str) -> dict[str, float]:
-        n = max(1, len(prompt.encode("utf-8")))
-        return {d: text_bits(m, t, prompt, ctx) / n for d, (m, t, ctx) in self.models.items()}
-
     def scores(self, prompt: str) -> dict[str, float]:
         # Only the bytes every model saw are compared: truncate the prompt to what the smallest context
         # holds (roughly 3 bytes per token for these byte-level BPEs) so that totals are comparable.

@@ -161,16 +161,16 @@ def test_the_modelfile_uses_the_chat_format(exported):
 def test_bad_settings_give_one_clear_error():
     from pydantic import ValidationError
 
-    from slmforge.config import _format_errors
+    from slmforge.config import format_errors
     from slmforge.stages import export
 
     with pytest.raises(ValidationError) as e:
         export.Config.model_validate({"models": ["specialst", "dpo"]})
-    (msg,) = _format_errors("export", e.value)
+    (msg,) = format_errors("export", e.value)
     assert msg.startswith("export.models: ") and "'specialst'" in msg and "specialist, generalist, sft" in msg
     with pytest.raises(ValidationError) as e:
         export.Config.model_validate({"models": ["dpo"], "names": {"dpo": "Bad Name"}})
-    assert "'Bad Name' must be" in _format_errors("export", e.value)[0]
+    assert "'Bad Name' must be" in format_errors("export", e.value)[0]
     assert export.Config.model_validate({}, context={"recipe_name": "Demo"}).export_name("specialist") == \
         "demo-specialist"
     assert export.Config().export_name("dpo") == "dpo"

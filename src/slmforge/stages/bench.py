@@ -22,10 +22,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import StageConfig, resolve_path
+from slmforge.config import RecipePath, StageConfig
 from slmforge.console import console, info
 from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, terms_in, trivial_baselines
@@ -54,7 +54,7 @@ class Config(StageConfig):
     teacher: Literal["extractive", "openai", "hf"] = Field(
         "extractive", description="who writes the items (model teachers use the synth stage's prompts and filters)")
     openai: dict | None = Field(None, description="teacher: openai: base_urls, model, api_key_env, concurrency, ...")
-    hf_model: str | None = Field(None, description="teacher: hf: a local HF model folder")
+    hf_model: RecipePath | None = Field(None, description="teacher: hf: a local HF model folder")
 
     mcq: int = Field(200, ge=0, description="multiple-choice items")
     completion: int = Field(200, ge=0, description="sentence-completion items")
@@ -66,11 +66,6 @@ class Config(StageConfig):
     prefix: str = Field("slmforge", pattern=r"^[a-z][a-z0-9_]*$", description="task names: <prefix>_<set>")
     dev: int = Field(100, ge=0, description="items per choice set from the val split, to pick checkpoints on")
     seed: int = 0
-
-    @field_validator("hf_model")
-    @classmethod
-    def _abs_path(cls, v: str | None, info) -> str | None:
-        return None if v is None else str(resolve_path(v, info))
 
     @model_validator(mode="after")
     def _teacher(self):

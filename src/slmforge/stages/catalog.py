@@ -214,6 +214,17 @@ def read_card(folder: Path) -> dict:
     return front
 
 
+def read_meta(folder: Path) -> dict:
+    """folder/slmforge.json (what export records about a model), or {} for a plain HF folder."""
+    sj = folder / "slmforge.json"
+    if not sj.is_file():
+        return {}
+    try:
+        return json.loads(sj.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{sj}: not valid JSON ({e}); export the model again") from None
+
+
 def validate_folder(folder: Path) -> dict:
     """Check that `folder` is a loadable, safe causal-LM folder with a card (module docstring); return
     what the catalog records: slmforge.json's fields, with params, context and chat filled in."""
@@ -268,13 +279,7 @@ def validate_folder(folder: Path) -> dict:
     except (ValueError, OSError) as e:
         raise UserError(f"{folder}: the tokenizer does not load ({e}); save it with tokenizer.save_pretrained") from None
     read_card(folder)
-    meta: dict = {}
-    sj = folder / "slmforge.json"
-    if sj.is_file():
-        try:
-            meta = json.loads(sj.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{sj}: not valid JSON ({e}); export the model again") from None
+    meta = read_meta(folder)
     meta.setdefault("params", sum(p.numel() for p in model.parameters()))
     meta.setdefault("context", int(getattr(config, "max_position_embeddings", 0) or 0))
     meta.setdefault("chat", bool(getattr(tok, "chat_template", None)))

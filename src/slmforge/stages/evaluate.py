@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import StageConfig, resolve_path
+from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.records import read_documents
@@ -47,19 +47,14 @@ class ModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.+-]*$", description="the name shown in the report")
-    path: str | None = Field(None, description="a local HF model folder (safetensors)")
+    path: RecipePath | None = Field(None, description="a local HF model folder (safetensors)")
     base_url: str | None = Field(None, description="an OpenAI-compatible server, e.g. http://host:8000/v1")
     model: str | None = Field(None, description="the endpoint's model name (default: name)")
     api: Literal["completions", "chat"] = Field(
         "completions", description="completions: every task (needs tokenizer); chat: generation tasks only")
-    tokenizer: str | None = Field(None, description="completions endpoints: a local tokenizer folder")
+    tokenizer: RecipePath | None = Field(None, description="completions endpoints: a local tokenizer folder")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
     concurrency: int = Field(4, ge=1, description="requests in flight to the endpoint")
-
-    @field_validator("path", "tokenizer")
-    @classmethod
-    def _abs(cls, v: str | None, info) -> str | None:
-        return None if v is None else str(resolve_path(v, info))
 
     @model_validator(mode="after")
     def _one_kind(self):

@@ -32,7 +32,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
-from slmforge.config import StageConfig, resolve_path
+from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.records import read_documents
@@ -64,17 +64,12 @@ class Config(StageConfig):
     verify: bool = Field(True, description="check the GGUF with llama.cpp; without llama-cpp-python installed the "
                                            "check is skipped and gguf_verified is null")
     router_docs: int = Field(200, ge=0, description="documents per split in domain/train.jsonl and domain/test.jsonl")
-    catalog: str | None = Field(None, description="a catalog file to add the exports to (replacing entries of the "
+    catalog: RecipePath | None = Field(None, description="a catalog file to add the exports to (replacing entries of the "
                                                   "same name), e.g. ../runs/catalog.db; none: do not add them")
 
     # Adding to a catalog changes nothing in the export folders, so it does not change the cache key; it
     # runs every time, cached or not, so that the catalog points at the latest exports.
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"catalog"})
-
-    @field_validator("catalog")
-    @classmethod
-    def _catalog(cls, v: str | None, info) -> str | None:
-        return None if v is None else str(resolve_path(v, info))
 
     @field_validator("models")
     @classmethod

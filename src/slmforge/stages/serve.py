@@ -36,9 +36,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slmforge.config import StageConfig, resolve_path
+from slmforge.config import RecipePath, StageConfig, resolve_path
 from slmforge.errors import UserError
 from slmforge.router import DEFAULT_KIND, KINDS, PROMPT_CUT
+from slmforge.stages.catalog import Catalog, read_meta
 
 NAME = "serve"
 INPUTS: tuple[str, ...] = ()
@@ -93,7 +94,7 @@ class FallbackConfig(BaseModel):
 class Config(StageConfig):
     """`slmforge serve`: which models, where, and the limits that keep the server up under load."""
 
-    catalog: str | None = Field(None, description="catalog database (default: $SLMFORGE_CATALOG or "
+    catalog: RecipePath | None = Field(None, description="catalog database (default: $SLMFORGE_CATALOG or "
                                 "~/.slmforge/catalog.db)")
     models: list[str] = Field(default_factory=list, description="catalog names or model folders to serve "
                               "(default: every model in the catalog)")
@@ -112,11 +113,6 @@ class Config(StageConfig):
                                                           "dynamic quantization of the Linear layers")
     max_tokens: int = Field(128, ge=1, description="completion length when a request gives no max_tokens")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-
-    @field_validator("catalog")
-    @classmethod
-    def _catalog(cls, v: str | None, info) -> str | None:
-        return None if v is None else str(resolve_path(v, info))
 
     @field_validator("models")
     @classmethod
@@ -149,24 +145,12 @@ class Served:
     meta: dict = field(default_factory=dict)
 
 
-def _folder_meta(folder: Path) -> dict:
-    meta_path = folder / "slmforge.json"
-    if not meta_path.is_file():
-        return {}
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e}); re-export the model") from None
-
-
 def resolve(spec: str, catalog: str | None) -> dict:
     """A catalog name or a folder -> {name, domain, path, description, router}. A bare name is looked up in
     the catalog first; a path (with '/', or starting with '.' or '~') is always a folder."""
     p = Path(spec).expanduser()
     if "/" not in spec and not spec.startswith((".", "~")):
         try:
-            from slmforge.stages.catalog import Catalog
-
             e = Catalog(catalog).get(spec)
         except UserError as err:
             if not p.is_dir():
@@ -177,7 +161,7 @@ def resolve(spec: str, catalog: str | None) -> dict:
                     "description": e.description or "", "router": router or None}
     if not p.is_dir():
         raise UserError(f"model {spec!r}: folder not found. Give an existing model folder or a catalog name")
-    meta = _folder_meta(p)
+    meta = read_meta(p)
     router = meta.get("router")
     if router:
         router = {k: (p / v) for k, v in router.items() if v}
@@ -187,8 +171,6 @@ def resolve(spec: str, catalog: str | None) -> dict:
 
 
 def catalog_names(catalog: str | None) -> list[str]:
-    from slmforge.stages.catalog import Catalog
-
     names = [e.name for e in Catalog(catalog).list()]
     if not names:
         raise UserError("no models to serve: the catalog is empty. Add one with `slmforge models add "
@@ -765,18 +747,16 @@ def create_app(cfg: Config, log=None):
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         msg, param = _validation_message(e.errors())
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": param,
-                                       "code": None}}, status_code=400)
+        return JSONResponse(ApiError(400, msg, param=param).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def _crash(request, e: Exception):  # never a bare 500 page: the OpenAI error shape, and the server stays up
-        return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
-                                       "param": None, "code": None}}, status_code=500)
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body(),
+                            status_code=500)
 
     @app.exception_handler(404)
     async def _not_found(request, e):
-        return JSONResponse({"error": {"message": f"no route {request.method} {request.url.path}",
-                                       "type": "invalid_request_error", "param": None, "code": "not_found"}},
+        return JSONResponse(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found").body(),
                             status_code=404)
 
     async def parse(request: Request, schema):
@@ -974,12 +954,12 @@ def _recipe_section(path: str) -> dict:
 
 
 def build_config(section: dict) -> Config:
+    from slmforge.config import format_errors
+
     try:
         return Config(**section)
     except ValidationError as e:
-        problems = "; ".join(f"serve.{'.'.join(str(x) for x in err['loc'])}: "
-                             f"{str(err['msg']).removeprefix('Value error, ')}" for err in e.errors())
-        raise UserError(problems) from None
+        raise UserError("; ".join(format_errors("serve", e))) from None
 
 
 def cli_main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import StageConfig, resolve_path
+from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.stages.bench import QA_INSTRUCTION
@@ -83,7 +83,7 @@ class Config(StageConfig):
     distill: bool = Field(True, description="also train sft-rationale (step-by-step distillation)")
     alpha: float = Field(0.5, gt=0, lt=1, description="distill: weight of the label task; 1 - alpha: the rationale")
     general_share: float = Field(0.1, ge=0, lt=1, description="share of training examples from general data")
-    general_data: str | None = Field(None, description="JSONL of chat `messages` (default: extractive items "
+    general_data: RecipePath | None = Field(None, description="JSONL of chat `messages` (default: extractive items "
                                                        "from the general sources' train split)")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out share of the examples (eval loss)")
     epochs: float = Field(2.0, gt=0)
@@ -107,11 +107,6 @@ class Config(StageConfig):
         if bad:
             raise ValueError(f"unknown kind(s) {', '.join(bad)}; SFT trains on {', '.join(KINDS)}")
         return v
-
-    @field_validator("general_data")
-    @classmethod
-    def _abs(cls, v: str | None, info) -> str | None:
-        return None if v is None else str(resolve_path(v, info))
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:

@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import StageConfig, resolve_path
+from slmforge.config import RecipePath, StageConfig, resolve_path
 from slmforge.console import console, count_progress, info
 from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, content_words, heading_of, trivial_baselines
@@ -46,13 +46,13 @@ class Config(StageConfig):
 
     teacher: Literal["extractive", "openai", "hf"] = Field("extractive", description="who writes the items")
     openai: dict | None = Field(None, description="teacher: openai: base_urls, model, api_key_env, concurrency, ...")
-    hf_model: str | None = Field(None, description="teacher: hf: a local HF model folder")
+    hf_model: RecipePath | None = Field(None, description="teacher: hf: a local HF model folder")
     kinds: list[Literal["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]] = Field(
         list(KINDS), description="task kinds to generate")
     per_chunk: int = Field(1, ge=1, description="items of each kind per chunk")
     max_chunks: int | None = Field(400, ge=1, description="chunks to use at most (None: all)")
     chunk_chars: int = Field(1500, ge=200, description="target characters per chunk")
-    seeds: str | None = Field(None, description="JSONL or YAML of seed examples (question/answer or "
+    seeds: RecipePath | None = Field(None, description="JSONL or YAML of seed examples (question/answer or "
                                                 "instruction/response), used as few-shot examples")
     topics: list[str] | None = Field(None, description="topics to cover evenly (chunks are matched by words)")
     templates: dict[str, str] = Field(default_factory=dict, description="kind -> a Jinja template file")
@@ -65,11 +65,6 @@ class Config(StageConfig):
     fitness_requests: int = Field(8, ge=1, description="model teachers: requests of the fitness check")
     fitness_min_pass: float = Field(0.5, ge=0, le=1, description="share that must pass the filters")
     seed: int = 0
-
-    @field_validator("seeds", "hf_model")
-    @classmethod
-    def _abs_path(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return None if v is None else str(resolve_path(v, info))
 
     @field_validator("templates")
     @classmethod
