@@ -68,8 +68,10 @@ def _bench_items(bench: Artifact) -> dict[str, dict]:
 
 # ---- pictures ----------------------------------------------------------------------------------------
 def _png(fig) -> str:
+    """The figure as an embeddable PNG data URL; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -99,18 +101,15 @@ def loss_curves(models: dict) -> list[tuple[str, str]]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     pictures.append(("Training loss", _png(fig)))
-    plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for name, p in logs.items():
-        vp = p / "val_log.jsonl"
-        rows = [json.loads(x) for x in vp.read_text().splitlines()] if vp.is_file() else []
+        rows = [json.loads(x) for x in (p / "val_log.jsonl").read_text().splitlines()]
         for source in [k for k in (rows[0] if rows else {}) if k not in ("step", "tokens")]:
             ax.plot([r["tokens"] / 1e6 for r in rows], [r[source] for r in rows], marker=".", label=f"{name} · {source}")
     ax.set(xlabel="training tokens (M)", ylabel="val loss (nats/token)", title="Validation loss per source")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     pictures.append(("Validation loss per source", _png(fig)))
-    plt.close(fig)
     return pictures
 
 
@@ -130,7 +129,6 @@ def score_charts(m: dict) -> list[tuple[str, str]]:
         ax.set(ylabel="bits per byte (lower is better)", title="Test-split bits per byte")
         ax.legend(fontsize=8)
         pictures.append(("Bits per byte", _png(fig)))
-        plt.close(fig)
     if m["benchmarks"]:
         names = list(m["benchmarks"])
         rows = [(t, k) for t, k in bench_rows(m) if k in ("acc", "acc_norm", "acc_mutual_info", "exact_match", "f1",
@@ -146,7 +144,6 @@ def score_charts(m: dict) -> list[tuple[str, str]]:
         ax.set(ylabel="score (higher is better)", title="Domain benchmarks", ylim=(0, 1))
         ax.legend(fontsize=7)
         pictures.append(("Domain benchmarks", _png(fig)))
-        plt.close(fig)
     return pictures
 
 
