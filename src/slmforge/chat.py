@@ -1,0 +1,48 @@
+"""Special tokens and the one ChatML chat template every tokenizer, trainer, exporter and server uses."""
+
+from __future__ import annotations
+
+import re
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
+
+
+def chat_template(label_prefix: str | None = None, unless_prefix: str | None = None) -> str:
+    """ChatML, with {% generation %} around assistant turns so SFT can put the loss on them only.
+
+    `label_prefix` is prepended to every user turn that does not start with `unless_prefix`: the
+    rationale-distilled model reads `[label] question` as "answer" and `[rationale] question` as "explain"
+    (Hsieh et al.'s task prefixes), so a plain user message gets the answer.
+    """
+    user = ""
+    if label_prefix is not None:
+        cond = f" and not message['content'].startswith('{unless_prefix}')" if unless_prefix else ""
+        user = (f"{{% elif message['role'] == 'user'{cond} %}}"
+                f"{{{{ '{label_prefix}' + message['content'] + '{IM_END}' }}}}")
+    return (
+        "{{ bos_token }}{% for message in messages %}"
+        f"{{{{ '{IM_START}' + message['role'] + '\\n' }}}}"
+        "{% if message['role'] == 'assistant' %}{% generation %}"
+        f"{{{{ message['content'] + '{IM_END}' }}}}{{% endgeneration %}}"
+        f"{user}"
+        f"{{% else %}}{{{{ message['content'] + '{IM_END}' }}}}{{% endif %}}{{{{ '\\n' }}}}"
+        f"{{% endfor %}}{{% if add_generation_prompt %}}{{{{ '{IM_START}assistant\\n' }}}}{{% endif %}}"
+    )
+
+
+def strip_generation_marks(template: str) -> str:
+    """The template without transformers' {% generation %} markers: they only tag assistant tokens for
+    training (return_assistant_tokens_mask), and the Jinja engines of llama.cpp, llama-cpp-python and
+    MiniJinja-based servers do not know the tag."""
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS and, when the vocabulary has it, <|im_end|>: a chat model's turn ends at either."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+        ids.append(im_end)
+    return ids

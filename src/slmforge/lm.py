@@ -1,0 +1,41 @@
+"""Running a causal LM: the one log-likelihood loop and the one greedy-generate helper that
+pretrain, evaluate, the router, post-training and export share."""
+
+from __future__ import annotations
+
+
+def nll(forward, x, y, batch_size: int, device=None) -> float:
+    """Summed next-token negative log-likelihood in nats of targets `y` (-100 = not scored) given
+    inputs `x` (both [n, seq] int64), `batch_size` rows per forward pass. `forward` is the model, or
+    what accelerate/torch.compile made of it; logits are cast to float32 before the loss."""
+    import torch
+    import torch.nn.functional as F
+
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            if device is not None:
+                xb, yb = xb.to(device), yb.to(device)
+            logits = forward(input_ids=xb).logits.float()
+            total += F.cross_entropy(logits.flatten(0, 1), yb.flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+    return total
+
+
+def generate(model, tokenizer, prompt, max_new_tokens: int, **kwargs) -> str:
+    """The model's continuation of `prompt` (a string, or chat messages rendered with the tokenizer's
+    chat template and a generation prompt), greedy unless `kwargs` ask for sampling; special tokens
+    are dropped from the text."""
+    import torch
+
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, return_tensors="pt")
+    else:
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
