@@ -1,13 +1,23 @@
-"""The contracts between stages. Documents travel as Parquet rows with exactly these columns."""
+"""The contracts between stages: documents travel as Parquet rows with exactly these columns, and
+what a stage hands on is read through the typed readers below, never by digging in a manifest.
+
+A reader takes the producing stage's `Artifact` (its folder and manifest) and returns a frozen
+dataclass; the field names are the contract. Stages import these, never each other.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from slmforge.artifacts import Artifact
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -38,6 +48,107 @@ class Document:
         meta = row.get("meta") or "{}"
         return cls(row["id"], row["source"], row.get("title") or "", row["text"],
                    json.loads(meta) if isinstance(meta, str) else dict(meta))
+
+
+
+# ---- curate: roles and splits ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Curated:
+    """The curate stage's output: `data/<split>/<source>/*.parquet`, and each source's role."""
+
+    path: Path
+    roles: dict[str, str]  # source -> "domain" | "general", in recipe order
+
+    @classmethod
+    def of(cls, art: Artifact) -> Curated:
+        return cls(art.path, dict(art.manifest["metrics"]["roles"]))
+
+    @property
+    def domain(self) -> list[str]:
+        return [s for s, r in self.roles.items() if r == "domain"]
+
+    @property
+    def general(self) -> list[str]:
+        return [s for s, r in self.roles.items() if r == "general"]
+
+    def split(self, split: str) -> Path:
+        return self.path / "data" / split
+
+    def documents(self, split: str, source: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
+        return read_documents(self.split(split), source, columns)
+
+
+# ---- synth: the kept items ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Synthesized:
+    """The synth stage's output: every kept item (`items.jsonl`) and how its chunks were cut."""
+
+    path: Path
+    chunk_chars: int
+
+    @classmethod
+    def of(cls, art: Artifact) -> Synthesized:
+        return cls(art.path, int(art.manifest["config"]["chunk_chars"]))
+
+    @functools.cached_property
+    def items(self) -> list[dict]:
+        """Kept items: `id`, `kind`, `chunk_id`, `question`, `answer`, `messages`, ... (synth's docstring)."""
+        text = (self.path / "items.jsonl").read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def of_kinds(self, kinds) -> list[dict]:
+        return [it for it in self.items if it["kind"] in kinds]
+
+
+# ---- bench: sets keyed by set name --------------------------------------------------------------------
+def set_of(task: str) -> str:
+    """The set name of a bench task name: `<prefix>_<set>` (set names have no underscore)."""
+    return task.rsplit("_", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Benchmarks:
+    """The bench stage's output: lm-eval task folders, keyed by set name (mcq, completion, qa, summarization)."""
+
+    path: Path
+    tasks: dict[str, str]  # set -> task name, test split
+    dev_tasks: dict[str, str]  # choice set -> task name, val split
+    sizes: dict[str, int]
+    dev_sizes: dict[str, int]
+    headline: dict[str, str]  # choice set -> the metric it is judged by
+    baselines: dict[str, dict]  # choice set -> {chance, longest_option, ...}
+
+    @classmethod
+    def of(cls, art: Artifact) -> Benchmarks:
+        m = art.manifest["metrics"]
+        return cls(art.path, {set_of(t): t for t in m["tasks"]}, dict(m.get("dev_tasks", {})), dict(m["sizes"]),
+                   dict(m.get("dev_sizes", {})), dict(m.get("headline", {})), dict(m["trivial_baselines"]))
+
+    @property
+    def task_dir(self) -> Path:
+        return self.path / "tasks"
+
+    def items(self, set_name: str) -> list[dict]:
+        p = self.task_dir / f"{set_name}.jsonl"
+        return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()] if p.is_file() else []
+
+
+# ---- model stages: the models they made ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Models:
+    """A model stage's output (pretrain, sft, dpo): `<run>/<name>/` HF folders and each one's record."""
+
+    stage: str
+    key: str
+    path: Path
+    models: dict[str, dict]  # name -> what the stage recorded (shape, tokens, chat, base, ...)
+
+    @classmethod
+    def of(cls, art: Artifact) -> Models:
+        return cls(art.stage, art.key, art.path, dict(art.manifest["metrics"].get("models", {})))
+
+    def folder(self, name: str) -> Path:
+        return self.path / name
 
 
 def read_documents(root: Path, source: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:

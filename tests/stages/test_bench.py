@@ -7,7 +7,7 @@ import yaml
 from slmforge.artifacts import ArtifactStore
 from slmforge.config import load_recipe
 from slmforge.stages import bench, curate, ingest, synth
-from slmforge.stages.synth import ngrams
+from slmforge.synthesis import ngrams
 from tests.conftest import small_recipe, write_recipe
 
 

@@ -7,7 +7,7 @@ from slmforge.artifacts import ArtifactStore
 from slmforge.config import load_recipe
 from slmforge.extractive import Chunk
 from slmforge.stages import curate, ingest, synth
-from slmforge.stages.synth import NearDup, apply_filters, ngrams
+from slmforge.synthesis import FilterState, Filters, NearDup, apply_filters, ngrams
 from tests.conftest import small_recipe, write_recipe
 
 
@@ -62,25 +62,24 @@ def test_outputs_are_in_trl_formats(made):
 
 
 def test_filters_reject_what_they_should():
-    cfg = synth.Config()
     chunk = Chunk("d#0", "d", "s", "Pumps", "The pump must be primed before start. Seals wear out when it runs dry.")
-    state = {"exact": set(), "near": {k: NearDup(0.7) for k in synth.KINDS},
-             "heldout": ngrams("one two three four five six seven eight nine ten eleven twelve thirteen words", 13)}
+    state = FilterState(Filters.of(synth.Config()),
+                        ngrams("one two three four five six seven eight nine ten eleven twelve thirteen words", 13))
 
     def item(q, a):
         return {"kind": "qa", "question": q, "answer": a, "messages": []}
 
     assert all(v == "ok" for v in apply_filters(item("When to prime?", "The pump must be primed before start."),
-                                                 chunk, cfg, state).values())
-    v = apply_filters(item("When to prime?", "The pump must be primed before start."), chunk, cfg, state)
+                                                 chunk, state).values())
+    v = apply_filters(item("When to prime?", "The pump must be primed before start."), chunk, state)
     assert v["exact_dup"] == "duplicate"
-    v = apply_filters(item("When should one prime it?", "Valves rotate clockwise under heavy loads."), chunk, cfg, state)
+    v = apply_filters(item("When should one prime it?", "Valves rotate clockwise under heavy loads."), chunk, state)
     assert v["grounded"].endswith("in the chunk")
     v = apply_filters(item("Count?", "one two three four five six seven eight nine ten eleven twelve thirteen"),
-                      chunk, cfg, state)
+                      chunk, state)
     assert "shared with val/test" in v["decontam"]
     v = apply_filters({"kind": "mcq", "question": "x", "options": ["a", "a", "b", "c"], "answer_index": 0},
-                      chunk, cfg, state)
+                      chunk, state)
     assert v == {"schema": "options must be 4 distinct strings and answer_index in 0..3"}
     nd = NearDup(0.7)
     assert not nd.seen("how do I create an index on a large table without locking writes")
@@ -117,7 +116,7 @@ def test_openai_teacher_end_to_end_with_cache(made, tmp_path):
 
     server = GroundedServer()
     try:
-        scfg = cfg["synth"].model_copy(update={
+        scfg = synth.Config.model_validate({**cfg["synth"].model_dump(),
             "teacher": "openai", "kinds": ["qa", "summary", "rationale", "preference"], "max_chunks": 6,
             "openai": {"base_urls": [server.url], "model": "fake", "concurrency": 4,
                        "price_prompt_per_1m": 1.0, "price_completion_per_1m": 2.0}})
@@ -141,7 +140,7 @@ def test_fitness_check_names_the_failing_filter(made):
     _, cfg, store, cur = made
     server = FakeServer()  # answers {"answer": <the prompt>}: no question field, so the schema fails
     try:
-        scfg = cfg["synth"].model_copy(update={
+        scfg = synth.Config.model_validate({**cfg["synth"].model_dump(),
             "teacher": "openai", "kinds": ["qa"], "max_chunks": 4,
             "openai": {"base_urls": [server.url], "model": "fake-broken", "max_retries": 1, "backoff_s": 0.01}})
         with pytest.raises(UserError, match="fitness check.*Most common failure: teacher: schema"):
@@ -155,12 +154,12 @@ def test_openai_settings_are_checked_with_the_recipe(tmp_path, small_corpus):
 
     recipe = small_recipe(small_corpus, tmp_path / "w")
     recipe["synth"] = {"teacher": "openai", "openai": {"base_urls": ["http://127.0.0.1:9/v1"], "modle": "x"}}
-    with pytest.raises(UserError, match="synth: .*openai: model: Field required.*modle"):
+    with pytest.raises(UserError, match=r"(?s)synth\.openai\.model: required key is missing.*synth\.openai\.modle: unknown key"):
         load_recipe(write_recipe(tmp_path, recipe))
 
 
 def test_topics_are_covered_evenly_and_seeds_and_templates_reach_the_prompt(tmp_path):
-    from slmforge.stages.synth import load_seeds, render_prompt, select_chunks
+    from slmforge.synthesis import load_seeds, render_prompt, select_chunks
 
     chunks = [Chunk(f"d{i}#0", f"d{i}", "s", t, f"All about {t}. " * 5)
               for i, t in enumerate(["vacuum"] * 8 + ["index"] * 3 + ["backup"] * 2)]
@@ -172,11 +171,11 @@ def test_topics_are_covered_evenly_and_seeds_and_templates_reach_the_prompt(tmp_
     seeds.write_text('{"instruction": "How do I reclaim space?", "response": "Run VACUUM FULL."}\n')
     got = load_seeds(str(seeds))
     assert got == [{"question": "How do I reclaim space?", "answer": "Run VACUUM FULL."}]
-    prompt, name = render_prompt("qa", chunks[0], got, synth.Config())
+    prompt, name = render_prompt("qa", chunks[0], got, synth.Config().templates)
     assert name == "builtin:qa" and "How do I reclaim space?" in prompt and "All about vacuum." in prompt
     custom = tmp_path / "qa.j2"
     custom.write_text("Q about {{ title }}: {{ chunk }} ({{ seeds | length }} seeds)")
-    prompt, name = render_prompt("qa", chunks[0], got, synth.Config(templates={"qa": str(custom)}))
+    prompt, name = render_prompt("qa", chunks[0], got, synth.Config(templates={"qa": str(custom)}).templates)
     assert name == str(custom) and prompt.startswith("Q about vacuum: All about vacuum.") and "(1 seeds)" in prompt
     seeds.write_text('{"q": "no"}\n')
     with pytest.raises(Exception, match="needs question/answer or instruction/response"):

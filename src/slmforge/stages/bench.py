@@ -18,43 +18,30 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import RecipePath, StageConfig
 from slmforge.console import console, info
 from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, terms_in, trivial_baselines
-from slmforge.records import read_documents
-from slmforge.stages import synth
-from slmforge.stages.synth import ngrams, split_chunks
+from slmforge.prompts import HEADLINE, UTILS, task_yaml
+from slmforge.records import Curated, Synthesized
+from slmforge.synthesis import Filters, FilterState, TeacherConfig, generate_items, ngrams, split_chunks
 
 NAME = "bench"
 INPUTS = ("curate", "synth")
 SETS = ("mcq", "completion", "qa", "summarization")
 CHOICE_SETS = ("mcq", "completion")
-# The accuracy each choice set is judged by. mcq options are single terms of one shape, so their
-# prior probabilities are alike and plain accuracy works. completion options are spans whose prior
-# probability varies far more than the context changes it for a small model ("surface form
-# competition", Holtzman et al. 2021): on the demo both models score chance on plain acc, so the
-# headline is acc_mutual_info, log P(ending | context) - log P(ending). All three are reported.
-HEADLINE = {"mcq": "acc", "completion": "acc_mutual_info"}
-QA_INSTRUCTION = "Fill in the blank with a term from the text above."
 SET_FIELDS = {"mcq": ("question", "options", "answer_index"), "completion": ("question", "options", "answer_index"),
               "qa": ("question", "answer")}
 
 
-class Config(StageConfig):
-    """How many items per set, who writes them, and the decontamination n-gram."""
-
-    teacher: Literal["extractive", "openai", "hf"] = Field(
-        "extractive", description="who writes the items (model teachers use the synth stage's prompts and filters)")
-    openai: dict | None = Field(None, description="teacher: openai: base_urls, model, api_key_env, concurrency, ...")
-    hf_model: RecipePath | None = Field(None, description="teacher: hf: a local HF model folder")
+class Config(TeacherConfig):
+    """How many items per set, who writes them (model teachers use the synth stage's prompts and filters),
+    and the decontamination n-gram."""
 
     mcq: int = Field(200, ge=0, description="multiple-choice items")
     completion: int = Field(200, ge=0, description="sentence-completion items")
@@ -67,16 +54,6 @@ class Config(StageConfig):
     dev: int = Field(100, ge=0, description="items per choice set from the val split, to pick checkpoints on")
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _teacher(self):
-        self.synth_config()  # the synth stage's checks of teacher, openai and hf_model
-        return self
-
-    def synth_config(self) -> synth.Config:
-        return synth.Config(teacher=self.teacher, openai=self.openai, hf_model=self.hf_model,
-                            kinds=["mcq", "completion", "qa", "summary"], decontam_ngram=self.decontam_ngram,
-                            chunk_chars=self.chunk_chars, seed=self.seed)
-
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {"curate": store.resolve("curate:latest"), "synth": store.resolve("synth:latest")}
@@ -87,15 +64,15 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
 def _from_model_teacher(cfg: Config, chunks: list[Chunk], wanted: dict[str, int], cache: Path) -> dict:
     """{(chunk id, set): item} written by a model teacher, for the chunks make_sets will visit first;
     items that fail the synth stage's schema, length and groundedness filters are left out."""
-    scfg = cfg.synth_config()
-    teacher = synth.model_teacher(scfg, cache)
+    teacher = cfg.model_teacher(cache)
     need = min(len(chunks), max(wanted.values(), default=0) * 3 // 2 + 5)
-    state = {"exact": set(), "near": defaultdict(lambda: synth.NearDup(scfg.near_dup_jaccard, cfg.seed)),
-             "heldout": set()}  # bench decontaminates against the training data itself, below
+    # the synth stage's default filters; bench decontaminates against the training data itself, below
+    state = FilterState(Filters(decontam_ngram=cfg.decontam_ngram, seed=cfg.seed))
     info(f"  bench · asking the {cfg.teacher} teacher about {need} test chunks")
     by_id = {c.id: c for c in chunks}
     found = {}
-    for row in synth.generate_items(scfg, teacher, _ordered(chunks, cfg.seed)[:need], [], state):
+    kinds = ["mcq", "completion", "qa", "summary"]
+    for row in generate_items(teacher, _ordered(chunks, cfg.seed)[:need], kinds, 1, [], {}, state):
         if not row["kept"]:
             continue
         if row["kind"] == "summary":
@@ -172,18 +149,15 @@ def make_sets(chunks: list[Chunk], wanted: dict[str, int], train_grams: set[int]
 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> dict:
-    curate, synth_art = inputs["curate"], inputs["synth"]
-    roles = curate.manifest["metrics"]["roles"]
-    domain = [s for s, r in roles.items() if r == "domain"]
-    chunks = split_chunks(curate, "test", domain, cfg.chunk_chars)
+    curated, synth = Curated.of(inputs["curate"]), Synthesized.of(inputs["synth"])
+    chunks = split_chunks(curated, "test", curated.domain, cfg.chunk_chars)
     if not chunks:
         raise UserError("bench: the domain test split is empty; raise curate.test_fraction")
     info(f"  bench · {len(chunks)} test chunks; indexing training text for decontamination")
     train_grams: set[int] = set()
-    for row in read_documents(curate.path / "data" / "train", columns=["text"]):
+    for row in curated.documents("train", columns=["text"]):
         train_grams |= ngrams(row["text"], cfg.decontam_ngram)
-    for line in (synth_art.path / "items.jsonl").read_text(encoding="utf-8").splitlines():
-        it = json.loads(line)
+    for it in synth.items:
         train_grams |= ngrams(" ".join(m["content"] for m in it.get("messages", [])), cfg.decontam_ngram)
 
     wanted = {"mcq": cfg.mcq, "completion": cfg.completion, "qa": cfg.qa, "summarization": cfg.summarization}
@@ -191,7 +165,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     sets, dropped = make_sets(chunks, wanted, train_grams, cfg, written)
     # dev sets from the val split, never the test split: evaluate.select picks checkpoints on them
     dev: dict[str, list] = {}
-    dev_chunks = split_chunks(curate, "val", domain, cfg.chunk_chars) if cfg.dev else []
+    dev_chunks = split_chunks(curated, "val", curated.domain, cfg.chunk_chars) if cfg.dev else []
     if dev_chunks:
         dev_wanted = {k: cfg.dev for k in CHOICE_SETS}
         dev_written = _from_model_teacher(cfg, dev_chunks, dev_wanted, cache) if written is not None else None
@@ -223,76 +197,6 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
                               "; dev sets (checkpoint selection) the same way from the val split")}
     _print(metrics)
     return metrics
-
-
-def task_yaml(task: str, kind: str, data: Path, summary_tokens: int = 96) -> str:
-    head = f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n" \
-           "test_split: test\n"
-    if kind in ("mcq", "completion"):
-        text = "{{question}}\\nAnswer:" if kind == "mcq" else "{{question}}"
-        return head + (f'output_type: multiple_choice\ndoc_to_text: "{text}"\ndoc_to_choice: "{{{{options}}}}"\n'
-                       "doc_to_target: answer_index\ntarget_delimiter: \" \"\nmetric_list:\n"
-                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                       "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-                       "  - metric: acc_mutual_info\n    aggregation: mean\n    higher_is_better: true\n")
-    if kind == "qa":
-        return head + ('output_type: generate_until\ndoc_to_text: "{{passage}}\\n\\n' + QA_INSTRUCTION +
-                       '\\n{{question}}\\nAnswer:"\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n'
-                       '  until: ["\\n", "."]\n'
-                       "  max_gen_toks: 16\n  do_sample: false\nprocess_results: !function utils.process_qa\n"
-                       "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-                       "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n")
-    return head + ('output_type: generate_until\ndoc_to_text: "{{document}}\\n\\nSummary:"\n'
-                   'doc_to_target: "{{summary}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n'
-                   f"  max_gen_toks: {summary_tokens}\n"
-                   "  do_sample: false\nprocess_results: !function utils.process_summary\n"
-                   "metric_list:\n  - metric: rougeL\n    aggregation: mean\n    higher_is_better: true\n")
-
-
-UTILS = '''"""Metrics for slmforge's generate_until tasks (written by the bench stage).
-
-Plain Python on purpose: the task folder must run wherever lm-eval runs, with no extra package."""
-import re
-from collections import Counter
-
-
-def _tokens(text):
-    return re.findall(r"\\w+", text.lower())
-
-
-def _f1(pred, ref):
-    p, r = _tokens(pred), _tokens(ref)
-    common = sum((Counter(p) & Counter(r)).values())
-    if not p or not r or not common:
-        return 0.0
-    precision, recall = common / len(p), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _lcs(a, b):
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def process_qa(doc, results):
-    pred = results[0].strip()
-    return {"exact_match": float(" ".join(_tokens(pred)) == " ".join(_tokens(doc["answer"]))),
-            "f1": _f1(pred, doc["answer"])}
-
-
-def process_summary(doc, results):
-    p, r = _tokens(results[0]), _tokens(doc["summary"])
-    lcs = _lcs(p, r)
-    if not p or not r or not lcs:
-        return {"rougeL": 0.0}
-    precision, recall = lcs / len(p), lcs / len(r)
-    return {"rougeL": 2 * precision * recall / (precision + recall)}
-'''
 
 
 def _print(m: dict) -> None:

@@ -18,40 +18,47 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
-from slmforge.stages.sft import fit, held_out, params_changed, save_model, trainer_args
+from slmforge.posttrain import (
+    PostTrainConfig,
+    fit,
+    held_out,
+    params_changed,
+    save_model,
+    snapshot_params,
+    trainer_args,
+)
+from slmforge.records import Curated, Models, Synthesized
+from slmforge.synthesis import grounded_share, split_chunks
 
 NAME = "dpo"
 INPUTS = ("curate", "synth", "sft")
 
 
-class Config(StageConfig):
+# trl 1.16's DPO losses (DPOConfig.loss_type); a typo is a recipe error, not a failure after the model loaded
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+class Config(PostTrainConfig):
     """Which SFT model, which pairs, and the DPO settings."""
 
     base: str | None = Field(None, description="a model of the sft stage (default: sft-rationale if made, else sft)")
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference model")
-    loss_type: str = Field("sigmoid", description="trl's DPO loss: sigmoid (DPO), ipo, hinge, robust, ...")
+    loss_type: LossType = Field("sigmoid", description="trl's DPO loss: sigmoid (DPO), ipo, hinge, robust, ...")
     precompute_ref: bool = Field(False, description="compute the reference log-probs once and store them")
     on_policy: bool = Field(False, description="add pairs from the SFT model's own ungrounded answers")
     on_policy_questions: int = Field(200, ge=1, description="synthetic questions the SFT model answers")
     min_grounded: float = Field(0.6, ge=0, le=1, description="on-policy: an answer with a smaller share of its "
                                                               "words in the source chunk becomes `rejected`")
     answer_tokens: int = Field(48, ge=4, description="on-policy: tokens per sampled answer")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5)
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(5e-5, gt=0)
     batch_size: int = Field(16, ge=1, description="pairs per step per process")
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(256, ge=16)
-    precision: str = Field("auto", pattern="^(auto|bf16|fp32)$")
-    save_steps: int = Field(100, ge=1, description="steps between trainer checkpoints (the unit of resume)")
-    seed: int = 0
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
@@ -68,9 +75,7 @@ def synth_pairs(items: list[dict]) -> list[dict]:
 def on_policy_pairs(cfg: Config, model, tok, items: list[dict], chunks: dict[str, str]) -> tuple[list[dict], dict]:
     """The SFT model answers synthetic questions (greedy, through its chat template); an answer that
     fails the groundedness check is paired as `rejected` with the item's grounded answer."""
-    import torch
-
-    from slmforge.stages.synth import grounded_share
+    from slmforge.lm import generate
 
     qa = [it for it in items if it["kind"] in ("qa", "instruction") and it["chunk_id"] in chunks]
     random.Random(cfg.seed).shuffle(qa)
@@ -78,11 +83,7 @@ def on_policy_pairs(cfg: Config, model, tok, items: list[dict], chunks: dict[str
     model.eval()
     for it in qa[: cfg.on_policy_questions]:
         prompt = [{"role": "user", "content": it["question"]}]
-        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=cfg.answer_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        answer = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        answer = generate(model, tok, prompt, cfg.answer_tokens).strip()
         if answer and grounded_share(answer, chunks[it["chunk_id"]]) >= cfg.min_grounded:
             grounded += 1
             continue
@@ -93,13 +94,9 @@ def on_policy_pairs(cfg: Config, model, tok, items: list[dict], chunks: dict[str
     return pairs, {"asked": asked, "grounded": grounded, "pairs": len(pairs)}
 
 
-def _chunks(curate: Artifact, synth: Artifact, ids: set[str]) -> dict[str, str]:
+def _chunks(curated: Curated, synth: Synthesized, ids: set[str]) -> dict[str, str]:
     """The texts of the synth stage's chunks with these ids, cut as synth cut them (its chunk_chars)."""
-    from slmforge.stages.synth import split_chunks
-
-    domain = [s for s, r in curate.manifest["metrics"]["roles"].items() if r == "domain"]
-    chunk_chars = synth.manifest["config"]["chunk_chars"]
-    return {c.id: c.text for c in split_chunks(curate, "train", domain, chunk_chars) if c.id in ids}
+    return {c.id: c.text for c in split_chunks(curated, "train", curated.domain, synth.chunk_chars) if c.id in ids}
 
 
 def make_trainer(cfg: Config, model, tok, train: list[dict], held: list[dict], work: Path):
@@ -122,15 +119,16 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     from slmforge.modeling import load_model
 
     dist.init()
-    sft = inputs["sft"]
-    made = sft.manifest["metrics"]["models"]
+    sft = Models.of(inputs["sft"])
+    made = sft.models
     name = cfg.base or ("sft-rationale" if "sft-rationale" in made else "sft")
     if name not in made:
         raise UserError(f"dpo.base: the sft stage made {', '.join(made)}, not {name!r}")
-    base = sft.path / name
+    base = sft.folder(name)
     if (out / "dpo" / "metrics.json").is_file():  # finished before a restart
         return {"models": {"dpo": json.loads((out / "dpo" / "metrics.json").read_text())}, "base": name}
-    items = [json.loads(x) for x in (inputs["synth"].path / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    synth = Synthesized.of(inputs["synth"])
+    items = synth.items
     pairs = synth_pairs(items)
     model, tok = load_model(base)
     stats: dict = {"synth_pairs": len(pairs)}
@@ -142,7 +140,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         else:
             wanted = {it["chunk_id"] for it in items if it["kind"] in ("qa", "instruction")}
             info(f"  dpo · the {name} model answers up to {cfg.on_policy_questions} synthetic questions")
-            extra, stats["on_policy"] = on_policy_pairs(cfg, model, tok, items, _chunks(inputs["curate"], inputs["synth"], wanted))
+            extra, stats["on_policy"] = on_policy_pairs(cfg, model, tok, items, _chunks(Curated.of(inputs["curate"]), synth, wanted))
             if dist.is_main():
                 cached.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in extra), encoding="utf-8")
                 (out / "on_policy.json").write_text(json.dumps(stats["on_policy"]))
@@ -154,7 +152,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     stats.update(train_pairs=len(train), eval_pairs=len(held), domain_examples=len(train), general_examples=0)
     info(f"  dpo · {name} → dpo: {len(train)} pairs ({stats.get('on_policy', {}).get('pairs', 0)} on-policy), "
          f"{len(held)} held out; beta {cfg.beta}, loss {cfg.loss_type}")
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    before = snapshot_params(model)
     work = out / "trainer-dpo"
     trainer = make_trainer(cfg, model, tok, train, held, work)
     run = fit(trainer, work, "dpo", bool(held))

@@ -29,22 +29,32 @@ Trainer checkpoints go to `trainer-<name>/` every `save_steps`; a killed run res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import shutil
-import time
 import warnings
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from slmforge import prompts
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import RecipePath, StageConfig
+from slmforge.chat import chat_template
+from slmforge.config import RecipePath
 from slmforge.console import info
 from slmforge.errors import UserError
-from slmforge.stages.bench import QA_INSTRUCTION
+from slmforge.posttrain import (
+    PostTrainConfig,
+    fit,
+    held_out,
+    params_changed,
+    save_model,
+    snapshot_params,
+    trainer_args,
+)
+from slmforge.records import Curated, Models, Synthesized
 
 NAME = "sft"
 INPUTS = ("curate", "pretrain", "synth")
@@ -54,15 +64,8 @@ KINDS = ("instruction", "qa", "mcq", "completion", "summary", "rationale")
 DEFAULT_KINDS = ("instruction", "qa", "mcq", "completion", "rationale")
 LABEL, RATIONALE = "[label] ", "[rationale] "
 # The distilled model's chat template: a user turn gets the [label] prefix unless it asks for the rationale.
-DISTILL_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% elif message['role'] == 'user' and not message['content'].startswith('[rationale]') %}"
-    "{{ '[label] ' + message['content'] + '<|im_end|>' }}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+DISTILL_TEMPLATE = chat_template(LABEL, RATIONALE.strip())
+Kind = Literal["instruction", "qa", "mcq", "completion", "summary", "rationale"]
 
 
 class Lora(BaseModel):
@@ -75,38 +78,25 @@ class Lora(BaseModel):
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-class Config(StageConfig):
+class Config(PostTrainConfig):
     """What to fine-tune, on which data, and how."""
 
     base: str = Field("specialist", description="a model of the pretrain stage, or a local HF folder")
-    kinds: list[str] = Field(list(DEFAULT_KINDS), description=f"synth item kinds to train on, of {', '.join(KINDS)}")
+    kinds: list[Kind] = Field(list(DEFAULT_KINDS), description=f"synth item kinds to train on, of {', '.join(KINDS)}")
     distill: bool = Field(True, description="also train sft-rationale (step-by-step distillation)")
     alpha: float = Field(0.5, gt=0, lt=1, description="distill: weight of the label task; 1 - alpha: the rationale")
     general_share: float = Field(0.1, ge=0, lt=1, description="share of training examples from general data")
     general_data: RecipePath | None = Field(None, description="JSONL of chat `messages` (default: extractive items "
                                                        "from the general sources' train split)")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out share of the examples (eval loss)")
     epochs: float = Field(2.0, gt=0)
     lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(16, ge=1, description="packed sequences per step per process")
-    grad_accum: int = Field(1, ge=1)
     max_length: int = Field(256, ge=16, description="tokens per packed sequence (at most the model's context)")
-    packing: str = Field("auto", pattern="^(auto|bfd|wrapped|none)$",
-                         description="auto: bfd (best-fit, padding-free) on a GPU, wrapped on a CPU")
+    packing: Literal["auto", "bfd", "wrapped", "none"] = Field(
+        "auto", description="auto: bfd (best-fit, padding-free) on a GPU, wrapped on a CPU")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     lora: Lora | None = Field(None, description="train LoRA adapters instead of all weights")
-    precision: str = Field("auto", pattern="^(auto|bf16|fp32)$")
-    save_steps: int = Field(100, ge=1, description="steps between trainer checkpoints (the unit of resume)")
-    seed: int = 0
-
-    @field_validator("kinds")
-    @classmethod
-    def _kinds(cls, v: list[str]) -> list[str]:
-        bad = [k for k in v if k not in KINDS]
-        if bad:
-            raise ValueError(f"unknown kind(s) {', '.join(bad)}; SFT trains on {', '.join(KINDS)}")
-        return v
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
@@ -126,23 +116,36 @@ def examples_of(item: dict) -> list[list[dict]]:
     if kind == "mcq":
         term = item["options"][item["answer_index"]]
         sentence = item["question"].replace("_____", term, 1)
-        out += [_chat(f"{item['question']}\nAnswer:", term),
-                _chat(f"{sentence}\n\n{QA_INSTRUCTION}\n{item['question']}\nAnswer:", term)]
+        out += [_chat(prompts.render("mcq", question=item["question"]), term),
+                _chat(prompts.render("qa", passage=sentence, question=item["question"]), term)]
     elif kind == "completion":
-        out.append(_chat(item["question"], item["options"][item["answer_index"]]))
+        out.append(_chat(prompts.render("completion", question=item["question"]), item["options"][item["answer_index"]]))
     elif kind == "summary":
         text = item["messages"][0]["content"].split("\n\n", 1)[-1]
-        out.append(_chat(f"{text}\n\nSummary:", item["answer"]))
+        out.append(_chat(prompts.render("summarization", document=text), item["answer"]))
     elif kind == "rationale":
         out = [_chat(item["question"], item["answer"])]
     return out
 
 
-def held_out(item_id: str, fraction: float) -> bool:
-    return int(hashlib.sha1(item_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def _messages(p: Path) -> list[list[dict]]:
+    """The `messages` lists of a chat JSONL file; a bad line is a UserError naming it."""
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            msgs = json.loads(line).get("messages")
+        except (ValueError, AttributeError):
+            msgs = None
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                         for m in msgs)):
+            raise UserError(f"sft.general_data: {p} line {i + 1} needs a `messages` list of {{role, content}}")
+        rows.append(msgs)
+    return rows
 
 
-def general_examples(cfg: Config, curate: Artifact, n: int) -> list[list[dict]]:
+def general_examples(cfg: Config, curated: Curated, n: int) -> list[list[dict]]:
     """n general chat examples: from cfg.general_data, or extractive items of the general train split."""
     if n <= 0:
         return []
@@ -151,24 +154,13 @@ def general_examples(cfg: Config, curate: Artifact, n: int) -> list[list[dict]]:
         p = Path(cfg.general_data)
         if not p.is_file():
             raise UserError(f"sft.general_data: {p} does not exist")
-        rows = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                msgs = json.loads(line)["messages"]
-                assert isinstance(msgs, list) and msgs and all({"role", "content"} <= set(m) for m in msgs)
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise UserError(f"sft.general_data: {p} line {i + 1} needs a `messages` list of "
-                                "{role, content}") from None
-            rows.append(msgs)
+        rows = _messages(p)
         rng.shuffle(rows)
         return rows[:n]
     from slmforge.extractive import ExtractiveTeacher, Pool
-    from slmforge.stages.synth import split_chunks
+    from slmforge.synthesis import split_chunks
 
-    general = [s for s, r in curate.manifest["metrics"]["roles"].items() if r == "general"]
-    chunks = split_chunks(curate, "train", general, 1500)
+    chunks = split_chunks(curated, "train", curated.general, 1500)
     rng.shuffle(chunks)
     teacher = ExtractiveTeacher(Pool.build(chunks[:2000]), cfg.seed)
     out: list[list[dict]] = []
@@ -217,55 +209,15 @@ def build_data(cfg: Config, items: list[dict], general: list[list[dict]], tokeni
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def _base(cfg: Config, pretrain: Artifact) -> Path:
-    models = pretrain.manifest["metrics"]["models"]
+def _base(cfg: Config, pretrain: Models) -> Path:
+    models = pretrain.models
     if cfg.base in models:
-        return pretrain.path / cfg.base
+        return pretrain.folder(cfg.base)
     p = Path(cfg.base)
     if not (p / "config.json").is_file():
         raise UserError(f"sft.base: {cfg.base!r} is neither a pretrain model ({', '.join(models)}) nor a local HF "
                         "model folder")
     return p
-
-
-def trainer_args(cfg, work: Path, has_eval: bool, warmup: float) -> dict:
-    """The TrainingArguments fields sft and dpo share (cfg: either stage's Config)."""
-    import torch
-
-    from slmforge.stages.pretrain import use_bf16
-
-    return dict(
-        output_dir=str(work), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=warmup,  # < 1: a share of the steps
-        eval_strategy="epoch" if has_eval else "no", save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed, bf16=use_bf16(cfg.precision),
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
-
-
-def fit(trainer, work: Path, label: str, has_eval: bool) -> dict:
-    """Train (resuming from the last checkpoint in `work`), then evaluate: the result, the loss log,
-    the eval figures and the metrics every post-training stage reports."""
-    checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if checkpoints:
-        info(f"  {label}: resuming from {checkpoints[-1].name}")
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=True if checkpoints else None)
-    wall = time.time() - t0
-    evals = trainer.evaluate() if has_eval else {}
-    log = [r for r in trainer.state.log_history if "loss" in r]
-    return {"wall": wall, "evals": evals, "log": log,
-            "metrics": {"steps": trainer.state.global_step, "train_loss": round(result.training_loss, 4),
-                        "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-                        "eval_loss": round(evals["eval_loss"], 4) if "eval_loss" in evals else None,
-                        "train_time_s": round(wall, 1)}}
-
-
-def params_changed(before: dict, model) -> str:
-    """'changed/total' parameter tensors of `model` against a copy taken before training."""
-    import torch
-
-    return f"{sum(not torch.equal(before[k], v.detach().cpu()) for k, v in model.named_parameters())}/{len(before)}"
 
 
 def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_template: str | None = None) -> dict:
@@ -282,7 +234,7 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_
     model, tok = load_model(base)
     if chat_template:
         tok.chat_template = chat_template
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    before = snapshot_params(model)
     max_length = min(cfg.max_length, model.config.max_position_embeddings)
     work = out / f"trainer-{name}"
     # On CPU, trl's best-fit packing (padding-free: position ids, no padding) trains 1,262 real tokens/s
@@ -317,49 +269,19 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_
                         "lora": cfg.lora.model_dump() if cfg.lora else None}}
 
 
-def save_model(result: dict, out: Path, name: str, base: Path, data_stats: dict, stage: str) -> dict:
-    """The fine-tuned model as a HF folder with its card and logs; returns its manifest entry."""
-    from transformers import GenerationConfig
-
-    from slmforge.modeling import model_card
-
-    model, tok = result["model"], result["tokenizer"]
-    path = out / name
-    model.save_pretrained(str(path), safe_serialization=True)
-    tok.save_pretrained(str(path))
-    if (base / "generation_config.json").is_file():
-        GenerationConfig.from_pretrained(str(base)).save_pretrained(str(path))
-    c = model.config
-    shape = {"depth": c.num_hidden_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
-             "num_key_value_heads": c.num_key_value_heads, "intermediate_size": c.intermediate_size,
-             "context": c.max_position_embeddings, "params": sum(p.numel() for p in model.parameters())}
-    (path / "README.md").write_text(model_card(name, shape, {"base": str(base), "stage": stage, **data_stats},
-                                               result["metrics"]), encoding="utf-8")
-    with open(path / "train_log.jsonl", "w", encoding="utf-8") as f:
-        seen = 0
-        for r in result["log"]:
-            seen = r.get("num_tokens", seen)
-            f.write(json.dumps({"step": r["step"], "loss": r["loss"], "tokens": seen or r["step"]}) + "\n")
-    entry = {**result["metrics"], "shape": shape, "tokens": result["tokens"], "base": str(base), "chat": True,
-             "data": data_stats}
-    (path / "metrics.json").write_text(json.dumps(entry, indent=2))
-    return entry
-
-
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     from transformers import AutoTokenizer
 
     from slmforge import dist
 
     dist.init()
-    base = _base(cfg, inputs["pretrain"])
-    items = [json.loads(x) for x in (inputs["synth"].path / "items.jsonl").read_text(encoding="utf-8").splitlines()]
-    items = [it for it in items if it["kind"] in cfg.kinds]
+    base = _base(cfg, Models.of(inputs["pretrain"]))
+    items = Synthesized.of(inputs["synth"]).of_kinds(cfg.kinds)
     if not items:
         raise UserError(f"sft: the synth stage made no items of the kinds {', '.join(cfg.kinds)}; check synth.kinds")
     tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)  # only to count tokens (alpha)
     n_domain = sum(len(examples_of(it)) for it in items)
-    general = general_examples(cfg, inputs["curate"], round(n_domain * cfg.general_share / (1 - cfg.general_share)))
+    general = general_examples(cfg, Curated.of(inputs["curate"]), round(n_domain * cfg.general_share / (1 - cfg.general_share)))
     plans = [("sft", False)]
     if cfg.distill and any(it["kind"] == "rationale" for it in items):
         plans.append(("sft-rationale", True))
