@@ -102,6 +102,7 @@ def _init(directory: str, force: bool) -> None:
 def _chat(args) -> None:
     import torch
 
+    from slmforge.lm import generate
     from slmforge.modeling import load_model
 
     model, tok = load_model(args.model)
@@ -110,17 +111,12 @@ def _chat(args) -> None:
     if args.prompt is None and sys.stdin.isatty():
         print("type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)
     for prompt in prompts:
-        if args.chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
-        else:
-            ids = tok(prompt, return_tensors="pt")
         torch.manual_seed(args.seed)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample \
             else {"do_sample": False}
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
-        print(prompt + tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True), flush=True)
+        text = generate(model, tok, [{"role": "user", "content": prompt}] if args.chat else prompt,
+                        args.max_new_tokens, **sampling)
+        print(prompt + text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

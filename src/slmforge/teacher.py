@@ -407,6 +407,7 @@ class HFTeacher(_Teacher):
     name = "hf"
 
     def __init__(self, model_dir: str | Path, cache_dir: Path, max_batch: int = 4):
+        from slmforge.chat import stop_token_ids
         from slmforge.modeling import load_model
 
         model_dir = Path(model_dir).resolve()
@@ -418,9 +419,7 @@ class HFTeacher(_Teacher):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         stops = self.model.generation_config.eos_token_id
-        stops = set(stops if isinstance(stops, list) else [stops]) | {self.tokenizer.eos_token_id}
-        if "<|im_end|>" in self.tokenizer.get_vocab():
-            stops.add(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        stops = set(stops if isinstance(stops, list) else [stops]) | set(stop_token_ids(self.tokenizer))
         self._stops = sorted(s for s in stops if s is not None)
         self.max_batch = max_batch
         # The weights' sizes and times stand for their content: hashing gigabytes per run costs more.

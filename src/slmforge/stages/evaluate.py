@@ -33,7 +33,9 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
-from slmforge.records import read_documents
+from slmforge.lm import generate, nll
+from slmforge.records import Benchmarks, Curated, Models, set_of
+from slmforge.results import bench_rows, gate_lines, reference
 
 NAME = "evaluate"
 INPUTS = ("curate", "bench")
@@ -139,7 +141,6 @@ def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: 
     """Summed NLL over the texts' tokens in bits / their UTF-8 bytes, and token-level perplexity."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     stream: list[int] = []
@@ -152,15 +153,11 @@ def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: 
     x = torch.as_tensor(arr[:-1].reshape(n_win, context)).clamp(min=0)
     y = torch.as_tensor(arr[1:].reshape(n_win, context))
     y = torch.where((y == bos) | (y == eos), torch.full_like(y, -100), y)
-    nll, n_tok = 0.0, int((y != -100).sum())
+    n_tok = int((y != -100).sum())
     model.eval()
-    with torch.no_grad():
-        for i in range(0, n_win, batch_size):
-            logits = model(input_ids=x[i:i + batch_size].to(model.device)).logits.float()
-            nll += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch_size].flatten().to(model.device),
-                                   ignore_index=-100, reduction="sum").item()
+    total = nll(model, x, y, batch_size, model.device)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"bpb": round(nll / math.log(2) / n_bytes, 4), "ppl": round(math.exp(nll / max(n_tok, 1)), 3),
+    return {"bpb": round(total / math.log(2) / n_bytes, 4), "ppl": round(math.exp(total / max(n_tok, 1)), 3),
             "tokens": n_tok, "bytes": n_bytes}
 
 
@@ -212,25 +209,15 @@ def endpoint_lm(ref: ModelRef):
                                           tokenizer=ref.tokenizer, tokenized_requests=False, **args)
 
 
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    import torch
-
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def quality_gate(benchmarks: dict, bench: dict, a: str = "specialist", b: str = "generalist") -> dict | None:
+def quality_gate(benchmarks: dict, bench: Benchmarks, a: str = "specialist", b: str = "generalist") -> dict | None:
     """Does model `a` beat model `b` on each choice set's headline accuracy, and both beat chance?
     With each score's 95% interval (normal approximation), so a margin can be read against the noise."""
     if a not in benchmarks or b not in benchmarks:
         return None
     checks = []
-    for s, metric in bench.get("headline", {}).items():
-        task = task_name(bench, s)
-        n, chance = bench["sizes"][s], bench["trivial_baselines"][s]["chance"]
+    for s, metric in bench.headline.items():
+        task = bench.tasks[s]
+        n, chance = bench.sizes[s], bench.baselines[s]["chance"]
         va, vb = (benchmarks[m].get(task, {}).get(metric) for m in (a, b))
         if va is None or vb is None:
             continue
@@ -240,18 +227,14 @@ def quality_gate(benchmarks: dict, bench: dict, a: str = "specialist", b: str = 
     return {"compare": [a, b], "checks": checks, "passed": bool(checks) and all(c["passed"] for c in checks)}
 
 
-def task_name(bench: dict, s: str) -> str:
-    return next(t for t in bench["tasks"] if t.rsplit("_", 1)[-1] == s)
-
-
 def _prompt(text: str, chars: int) -> str:
     cut = text[:chars]
     return cut[: cut.rfind(" ")] if " " in cut else cut
 
 
-def _texts(curate: Artifact, source: str, max_bytes: int) -> list[str]:
+def _texts(curated: Curated, source: str, max_bytes: int) -> list[str]:
     out, used = [], 0
-    for row in read_documents(curate.path / "data" / "test", source, columns=["text"]):
+    for row in curated.documents("test", source, columns=["text"]):
         out.append(row["text"])
         used += len(row["text"].encode("utf-8"))
         if used >= max_bytes:
@@ -263,9 +246,9 @@ def _entries(cfg: Config, inputs: dict[str, Artifact]) -> list[Entry]:
     entries: list[Entry] = []
     for ref in cfg.models:
         if isinstance(ref, str):
-            art = inputs[ref]
-            for name, meta in art.manifest["metrics"].get("models", {}).items():
-                entries.append(Entry(name, path=art.path / name, stage=ref, key=art.key, meta=meta))
+            made = Models.of(inputs[ref])
+            for name, meta in made.models.items():
+                entries.append(Entry(name, path=made.folder(name), stage=ref, key=made.key, meta=meta))
         else:
             entries.append(Entry(ref.name, path=Path(ref.path) if ref.path else None, ref=ref))
     names = [e.name for e in entries]
@@ -278,7 +261,7 @@ def _entries(cfg: Config, inputs: dict[str, Artifact]) -> list[Entry]:
     return entries
 
 
-def select_snapshot(e: Entry, cfg: Config, bench: Artifact) -> dict | None:
+def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
     """Score each snapshot of a stage model (and its final weights) on the dev sets; the winner is the
     latest one within one standard error of the best score. A 100-item dev set has a standard error
     near 0.05, so "the best" alone would often pick an early snapshot by luck (on the demo: step 92 of
@@ -287,24 +270,23 @@ def select_snapshot(e: Entry, cfg: Config, bench: Artifact) -> dict | None:
     from slmforge.modeling import load_model
 
     snaps = sorted((e.path / "snapshots").glob("step-*")) if (e.path / "snapshots").is_dir() else []
-    bm = bench.manifest["metrics"]
-    dev = bm.get("dev_tasks", {})
-    wanted = dict(bm["headline"]) if cfg.select == "headline" else dict([cfg.select.split("/")])
+    dev = bench.dev_tasks
+    wanted = dict(bench.headline) if cfg.select == "headline" else dict([cfg.select.split("/")])
     wanted = {s: m for s, m in wanted.items() if s in dev}
     if not snaps or not wanted:
         return None
-    n = sum(bm["dev_sizes"][s] for s in wanted)
+    n = sum(bench.dev_sizes[s] for s in wanted)
     scores = {}
     for p in [*snaps, e.path]:
         label = "final" if p == e.path else p.name
         model, tok = load_model(p)
-        r, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.path / "tasks", [dev[s] for s in wanted], None)
+        r, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.task_dir, [dev[s] for s in wanted], None)
         vals = []
         for s, metric in wanted.items():
             if metric not in r[dev[s]]:
                 raise UserError(f"evaluate.select: the {s} dev task has no metric {metric!r} "
                                 f"(it has {', '.join(r[dev[s]])})")
-            vals.append(r[dev[s]][metric] * bm["dev_sizes"][s])
+            vals.append(r[dev[s]][metric] * bench.dev_sizes[s])
         scores[label] = round(sum(vals) / n, 4)
         info(f"  evaluate · {e.name} {label}: dev {cfg.select} {scores[label]:.3f}")
     best = max(scores.values())
@@ -317,13 +299,11 @@ def select_snapshot(e: Entry, cfg: Config, bench: Artifact) -> dict | None:
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     from slmforge.modeling import load_model
 
-    curate, bench = inputs["curate"], inputs["bench"]
-    bm = bench.manifest["metrics"]
-    tasks = bm["tasks"]
-    gen_tasks = [task_name(bm, s) for s in GENERATION_SETS if any(t.endswith("_" + s) for t in tasks)]
-    roles = curate.manifest["metrics"]["roles"]
+    curated, bench = Curated.of(inputs["curate"]), Benchmarks.of(inputs["bench"])
+    tasks = list(bench.tasks.values())
+    gen_tasks = [bench.tasks[s] for s in GENERATION_SETS if s in bench.tasks]
     entries = _entries(cfg, inputs)
-    texts = {s: _texts(curate, s, cfg.max_bytes) for s in roles}
+    texts = {s: _texts(curated, s, cfg.max_bytes) for s in curated.roles}
     empty = [s for s, t in texts.items() if not t]
     if empty:
         raise UserError(f"evaluate: the test split of {', '.join(empty)} is empty; raise curate.test_fraction")
@@ -341,7 +321,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             run_tasks = tasks if ref.api == "completions" else gen_tasks
             info(f"  evaluate · {e.name} ({ref.api} endpoint {ref.base_url}) on {', '.join(run_tasks)}")
             benchmarks[e.name], answers[e.name] = lm_eval_run(
-                endpoint_lm(ref), bench.path / "tasks", run_tasks, cfg.bench_limit, cfg.samples, chat=ref.api == "chat")
+                endpoint_lm(ref), bench.task_dir, run_tasks, cfg.bench_limit, cfg.samples, chat=ref.api == "chat")
             if ref.api == "chat":
                 models[e.name]["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
             continue
@@ -368,7 +348,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         benchmarks[e.name], answers[e.name] = {}, {}
         for part, as_chat in parts:
             if part:
-                r, a = lm_eval_run(lm, bench.path / "tasks", part, cfg.bench_limit, cfg.samples, chat=as_chat)
+                r, a = lm_eval_run(lm, bench.task_dir, part, cfg.bench_limit, cfg.samples, chat=as_chat)
                 benchmarks[e.name].update(r)
                 answers[e.name].update(a)
         if chat:
@@ -377,18 +357,17 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             for doc in t[: cfg.samples]:
                 prompt = _prompt(doc, cfg.prompt_chars)
                 samples.setdefault(f"{source}: {prompt}", []).append(
-                    {"model": e.name, "completion": greedy(model, tok, prompt, cfg.sample_tokens)})
-    domain = [s for s, r in roles.items() if r == "domain"]
-    general = [s for s, r in roles.items() if r == "general"]
+                    {"model": e.name, "completion": generate(model, tok, prompt, cfg.sample_tokens)})
+    domain, general = curated.domain, curated.general
     margins = {}
     if "specialist" in scores and "generalist" in scores:
         for s in domain + general:
             sp, ge = scores["specialist"][s]["bpb"], scores["generalist"][s]["bpb"]
             margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "relative": round(1 - sp / ge, 4)}
     metrics = {"models": models, "scores": scores, "margins": margins, "domain_sources": domain,
-               "general_sources": general, "benchmarks": benchmarks, "headline": bm.get("headline", {}),
-               "gate": quality_gate(benchmarks, bm), "selection": selection,
-               "baselines": bm["trivial_baselines"], "bench_sizes": bm["sizes"]}
+               "general_sources": general, "benchmarks": benchmarks, "headline": bench.headline,
+               "gate": quality_gate(benchmarks, bench), "selection": selection,
+               "baselines": bench.baselines, "bench_sizes": bench.sizes}
     (out / "results.json").write_text(json.dumps(metrics | {"samples": samples, "answers": answers}, indent=2,
                                                  ensure_ascii=False), encoding="utf-8")
     print_results(metrics, samples)
@@ -396,32 +375,6 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
 
 
 # ---- presentation ------------------------------------------------------------------------------------
-def bench_rows(m: dict) -> list[tuple[str, str]]:
-    """(task, metric) pairs any model has, in a stable order."""
-    pairs = {(t, k) for r in m["benchmarks"].values() for t, ms in r.items() for k in ms if k != "alias"}
-    return sorted(pairs)
-
-
-def reference(m: dict, task: str, metric: str) -> str:
-    """'chance / best trivial rule' for an accuracy metric of a choice task, else ''."""
-    base = m["baselines"].get(task.rsplit("_", 1)[-1], {})
-    if not base or not metric.startswith("acc"):
-        return ""
-    return f"{base['chance']:.2f} / {max(v for k, v in base.items() if k not in ('items', 'chance')):.2f}"
-
-
-def gate_lines(gate: dict | None) -> list[str]:
-    if not gate:
-        return []
-    a, b = gate["compare"]
-    lines = [f"quality gate ({a} beats {b}, both beat chance): {'PASSED' if gate['passed'] else 'NOT MET'}"]
-    for c in gate["checks"]:
-        lines.append(f"  {c['set']} {c['metric']}: {a} {c[a]:.3f} ±{c['ci95'][a]:.3f}, {b} {c[b]:.3f} "
-                     f"±{c['ci95'][b]:.3f}, chance {c['chance']:.2f}, margin {c['margin']:+.3f} "
-                     f"({c['items']} items) {'ok' if c['passed'] else 'NOT MET'}")
-    return lines
-
-
 def print_results(m: dict, samples: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -448,7 +401,7 @@ def print_results(m: dict, samples: dict) -> None:
             b.add_column(name, justify="right")
         b.add_column("chance / trivial rules", justify="right")
         for task, metric in bench_rows(m):
-            b.add_row(f"{task.rsplit('_', 1)[-1]} · {metric}", *[_cell(m["benchmarks"][n], task, metric) for n in m["benchmarks"]],
+            b.add_row(f"{set_of(task)} · {metric}", *[_cell(m["benchmarks"][n], task, metric) for n in m["benchmarks"]],
                       reference(m, task, metric))
         console.print(b)
     for line in gate_lines(m["gate"]):

@@ -21,7 +21,8 @@ from pydantic import Field
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig
 from slmforge.console import info
-from slmforge.stages.evaluate import bench_rows, gate_lines, reference
+from slmforge.records import Benchmarks, set_of
+from slmforge.results import bench_rows, gate_lines, reference
 
 NAME = "report"
 INPUTS = ("curate", "tokenizer", "bench", "evaluate")
@@ -42,7 +43,7 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     ev = inputs["evaluate"]
     results = json.loads((ev.path / "results.json").read_text(encoding="utf-8"))
-    bench = _bench_items(inputs["bench"])
+    bench = _bench_items(Benchmarks.of(inputs["bench"]))
     doc = {"title": cfg.title, "curate": inputs["curate"].manifest["metrics"],
            "tokenizer": inputs["tokenizer"].manifest["metrics"], "results": results, "bench": bench,
            "samples": cfg.samples,
@@ -55,15 +56,10 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             "gate_passed": (results.get("gate") or {}).get("passed")}
 
 
-def _bench_items(bench: Artifact) -> dict[str, dict]:
+def _bench_items(bench: Benchmarks) -> dict[str, dict]:
     """{task: {item id: item}} of the generation tasks, to show references next to answers."""
-    out = {}
-    for t in bench.manifest["metrics"]["tasks"]:
-        s = t.rsplit("_", 1)[-1]
-        p = bench.path / "tasks" / f"{s}.jsonl"
-        if s in ("qa", "summarization") and p.is_file():
-            out[t] = {r["id"]: r for r in map(json.loads, p.read_text(encoding="utf-8").splitlines())}
-    return out
+    return {t: {r["id"]: r for r in bench.items(s)} for s, t in bench.tasks.items()
+            if s in ("qa", "summarization") and (bench.task_dir / f"{s}.jsonl").is_file()}
 
 
 # ---- pictures ----------------------------------------------------------------------------------------
@@ -140,7 +136,7 @@ def score_charts(m: dict) -> list[tuple[str, str]]:
                    [m["benchmarks"][n].get(t, {}).get(k, 0) for t, k in rows], width, label=n)
         ax.axhline(0.25, color="grey", ls="--", lw=1, label="chance (choice tasks)")
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))],
-                      [f"{t.rsplit('_', 1)[-1]}\n{k}" for t, k in rows], fontsize=7)
+                      [f"{set_of(t)}\n{k}" for t, k in rows], fontsize=7)
         ax.set(ylabel="score (higher is better)", title="Domain benchmarks", ylim=(0, 1))
         ax.legend(fontsize=7)
         pictures.append(("Domain benchmarks", _png(fig)))
@@ -191,7 +187,7 @@ def gain_rows(m: dict) -> tuple[list[str], list[list]]:
     names = [n for n in CHAIN if n in m["benchmarks"]]
     if len(names) < 2:
         return [], []
-    tasks = {t.rsplit("_", 1)[-1]: t for r in m["benchmarks"].values() for t in r}
+    tasks = {set_of(t): t for r in m["benchmarks"].values() for t in r}
     cols = [(s, metric) for s, metric in m["headline"].items()] + \
            [(s, k) for s, k in (("qa", "exact_match"), ("qa", "f1"), ("summarization", "rougeL")) if s in tasks]
     rows, prev = [], None

@@ -18,31 +18,22 @@ from pathlib import Path
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
+from slmforge.chat import BOS, EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, chat_template
 from slmforge.config import StageConfig
 from slmforge.console import console, info
 from slmforge.errors import UserError
-from slmforge.records import read_documents
+from slmforge.records import Curated
 
 NAME = "tokenizer"
 INPUTS = ("curate",)
 
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
 # Llama 3's pre-tokenizer split (the cl100k pattern): digits in groups of at most 3, punctuation runs
 # kept apart from words, newlines split off. llama.cpp knows it as the "llama-bpe" pre-tokenizer.
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# ChatML. {% generation %} marks assistant tokens so SFT can put the loss on them only.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = chat_template()
 
 
 class Config(StageConfig):
@@ -62,10 +53,10 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs["curate"], out), force=force)
 
 
-def _texts(curate: Artifact, split: str, sources: list[str], max_chars: int | None = None) -> Iterator[str]:
+def _texts(curated: Curated, split: str, sources: list[str], max_chars: int | None = None) -> Iterator[str]:
     used = 0
     for source in sources:
-        for row in read_documents(curate.path / "data" / split, source, columns=["text"]):
+        for row in curated.documents(split, source, columns=["text"]):
             yield row["text"]
             used += len(row["text"])
             if max_chars and used >= max_chars:
@@ -122,17 +113,18 @@ def measure(tok, texts: list[str]) -> dict:
 
 
 def _build(cfg: Config, curate: Artifact, out: Path) -> dict:
-    roles: dict[str, str] = curate.manifest["metrics"]["roles"]
-    domain = cfg.train_on or [s for s, r in roles.items() if r == "domain"]
-    general = [s for s, r in roles.items() if r == "general"]
+    curated = Curated.of(curate)
+    roles = curated.roles
+    domain = cfg.train_on or curated.domain
+    general = curated.general
     unknown = [s for s in domain if s not in roles]
     if unknown:
         raise UserError(f"tokenizer.train_on: unknown source(s) {', '.join(unknown)}; the corpus has {', '.join(roles)}")
-    eval_sets = {"domain": list(_texts(curate, "val", domain))}
+    eval_sets = {"domain": list(_texts(curated, "val", domain))}
     if not eval_sets["domain"]:
         raise UserError(f"tokenizer: the val split of {', '.join(domain)} is empty; raise curate.val_fraction")
     if general:
-        eval_sets["general"] = list(_texts(curate, "val", general))
+        eval_sets["general"] = list(_texts(curated, "val", general))
 
     tokenizers = {}
     timings = {}
@@ -148,7 +140,7 @@ def _build(cfg: Config, curate: Artifact, out: Path) -> dict:
     for name, sources in [("tokenizer", domain)] + ([("general_tokenizer", general)] if general and cfg.general_baseline else []):
         info(f"  tokenizer · training {name} on {', '.join(sources)} (vocab {cfg.vocab_size})")
         t0 = time.perf_counter()
-        texts = counted(name, _texts(curate, "train", sources, cfg.max_train_chars))
+        texts = counted(name, _texts(curated, "train", sources, cfg.max_train_chars))
         tok = train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
         timings[name] = round(time.perf_counter() - t0, 2)
         save_hf(tok, out / name)

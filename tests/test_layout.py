@@ -1,0 +1,72 @@
+"""The house's shape (AGENTS.md): stages on top, libraries below, no god modules, short import chains."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MAX_LINES = 600
+MAX_CHAIN = 5
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted((SRC / "slmforge").rglob("*.py")):
+        parts = p.relative_to(SRC).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str) -> set[str]:
+    """Every slmforge module `name` imports, at the top or inside a function (lazy imports count)."""
+    out = set()
+    for n in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+        if isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").startswith("slmforge"):
+            for a in n.names:
+                full = f"{n.module}.{a.name}"
+                out.add(full if full in MODULES else n.module)
+        elif isinstance(n, ast.Import):
+            out |= {a.name for a in n.names if a.name in MODULES}
+    out.discard(name)
+    if name.startswith("slmforge.stages."):
+        out.discard("slmforge.stages")  # the package's name list, not a stage
+    return out
+
+
+GRAPH = {m: _imports(m) for m in MODULES}
+
+
+def test_no_stage_imports_another_stage():
+    stages = {m for m in MODULES if m.startswith("slmforge.stages.")}
+    bad = sorted(f"{m} imports {d}" for m in stages for d in GRAPH[m] if d in stages)
+    assert not bad, "stages talk only through the ArtifactStore; move shared code down a level:\n" + "\n".join(bad)
+
+
+def test_no_source_file_over_600_lines():
+    long = {str(p.relative_to(SRC)): n for p in MODULES.values()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"split these modules (at most {MAX_LINES} lines): {long}"
+
+
+def test_import_chains_are_short():
+    @functools.lru_cache(None)
+    def longest(m: str, stack: tuple = ()) -> tuple:
+        best = (m,)
+        for d in sorted(GRAPH[m]):
+            if d not in stack and len(p := (m, *longest(d, (*stack, m)))) > len(best):
+                best = p
+        return best
+
+    chain = max((longest(m) for m in MODULES), key=len)
+    assert len(chain) <= MAX_CHAIN, f"import chain of {len(chain)} modules: {' -> '.join(chain)}"
+
+
+def test_the_layout_test_sees_a_stage_import():
+    """The checks above read real imports: a stage importing a stage is found."""
+    assert "slmforge.records" in GRAPH["slmforge.stages.synth"]
+    assert "slmforge.synthesis" in GRAPH["slmforge.stages.bench"]
