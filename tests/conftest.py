@@ -44,6 +44,12 @@ def write_recipe(folder: Path, recipe: dict) -> Path:
     return path
 
 
+def stage_metrics(workdir: Path, stage: str) -> tuple[Path, dict]:
+    """The one finished run of `stage` in workdir and its manifest's metrics."""
+    [run] = [p for p in (workdir / stage).iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    return run, json.loads((run / "manifest.json").read_text())["metrics"]
+
+
 def slmforge(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "slmforge.cli", *args], cwd=cwd, capture_output=True,
