@@ -86,7 +86,7 @@ REQUIRED = {"ingest.sources.0.name", "ingest.sources.0.paths", "plan.hours", "pr
 
 
 def _leaves(raw, validated, prefix=""):
-    """(dotted key, raw value) of every value the YAML sets, inside nested models and lists of models."""
+    """The dotted key of every value the YAML sets, inside nested models and lists of models."""
     items = raw.items() if isinstance(raw, dict) else enumerate(raw)
     for k, v in items:
         val = validated[k] if isinstance(raw, list) else getattr(validated, k)

@@ -28,25 +28,12 @@ from tests.conftest import DATA
 KINDS = ["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]
 
 
-def _chunks(doc: dict, chars: int = 1500) -> list[Chunk]:
-    """A page cut at blank lines into chunks of about `chars` (as synth does), titled by the page."""
-    groups, cur = [], []
-    for p in (p for p in doc["text"].split("\n\n") if p.strip()):
-        if cur and sum(map(len, cur)) + len(p) > chars:
-            groups.append(cur)
-            cur = []
-        cur.append(p)
-    groups += [cur] if cur else []
-    return [Chunk(f"{doc['id']}#{i}", doc["id"], doc["source"], doc.get("title", ""), "\n\n".join(g))
-            for i, g in enumerate(groups)]
-
-
 @pytest.fixture(scope="module")
 def chunks() -> list[Chunk]:
-    """40 manual pages (the same slice as conftest's small_corpus, and 10 more) in about 55 chunks."""
+    """40 manual pages (the same slice as conftest's small_corpus, and 10 more), a chunk each."""
     with gzip.open(DATA / "postgresql_docs.jsonl.gz", "rt", encoding="utf-8") as f:
         docs = [json.loads(line) for i, line in zip(range(140), f) if i >= 100]
-    return [c for d in docs for c in _chunks(d)]
+    return [Chunk(f"{d['id']}#0", d["id"], d["source"], d["title"], d["text"]) for d in docs]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +168,7 @@ def test_mcq_blanks_a_term_of_the_sentence_and_draws_distinct_distractors_from_t
     # distractors close in length to the answer (a window of max(4, n/2) holding the answer's length n)
     close = [all(abs(len(o) - len(it["answer"])) <= max(4, len(it["answer"]) / 2) for o in it["options"])
              for _, it in made["mcq"]]
-    assert sum(close) >= 0.8 * len(close)
+    assert sum(close) >= 0.95 * len(close)  # all but a few (fewer than 3 in the window: the 3 closest)
 
 
 def test_completion_continues_a_sentence_of_the_chunk_against_endings_of_other_sentences(made, pool):
