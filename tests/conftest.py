@@ -44,6 +44,12 @@ def write_recipe(folder: Path, recipe: dict) -> Path:
     return path
 
 
+def stage_metrics(workdir: Path, stage: str) -> tuple[Path, dict]:
+    """The one finished run of `stage` in workdir and its manifest's metrics."""
+    [run] = [p for p in (workdir / stage).iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    return run, json.loads((run / "manifest.json").read_text())["metrics"]
+
+
 def slmforge(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "slmforge.cli", *args], cwd=cwd, capture_output=True,
@@ -95,24 +101,59 @@ def run_root(tmp_path_factory, name: str) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def model_run(tmp_path_factory, small_corpus):
-    """The tiny recipe with a model, run once through every stage for all test workers (a file lock in
-    the shared temp root): (recipe path, workdir, the CLI's result). Tests must treat it as read-only."""
+def _model_pipeline(tmp_path_factory, small_corpus, upto: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """The tiny recipe with a model, run once for all test workers (a file lock in the shared temp root):
+    `upto` = "all" runs every stage (`slmforge run`); a stage name runs that stage and the stages it
+    reads (`slmforge <stage> --recipe`), so that a test needing only them passes while a later stage is
+    broken. Every call shares one workdir, so the stages run once whichever fixture comes first.
+    (recipe path, workdir, the CLI's result). Tests must treat the workdir as read-only."""
     import fcntl
 
     root = run_root(tmp_path_factory, "model_run")
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = root / "result.json"
-        if not done.is_file():
-            recipe = small_recipe(small_corpus, root / "w", with_model=True)
-            recipe["curate"].update(val_fraction=0.4, test_fraction=0.2)  # enough val text for the dev sets
-            path = write_recipe(root, recipe)
-            r = slmforge("run", str(path))
-            done.write_text(json.dumps({"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}))
-        r = subprocess.CompletedProcess(["slmforge", "run"], **json.loads(done.read_text()))
-    return root / "recipe.yaml", root / "w", r
+    path, full = root / "recipe.yaml", root / "result-all.json"
+
+    def finished(step: str) -> Path | None:
+        own = root / f"result-{step}.json"
+        if own.is_file():
+            return own
+        if full.is_file() and json.loads(full.read_text())["returncode"] == 0:  # it made every stage
+            return full
+        return None
+
+    done = finished(upto)
+    if done is None:
+        with open(root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = finished(upto)
+            if done is None:
+                if not path.is_file():
+                    recipe = small_recipe(small_corpus, root / "w", with_model=True)
+                    recipe["curate"].update(val_fraction=0.4, test_fraction=0.2)  # enough val text for the dev sets
+                    write_recipe(root, recipe)
+                r = slmforge("run", str(path)) if upto == "all" else slmforge(upto, "--recipe", str(path))
+                done = root / f"result-{upto}.json"
+                tmp = done.with_suffix(".tmp")  # read without the lock: written whole, then renamed
+                tmp.write_text(json.dumps({"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}))
+                tmp.replace(done)
+    return path, root / "w", subprocess.CompletedProcess(["slmforge", upto], **json.loads(done.read_text()))
+
+
+@pytest.fixture(scope="session")
+def model_run(tmp_path_factory, small_corpus):
+    """The tiny recipe with a model, run through every stage (see _model_pipeline)."""
+    return _model_pipeline(tmp_path_factory, small_corpus, "all")
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, small_corpus):
+    """model_run's recipe up to its pretrained models only (ingest, curate, tokenizer, pretrain)."""
+    return _model_pipeline(tmp_path_factory, small_corpus, "pretrain")
+
+
+@pytest.fixture(scope="session")
+def benched(tmp_path_factory, small_corpus):
+    """model_run's data stages only, no model: ingest, curate, synth and bench."""
+    return _model_pipeline(tmp_path_factory, small_corpus, "bench")
 
 
 ALL_KINDS = ["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]

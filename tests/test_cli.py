@@ -1,17 +1,22 @@
 import subprocess
 import sys
-import time
 
 from slmforge.config import load_recipe
 from tests.conftest import slmforge
 
 
-def test_help_is_instant_and_imports_nothing_heavy():
-    code = ("import sys, time; t = time.time()\nfrom slmforge.cli import main\ntry: main(['--help'])\n"
-            "except SystemExit: pass\nheavy = [m for m in ('torch', 'transformers', 'datatrove', 'pydantic', 'tokenizers') "
-            "if m in sys.modules]\nassert not heavy, heavy\nprint(time.time() - t)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "init" in out.stdout and float(out.stdout.strip().splitlines()[-1]) < 1.0
+HEAVY = ("torch", "transformers", "datatrove", "pydantic", "tokenizers")
+
+
+def test_help_imports_nothing_heavy():
+    """`slmforge --help` and `--version` load no heavy library (its speed: benchmarks/cli_startup.py)."""
+    for argv in (["--help"], ["--version"]):
+        code = (f"import sys\nfrom slmforge.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+                f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "[]", (argv, out.stdout)
+        if argv == ["--help"]:
+            assert "init" in out.stdout and "serve" in out.stdout
 
 
 def test_init_writes_a_recipe_that_loads_and_never_overwrites(tmp_path):
@@ -40,8 +45,8 @@ def test_bad_recipe_exits_2_with_one_message(tmp_path):
     assert not (tmp_path / "runs").exists()
     r = slmforge("status", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "no such file" in r.stderr
-    t = time.time()
-    assert slmforge("--version").returncode == 0 and time.time() - t < 5
+    r = slmforge("--version")
+    assert r.returncode == 0 and r.stdout.startswith("slmforge ")
 
 
 def test_plan_without_a_recipe():

@@ -1,6 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from slmforge.config import apply_overrides, load_recipe
 from slmforge.errors import UserError
@@ -55,3 +58,109 @@ def test_paths_are_relative_to_the_recipe(tmp_path):
     r = load_recipe(recipe)
     assert r.workdir == (tmp_path / "proj" / "runs" / "recipe").resolve()
     assert [rel for _, rel in r.stages["ingest"].sources[0].files] == ["docs/a.md"]
+
+
+# What `slmforge init`'s template sets differently from what the code does without the line, and why.
+# Every other value the template writes must equal the code's default (a copy that documents it).
+INTENDED = {
+    "name": "init names the recipe after its folder (without the line: the recipe file's stem)",
+    "workdir": "an init folder holds one project, so its runs go to runs/ (without the line: runs/<name>)",
+    "pretrain.snapshots": "keeps 3 snapshots so that evaluate.select can pick one on the dev sets (default 0: "
+                          "only the final weights, for callers that do not select)",
+    "sft.epochs": "recipes/demo.yaml's value, which made the README's figures on the whole PostgreSQL manual with "
+                  "a small specialist trained from scratch, the model the template sets up (Config: 2 epochs)",
+    "sft.lr": "recipes/demo.yaml's value for a small specialist trained from scratch, as sft.epochs "
+              "(Config: 5e-4)",
+    "dpo.lr": "recipes/demo.yaml's value for a small specialist trained from scratch, as sft.epochs "
+              "(Config: 5e-5)",
+    "evaluate.models": "the template's recipe also makes sft and dpo, so it scores them (default: pretrain, "
+                       "the only model stage every recipe with evaluate has)",
+    "evaluate.select": "picks the snapshot on the dev sets (needs pretrain.snapshots; default: the final weights)",
+    "export.models": "the template's last model, the chat model from dpo (default: the pretrained specialist, "
+                     "which every recipe with export has)",
+    "export.catalog": "exports go into the project's catalog, which serve reads (default: no catalog)",
+    "serve.catalog": "serves the catalog export writes (default: none; models: then lists model folders)",
+}
+# Keys without a default: the recipe is invalid without them, so there is nothing to compare with.
+REQUIRED = {"ingest.sources.0.name", "ingest.sources.0.paths", "plan.hours", "pretrain.minutes"}
+
+
+def _leaves(raw, validated, prefix=""):
+    """The dotted key of every value the YAML sets, inside nested models and lists of models."""
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw)
+    for k, v in items:
+        val = validated[k] if isinstance(raw, list) else getattr(validated, k)
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(val, BaseModel):
+            yield from _leaves(v, val, key + ".")
+        elif isinstance(v, list) and v and all(isinstance(x, BaseModel) for x in val):
+            yield from _leaves(v, val, key + ".")
+        else:
+            yield key
+
+
+def _value(recipe, key: str):
+    """The validated value at a dotted key of a loaded recipe (name and workdir, or inside a section)."""
+    first, *rest = key.split(".")
+    if not rest:
+        return getattr(recipe, first)
+    node = {**recipe.stages, **recipe.services}[first]
+    for part in rest:
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def test_init_template_sets_the_code_defaults_or_says_why_not(tmp_path, monkeypatch):
+    """Each value in the template is compared with what the same recipe gets without that line: equal,
+    listed in INTENDED (with the reason, which the template's comment gives too), or required."""
+    import copy
+
+    from slmforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "proj"]) == 0
+    folder = tmp_path / "proj"
+    (folder / "data" / "notes.md").write_text("# Notes\n\nThe pump must be primed before start.\n")
+    template = load_recipe(folder / "recipe.yaml")
+    raw = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))
+    sections = {**template.stages, **template.services}
+    keys = [k for k in ("name", "workdir") if k in raw]
+    keys += [f"{s}.{k}" for s in sections for k in _leaves(raw[s], sections[s])]
+    assert len(keys) > 60 and {"sft.epochs", "curate.minhash.n_grams", "serve.router.kind"} <= set(keys)
+
+    differ, required = {}, set()
+    for key in keys:
+        without = copy.deepcopy(raw)
+        *parents, last = key.split(".")
+        node = without
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        del node[int(last) if isinstance(node, list) else last]
+        variant = folder / "variant.yaml"  # beside the template: the same relative paths
+        variant.write_text(yaml.safe_dump(without, sort_keys=False), encoding="utf-8")
+        try:
+            default = _value(load_recipe(variant), key)
+        except UserError:
+            required.add(key)
+            continue
+        if _value(template, key) != default:
+            differ[key] = (_value(template, key), default)
+    assert required == REQUIRED
+    unexplained = {k: v for k, v in differ.items() if k not in INTENDED}
+    assert not unexplained, f"template value != code default (make them equal, or add to INTENDED): {unexplained}"
+    assert not set(INTENDED) - set(differ), f"listed in INTENDED but equal now: {set(INTENDED) - set(differ)}"
+    text = (folder / "recipe.yaml").read_text(encoding="utf-8")
+    for key in INTENDED:
+        line = _template_line(text, key)
+        assert "default" in line.partition("#")[2], f"{key}: the template's comment must name the default: {line!r}"
+
+
+def _template_line(text: str, key: str) -> str:
+    """The template's line that sets `key` (section.leaf): the first one naming the leaf in the section."""
+    section, leaf = key.split(".")[0], key.rsplit(".", 1)[-1]
+    lines = text.splitlines()
+    if "." in key:
+        start = lines.index(f"{section}:")
+        end = next((i for i in range(start + 1, len(lines)) if re.match(r"[A-Za-z_]", lines[i])), len(lines))
+        lines = lines[start + 1:end]
+    return next(ln for ln in lines if re.match(rf"\s*(\w+: \{{.*)?\b{leaf}:", ln.partition("#")[0]))

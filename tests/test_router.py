@@ -27,10 +27,10 @@ def test_tfidf_router_separates_held_out_documents(small_corpus):
         make_router("knn")
 
 
-def test_bpb_router_is_the_posterior_of_each_models_bits(model_run, small_corpus):
+def test_bpb_router_is_the_posterior_of_each_models_bits(pretrained, small_corpus):
     from slmforge.modeling import load_model
 
-    _, workdir, result = model_run
+    _, workdir, result = pretrained
     assert result.returncode == 0, result.stderr[-2000:]
     pre = next(m.parent for m in sorted((workdir / "pretrain").glob("*/manifest.json"))
                if (m.parent / "generalist").is_dir())

@@ -20,10 +20,10 @@ def _pretrain_models(workdir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def folders(model_run, tmp_path_factory) -> dict[str, Path]:
+def folders(pretrained, tmp_path_factory) -> dict[str, Path]:
     """Copies of the tiny run's two models: `plain` (an HF folder with a card, no slmforge.json) and
     `exported` (with a slmforge.json as the export stage writes it)."""
-    _, workdir, r = model_run
+    _, workdir, r = pretrained
     assert r.returncode == 0, r.stderr[-2000:]
     src = _pretrain_models(workdir)
     d = tmp_path_factory.mktemp("catalog-models")

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tests.stages.test_sft import stage_metrics
+from tests.conftest import stage_metrics
 
 
 def test_dpo_trains_on_synth_and_on_policy_pairs(posttrained):

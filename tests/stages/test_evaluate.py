@@ -110,8 +110,8 @@ class OracleServer:
                      "usage": {"prompt_tokens": 10, "completion_tokens": 5}}, {}
 
 
-def test_an_openai_compatible_endpoint_is_scored_through_lm_eval(model_run, monkeypatch, tmp_path):
-    _, workdir, r = model_run
+def test_an_openai_compatible_endpoint_is_scored_through_lm_eval(benched, monkeypatch, tmp_path):
+    _, workdir, r = benched
     assert r.returncode == 0, r.stderr
     store = ArtifactStore(workdir)
     bench = store.resolve("bench:latest")

@@ -65,8 +65,8 @@ def _texts(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exports(model_run, small_corpus, tmp_path_factory):
-    _, workdir, result = model_run
+def exports(pretrained, small_corpus, tmp_path_factory):
+    _, workdir, result = pretrained
     assert result.returncode == 0, result.stderr[-2000:]
     pre = next(m.parent for m in sorted((workdir / "pretrain").glob("*/manifest.json"))
                if (m.parent / "generalist").is_dir())

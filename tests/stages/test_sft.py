@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -9,12 +8,7 @@ import pytest
 import torch
 
 from slmforge.stages import sft
-from tests.conftest import post_recipe, slmforge, write_recipe
-
-def stage_metrics(workdir, stage):
-    [run] = [p for p in (workdir / stage).iterdir() if p.is_dir() and not p.name.endswith(".partial")]
-    return run, json.loads((run / "manifest.json").read_text())["metrics"]
-
+from tests.conftest import post_recipe, slmforge, stage_metrics, write_recipe
 
 def test_sft_trains_every_parameter_and_the_loss_falls(posttrained):
     from slmforge.modeling import load_model
