@@ -274,7 +274,7 @@ def test_local_fallback_model_is_a_routing_class(exports):
 def test_serves_catalog_models_by_name(exports, tmp_path):
     from fastapi.testclient import TestClient
 
-    from slmforge.stages.catalog import Catalog
+    from slmforge.catalog import Catalog
 
     catalog = Catalog(tmp_path / "catalog.db")
     catalog.add(exports["spec"])

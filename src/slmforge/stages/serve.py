@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slmforge.config import RecipePath, StageConfig, resolve_path
 from slmforge.errors import UserError
 from slmforge.router import DEFAULT_KIND, KINDS, PROMPT_CUT
-from slmforge.stages.catalog import Catalog, read_meta
+from slmforge.catalog import Catalog, read_meta
 
 NAME = "serve"
 INPUTS: tuple[str, ...] = ()

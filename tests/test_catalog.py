@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slmforge.errors import UserError
-from slmforge.stages.catalog import Catalog, cli_main
+from slmforge.catalog import Catalog, cli_main
 from tests.conftest import slmforge
 
 
