@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from slmforge.errors import UserError
 from slmforge.catalog import Catalog, cli_main
+from slmforge.errors import UserError
 from tests.conftest import slmforge
 
 

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli_main(argv[1:])
     if argv[:1] == ["serve"]:
-        from slmforge.stages.serve import cli_main
+        from slmforge.serve.cli import cli_main
 
         return cli_main(argv[1:])
     parser = build_parser()

@@ -15,8 +15,10 @@ import openai
 import pytest
 
 from slmforge.errors import UserError
-from slmforge.stages import serve
-from slmforge.stages.serve import Config, _held_back, build_config, create_app
+from slmforge.serve import cli as serve
+from slmforge.serve.app import create_app
+from slmforge.serve.config import Config, build_config
+from slmforge.serve.decode import _held_back
 
 KEY_ENV = "SLMFORGE_TEST_SERVE_KEYS"
 KEY = "test-key-1"
