@@ -76,7 +76,7 @@ def load_served(info: dict, dtype: str) -> Served:
         ids = getattr(src, "eos_token_id", None) if src is not None else None
         if ids is not None:
             eos |= set(ids if isinstance(ids, list) else [ids])
-    # EOS and <|im_end|> (slmforge.chat): the generation config of an slmforge model lists both already
+    # EOS and chat.IM_END (slmforge.chat.stop_token_ids): an slmforge model's generation config has both already
     eos |= set(stop_token_ids(tok))
     return Served(name=info["name"], domain=info["domain"], path=Path(info["path"]), model=model, tok=tok,
                   context=context, chat=bool(getattr(tok, "chat_template", None)), eos_ids=eos, params=params,
