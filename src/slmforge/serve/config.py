@@ -10,7 +10,8 @@ from slmforge.flags import validate
 from slmforge.router import DEFAULT_KIND
 
 # Decode speed, ms per token: serve's loop (slmforge.serve.decode.generate) vs transformers' generate, on the
-# demo DPO model (2.9M params, vocab 8192, 3 layers), 2 torch threads, 64 greedy tokens (benchmarks/serve_load.py):
+# demo DPO model (2.9M params, vocab 8192, 3 layers), 2 torch threads, 64 greedy tokens
+# (benchmarks/serve_load.py):
 #   idle machine, best of 3:        float32 2.27 vs 2.80; bfloat16 2.29 vs 2.53; int8 1.55 vs 1.95
 #   beside other work, best of 5:   float32 1.57 vs 2.06; bfloat16 2.08 vs 2.64; int8 1.65 vs 2.06
 # int8 (dynamic quantization of the Linear layers) kept the bits per byte (1.9701 vs 1.9716 on 30 held-out
