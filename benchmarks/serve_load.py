@@ -1,6 +1,6 @@
 """Load test of `slmforge serve` with the official openai client on loopback.
 
-The server runs in its own process (`python -m slmforge.stages.serve`, as `slmforge serve` does) with the
+The server runs in its own process (`python -m slmforge.serve`, as `slmforge serve` does) with the
 demo's models as export-like folders (benchmarks/router.py: demo_exports): the latest dpo model as the
 postgres specialist and the latest pretrain's generalist, so `model: "auto"` routes between them. For each
 level of concurrency (1, 4, 16 clients by default) every client, a thread with its own openai.OpenAI
@@ -46,7 +46,7 @@ def _free_port() -> int:
 def start_server(folders: list[Path], port: int, args) -> subprocess.Popen:
     import httpx
 
-    cmd = [sys.executable, "-m", "slmforge.stages.serve", "--port", str(port), "--max-queue", str(args.max_queue),
+    cmd = [sys.executable, "-m", "slmforge.serve", "--port", str(port), "--max-queue", str(args.max_queue),
            "--max-concurrency", str(args.max_concurrency), "--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -110,12 +110,14 @@ def run_level(url: str, clients: int, requests: int, prompts: list[tuple[str, st
 
 def decode_speed(folder: Path, tokens: int, repeats: int, threads: int) -> dict:
     """ms per generated token, best of `repeats`, interleaved across the settings: serve's decode loop
-    (slmforge.stages.serve.generate, greedy) and transformers' model.generate, per --dtype choice."""
+    (slmforge.serve.decode.generate, greedy) and transformers' model.generate, per --dtype choice."""
     import warnings
 
     import torch
 
-    from slmforge.stages.serve import DTYPES, GenResult, generate, load_served, resolve
+    from slmforge.serve.config import DTYPES
+    from slmforge.serve.decode import GenResult, generate
+    from slmforge.serve.models import load_served, resolve
 
     warnings.filterwarnings("ignore")  # torch.ao.quantization's deprecation notice
     torch.set_num_threads(threads)

@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli_main(argv[1:])
     if argv[:1] == ["models"]:
-        from slmforge.stages.catalog import cli_main
+        from slmforge.catalog import cli_main
 
         return cli_main(argv[1:])
     if argv[:1] == ["serve"]:
-        from slmforge.stages.serve import cli_main
+        from slmforge.serve.cli import cli_main
 
         return cli_main(argv[1:])
     parser = build_parser()

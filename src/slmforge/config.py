@@ -53,6 +53,10 @@ class Recipe:
 
 
 def stage_module(name: str):
+    """A stage's module (slmforge.stages.<name>), or for a service the config module of its package
+    (slmforge.serve.config): either has the section's `Config`."""
+    if name in SERVICES:
+        return importlib.import_module(f"slmforge.{name}.config")
     return importlib.import_module(f"slmforge.stages.{name}")
 
 

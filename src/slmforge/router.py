@@ -115,13 +115,14 @@ def text_bits(model, tok, text: str, max_tokens: int) -> float:
     """Total bits the model spends on `text` (its first `max_tokens` tokens, BOS as context)."""
     import torch
 
+    from slmforge.lm import nll
+
     ids = tok(text, return_tensors="pt", truncation=False).input_ids[:, :max_tokens]
     if ids.shape[1] < 2:
         return 0.0
-    with torch.inference_mode():
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-    return float(nll) / math.log(2)
+    # targets: the next token at each position; the last position has none (-100 = not scored)
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100, dtype=ids.dtype)], dim=1)
+    return nll(model, ids, targets, batch_size=1) / math.log(2)
 
 
 class BpbRouter:

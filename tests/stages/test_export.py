@@ -221,7 +221,7 @@ def test_slmforge_export_from_a_recipe(posttrained, tmp_path):
     doc = json.loads((folder / "slmforge.json").read_text())
     assert doc["gguf"] == "t-sft.q8_0.gguf" and doc["gguf_verified"] is None and doc["lineage"]["recipe"] == "t"
     assert (folder / "t-sft.q8_0.gguf").stat().st_size < 0.5 * (folder / "model.safetensors").stat().st_size
-    from slmforge.stages.catalog import Catalog
+    from slmforge.catalog import Catalog
 
     entry = Catalog(tmp_path / "catalog.db").get("t-sft")  # export added it, validated, to the catalog
     assert entry.path == folder.resolve() and entry.domain == doc["domain"] and entry.scores == doc["scores"]

@@ -123,7 +123,7 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
     inputs = inputs or {s: store.resolve(f"{s}:latest") for s in needs(cfg)}
     art = store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out, store), force=force)
     if cfg.catalog:
-        from slmforge.stages.catalog import Catalog
+        from slmforge.catalog import Catalog
 
         cat = Catalog(cfg.catalog)
         for name in art.manifest["metrics"]["exports"]:

@@ -452,31 +452,33 @@ def print_plan(rec: dict, console=None) -> None:
         console.print(f"- {note}")
 
 
+class CliConfig(Config):
+    """`slmforge plan` without a recipe: the budget (the stage's Config) and the domain data size, which the
+    stage counts from the tokenized train split."""
+
+    domain_tokens: float = Field(..., description="unique domain tokens (e.g. 1e9)")
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     """`slmforge plan` without a recipe: the budget and the domain data size on the command line."""
+    from slmforge.flags import add_flags, collect, validate
+
     p = argparse.ArgumentParser(
         prog="slmforge plan",
         description="What model should I train? Chinchilla-optimal size, corrected for repeated domain data "
                     "(Muennighoff et al. 2023) and for inference cost (Sardana et al. 2023).",
         epilog="example: slmforge plan --hours 168 --device rtx4090 --domain-tokens 1e9",
     )
-    p.add_argument("--flops", type=float, help="training budget in FLOPs")
-    p.add_argument("--hours", type=float, help="training budget in hours on --device")
-    p.add_argument("--device", default=CPU, help=f"{', '.join(DEVICES)}, or cpu = measure this machine (default)")
-    p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device, instead of --device's table value")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
-    p.add_argument("--n-devices", type=int, default=1, help="devices training together (default 1)")
-    p.add_argument("--domain-tokens", type=float, required=True, help="unique domain tokens (e.g. 1e9)")
-    p.add_argument("--inference-tokens", type=float, default=0.0, help="tokens the model will serve (default 0)")
-    p.add_argument("--max-epochs", type=float, default=4.0, help="passes over the domain data at most (default 4)")
+    flags = add_flags(p, CliConfig)  # --flops --hours --device --peak-flops --mfu --n-devices ... --domain-tokens
     p.add_argument("--json", action="store_true", help="print the recommendation as JSON instead of a table")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:  # argparse has printed its usage and "error: ..." already
         return e.code if isinstance(e.code, int) else 2
     try:
-        flops, how = budget_flops(args.flops, args.hours, args.device, args.peak_flops, args.mfu, args.n_devices)
-        rec = {**recommend(flops, args.domain_tokens, args.inference_tokens, args.max_epochs), "budget": how}
+        cfg = validate(CliConfig, collect(args, flags), "plan")
+        flops, how = budget_flops(cfg.flops, cfg.hours, cfg.device, cfg.peak_flops, cfg.mfu, cfg.n_devices)
+        rec = {**recommend(flops, cfg.domain_tokens, cfg.inference_tokens, cfg.max_epochs), "budget": how}
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from slmforge.catalog import Catalog, cli_main
 from slmforge.errors import UserError
-from slmforge.stages.catalog import Catalog, cli_main
 from tests.conftest import slmforge
 
 

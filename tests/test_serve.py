@@ -15,8 +15,10 @@ import openai
 import pytest
 
 from slmforge.errors import UserError
-from slmforge.stages import serve
-from slmforge.stages.serve import Config, _held_back, build_config, create_app
+from slmforge.serve import cli as serve
+from slmforge.serve.app import create_app
+from slmforge.serve.config import Config, build_config
+from slmforge.serve.decode import _held_back
 
 KEY_ENV = "SLMFORGE_TEST_SERVE_KEYS"
 KEY = "test-key-1"
@@ -274,7 +276,7 @@ def test_local_fallback_model_is_a_routing_class(exports):
 def test_serves_catalog_models_by_name(exports, tmp_path):
     from fastapi.testclient import TestClient
 
-    from slmforge.stages.catalog import Catalog
+    from slmforge.catalog import Catalog
 
     catalog = Catalog(tmp_path / "catalog.db")
     catalog.add(exports["spec"])

@@ -1,0 +1,7 @@
+"""`python -m slmforge.serve` = `slmforge serve`."""
+
+import sys
+
+from slmforge.serve.cli import cli_main
+
+sys.exit(cli_main())

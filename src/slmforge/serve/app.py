@@ -1,0 +1,292 @@
+"""The FastAPI app: route functions at module level over the `Server` in `app.state.server`, the OpenAI
+response and stream bodies, the pass-through to a fallback endpoint, and `create_app`, which loads the
+models and registers the routes and the error handlers."""
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib.resources import files
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from slmforge.serve.config import Config
+from slmforge.serve.decode import GenResult, generate
+from slmforge.serve.limits import in_thread, take_slot
+from slmforge.serve.schemas import ApiError, ChatRequest, CompletionRequest, prompt_text, validation_message
+from slmforge.serve.server import Server
+
+SSE = {"media_type": "text/event-stream"}
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+# ------------------------------------------------------------------------------------------ error handlers
+
+async def api_error(request: Request, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def invalid_request(request: Request, e: RequestValidationError):
+    msg, param = validation_message(e.errors())
+    return JSONResponse(ApiError(400, msg, param=param).body(), status_code=400)
+
+
+async def crash(request: Request, e: Exception):  # never a bare 500 page: the OpenAI error shape, and the server stays up
+    return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body(),
+                        status_code=500)
+
+
+async def not_found(request: Request, e):
+    return JSONResponse(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found").body(),
+                        status_code=404)
+
+
+# ----------------------------------------------------------------------------------------------- routes
+
+async def index(request: Request):
+    return request.app.state.page
+
+
+async def health(request: Request):
+    srv = _server(request)
+    return {"status": "ok", "running": srv.slots.running, "waiting": srv.slots.waiting}
+
+
+async def list_models(request: Request):
+    srv = _server(request)
+    srv.check_key(request.headers.get("authorization"))
+    data = [{"id": "auto", "object": "model", "created": srv.started, "owned_by": "slmforge",
+             "slmforge": {"router": srv.router_report.get("kind"), "domains": srv.by_domain}}]
+    for m in srv.models.values():
+        data.append({"id": m.name, "object": "model", "created": srv.started, "owned_by": "slmforge",
+                     "slmforge": {"domain": m.domain, "context": m.context, "chat": m.chat,
+                                  "params": m.params, "fallback": m.name in srv.fallback_names,
+                                  "description": m.description}})
+    return {"object": "list", "data": data}
+
+
+async def get_model(name: str, request: Request):
+    srv = _server(request)
+    srv.check_key(request.headers.get("authorization"))
+    m = srv.model_for(name)
+    return {"id": m.name, "object": "model", "created": srv.started, "owned_by": "slmforge"}
+
+
+async def router_report(request: Request):
+    srv = _server(request)
+    srv.check_key(request.headers.get("authorization"))
+    return srv.router_report
+
+
+async def chat_completions(request: Request):
+    return await handle(request, ChatRequest, chat=True)
+
+
+async def completions(request: Request):
+    return await handle(request, CompletionRequest, chat=False)
+
+
+ROUTES = (("GET", "/", index), ("GET", "/health", health), ("GET", "/v1/models", list_models),
+          ("GET", "/v1/models/{name}", get_model), ("GET", "/v1/router", router_report),
+          ("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/completions", completions))
+
+
+# ----------------------------------------------------------------------------------------- completions
+
+async def parse(srv: Server, request: Request, schema):
+    """(the JSON body, the body validated with `schema`), after the API key check; 400 with OpenAI's shape."""
+    srv.check_key(request.headers.get("authorization"))
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "We could not parse the JSON body of your request. Send valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    try:
+        return body, schema.model_validate(body)
+    except ValidationError as e:
+        msg, param = validation_message(e.errors())
+        raise ApiError(400, msg, param=param) from None
+
+
+@dataclass
+class Reply:
+    """One completion's identity, and the bodies (whole, or stream chunks) that carry it."""
+
+    chat: bool
+    model: str
+    ext: dict
+    include_usage: bool = False
+    res: GenResult = field(default_factory=GenResult)
+    id: str = field(init=False)
+    created: int = field(init=False)
+
+    def __post_init__(self):
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def usage(self) -> dict:
+        res = self.res
+        return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+                "total_tokens": res.prompt_tokens + res.completion_tokens}
+
+    def body(self, text: str) -> dict:
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": self.res.finish_reason} if self.chat else
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": self.res.finish_reason})
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage(), "system_fingerprint": None, "slmforge": self.ext}
+
+    def chunk(self, delta: str | None, finish: str | None = None, first: bool = False) -> str:
+        if self.chat:
+            d = {} if delta is None else ({"role": "assistant", "content": delta} if first else {"content": delta})
+            c = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        else:
+            c = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        body = {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
+                "model": self.model, "choices": [c], "system_fingerprint": None, "slmforge": self.ext}
+        if self.include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    def usage_chunk(self) -> str:
+        body = {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
+                "model": self.model, "choices": [], "usage": self.usage(), "system_fingerprint": None}
+        return f"data: {json.dumps(body)}\n\n"
+
+
+async def handle(request: Request, schema, chat: bool):
+    """A completion: route `auto`, check the prompt against the model, take a slot, generate (or stream)."""
+    srv = _server(request)
+    body, req = await parse(srv, request, schema)
+    ext = {"routed": False, "fallback": False}
+    name = req.model
+    if name == "auto":
+        name, ext = srv.route(prompt_text(req))
+        if name is None:
+            return await forward(srv, body, chat, ext)
+    m = srv.model_for(name)
+    ids = srv.chat_ids(m, req) if chat else srv.completion_ids(m, req)
+    max_tokens = srv.budget(m, ids, req)
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    await take_slot(srv.slots)
+    reply = Reply(chat=chat, model=m.name, ext=ext,
+                  include_usage=bool(req.stream_options and req.stream_options.include_usage))
+    stops = req.stops()
+
+    def work(cancel):
+        return generate(m, ids, max_tokens, temperature, top_p, req.seed, stops, reply.res, cancel)
+
+    headers = {"x-slmforge-model": m.name}
+    if not req.stream:
+        try:
+            text = "".join([p async for p in in_thread(work, srv.pool)])
+        finally:
+            srv.slots.release()
+        return JSONResponse(reply.body(text), headers=headers)
+    return StreamingResponse(events(srv, reply, work), **SSE, headers={**headers, "Cache-Control": "no-cache"})
+
+
+async def events(srv: Server, reply: Reply, work):
+    """The server-sent events of a streamed completion; the slot is released when the stream ends."""
+    try:
+        if reply.chat:
+            yield reply.chunk("", first=True)
+        async for piece in in_thread(work, srv.pool):
+            yield reply.chunk(piece)
+        yield reply.chunk(None, reply.res.finish_reason)
+        if reply.include_usage:
+            yield reply.usage_chunk()
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - headers are sent; report it in the stream as OpenAI does
+        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+    finally:
+        srv.slots.release()
+
+
+# -------------------------------------------------------------------------------------------- fallback
+
+async def forward(srv: Server, body: dict, chat: bool, ext: dict):
+    """The request, with the fallback's model name, to the fallback endpoint; its answer (or stream) back,
+    with the `slmforge` extension record added."""
+    fb = srv.fallback_remote
+    assert fb is not None
+    url = f"{fb.base_url}/{'chat/completions' if chat else 'completions'}"
+    key = os.environ.get(fb.api_key_env, "") if fb.api_key_env else ""
+    hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {**body, "model": fb.model}
+    ext = {**ext, "endpoint": fb.base_url}
+    headers = {"x-slmforge-model": fb.model}
+    client = httpx.AsyncClient(timeout=srv.cfg.fallback_timeout_s)
+    try:
+        if not body.get("stream"):
+            r = await client.post(url, json=body, headers=hdrs)
+            await client.aclose()
+            try:
+                data = r.json()
+            except ValueError:
+                raise ApiError(502, f"fallback {url} answered {r.status_code} with no JSON body",
+                               type_="server_error", code="fallback_error") from None
+            if isinstance(data, dict) and r.status_code == 200:
+                data["slmforge"] = ext
+            return JSONResponse(data, status_code=r.status_code, headers=headers)
+        req = client.build_request("POST", url, json=body, headers=hdrs)
+        r = await client.send(req, stream=True)
+    except httpx.HTTPError as e:
+        await client.aclose()
+        raise ApiError(502, f"fallback {url} failed: {e}", type_="server_error", code="fallback_error") from None
+    if r.status_code != 200:
+        content = await r.aread()
+        await r.aclose()
+        await client.aclose()
+        return JSONResponse(json.loads(content or b"{}"), status_code=r.status_code, headers=headers)
+    return StreamingResponse(passthrough(r, client, ext), **SSE, headers={**headers, "Cache-Control": "no-cache"})
+
+
+async def passthrough(r: httpx.Response, client: httpx.AsyncClient, ext: dict):
+    """The fallback's event stream, line by line, each chunk with the `slmforge` record added."""
+    try:
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                try:
+                    data = json.loads(line[6:])
+                    if isinstance(data, dict) and "choices" in data:
+                        data["slmforge"] = ext
+                    line = "data: " + json.dumps(data)
+                except json.JSONDecodeError:
+                    pass
+            yield line + "\n"
+    finally:
+        await r.aclose()
+        await client.aclose()
+
+
+# ---------------------------------------------------------------------------------------------------- app
+
+def create_app(cfg: Config, log=None) -> FastAPI:
+    """The FastAPI app serving cfg's models (loads them and trains the router now)."""
+    srv = Server(cfg, log)
+    app = FastAPI(title="slmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+    page = files("slmforge").joinpath("templates/chat.html").read_text(encoding="utf-8")
+    app.state.page = page.replace("__NEEDS_KEY__", "true" if srv.keys else "false")
+    for exc, handler in ((ApiError, api_error), (RequestValidationError, invalid_request), (Exception, crash),
+                         (404, not_found)):
+        app.add_exception_handler(exc, handler)
+    for method, path, endpoint in ROUTES:
+        extra = {"response_class": HTMLResponse} if endpoint is index else {}
+        app.add_api_route(path, endpoint, methods=[method], **extra)
+    return app

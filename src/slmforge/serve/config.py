@@ -1,0 +1,96 @@
+"""The recipe's `serve:` section (a service, started by `slmforge serve`, never by `slmforge run`): which
+models, where, and the limits that keep the server up under load. Imports neither torch nor FastAPI."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slmforge.config import RecipePath, StageConfig, resolve_path
+from slmforge.flags import validate
+from slmforge.router import DEFAULT_KIND
+
+# Decode speed, ms per token: serve's loop (slmforge.serve.decode.generate) vs transformers' generate, on the
+# demo DPO model (2.9M params, vocab 8192, 3 layers), 2 torch threads, 64 greedy tokens
+# (benchmarks/serve_load.py):
+#   idle machine, best of 3:        float32 2.27 vs 2.80; bfloat16 2.29 vs 2.53; int8 1.55 vs 1.95
+#   beside other work, best of 5:   float32 1.57 vs 2.06; bfloat16 2.08 vs 2.64; int8 1.65 vs 2.06
+# int8 (dynamic quantization of the Linear layers) kept the bits per byte (1.9701 vs 1.9716 on 30 held-out
+# docs) but its greedy continuations differ from float32's (benchmarks/gguf_verify.py: 13% of 128 tokens
+# equal), and its speed-up did not hold on the busy machine; float32 stays the default: exact, and int8 goes
+# through torch.ao.quantization, which torch deprecates. bfloat16 is never faster on this CPU.
+DEFAULT_DTYPE = "float32"
+DTYPES = ("float32", "bfloat16", "int8")
+
+class RouterConfig(BaseModel):
+    """How `model: "auto"` picks a model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["tfidf", "bpb"] = Field(DEFAULT_KIND, description="tfidf: character n-gram TF-IDF + logistic "
+                                          "regression trained on each model's domain/train.jsonl; bpb: each "
+                                          "model's bits per byte on the prompt (no training data needed)")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="below this routing probability the fallback "
+                             "answers (when one is configured); 0 = always the top specialist")
+    max_docs: int = Field(2000, ge=1, description="documents per domain read to train the TF-IDF router")
+    eval_docs: int = Field(200, ge=0, description="held-out documents per domain scored at start (bpb: "
+                           "at most 30, since it runs every model)")
+
+
+class FallbackConfig(BaseModel):
+    """Where low-confidence `auto` requests go: an OpenAI-compatible endpoint or a local model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str | None = Field(None, description="an OpenAI-compatible endpoint, e.g. http://host:8001/v1; "
+                                 "unset = `model` is a catalog name or a model folder served locally")
+    model: str = Field(..., min_length=1, description="the model name at the endpoint, or a catalog name/folder")
+    api_key_env: str | None = Field(None, description="environment variable holding the endpoint's API key")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v):
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"fallback.base_url: {v!r} must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+
+class Config(StageConfig):
+    """`slmforge serve`: which models, where, and the limits that keep the server up under load."""
+
+    catalog: RecipePath | None = Field(None, description="catalog database (default: $SLMFORGE_CATALOG or "
+                                "~/.slmforge/catalog.db)")
+    models: list[str] = Field(default_factory=list, description="catalog names or model folders to serve "
+                              "(default: every model in the catalog)")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 = every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    api_keys_env: str = Field("SLMFORGE_API_KEYS", description="environment variable with comma-separated API "
+                              "keys; when it is unset or empty, no key is required")
+    max_concurrency: int = Field(2, ge=1, description="generations running at once")
+    max_queue: int = Field(32, ge=0, description="requests waiting for a generation slot; more get 429")
+    queue_timeout_s: float = Field(120.0, gt=0, description="longest wait for a slot before a 429")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="routing for model \"auto\"")
+    fallback: FallbackConfig | str | None = Field(None, description="low-confidence auto requests go here: "
+                                                  "{base_url, model, api_key_env} or a catalog name/folder")
+    fallback_timeout_s: float = Field(120.0, gt=0, description="timeout of a request to the fallback endpoint")
+    dtype: Literal["float32", "bfloat16", "int8"] = Field(DEFAULT_DTYPE, description="weights in memory; int8 = "
+                                                          "dynamic quantization of the Linear layers")
+    max_tokens: int = Field(128, ge=1, description="completion length when a request gives no max_tokens")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str], info) -> list[str]:
+        """Folders (anything with '/' or starting with '.' or '~') resolve against the recipe's folder."""
+        return [str(resolve_path(m, info)) if "/" in m or m.startswith((".", "~")) else m for m in v]
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.fallback, str) and not self.fallback.strip():
+            raise ValueError("fallback: give a catalog name, a model folder or {base_url, model}")
+        return self
+
+
+
+def build_config(section: dict) -> Config:
+    """The serve section (a plain mapping) validated; UserError naming every bad key (serve.router...)."""
+    return validate(Config, section, "serve")
