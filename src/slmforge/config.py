@@ -194,3 +194,11 @@ def _absolute(value: str, info) -> str:
 # A path in a recipe, validated into an absolute path against the recipe's folder (a field typed
 # `RecipePath | None` keeps None).
 RecipePath = Annotated[str, AfterValidator(_absolute)]
+
+
+def validate(model: type[BaseModel], data: dict, section: str, context: dict | None = None):
+    """`model.model_validate(data)`, or a UserError listing every problem as `section.key: ...`."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as e:
+        raise UserError("; ".join(format_errors(section, e))) from None

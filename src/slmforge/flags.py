@@ -17,11 +17,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
-
-from slmforge.config import format_errors
-from slmforge.errors import UserError
 
 Flags = dict[str, str]  # argparse dest -> the dotted key in the Config (router.kind)
 
@@ -125,11 +122,3 @@ def merge(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def validate(model: type[BaseModel], data: dict, section: str, context: dict | None = None):
-    """`model.model_validate(data)`, or a UserError listing every problem as `section.key: ...`."""
-    try:
-        return model.model_validate(data, context=context)
-    except ValidationError as e:
-        raise UserError("; ".join(format_errors(section, e))) from None

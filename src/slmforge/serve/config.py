@@ -5,8 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slmforge.config import RecipePath, StageConfig, resolve_path
-from slmforge.flags import validate
+from slmforge.config import RecipePath, StageConfig, resolve_path, validate
 from slmforge.router import DEFAULT_KIND
 
 # Decode speed, ms per token: serve's loop (slmforge.serve.decode.generate) vs transformers' generate, on the

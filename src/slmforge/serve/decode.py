@@ -1,11 +1,16 @@
 """The decode loop: a model's completion of token ids, streamed piece by piece, with stop sequences,
 seeds and cancellation decided per token."""
 
+from __future__ import annotations
+
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from slmforge.serve.models import Served
+if TYPE_CHECKING:
+    from slmforge.serve.models import Served
+
 
 
 @dataclass
