@@ -7,7 +7,8 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmforge.errors import UserError
-from slmforge.flags import add_flags, collect, merge, validate
+from slmforge.config import validate
+from slmforge.flags import add_flags, collect, merge
 
 
 class Sub(BaseModel):

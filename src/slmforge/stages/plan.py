@@ -461,7 +461,8 @@ class CliConfig(Config):
 
 def cli_main(argv: list[str] | None = None) -> int:
     """`slmforge plan` without a recipe: the budget and the domain data size on the command line."""
-    from slmforge.flags import add_flags, collect, validate
+    from slmforge.config import validate
+    from slmforge.flags import add_flags, collect
 
     p = argparse.ArgumentParser(
         prog="slmforge plan",
