@@ -68,7 +68,7 @@ class Config(StageConfig):
 
     model: ModelSize = Field(default_factory=ModelSize)
     init_from: str | None = Field(None, description="continue from this local HF checkpoint (its tokenizer too)")
-    tokens: str | None = Field(None, description="training budget in tokens, e.g. 2M (or give minutes)")
+    tokens: int | str | None = Field(None, description="training budget in tokens, e.g. 2M or 200000 (or give minutes)")
     minutes: float | None = Field(None, gt=0, description="training budget in minutes for the specialist")
     batch_tokens: int = Field(8192, ge=16, description="tokens per optimizer step, over all processes")
     micro_batch: int = Field(16, ge=1, description="sequences per forward pass per process (memory)")
