@@ -128,6 +128,15 @@ def load_model(path: str | Path, dtype=None):
     return model, tok
 
 
+def shape_of(model, context: int) -> dict:
+    """The shape of a loaded model in `shape()`'s keys (for continued pretraining); `context` as given."""
+    c = model.config
+    return {"depth": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+            "intermediate_size": c.intermediate_size, "context": context,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
 def model_card(name: str, shape_: dict, data: dict, results: dict) -> str:
     """README.md with YAML front matter that the Hugging Face tooling reads."""
     import yaml
