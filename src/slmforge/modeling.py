@@ -29,7 +29,7 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*$")
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
 
 
-def parse_count(text: str | int | float) -> float:
+def parse_count(text: str | float) -> float:
     """'5M' -> 5e6, '1.2B' -> 1.2e9, 20000 -> 20000."""
     if isinstance(text, (int, float)):
         return float(text)

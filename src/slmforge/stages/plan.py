@@ -43,7 +43,7 @@ from pydantic import Field, field_validator, model_validator
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
 from slmforge.config import StageConfig
 from slmforge.errors import UserError
-from slmforge.hardware import CPU, DEVICES, probe_peak_flops  # noqa: F401 (plan.probe_peak_flops is public)
+from slmforge.hardware import CPU, DEVICES, probe_peak_flops
 from slmforge.records import read_documents
 
 NAME = "plan"

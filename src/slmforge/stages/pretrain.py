@@ -1,9 +1,9 @@
 """pretrain: train a specialist (and a same-size generalist baseline) with a plain PyTorch loop.
 
-- Data: each source's train and val splits are tokenized once, before training (DESIGN: never
-  alongside it), into flat token files; every document starts with BOS and ends with EOS. Training
-  windows of `context + 1` tokens are cut from the stream (packed sequences) and visited in a fresh
-  random order every epoch.
+- Data (slmforge.packing): each source's train and val splits are tokenized once, before training
+  (DESIGN: never alongside it), into flat token files; every document starts with BOS and ends with
+  EOS. Training windows of `context + 1` tokens are cut from the stream (packed sequences) and
+  visited in a fresh random order every epoch.
 - Mixture: each sequence of a step comes from the domain group with probability p(step), else from
   the general group (within a group, in proportion to size). Schedules: `constant` p; `specialised`
   p from step 0 until the domain data has been seen `max_domain_epochs` times, then general only
@@ -20,6 +20,10 @@
   same global batch and trains on its share, so 2 processes follow the 1-process loss curve.
 The generalist baseline: the same shape and the same number of tokens, trained on the general
 sources with the general tokenizer. Output: `<run>/specialist/` and `<run>/generalist/` (HF folders).
+
+Reading order (nanochat's base_train.py): Config; the schedules (domain_fraction, lr_at); the loop:
+LoopState (what a checkpoint resumes), Loop (the prepared pieces), setup, load/save_checkpoint,
+evaluate, train_step, calibrate (a minutes budget -> steps), train_one; the stage (_build).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from slmforge.errors import UserError
 from slmforge.hardware import flops_per_token, use_bf16
 from slmforge.lm import nll
 from slmforge.modeling import ModelSize, build_model, load_model, model_card, parse_count, shape_of
-from slmforge.records import read_documents
+from slmforge.packing import Sampler, tokenize_split
 
 NAME = "pretrain"
 INPUTS = ("curate", "tokenizer")
@@ -115,76 +119,7 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
                        distributed=True)
 
 
-# ---- data -------------------------------------------------------------------------------------------
-def tokenize_split(tokenizer, curate: Artifact, split: str, source: str, path: Path) -> int:
-    """Write the split's documents as one token stream (BOS doc EOS ...) to `path`; returns its length."""
-    if path.is_file():
-        return int(np.load(path, mmap_mode="r").shape[0])
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"pretrain: the tokenizer of {source} is not a fast (tokenizers) tokenizer")
-    texts = [r["text"] for r in read_documents(curate.path / "data" / split, source, columns=["text"])]
-    chunks = []
-    for i in range(0, len(texts), 256):
-        for e in tokenizer.backend_tokenizer.encode_batch(texts[i:i + 256], add_special_tokens=False):
-            chunks.append(np.asarray([bos, *e.ids, eos], dtype=np.int64))
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
-    arr = np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype=dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-    return int(arr.shape[0])
-
-
-class Sampler:
-    """Deterministic packed-window sampler over several sources with a domain-fraction schedule."""
-
-    def __init__(self, streams: dict[str, np.ndarray], domain: list[str], seq: int, seed: int):
-        self.streams, self.seq, self.seed = streams, seq, seed
-        self.names = sorted(streams)
-        self.windows = {s: max(0, (len(a) - 1) // seq) for s, a in streams.items()}
-        self.domain = [s for s in self.names if s in domain and self.windows[s]]
-        self.general = [s for s in self.names if s not in domain and self.windows[s]]
-        self.consumed = {s: 0 for s in self.names}
-        self._perm: dict[str, tuple[int, np.ndarray]] = {}
-
-    def state(self) -> dict:
-        return {"consumed": dict(self.consumed)}
-
-    def load(self, state: dict) -> None:
-        self.consumed = dict(state["consumed"])
-
-    def epochs(self, group: list[str]) -> float:
-        total = sum(self.windows[s] for s in group)
-        return sum(self.consumed[s] for s in group) / total if total else 0.0
-
-    def _window(self, source: str) -> np.ndarray:
-        k = self.consumed[source]
-        n = self.windows[source]
-        epoch, i = divmod(k, n)
-        cached = self._perm.get(source)
-        if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, self.names.index(source), epoch])
-            cached = (epoch, rng.permutation(n))
-            self._perm[source] = cached
-        start = int(cached[1][i]) * self.seq
-        self.consumed[source] = k + 1
-        return np.asarray(self.streams[source][start:start + self.seq + 1], dtype=np.int64)
-
-    def batch(self, step: int, n_seq: int, p_domain: float) -> np.ndarray:
-        """The global batch of `step`: n_seq windows, each from the domain with probability p_domain."""
-        rng = np.random.default_rng([self.seed, 1_000_003, step])
-        draws, picks = rng.random(n_seq), rng.random(n_seq)
-        rows = []
-        for d, u in zip(draws, picks):
-            group = self.domain if (d < p_domain and self.domain) or not self.general else self.general
-            sizes = np.array([self.windows[s] for s in group], dtype=float)
-            source = group[int(np.searchsorted(np.cumsum(sizes) / sizes.sum(), u, side="right").clip(0, len(group) - 1))]
-            rows.append(self._window(source))
-        return np.stack(rows)
-
-
+# ---- schedules --------------------------------------------------------------------------------------
 def domain_fraction(m: Mixture, step: int, total: int, domain_epochs: float) -> float:
     if m.schedule == "specialised":
         return m.domain_fraction if domain_epochs < m.max_domain_epochs else 0.0
@@ -290,17 +225,14 @@ def load_checkpoint(loop: Loop, total_steps: int | None) -> LoopState:
     return state
 
 
-def _write_checkpoint(loop: Loop, state: LoopState) -> None:
+def save_checkpoint(loop: Loop, state: LoopState) -> None:
+    """Weights, optimizer, sampler cursors and the loop state to loop.ckpt (temp file, then rename)."""
     import torch
 
     tmp = loop.ckpt.with_name(loop.ckpt.name + ".tmp")
     torch.save({"model": loop.acc.unwrap_model(loop.model).state_dict(), "optimizer": loop.opt.state_dict(),
                 "sampler": loop.sampler.state(), "state": asdict(state)}, tmp)
     os.replace(tmp, loop.ckpt)
-
-
-def save_checkpoint(loop: Loop, state: LoopState) -> None:
-    dist.on_main(_write_checkpoint, loop, state)
 
 
 def evaluate(loop: Loop) -> dict[str, float]:
@@ -410,7 +342,7 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
     loop.model.train()
     if state.total_steps is None:
         state.total_steps = calibrate(loop)
-        save_checkpoint(loop, state)  # pins the step count: a resumed run follows the same schedule
+        dist.on_main(save_checkpoint, loop, state)  # pins the step count: a resumed run follows the same schedule
     total = state.total_steps
     last_ckpt = time.time()
     t_run = time.time() - state.elapsed
@@ -442,7 +374,7 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
             take_snapshot(loop, state, snapshot)
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or \
                     time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
-                save_checkpoint(loop, state)
+                dist.on_main(save_checkpoint, loop, state)
                 last_ckpt = time.time()
     if cfg.tensorboard:
         loop.acc.end_training()
@@ -481,8 +413,7 @@ def _save(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, da
     (out / "README.md").write_text(model_card(name, shape_, data, results), encoding="utf-8")
     for file, rows in (("train_log.jsonl", result["log"]), ("val_log.jsonl", result["val_log"])):
         with open(out / file, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ckpt.unlink(missing_ok=True)
 
