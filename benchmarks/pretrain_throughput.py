@@ -108,15 +108,13 @@ def new_model(size: str, seq: int, ids: dict, dtype=None):
 
 def val_loss(model, windows: np.ndarray, bf16: bool, device, batch: int) -> float:
     import torch
-    import torch.nn.functional as F
+
+    from slmforge.lm import nll
 
     model.eval()
-    total = 0.0
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for i in range(0, len(windows), batch):
-            w = torch.as_tensor(windows[i:i + batch]).to(device)
-            logits = model(input_ids=w[:, :-1]).logits
-            total += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+    w = torch.as_tensor(windows)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        total = nll(model, w[:, :-1], w[:, 1:], batch, device)
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
