@@ -372,8 +372,9 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
                     loop.acc.log({"loss": loss, "lr": state.log[-1]["lr"], "tokens_per_s": tps}, step=state.step)
                 window_t, window_tok = time.time(), 0
             take_snapshot(loop, state, snapshot)
-            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or \
-                    time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
+            due = (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or \
+                time.time() - last_ckpt > cfg.checkpoint_every_min * 60
+            if dist.broadcast_int(int(due)):  # the main process's clock decides, or ranks could part at the barrier
                 dist.on_main(save_checkpoint, loop, state)
                 last_ckpt = time.time()
     if cfg.tensorboard:
