@@ -6,7 +6,7 @@ Measured in one run, on this machine (CUDA if present, else CPU):
   2. per model size (ModelSize(params=...), vocab 8192, context --seq; the model built from
      slmforge.modeling.derive + llama_config, SDPA attention, the same seed for every loop):
      a. slmforge: pretrain.train_one, --batch sequences of --seq tokens per step, one micro-batch,
-        bf16 autocast where supported (pretrain.use_bf16), pretrain.Config's default optimisation
+        bf16 autocast where supported (hardware.use_bf16), pretrain.Config's default optimisation
         (AdamW, lr, warmup, WSD schedule, weight decay, clipping);
      b. transformers.Trainer: the same model init, batches (in the same order) and optimisation
         settings; bf16=True where supported, Trainer's own optimizer (fused AdamW, its weight-decay
@@ -16,10 +16,10 @@ Measured in one run, on this machine (CUDA if present, else CPU):
      c. with --pure-bf16 also slmforge on a model cast to bf16 weights (precision fp32: no autocast).
   Data: real text: the first --data-mb MB of data/postgresql_docs.jsonl.gz, tokenized with a byte-level
   BPE (vocab 8192) trained on the spot by slmforge.stages.tokenizer.train_bpe, packed into windows by
-  pretrain.Sampler; 32 held-out windows from the end of the stream give a validation loss.
+  packing.Sampler; 32 held-out windows from the end of the stream give a validation loss.
   Speed = tokens of the --steps steps after --warmup steps / their wall time (slmforge: the log's
   time_s, rounded to 10 ms by train_one; Trainer: a callback at on_step_end).
-  MFU = tokens/s x (6·params + 12·layers·width·seq) / measured bf16 peak (pretrain.flops_per_token).
+  MFU = tokens/s x (6·params + 12·layers·width·seq) / measured bf16 peak (hardware.flops_per_token).
   Loss: the mean train loss over all steps and the held-out loss, same code for every model.
 Prints two tables, then one JSON line with every figure, the command line and the machine.
 
@@ -74,7 +74,8 @@ def matmul_peaks(sizes: list[int], device, seconds: float) -> dict:
 
 def token_stream(data_mb: float) -> tuple[np.ndarray, dict]:
     """BOS doc EOS ... over the first data_mb MB of the manual, with a BPE trained on the same text."""
-    from slmforge.stages.tokenizer import BOS, EOS, PAD, train_bpe
+    from slmforge.chat import BOS, EOS, PAD
+    from slmforge.stages.tokenizer import train_bpe
 
     texts, size = [], 0
     with gzip.open(DATA, "rt", encoding="utf-8") as f:
@@ -107,22 +108,21 @@ def new_model(size: str, seq: int, ids: dict, dtype=None):
 
 def val_loss(model, windows: np.ndarray, bf16: bool, device, batch: int) -> float:
     import torch
-    import torch.nn.functional as F
+
+    from slmforge.lm import nll
 
     model.eval()
-    total = 0.0
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for i in range(0, len(windows), batch):
-            w = torch.as_tensor(windows[i:i + batch]).to(device)
-            logits = model(input_ids=w[:, :-1]).logits
-            total += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+    w = torch.as_tensor(windows)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        total = nll(model, w[:, :-1], w[:, 1:], batch, device)
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 def run_slmforge(cfg, model, shape_, stream, a, steps: int, peak: float, bf16: bool) -> dict:
     from accelerate.state import AcceleratorState
 
-    from slmforge.stages.pretrain import Sampler, train_one
+    from slmforge.packing import Sampler
+    from slmforge.stages.pretrain import train_one
 
     AcceleratorState._reset_state()  # train_one makes an Accelerator; its mixed precision may differ per run
     cfg = cfg.model_copy(update={"precision": "bf16" if bf16 else "fp32"})
@@ -140,7 +140,8 @@ def run_trainer(cfg, model, stream, a, steps: int, bf16: bool, device) -> dict:
     from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from slmforge.stages.pretrain import Sampler, lr_at
+    from slmforge.packing import Sampler
+    from slmforge.stages.pretrain import lr_at
 
     sampler = Sampler({"domain": stream}, ["domain"], a.seq, seed=0)  # the same batches as train_one's
     rows = [w for s in range(steps) for w in sampler.batch(s, a.batch, 1.0)]
@@ -196,7 +197,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from slmforge.stages.pretrain import Config, flops_per_token, use_bf16
+    from slmforge.hardware import flops_per_token, use_bf16
+    from slmforge.stages.pretrain import Config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = use_bf16("auto")

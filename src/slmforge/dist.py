@@ -1,5 +1,6 @@
-"""rank / world size / barrier, as no-ops in one process. Set up only when torchrun or
-`accelerate launch` put WORLD_SIZE > 1 in the environment (nanochat's rule: distributed is a layer)."""
+"""rank / world size / barrier, on_main (main process does it, the others wait), mean and
+broadcast_int, all no-ops in one process. Set up only when torchrun or `accelerate launch` put
+WORLD_SIZE > 1 in the environment (nanochat's rule: distributed is a layer)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,45 @@ def barrier() -> None:
 
     init()
     td.barrier()
+
+
+def on_main(fn, *args, **kwargs):
+    """Call `fn(*args, **kwargs)` on the main process only, then wait until every process gets here
+    (so all of them can read what it wrote); returns its result on the main process, None elsewhere."""
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return result
+
+
+def _device():
+    """Where a collective's tensor must live: the current GPU under nccl, else the CPU (gloo)."""
+    import torch
+    import torch.distributed as td
+
+    return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean(x: float) -> float:
+    """The mean of `x` over all processes (a float32 all-reduce); `x` itself, untouched, in one process."""
+    if world_size() == 1:
+        return x
+    import torch
+    import torch.distributed as td
+
+    init()
+    t = torch.tensor([x], device=_device())
+    td.all_reduce(t)
+    return t.item() / world_size()
+
+
+def broadcast_int(x: int) -> int:
+    """The main process's `x` on every process; `x` itself in one process."""
+    if world_size() == 1:
+        return x
+    import torch
+    import torch.distributed as td
+
+    init()
+    t = torch.tensor([x], device=_device())
+    td.broadcast(t, 0)
+    return int(t.item())

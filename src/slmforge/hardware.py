@@ -1,6 +1,23 @@
-"""What this machine can do: bf16 support (the FLOP/s probe and the device peaks join it)."""
+"""What this machine can do: bf16 support, the accelerators' datasheet peaks, the CPU's measured
+matmul peak (the FLOP/s probe), the peak a training run's MFU is reckoned against, and the
+FLOPs a transformer spends per trained token."""
 
 from __future__ import annotations
+
+import time
+
+# bf16 dense tensor-core peak, FLOP/s, from the vendors' datasheets/whitepapers; NVIDIA prints the
+# figure "with sparsity" too, which is twice these. GeForce cards: FP16/BF16 with FP32 accumulate.
+DEVICES: dict[str, float] = {
+    "rtx3090": 71e12,     # NVIDIA Ampere GA102 GPU architecture whitepaper: RTX 3090, 71 TFLOPS (142 sparse)
+    "rtx4090": 165e12,    # NVIDIA Ada Lovelace GPU architecture whitepaper: RTX 4090, 165.2 TFLOPS (330.3 sparse)
+    "l4": 121e12,         # NVIDIA L4 datasheet: BF16 Tensor Core 242 TFLOPS with sparsity -> 121 dense
+    "a100": 312e12,       # NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity)
+    "h100": 989e12,       # NVIDIA H100 SXM datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989 dense
+    "h100-pcie": 756e12,  # NVIDIA H100 PCIe datasheet: BF16 Tensor Core 1,513 TFLOPS with sparsity -> 756 dense
+    "h200": 989e12,       # NVIDIA H200 SXM datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989 dense
+}
+CPU = "cpu"  # not a table entry: measured on this machine by probe_peak_flops()
 
 
 def use_bf16(precision: str) -> bool:
@@ -17,3 +34,46 @@ def use_bf16(precision: str) -> bool:
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
         return False
+
+
+def probe_peak_flops(seconds: float = 2.0, sizes: tuple[int, ...] = (1024, 2048)) -> dict:
+    """This machine's CPU matmul speed: square n×n matmuls (2·n³ FLOPs each) in fp32 and bf16, best of
+    3 repeats per size, about `seconds` in all. Returns {"bf16": FLOP/s, "fp32": FLOP/s, ...}."""
+    import torch
+
+    budget = seconds / (2 * len(sizes) * 3)  # per (dtype, size, repeat)
+    best: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for n in sizes:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            torch.mm(a, b)  # warm-up
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            iters = max(1, int(budget / max(time.perf_counter() - t0, 1e-6)))
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    torch.mm(a, b)
+                rate = 2 * n**3 * iters / (time.perf_counter() - t0)
+                best[name] = max(best.get(name, 0.0), rate)
+    return {**best, "sizes": list(sizes), "threads": torch.get_num_threads()}
+
+
+def peak_flops(bf16: bool) -> float:
+    """bf16 (or fp32) matmul peak of this machine: the GPU's datasheet figure (fp32 taken as half of
+    it; 0 for a GPU not in DEVICES), or on CPU a 1-second probe_peak_flops()."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower().replace(" ", "")
+        for key in sorted(DEVICES, key=len, reverse=True):
+            if key.replace("-", "") in name:
+                return DEVICES[key] if bf16 else DEVICES[key] / 2
+        return 0.0
+    probe = probe_peak_flops(seconds=1.0)
+    return probe["bf16"] if bf16 else probe["fp32"]
+
+
+def flops_per_token(shape_: dict, seq: int) -> float:
+    """6N for the weights (the tied LM head included) + 12 * layers * width * seq for attention (PaLM)."""
+    return 6 * shape_["params"] + 12 * shape_["depth"] * shape_["hidden_size"] * seq

@@ -29,7 +29,7 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*$")
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
 
 
-def parse_count(text: str | int | float) -> float:
+def parse_count(text: str | float) -> float:
     """'5M' -> 5e6, '1.2B' -> 1.2e9, 20000 -> 20000."""
     if isinstance(text, (int, float)):
         return float(text)
@@ -126,6 +126,15 @@ def load_model(path: str | Path, dtype=None):
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
                                                  use_safetensors=True, dtype=dtype)
     return model, tok
+
+
+def shape_of(model, context: int) -> dict:
+    """The shape of a loaded model in `shape()`'s keys (for continued pretraining); `context` as given."""
+    c = model.config
+    return {"depth": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+            "intermediate_size": c.intermediate_size, "context": context,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def model_card(name: str, shape_: dict, data: dict, results: dict) -> str:

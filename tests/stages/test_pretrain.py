@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from slmforge.stages.pretrain import Config, Mixture, Sampler, domain_fraction, lr_at
+from slmforge.packing import Sampler
+from slmforge.stages.pretrain import Config, Mixture, domain_fraction, lr_at
 from tests.conftest import REPO, slmforge, small_recipe, write_recipe
 
 

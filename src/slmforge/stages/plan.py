@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -44,23 +43,11 @@ from pydantic import Field, field_validator, model_validator
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
 from slmforge.config import StageConfig
 from slmforge.errors import UserError
+from slmforge.hardware import CPU, DEVICES, probe_peak_flops
 from slmforge.records import read_documents
 
 NAME = "plan"
 INPUTS = ("tokenizer",)
-
-# bf16 dense tensor-core peak, FLOP/s, from the vendors' datasheets/whitepapers; NVIDIA prints the
-# figure "with sparsity" too, which is twice these. GeForce cards: FP16/BF16 with FP32 accumulate.
-DEVICES: dict[str, float] = {
-    "rtx3090": 71e12,     # NVIDIA Ampere GA102 GPU architecture whitepaper: RTX 3090, 71 TFLOPS (142 sparse)
-    "rtx4090": 165e12,    # NVIDIA Ada Lovelace GPU architecture whitepaper: RTX 4090, 165.2 TFLOPS (330.3 sparse)
-    "l4": 121e12,         # NVIDIA L4 datasheet: BF16 Tensor Core 242 TFLOPS with sparsity -> 121 dense
-    "a100": 312e12,       # NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity)
-    "h100": 989e12,       # NVIDIA H100 SXM datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989 dense
-    "h100-pcie": 756e12,  # NVIDIA H100 PCIe datasheet: BF16 Tensor Core 1,513 TFLOPS with sparsity -> 756 dense
-    "h200": 989e12,       # NVIDIA H200 SXM datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989 dense
-}
-CPU = "cpu"  # not a table entry: measured on this machine by probe_peak_flops()
 
 # Hoffmann et al. 2022, Approach 3 (parametric fit on MassiveText).
 CHINCHILLA_FIT = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -302,29 +289,6 @@ def recommend(compute_flops: float, unique_domain_tokens: float, inference_token
 
 
 # ---- the budget ---------------------------------------------------------------------------------------------
-
-def probe_peak_flops(seconds: float = 2.0, sizes: tuple[int, ...] = (1024, 2048)) -> dict:
-    """This machine's CPU matmul speed: square n×n matmuls (2·n³ FLOPs each) in fp32 and bf16, best of
-    3 repeats per size, about `seconds` in all. Returns {"bf16": FLOP/s, "fp32": FLOP/s, ...}."""
-    import torch
-
-    budget = seconds / (2 * len(sizes) * 3)  # per (dtype, size, repeat)
-    best: dict[str, float] = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        for n in sizes:
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            torch.mm(a, b)  # warm-up
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            iters = max(1, int(budget / max(time.perf_counter() - t0, 1e-6)))
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    torch.mm(a, b)
-                rate = 2 * n**3 * iters / (time.perf_counter() - t0)
-                best[name] = max(best.get(name, 0.0), rate)
-    return {**best, "sizes": list(sizes), "threads": torch.get_num_threads()}
-
 
 def budget_flops(flops: float | None = None, hours: float | None = None, device: str | None = None,
                  peak_flops: float | None = None, mfu: float = 0.4, n_devices: int = 1) -> tuple[float, str]:

@@ -1,9 +1,9 @@
 """pretrain: train a specialist (and a same-size generalist baseline) with a plain PyTorch loop.
 
-- Data: each source's train and val splits are tokenized once, before training (DESIGN: never
-  alongside it), into flat token files; every document starts with BOS and ends with EOS. Training
-  windows of `context + 1` tokens are cut from the stream (packed sequences) and visited in a fresh
-  random order every epoch.
+- Data (slmforge.packing): each source's train and val splits are tokenized once, before training
+  (DESIGN: never alongside it), into flat token files; every document starts with BOS and ends with
+  EOS. Training windows of `context + 1` tokens are cut from the stream (packed sequences) and
+  visited in a fresh random order every epoch.
 - Mixture: each sequence of a step comes from the domain group with probability p(step), else from
   the general group (within a group, in proportion to size). Schedules: `constant` p; `specialised`
   p from step 0 until the domain data has been seen `max_domain_epochs` times, then general only
@@ -20,6 +20,10 @@
   same global batch and trains on its share, so 2 processes follow the 1-process loss curve.
 The generalist baseline: the same shape and the same number of tokens, trained on the general
 sources with the general tokenizer. Output: `<run>/specialist/` and `<run>/generalist/` (HF folders).
+
+Reading order (nanochat's base_train.py): Config; the schedules (domain_fraction, lr_at); the loop:
+LoopState (what a checkpoint resumes), Loop (the prepared pieces), setup, load/save_checkpoint,
+evaluate, train_step, calibrate (a minutes budget -> steps), train_one; the stage (_build).
 """
 
 from __future__ import annotations
@@ -30,19 +34,25 @@ import math
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.progress import TextColumn
 
-from slmforge import dist
+from slmforge import dist, hardware
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.chat import stop_token_ids
 from slmforge.config import StageConfig
-from slmforge.console import console, info
+from slmforge.console import console, count_progress, info
 from slmforge.errors import UserError
-from slmforge.modeling import ModelSize, build_model, load_model, model_card, parse_count
-from slmforge.records import read_documents
+from slmforge.hardware import flops_per_token, use_bf16
+from slmforge.lm import nll
+from slmforge.modeling import ModelSize, build_model, load_model, model_card, parse_count, shape_of
+from slmforge.packing import Sampler, tokenize_split
 
 NAME = "pretrain"
 INPUTS = ("curate", "tokenizer")
@@ -68,7 +78,7 @@ class Config(StageConfig):
 
     model: ModelSize = Field(default_factory=ModelSize)
     init_from: str | None = Field(None, description="continue from this local HF checkpoint (its tokenizer too)")
-    tokens: str | None = Field(None, description="training budget in tokens, e.g. 2M (or give minutes)")
+    tokens: int | str | None = Field(None, description="training budget in tokens, e.g. 2M or 200000 (or give minutes)")
     minutes: float | None = Field(None, gt=0, description="training budget in minutes for the specialist")
     batch_tokens: int = Field(8192, ge=16, description="tokens per optimizer step, over all processes")
     micro_batch: int = Field(16, ge=1, description="sequences per forward pass per process (memory)")
@@ -109,76 +119,7 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
                        distributed=True)
 
 
-# ---- data -------------------------------------------------------------------------------------------
-def tokenize_split(tokenizer, curate: Artifact, split: str, source: str, path: Path) -> int:
-    """Write the split's documents as one token stream (BOS doc EOS ...) to `path`; returns its length."""
-    if path.is_file():
-        return int(np.load(path, mmap_mode="r").shape[0])
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"pretrain: the tokenizer of {source} is not a fast (tokenizers) tokenizer")
-    texts = [r["text"] for r in read_documents(curate.path / "data" / split, source, columns=["text"])]
-    chunks = []
-    for i in range(0, len(texts), 256):
-        for e in tokenizer.backend_tokenizer.encode_batch(texts[i:i + 256], add_special_tokens=False):
-            chunks.append(np.asarray([bos, *e.ids, eos], dtype=np.int64))
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
-    arr = np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype=dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-    return int(arr.shape[0])
-
-
-class Sampler:
-    """Deterministic packed-window sampler over several sources with a domain-fraction schedule."""
-
-    def __init__(self, streams: dict[str, np.ndarray], domain: list[str], seq: int, seed: int):
-        self.streams, self.seq, self.seed = streams, seq, seed
-        self.names = sorted(streams)
-        self.windows = {s: max(0, (len(a) - 1) // seq) for s, a in streams.items()}
-        self.domain = [s for s in self.names if s in domain and self.windows[s]]
-        self.general = [s for s in self.names if s not in domain and self.windows[s]]
-        self.consumed = {s: 0 for s in self.names}
-        self._perm: dict[str, tuple[int, np.ndarray]] = {}
-
-    def state(self) -> dict:
-        return {"consumed": dict(self.consumed)}
-
-    def load(self, state: dict) -> None:
-        self.consumed = dict(state["consumed"])
-
-    def epochs(self, group: list[str]) -> float:
-        total = sum(self.windows[s] for s in group)
-        return sum(self.consumed[s] for s in group) / total if total else 0.0
-
-    def _window(self, source: str) -> np.ndarray:
-        k = self.consumed[source]
-        n = self.windows[source]
-        epoch, i = divmod(k, n)
-        cached = self._perm.get(source)
-        if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, self.names.index(source), epoch])
-            cached = (epoch, rng.permutation(n))
-            self._perm[source] = cached
-        start = int(cached[1][i]) * self.seq
-        self.consumed[source] = k + 1
-        return np.asarray(self.streams[source][start:start + self.seq + 1], dtype=np.int64)
-
-    def batch(self, step: int, n_seq: int, p_domain: float) -> np.ndarray:
-        """The global batch of `step`: n_seq windows, each from the domain with probability p_domain."""
-        rng = np.random.default_rng([self.seed, 1_000_003, step])
-        draws, picks = rng.random(n_seq), rng.random(n_seq)
-        rows = []
-        for d, u in zip(draws, picks):
-            group = self.domain if (d < p_domain and self.domain) or not self.general else self.general
-            sizes = np.array([self.windows[s] for s in group], dtype=float)
-            source = group[int(np.searchsorted(np.cumsum(sizes) / sizes.sum(), u, side="right").clip(0, len(group) - 1))]
-            rows.append(self._window(source))
-        return np.stack(rows)
-
-
+# ---- schedules --------------------------------------------------------------------------------------
 def domain_fraction(m: Mixture, step: int, total: int, domain_epochs: float) -> float:
     if m.schedule == "specialised":
         return m.domain_fraction if domain_epochs < m.max_domain_epochs else 0.0
@@ -204,46 +145,58 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
-def use_bf16(precision: str) -> bool:
+@dataclass
+class LoopState:
+    """What a checkpoint holds besides weights, optimizer and sampler cursors: the steps done, the
+    training time so far, the step count the schedule was pinned to, and the train and val logs."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    total_steps: int | None = None
+    log: list[dict] = field(default_factory=list)
+    val: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Loop:
+    """The prepared pieces of one model's training run (they do not change while it runs)."""
+
+    name: str
+    cfg: Config
+    acc: object  # accelerate.Accelerator
+    model: object  # the prepared (possibly DDP-wrapped) model
+    fwd: object  # what the forward pass calls: the model, or torch.compile's version of it
+    opt: object
+    sampler: Sampler
+    val: dict[str, np.ndarray]
+    shape: dict
+    seq: int
+    n_seq: int  # sequences per step, over all processes
+    per_rank: int  # sequences per step on this process
+    n_micro: int  # forward passes per step on this process
+    ckpt: Path
+    peak_flops: float
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.n_seq * self.seq
+
+
+def setup(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val: dict[str, np.ndarray], out: Path,
+          peak_flops: float, bf16: bool) -> Loop:
+    """The Accelerator, AdamW (no weight decay on norms), the prepared model and the batch geometry:
+    the global batch is a multiple of the world size, each process trains on its share."""
     import torch
-
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:  # AVX512-BF16 / AMX: oneDNN runs bf16 matmuls natively (DESIGN: ~2x fp32 here)
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def flops_per_token(shape_: dict, seq: int) -> float:
-    """6N for the weights (the tied LM head included) + 12 * layers * width * seq for attention (PaLM)."""
-    return 6 * shape_["params"] + 12 * shape_["depth"] * shape_["hidden_size"] * seq
-
-
-def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val: dict[str, np.ndarray],
-              out: Path, total_steps: int | None, peak_flops: float, bf16: bool, snapshot=None) -> dict:
-    """Train `model` in place; checkpoints in out/<name>.ckpt.pt; `snapshot(model, step)` is called at
-    cfg.snapshots evenly spaced steps before the last; returns the run's metrics and log."""
-    import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator
 
-    world, rank = dist.world_size(), dist.rank()
-    seq = shape_["context"]
+    world, seq = dist.world_size(), shape_["context"]
     n_seq = max(world, cfg.batch_tokens // seq)
     n_seq -= n_seq % world
     per_rank = n_seq // world
-    n_micro = math.ceil(per_rank / cfg.micro_batch)
-    tokens_per_step = n_seq * seq
-
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
                       log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out / "tensorboard"))
     decay, no_decay = [], []
-    for pname, p in model.named_parameters():
+    for _, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
@@ -252,175 +205,200 @@ def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val
     fwd = torch.compile(model) if cfg.compile else model
     if cfg.tensorboard:
         acc.init_trackers(name)
-
-    ckpt = out / f"{name}.ckpt.pt"
-    state = {"step": 0, "elapsed": 0.0, "total_steps": total_steps, "log": [], "val": []}
-    if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        acc.unwrap_model(model).load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sampler.load(saved["sampler"])
-        state = saved["state"]
-        info(f"  pretrain · {name}: resuming at step {state['step']}")
-
-    def save_checkpoint() -> None:
-        if dist.is_main():
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({"model": acc.unwrap_model(model).state_dict(), "optimizer": opt.state_dict(),
-                        "sampler": sampler.state(), "state": state}, tmp)
-            os.replace(tmp, ckpt)
-        dist.barrier()
-
-    def evaluate() -> dict:
-        model.eval()
-        losses = {}
-        with torch.no_grad(), acc.autocast():
-            for source, arr in val.items():
-                n = min(len(arr) - 1, cfg.eval_tokens) // seq
-                if n == 0:
-                    continue
-                w = torch.as_tensor(np.asarray(arr[: n * seq + 1], dtype=np.int64))
-                x, y = w[:-1].view(n, seq), w[1:].view(n, seq)
-                total = 0.0
-                for i in range(0, n, cfg.micro_batch):
-                    logits = fwd(input_ids=x[i:i + cfg.micro_batch].to(acc.device)).logits
-                    total += F.cross_entropy(logits.float().flatten(0, 1), y[i:i + cfg.micro_batch].flatten().to(acc.device),
-                                             reduction="sum").item()
-                losses[source] = round(total / (n * seq), 4)
-        model.train()
-        return losses
-
-    from rich.progress import TextColumn
-
-    from slmforge.console import count_progress
-
-    def train_step(step: int, total: int) -> tuple[float, float, float]:
-        """One optimizer step on the global batch of `step`: (loss, grad norm, domain fraction)."""
-        p = domain_fraction(cfg.mixture, step, total, sampler.epochs(sampler.domain))
-        batch = sampler.batch(step, n_seq, p)[rank * per_rank:(rank + 1) * per_rank]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, total)
-        loss_sum = 0.0
-        for i in range(n_micro):
-            mb = torch.as_tensor(batch[i * cfg.micro_batch:(i + 1) * cfg.micro_batch]).to(acc.device)
-            ctx = acc.no_sync(model) if i < n_micro - 1 else contextlib.nullcontext()
-            with ctx, acc.autocast():
-                logits = fwd(input_ids=mb[:, :-1]).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
-                loss = loss / (per_rank * seq)
-            acc.backward(loss)
-            loss_sum += loss.item()
-        gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if world > 1:
-            t = torch.tensor([loss_sum], device=acc.device)
-            torch.distributed.all_reduce(t)
-            loss_sum = t.item() / world
-        return loss_sum, float(gnorm), p
-
-    def calibrate() -> int:
-        """Minutes budget: time a few steps and one evaluation on a throwaway copy of the state, then
-        restore it, so the schedule knows its length from step 0 and the run stays reproducible."""
-        import copy
-
-        saved = (copy.deepcopy(acc.unwrap_model(model).state_dict()), copy.deepcopy(opt.state_dict()),
-                 sampler.state())
-        train_step(0, 100)
-        t0 = time.perf_counter()
-        for i in range(1, 3):
-            train_step(i, 100)
-        per_step = (time.perf_counter() - t0) / 2
-        t0 = time.perf_counter()
-        evaluate()
-        per_eval = time.perf_counter() - t0
-        acc.unwrap_model(model).load_state_dict(saved[0])
-        opt.load_state_dict(saved[1])
-        sampler.load(saved[2])
-        steps = max(2, int(cfg.minutes * 60 / (per_step + per_eval / cfg.eval_every)))
-        if world > 1:
-            t = torch.tensor([steps], device=acc.device)
-            torch.distributed.broadcast(t, 0)
-            steps = int(t.item())
-        info(f"  pretrain · {name}: {per_step:.2f} s/step, {per_eval:.1f} s/eval -> {steps} steps in "
-             f"{cfg.minutes:g} min")
-        return steps
+    return Loop(name=name, cfg=cfg, acc=acc, model=model, fwd=fwd, opt=opt, sampler=sampler, val=val, shape=shape_,
+                seq=seq, n_seq=n_seq, per_rank=per_rank, n_micro=math.ceil(per_rank / cfg.micro_batch),
+                ckpt=out / f"{name}.ckpt.pt", peak_flops=peak_flops)
 
 
-
-    model.train()
-    if state["total_steps"] is None:
-        state["total_steps"] = calibrate()
-        save_checkpoint()  # pins the step count: a resumed run follows the same schedule
-    total = state["total_steps"]
-    last_ckpt = time.time()
-    t_run = time.time() - state["elapsed"]
-    with count_progress() as progress:
-        progress.columns = (*progress.columns, TextColumn("{task.fields[stats]}"))
-        task = progress.add_task(f"pretrain · {name}", total=total, completed=state["step"], stats="")
-        window_t, window_tok = time.time(), 0
-        while state["step"] < total:
-            step = state["step"]
-            loss_sum, gnorm, p = train_step(step, total)
-            state["step"] = step + 1
-            state["elapsed"] = time.time() - t_run
-            window_tok += tokens_per_step
-            state["log"].append({"step": step + 1, "loss": round(loss_sum, 5), "lr": round(opt.param_groups[0]["lr"], 7),
-                                 "grad_norm": round(gnorm, 4), "domain_fraction": p,
-                                 "tokens": (step + 1) * tokens_per_step, "time_s": round(state["elapsed"], 3)})
-            done = state["step"] >= total
-            if state["step"] % cfg.eval_every == 0 or done:
-                state["val"].append({"step": state["step"], "tokens": state["step"] * tokens_per_step, **evaluate()})
-            if state["step"] % cfg.log_every == 0 or done:
-                dt = time.time() - window_t
-                tps = window_tok / dt if dt > 0 else 0.0
-                mfu = tps * flops_per_token(shape_, seq) / peak_flops if peak_flops else 0.0
-                state["log"][-1].update(tokens_per_s=round(tps, 1), mfu=round(mfu, 4))
-                progress.update(task, completed=state["step"],
-                                stats=f"loss {loss_sum:.3f} · {tps:,.0f} tok/s · MFU {mfu:.1%}")
-                if cfg.tensorboard:
-                    acc.log({"loss": loss_sum, "lr": state["log"][-1]["lr"], "tokens_per_s": tps}, step=state["step"])
-                window_t, window_tok = time.time(), 0
-            every = max(1, total // (cfg.snapshots + 1))
-            if snapshot and cfg.snapshots and state["step"] % every == 0 and state["step"] // every <= cfg.snapshots:
-                if dist.is_main():
-                    snapshot(acc.unwrap_model(model), state["step"])
-                dist.barrier()
-            if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or \
-                    time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
-                save_checkpoint()
-                last_ckpt = time.time()
-    if cfg.tensorboard:
-        acc.end_training()
-    wall = state["elapsed"]
-    tokens = state["step"] * tokens_per_step
-    tps = tokens / wall if wall else 0.0
-    return {"model": acc.unwrap_model(model), "steps": state["step"], "tokens": tokens, "train_time_s": round(wall, 1),
-            "tokens_per_s": round(tps, 1),
-            "mfu": round(tps * flops_per_token(shape_, seq) / peak_flops, 4) if peak_flops else None,
-            "final_loss": state["log"][-1]["loss"], "val": state["val"][-1] if state["val"] else {},
-            "log": state["log"], "val_log": state["val"], "tokens_per_step": tokens_per_step,
-            "domain_epochs": round(sampler.epochs(sampler.domain), 3),
-            "general_epochs": round(sampler.epochs(sampler.general), 3)}
-
-
-def _peak_flops(bf16: bool) -> float:
-    """bf16 (or fp32) matmul peak of this machine: the plan stage's probe, or the GPU's datasheet."""
+def load_checkpoint(loop: Loop, total_steps: int | None) -> LoopState:
+    """Restore weights, optimizer, sampler cursors and the loop state from loop.ckpt if there is one."""
     import torch
 
-    from slmforge.stages.plan import DEVICES, probe_peak_flops
+    if not loop.ckpt.is_file():
+        return LoopState(total_steps=total_steps)
+    saved = torch.load(loop.ckpt, map_location="cpu", weights_only=False)
+    loop.acc.unwrap_model(loop.model).load_state_dict(saved["model"])
+    loop.opt.load_state_dict(saved["optimizer"])
+    loop.sampler.load(saved["sampler"])
+    state = LoopState(**saved["state"])
+    info(f"  pretrain · {loop.name}: resuming at step {state.step}")
+    return state
 
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower().replace(" ", "")
-        for key in sorted(DEVICES, key=len, reverse=True):
-            if key.replace("-", "") in name:
-                return DEVICES[key] if bf16 else DEVICES[key] / 2
-        return 0.0
-    probe = probe_peak_flops(seconds=1.0)
-    return probe["bf16"] if bf16 else probe["fp32"]
+
+def save_checkpoint(loop: Loop, state: LoopState) -> None:
+    """Weights, optimizer, sampler cursors and the loop state to loop.ckpt (temp file, then rename)."""
+    import torch
+
+    tmp = loop.ckpt.with_name(loop.ckpt.name + ".tmp")
+    torch.save({"model": loop.acc.unwrap_model(loop.model).state_dict(), "optimizer": loop.opt.state_dict(),
+                "sampler": loop.sampler.state(), "state": asdict(state)}, tmp)
+    os.replace(tmp, loop.ckpt)
 
 
-def _save(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, data: dict) -> None:
+def evaluate(loop: Loop) -> dict[str, float]:
+    """Mean next-token loss per validation source, on up to eval_tokens tokens of each."""
+    import torch
+
+    cfg, seq = loop.cfg, loop.seq
+    loop.model.eval()
+    losses = {}
+    with loop.acc.autocast():
+        for source, arr in loop.val.items():
+            n = min(len(arr) - 1, cfg.eval_tokens) // seq
+            if n == 0:
+                continue
+            w = torch.as_tensor(np.asarray(arr[: n * seq + 1], dtype=np.int64))
+            total = nll(loop.fwd, w[:-1].view(n, seq), w[1:].view(n, seq), cfg.micro_batch, loop.acc.device)
+            losses[source] = round(total / (n * seq), 4)
+    loop.model.train()
+    return losses
+
+
+def train_step(loop: Loop, step: int, total: int) -> tuple[float, float, float]:
+    """One optimizer step on the global batch of `step`: (loss, grad norm, domain fraction)."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg, sampler, acc, mb_size = loop.cfg, loop.sampler, loop.acc, loop.cfg.micro_batch
+    p = domain_fraction(cfg.mixture, step, total, sampler.epochs(sampler.domain))
+    rank = dist.rank()
+    batch = sampler.batch(step, loop.n_seq, p)[rank * loop.per_rank:(rank + 1) * loop.per_rank]
+    for g in loop.opt.param_groups:
+        g["lr"] = lr_at(cfg, step, total)
+    loss_sum = 0.0
+    for i in range(loop.n_micro):
+        mb = torch.as_tensor(batch[i * mb_size:(i + 1) * mb_size]).to(acc.device)
+        ctx = acc.no_sync(loop.model) if i < loop.n_micro - 1 else contextlib.nullcontext()
+        with ctx, acc.autocast():
+            logits = loop.fwd(input_ids=mb[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
+            loss = loss / (loop.per_rank * loop.seq)
+        acc.backward(loss)
+        loss_sum += loss.item()
+    gnorm = acc.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip)
+    loop.opt.step()
+    loop.opt.zero_grad(set_to_none=True)
+    return dist.mean(loss_sum), float(gnorm), p
+
+
+def calibrate(loop: Loop) -> int:
+    """Minutes budget -> steps: time a few steps and one evaluation on a throwaway copy of the state,
+    then restore it, so the schedule knows its length from step 0 and the run stays reproducible."""
+    import copy
+
+    raw = loop.acc.unwrap_model(loop.model)
+    saved = copy.deepcopy(raw.state_dict()), copy.deepcopy(loop.opt.state_dict()), loop.sampler.state()
+    train_step(loop, 0, 100)
+    t0 = time.perf_counter()
+    for i in range(1, 3):
+        train_step(loop, i, 100)
+    per_step = (time.perf_counter() - t0) / 2
+    t0 = time.perf_counter()
+    evaluate(loop)
+    per_eval = time.perf_counter() - t0
+    raw.load_state_dict(saved[0])
+    loop.opt.load_state_dict(saved[1])
+    loop.sampler.load(saved[2])
+    minutes = loop.cfg.minutes
+    steps = dist.broadcast_int(max(2, int(minutes * 60 / (per_step + per_eval / loop.cfg.eval_every))))
+    info(f"  pretrain · {loop.name}: {per_step:.2f} s/step, {per_eval:.1f} s/eval -> {steps} steps in "
+         f"{minutes:g} min")
+    return steps
+
+
+def mfu(loop: Loop, tokens_per_s: float) -> float:
+    """Model FLOPs utilisation: the FLOP/s the tokens cost against the machine's peak (0 if unknown)."""
+    return tokens_per_s * flops_per_token(loop.shape, loop.seq) / loop.peak_flops if loop.peak_flops else 0.0
+
+
+def take_snapshot(loop: Loop, state: LoopState, snapshot) -> None:
+    """Call `snapshot(model, step)` (main process) at cfg.snapshots evenly spaced steps before the last."""
+    cfg = loop.cfg
+    every = max(1, state.total_steps // (cfg.snapshots + 1))
+    if snapshot and cfg.snapshots and state.step % every == 0 and state.step // every <= cfg.snapshots:
+        dist.on_main(snapshot, loop.acc.unwrap_model(loop.model), state.step)
+
+
+def summary(loop: Loop, state: LoopState) -> dict:
+    """The run's metrics and logs, and the trained (unwrapped) model."""
+    wall = state.elapsed
+    tokens = state.step * loop.tokens_per_step
+    tps = tokens / wall if wall else 0.0
+    return {"model": loop.acc.unwrap_model(loop.model), "steps": state.step, "tokens": tokens,
+            "train_time_s": round(wall, 1), "tokens_per_s": round(tps, 1),
+            "mfu": round(mfu(loop, tps), 4) if loop.peak_flops else None,
+            "final_loss": state.log[-1]["loss"], "val": state.val[-1] if state.val else {},
+            "log": state.log, "val_log": state.val, "tokens_per_step": loop.tokens_per_step,
+            "domain_epochs": round(loop.sampler.epochs(loop.sampler.domain), 3),
+            "general_epochs": round(loop.sampler.epochs(loop.sampler.general), 3)}
+
+
+def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val: dict[str, np.ndarray],
+              out: Path, total_steps: int | None, peak_flops: float, bf16: bool, snapshot=None) -> dict:
+    """Train `model` in place; checkpoints in out/<name>.ckpt.pt; `snapshot(model, step)` is called at
+    cfg.snapshots evenly spaced steps before the last; returns the run's metrics and log."""
+    loop = setup(name, cfg, model, shape_, sampler, val, out, peak_flops, bf16)
+    state = load_checkpoint(loop, total_steps)
+    loop.model.train()
+    if state.total_steps is None:
+        state.total_steps = calibrate(loop)
+        dist.on_main(save_checkpoint, loop, state)  # pins the step count: a resumed run follows the same schedule
+    total = state.total_steps
+    last_ckpt = time.time()
+    t_run = time.time() - state.elapsed
+    with count_progress() as progress:
+        progress.columns = (*progress.columns, TextColumn("{task.fields[stats]}"))
+        task = progress.add_task(f"pretrain · {name}", total=total, completed=state.step, stats="")
+        window_t, window_tok = time.time(), 0
+        while state.step < total:
+            step = state.step
+            loss, gnorm, p = train_step(loop, step, total)
+            state.step = step + 1
+            state.elapsed = time.time() - t_run
+            window_tok += loop.tokens_per_step
+            state.log.append({"step": step + 1, "loss": round(loss, 5), "lr": round(loop.opt.param_groups[0]["lr"], 7),
+                              "grad_norm": round(gnorm, 4), "domain_fraction": p,
+                              "tokens": (step + 1) * loop.tokens_per_step, "time_s": round(state.elapsed, 3)})
+            done = state.step >= total
+            if state.step % cfg.eval_every == 0 or done:
+                state.val.append({"step": state.step, "tokens": state.step * loop.tokens_per_step, **evaluate(loop)})
+            if state.step % cfg.log_every == 0 or done:
+                dt = time.time() - window_t
+                tps = window_tok / dt if dt > 0 else 0.0
+                state.log[-1].update(tokens_per_s=round(tps, 1), mfu=round(mfu(loop, tps), 4))
+                progress.update(task, completed=state.step,
+                                stats=f"loss {loss:.3f} · {tps:,.0f} tok/s · MFU {mfu(loop, tps):.1%}")
+                if cfg.tensorboard:
+                    loop.acc.log({"loss": loss, "lr": state.log[-1]["lr"], "tokens_per_s": tps}, step=state.step)
+                window_t, window_tok = time.time(), 0
+            take_snapshot(loop, state, snapshot)
+            due = (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or \
+                time.time() - last_ckpt > cfg.checkpoint_every_min * 60
+            if dist.broadcast_int(int(due)):  # the main process's clock decides, or ranks could part at the barrier
+                dist.on_main(save_checkpoint, loop, state)
+                last_ckpt = time.time()
+    if cfg.tensorboard:
+        loop.acc.end_training()
+    return summary(loop, state)
+
+
+# ---- the stage --------------------------------------------------------------------------------------
+def save_snapshot(model, step: int, tokenizer, root: Path) -> None:
+    """An HF folder root/step-NNNNNN (model and tokenizer), written to a temp folder and renamed."""
+    path = root / f"step-{step:06d}"
+    if path.is_dir():  # written before a restart
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    os.replace(tmp, path)
+
+
+def _save(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, data: dict, metrics: dict,
+          ckpt: Path) -> None:
+    """The finished model's HF folder (weights, tokenizer, generation config, card, logs), metrics.json
+    last (a folder with both is done), then the checkpoint goes."""
     from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
@@ -428,27 +406,39 @@ def _save(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, da
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    eos = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        eos.append(im_end)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                     do_sample=False, max_new_tokens=128).save_pretrained(str(out))
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(tokenizer),
+                     pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=128).save_pretrained(str(out))
     results = {"training tokens": result["tokens"], "steps": result["steps"], "final train loss": result["final_loss"],
                **{f"val loss ({k})": v for k, v in result["val"].items() if k not in ("step", "tokens")},
                "tokens/s": result["tokens_per_s"], "MFU": result["mfu"]}
     (out / "README.md").write_text(model_card(name, shape_, data, results), encoding="utf-8")
-    with open(out / "train_log.jsonl", "w", encoding="utf-8") as f:
-        for row in result["log"]:
-            f.write(json.dumps(row) + "\n")
-    with open(out / "val_log.jsonl", "w", encoding="utf-8") as f:
-        for row in result["val_log"]:
-            f.write(json.dumps(row) + "\n")
+    for file, rows in (("train_log.jsonl", result["log"]), ("val_log.jsonl", result["val_log"])):
+        with open(out / file, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    ckpt.unlink(missing_ok=True)
+
+
+def _tokenize_sources(tokenizer, curate: Artifact, sources: list[str], folder: Path) -> None:
+    for s in sources:
+        for split in ("train", "val"):
+            tokenize_split(tokenizer, curate, split, s, folder / f"{s}.{split}.npy")
+
+
+def _model_and_tokenizer(cfg: Config, name: str, tok_art: Artifact, tok_dir: str):
+    """The specialist continues from cfg.init_from when given; else a fresh model for the stage's tokenizer."""
+    from transformers import AutoTokenizer
+
+    if cfg.init_from and name == "specialist":
+        model, tokenizer = load_model(cfg.init_from)
+        return model, tokenizer, shape_of(model, min(cfg.model.context or 256, model.config.max_position_embeddings))
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_art.path / tok_dir), local_files_only=True)
+    model, shape_ = build_model(cfg.model, tokenizer, seed=cfg.seed)
+    return model, tokenizer, shape_
 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     import torch
-    from transformers import AutoTokenizer
 
     dist.init()
     curate, tok_art = inputs["curate"], inputs["tokenizer"]
@@ -456,7 +446,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     domain = tok_art.manifest["metrics"]["trained_on"]
     general = [s for s, r in roles.items() if r == "general"]
     bf16 = use_bf16(cfg.precision)
-    peak = _peak_flops(bf16)
+    peak = hardware.peak_flops(bf16)
     torch.manual_seed(cfg.seed)
 
     plans = [("specialist", list(roles), "tokenizer")]
@@ -470,62 +460,32 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             metrics["models"][name] = json.loads((final_dir / "metrics.json").read_text())
             tokens_budget = tokens_budget or metrics["models"][name]["tokens"]
             continue
-        if cfg.init_from and name == "specialist":
-            model, tokenizer = load_model(cfg.init_from)
-            c = model.config
-            shape_ = {"depth": c.num_hidden_layers, "hidden_size": c.hidden_size,
-                      "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-                      "intermediate_size": c.intermediate_size,
-                      "context": min(cfg.model.context or 256, c.max_position_embeddings),
-                      "params": sum(p.numel() for p in model.parameters())}
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(tok_art.path / tok_dir), local_files_only=True)
-            model, shape_ = build_model(cfg.model, tokenizer, seed=cfg.seed)
-        streams, val = {}, {}
-        if dist.is_main():
-            for s in sources:
-                for split in ("train", "val"):
-                    tokenize_split(tokenizer, curate, split, s, out / "tokens" / name / f"{s}.{split}.npy")
-        dist.barrier()
-        for s in sources:
-            streams[s] = np.load(out / "tokens" / name / f"{s}.train.npy", mmap_mode="r")
-            val[s] = np.load(out / "tokens" / name / f"{s}.val.npy", mmap_mode="r")
+        model, tokenizer, shape_ = _model_and_tokenizer(cfg, name, tok_art, tok_dir)
+        dist.on_main(_tokenize_sources, tokenizer, curate, sources, out / "tokens" / name)
+        streams = {s: np.load(out / "tokens" / name / f"{s}.train.npy", mmap_mode="r") for s in sources}
+        val = {s: np.load(out / "tokens" / name / f"{s}.val.npy", mmap_mode="r") for s in sources}
         sampler = Sampler(streams, domain if name == "specialist" else [], shape_["context"], cfg.seed)
         if not sampler.domain and not sampler.general:
             raise UserError(f"pretrain: no training text for {name} (sources {', '.join(sources)}); check curate")
         n_seq = max(1, cfg.batch_tokens // shape_["context"])
         total_steps = math.ceil(tokens_budget / (n_seq * shape_["context"])) if tokens_budget else None
+        unique = sum(len(a) for a in streams.values())
         info(f"  pretrain · {name}: {shape_['params'] / 1e6:.2f}M params, depth {shape_['depth']}, width "
              f"{shape_['hidden_size']}, heads {shape_['num_attention_heads']}/{shape_['num_key_value_heads']} kv, "
              f"ffn {shape_['intermediate_size']}, context {shape_['context']}; "
-             f"{'bf16 autocast' if bf16 else 'fp32'}; {sum(len(a) for a in streams.values()) / 1e6:.2f}M train tokens")
-        if name == "generalist":
-            cfg_g = cfg.model_copy(update={"mixture": Mixture(schedule="constant", domain_fraction=0.0)})
-        else:
-            cfg_g = cfg
-        def snapshot(m, step, tokenizer=tokenizer, name=name) -> None:
-            path = out / name / "snapshots" / f"step-{step:06d}"
-            if path.is_dir():  # written before a restart
-                return
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            m.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-            os.replace(tmp, path)
-
-        result = train_one(name, cfg_g, model, shape_, sampler, val, out, total_steps, peak, bf16, snapshot)
+             f"{'bf16 autocast' if bf16 else 'fp32'}; {unique / 1e6:.2f}M train tokens")
+        cfg_m = cfg.model_copy(update={"mixture": Mixture(schedule="constant", domain_fraction=0.0)}) \
+            if name == "generalist" else cfg
+        snapshot = partial(save_snapshot, tokenizer=tokenizer, root=out / name / "snapshots")
+        result = train_one(name, cfg_m, model, shape_, sampler, val, out, total_steps, peak, bf16, snapshot)
         tokens_budget = tokens_budget or result["tokens"]
         data = {"sources": ", ".join(sources), "tokenizer": tok_dir if not cfg.init_from else cfg.init_from,
-                "unique train tokens": sum(len(a) for a in streams.values()),
-                "epochs over the domain": result["domain_epochs"]}
+                "unique train tokens": unique, "epochs over the domain": result["domain_epochs"]}
         m = {k: v for k, v in result.items() if k not in ("model", "log", "val_log")}
-        m.update(shape=shape_, sources=sources, unique_train_tokens=int(sum(len(a) for a in streams.values())),
+        m.update(shape=shape_, sources=sources, unique_train_tokens=int(unique),
                  flops=6 * shape_["params"] * result["tokens"])
-        if dist.is_main():
-            _save(result["model"], tokenizer, shape_, result, final_dir, name, data)
-            (final_dir / "metrics.json").write_text(json.dumps(m, indent=2))
-            (out / f"{name}.ckpt.pt").unlink(missing_ok=True)
-        dist.barrier()
+        dist.on_main(_save, result["model"], tokenizer, shape_, result, final_dir, name, data, m,
+                     out / f"{name}.ckpt.pt")
         metrics["models"][name] = m
     if dist.is_main():
         _print_summary(metrics)
