@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -106,3 +107,15 @@ def save_model(result: dict, out: Path, name: str, base: Path, data_stats: dict,
              "data": data_stats}
     (path / "metrics.json").write_text(json.dumps(entry, indent=2))
     return entry
+
+
+def finish(result: dict, out: Path, name: str, base: Path, data_stats: dict, stage: str, work: Path) -> dict:
+    """On the main process (`dist.on_main(finish, ...)`): save the model, then drop its trainer checkpoints."""
+    entry = save_model(result, out, name, base, data_stats, stage)
+    shutil.rmtree(work, ignore_errors=True)
+    return entry
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

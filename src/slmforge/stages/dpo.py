@@ -114,6 +114,12 @@ def make_trainer(cfg: Config, model, tok, train: list[dict], held: list[dict], w
                       eval_dataset=Dataset.from_list([{k: p[k] for k in fields} for p in held]) if held else None)
 
 
+def _keep_on_policy(out: Path, pairs: list[dict], stats: dict) -> None:
+    """The on-policy pairs and their counts, so a restarted run does not generate them again."""
+    write_jsonl(out / "on_policy.jsonl", pairs)
+    (out / "on_policy.json").write_text(json.dumps(stats))
+
+
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     from slmforge import dist
     from slmforge.modeling import load_model
@@ -141,9 +147,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             wanted = {it["chunk_id"] for it in items if it["kind"] in ("qa", "instruction")}
             info(f"  dpo · the {name} model answers up to {cfg.on_policy_questions} synthetic questions")
             extra, stats["on_policy"] = on_policy_pairs(cfg, model, tok, items, _chunks(Curated.of(inputs["curate"]), synth, wanted))
-            if dist.is_main():
-                cached.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in extra), encoding="utf-8")
-                (out / "on_policy.json").write_text(json.dumps(stats["on_policy"]))
+            dist.on_main(_keep_on_policy, out, extra, stats["on_policy"])
         pairs += extra
     if not pairs:
         raise UserError("dpo: no preference pairs; add `preference` to synth.kinds (or set dpo.on_policy: true)")
@@ -156,22 +160,18 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     work = out / "trainer-dpo"
     trainer = make_trainer(cfg, model, tok, train, held, work)
     run = fit(trainer, work, "dpo", bool(held))
-    if cfg.precompute_ref and dist.is_main() and "ref_chosen_logps" in trainer.train_dataset.column_names:
+    if cfg.precompute_ref and "ref_chosen_logps" in trainer.train_dataset.column_names:
         ds = trainer.train_dataset
-        with open(out / "ref_logps.jsonl", "w", encoding="utf-8") as f:
-            for c, r in zip(ds["ref_chosen_logps"], ds["ref_rejected_logps"]):
-                f.write(json.dumps({"ref_chosen_logps": c, "ref_rejected_logps": r}) + "\n")
+        dist.on_main(write_jsonl, out / "ref_logps.jsonl", [{"ref_chosen_logps": c, "ref_rejected_logps": r}
+                                                            for c, r in zip(ds["ref_chosen_logps"], ds["ref_rejected_logps"])])
     evals = run["evals"]
     acc_key = next((k for k in evals if k.endswith("rewards/accuracies")), None)
     metrics = {**run["metrics"], "eval_reward_accuracy": round(evals[acc_key], 4) if acc_key else None,
                "tokens_per_s": None, "params_changed": params_changed(before, trainer.model),
                "beta": cfg.beta, "loss_type": cfg.loss_type}
-    entry = {}
-    if dist.is_main():
-        entry = save_model({"model": trainer.model, "tokenizer": tok, "log": run["log"], "wall": run["wall"],
-                            "tokens": 0, "metrics": metrics}, out, "dpo", base, stats, NAME)
-        shutil.rmtree(work, ignore_errors=True)
-    dist.barrier()
+    result = {"model": trainer.model, "tokenizer": tok, "log": run["log"], "wall": run["wall"], "tokens": 0,
+              "metrics": metrics}
+    entry = dist.on_main(finish, result, out, "dpo", base, stats, NAME, work) or {}
     _print(entry)
     return {"models": {"dpo": entry}, "base": name}
 

@@ -53,6 +53,7 @@ from slmforge.hardware import flops_per_token, use_bf16
 from slmforge.lm import nll
 from slmforge.modeling import ModelSize, build_model, load_model, model_card, parse_count, shape_of
 from slmforge.packing import Sampler, tokenize_split
+from slmforge.records import Curated
 
 NAME = "pretrain"
 INPUTS = ("curate", "tokenizer")
@@ -442,14 +443,14 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
 
     dist.init()
     curate, tok_art = inputs["curate"], inputs["tokenizer"]
-    roles: dict[str, str] = curate.manifest["metrics"]["roles"]
+    curated = Curated.of(curate)
     domain = tok_art.manifest["metrics"]["trained_on"]
-    general = [s for s, r in roles.items() if r == "general"]
+    general = curated.general
     bf16 = use_bf16(cfg.precision)
     peak = hardware.peak_flops(bf16)
     torch.manual_seed(cfg.seed)
 
-    plans = [("specialist", list(roles), "tokenizer")]
+    plans = [("specialist", list(curated.roles), "tokenizer")]
     if cfg.baseline and general and not cfg.init_from:
         plans.append(("generalist", general, "general_tokenizer"))
     metrics: dict = {"bf16": bf16, "peak_flops": peak, "world_size": dist.world_size(), "models": {}}

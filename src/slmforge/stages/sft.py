@@ -295,10 +295,9 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
              f"{len(data['eval'])} held out" + (f"; label : rationale tokens {data['stats']['alpha_realised']:.2f} : "
                                                  f"{1 - data['stats']['alpha_realised']:.2f}" if distill else ""))
         result = train_model(cfg, name, base, data, out, DISTILL_TEMPLATE if distill else None)
-        if dist.is_main():
-            models[name] = save_model(result, out, name, base, data["stats"], NAME)
-            shutil.rmtree(out / f"trainer-{name}", ignore_errors=True)
-        dist.barrier()
+        entry = dist.on_main(finish, result, out, name, base, data["stats"], NAME, out / f"trainer-{name}")
+        if entry is not None:  # the main process
+            models[name] = entry
     _print(models)
     return {"models": models, "base": str(base), "items": len(items)}
 
