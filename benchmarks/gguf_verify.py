@@ -53,7 +53,7 @@ def main() -> None:
     from slmforge.artifacts import ArtifactStore
     from slmforge.modeling import load_model
     from slmforge.records import read_documents
-    from slmforge.stages.export import hf_greedy, llama_greedy, reference_model, verify_prompts, write_gguf
+    from slmforge.gguf import hf_greedy, llama_greedy, reference_model, verify_prompts, write_gguf
 
     torch.set_num_threads(args.threads)
     store = ArtifactStore(Path(args.workdir))

@@ -74,7 +74,7 @@ def test_the_card_has_front_matter_and_scores_the_hub_reads(exported):
 
 
 def test_slmforge_json_describes_the_export(exported):
-    from slmforge.stages.export import llama_cpp_available
+    from slmforge.gguf import llama_cpp_available
 
     store, art, _ = exported
     results = json.loads((store.resolve("evaluate:latest").path / "results.json").read_text())
@@ -119,7 +119,7 @@ def test_the_gguf_reads_back_with_the_weights_and_tokenizer(exported):
     import gguf
     from safetensors.numpy import load_file
 
-    from slmforge.stages.export import _permute
+    from slmforge.gguf import _permute
 
     _, art, _ = exported
     folder = art.path / "t-dpo"
@@ -182,7 +182,7 @@ def test_llama_cpp_decodes_the_gguf_like_transformers(exported, tmp_path):
     pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
-    from slmforge.stages.export import verify_gguf, verify_prompts, write_gguf
+    from slmforge.gguf import verify_gguf, verify_prompts, write_gguf
 
     store, art, _ = exported
     folder = art.path / "t-dpo"
