@@ -20,8 +20,9 @@ import time
 import warnings
 from pathlib import Path
 
+from slmforge.stages.export import MODELS  # model -> the stage that makes it
+
 REPO = Path(__file__).resolve().parents[1]
-STAGE = {"specialist": "pretrain", "generalist": "pretrain", "sft": "sft", "sft-rationale": "sft", "dpo": "dpo"}
 
 
 def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -41,7 +42,7 @@ def timed(fn, prompts_ids: list[list[int]], n: int) -> tuple[list[list[int]], fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=str(REPO / "runs" / "demo"))
-    p.add_argument("--model", default="dpo", choices=list(STAGE))
+    p.add_argument("--model", default="dpo", choices=list(MODELS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--prompts", type=int, default=4)
@@ -53,11 +54,11 @@ def main() -> None:
     from slmforge.artifacts import ArtifactStore
     from slmforge.modeling import load_model
     from slmforge.records import read_documents
-    from slmforge.stages.export import hf_greedy, llama_greedy, reference_model, verify_prompts, write_gguf
+    from slmforge.gguf import hf_greedy, llama_greedy, reference_model, verify_prompts, write_gguf
 
     torch.set_num_threads(args.threads)
     store = ArtifactStore(Path(args.workdir))
-    src = store.resolve(f"{STAGE[args.model]}:latest").path / args.model
+    src = store.resolve(f"{MODELS[args.model]}:latest").path / args.model
     curate = store.resolve("curate:latest")
     domain = [s for s, r in curate.manifest["metrics"]["roles"].items() if r == "domain"]
     texts = [r["text"] for r in read_documents(curate.path / "data" / "test", domain[0], columns=["text"])][:args.prompts]

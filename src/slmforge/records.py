@@ -162,3 +162,87 @@ def read_documents(root: Path, source: str | None = None, columns: list[str] | N
     shards = sorted((root / source).glob("*.parquet")) if source else sorted(root.glob("*/*.parquet"))
     for shard in shards:
         yield from pq.read_table(shard, columns=columns).to_pylist()
+
+
+# ---- model lineage -------------------------------------------------------------------------------------
+# What a model stage (pretrain, sft, dpo) records for each model it makes, in its manifest's
+# metrics.models.<model>: `tokens` it trained on and, for a fine-tuned model, the `base` it started from.
+MODEL_STAGES = ("pretrain", "sft", "dpo")
+
+
+@dataclass(frozen=True)
+class ModelBase:
+    """The model another model was trained from: the folder `model` of the artifact `stage:key`."""
+
+    stage: str
+    key: str
+    model: str
+
+    @classmethod
+    def read(cls, value: dict | str | None) -> ModelBase | None:
+        """A recorded `base`: {stage, key, model}, or the base model's folder as sft and dpo record it,
+        <workdir>/<stage>/<key>/<model> (the store's layout; this is the one place that parses it). None
+        when there is no base or it is not a model stage's (sft.base may name any local HF folder)."""
+        if isinstance(value, dict):
+            return cls(value["stage"], value["key"], value["model"]) if value.get("stage") in MODEL_STAGES else None
+        parts = Path(value).parts if value else ()
+        if len(parts) < 3 or parts[-3] not in MODEL_STAGES:
+            return None
+        return cls(parts[-3], parts[-2], parts[-1])
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """One model of a lineage: where it is, the tokens it was trained on, and its manifest entry."""
+
+    stage: str
+    key: str
+    model: str
+    tokens: int
+    meta: dict = field(default_factory=dict)  # the stage's metrics.models.<model>
+
+    @property
+    def base(self) -> ModelBase | None:
+        return ModelBase.read(self.meta.get("base"))
+
+
+def model_lineage(store, stage: str, key: str, model: str) -> list[TrainedModel]:
+    """The model `stage:key/model` and the models it was trained from, base first, following each recorded
+    `base` through the ArtifactStore `store`; the chain stops at a base that is not in the store."""
+    from slmforge.errors import UserError
+
+    out: list[TrainedModel] = []
+    at: ModelBase | None = ModelBase(stage, key, model)
+    seen: set[ModelBase] = set()
+    while at is not None and at not in seen:
+        seen.add(at)
+        try:
+            art = store.load(at.stage, at.key)
+        except UserError:
+            break
+        meta = art.manifest["metrics"].get("models", {}).get(at.model)
+        if meta is None:
+            break
+        out.append(TrainedModel(at.stage, at.key, at.model, int(meta.get("tokens") or 0), meta))
+        at = out[-1].base
+    return out[::-1]
+
+
+def made_from(store, start: dict[str, str]) -> dict[str, str]:
+    """Every stage:key the artifacts `start` ({stage: key}) were made from, themselves included, following the
+    manifests' inputs through the ArtifactStore `store`; in pipeline order."""
+    from slmforge.errors import UserError
+    from slmforge.stages import STAGES  # the stage names only (stages/__init__.py imports nothing)
+
+    found: dict[str, str] = {}
+    todo = list(start.items())
+    while todo:
+        stage, key = todo.pop()
+        if stage in found:
+            continue
+        found[stage] = key
+        try:
+            todo += list(store.load(stage, key).manifest.get("inputs", {}).items())
+        except UserError:
+            pass
+    return {s: found[s] for s in sorted(found, key=lambda s: (STAGES.index(s) if s in STAGES else len(STAGES), s))}

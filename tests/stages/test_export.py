@@ -74,7 +74,7 @@ def test_the_card_has_front_matter_and_scores_the_hub_reads(exported):
 
 
 def test_slmforge_json_describes_the_export(exported):
-    from slmforge.stages.export import llama_cpp_available
+    from slmforge.gguf import llama_cpp_available
 
     store, art, _ = exported
     results = json.loads((store.resolve("evaluate:latest").path / "results.json").read_text())
@@ -119,7 +119,7 @@ def test_the_gguf_reads_back_with_the_weights_and_tokenizer(exported):
     import gguf
     from safetensors.numpy import load_file
 
-    from slmforge.stages.export import _permute
+    from slmforge.gguf import _permute
 
     _, art, _ = exported
     folder = art.path / "t-dpo"
@@ -177,12 +177,34 @@ def test_bad_settings_give_one_clear_error():
     assert export.needs(export.Config(models=["dpo", "specialist"])) == ("curate", "evaluate", "dpo", "pretrain")
 
 
+def test_a_recorded_base_reads_as_stage_key_and_model(tmp_path):
+    """The lineage export puts on the card: a model stage's `base` (a path today, {stage, key, model} too),
+    followed through the store; a base outside the store ends the chain."""
+    from slmforge.artifacts import ArtifactStore
+    from slmforge.records import ModelBase, model_lineage
+
+    assert ModelBase.read(str(tmp_path / "sft" / "k1" / "sft-rationale")) == ModelBase("sft", "k1", "sft-rationale")
+    assert ModelBase.read({"stage": "pretrain", "key": "k0", "model": "specialist"}) == \
+        ModelBase("pretrain", "k0", "specialist")
+    assert ModelBase.read(str(tmp_path / "my-hf-model")) is None and ModelBase.read(None) is None
+    store = ArtifactStore(tmp_path)
+    for stage, key, models in (("pretrain", "k0", {"specialist": {"tokens": 100}}),
+                               ("sft", "k1", {"sft": {"tokens": 7, "base": str(tmp_path / "pretrain/k0/specialist")}}),
+                               ("dpo", "k2", {"dpo": {"tokens": 0, "base": str(tmp_path / "sft/k1/sft")}})):
+        (tmp_path / stage / key).mkdir(parents=True)
+        (tmp_path / stage / key / "manifest.json").write_text(json.dumps({"metrics": {"models": models}}))
+    chain = model_lineage(store, "dpo", "k2", "dpo")
+    assert [(c.stage, c.key, c.model, c.tokens) for c in chain] == \
+        [("pretrain", "k0", "specialist", 100), ("sft", "k1", "sft", 7), ("dpo", "k2", "dpo", 0)]
+    assert [c.stage for c in model_lineage(store, "sft", "k9", "sft")] == []  # not in the store
+
+
 def test_llama_cpp_decodes_the_gguf_like_transformers(exported, tmp_path):
     """Opt-in (needs llama-cpp-python): f32 and f16 files give transformers' greedy tokens; q8_0 is reported."""
     pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
-    from slmforge.stages.export import verify_gguf, verify_prompts, write_gguf
+    from slmforge.gguf import verify_gguf, verify_prompts, write_gguf
 
     store, art, _ = exported
     folder = art.path / "t-dpo"

@@ -1,0 +1,300 @@
+"""GGUF for llama.cpp and Ollama: a writer for our Llama HF folders and a check that llama.cpp decodes the
+file like transformers.
+
+GGUF is written with the `gguf` package's GGUFWriter, the way llama.cpp's convert_hf_to_gguf.py writes
+a Llama (architecture "llama", its tensor names from gguf's own HF-name map, q/k rows permuted for
+llama.cpp's RoPE layout, the byte-level BPE as tokenizer.ggml.model "gpt2" with pre-tokenizer
+"llama-bpe": our Split regex is Llama 3's). `verify_gguf` has llama.cpp (llama-cpp-python) load the file
+and greedy-decode a few prompts; its tokens must equal transformers' on the same weights (rounded to
+the GGUF's float type), and its tokenization must equal the HF tokenizer's.
+
+(This module is `slmforge.gguf`; `import gguf` in it is the PyPI package: imports are absolute.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from slmforge.chat import IM_END, strip_generation_marks
+from slmforge.errors import UserError
+
+VERIFY_TOKENS = 16  # greedy tokens compared per prompt
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def _permute(w, n_head: int):
+    """HF stores q/k rows as [all first halves | all second halves] per head (rotate_half RoPE); llama.cpp
+    rotates adjacent pairs. Same permutation as convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokens(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Token strings and types by id from tokenizer.json, as convert_hf_to_gguf.py's get_vocab_base:
+    special added tokens are CONTROL, other added tokens USER_DEFINED, ids without a token UNUSED."""
+    import gguf
+
+    tj = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tj["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise UserError(f"{model_dir / 'tokenizer.json'}: GGUF export supports byte-level BPE tokenizers only")
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i in added:
+            tokens.append(added[i]["content"])
+            types.append(gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED)
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    return tokens, [int(t) for t in types]
+
+
+def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, description: str | None = None) -> dict:
+    """A llama-architecture GGUF of the HF folder `model_dir` at `path` (written beside, then renamed)."""
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if cfg.get("model_type") != "llama":
+        raise UserError(f"{model_dir / 'config.json'}: model_type {cfg.get('model_type')!r}; GGUF export "
+                        "writes Llama models only")
+    n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
+        raise UserError(f"{model_dir / 'config.json'}: RoPE scaling is not supported by this exporter")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    if description:
+        w.add_description(description)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
+    if outtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tokens, types = _tokens(model_dir, cfg["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    # gguf's SpecialVocab reads the merges, bos/eos/pad ids and add_bos (from the post-processor); it logs a
+    # warning about our pair template (<s> A <s> B), which llama.cpp never uses
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token.setdefault("eos", False)
+    if IM_END in tokens:  # chat turns end with IM_END: an end-of-generation token for llama.cpp
+        w.add_eot_token_id(tokens.index(IM_END))
+    if special.chat_template:
+        special.chat_template = strip_generation_marks(special.chat_template)
+    special.add_to_gguf(w, quiet=True)  # merges, bos/eos/pad ids, add_bos (from the post-processor)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    n_written = 0
+    for hf_name, data in tensors.items():
+        if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue  # llama.cpp uses token_embd when output.weight is missing
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise UserError(f"{model_dir / 'model.safetensors'}: no GGUF name for tensor {hf_name!r}")
+        data = data.to(torch.float32).numpy()  # via torch: numpy has no bfloat16 for bf16 checkpoints
+        if hf_name.endswith("q_proj.weight"):
+            data = _permute(data, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = _permute(data, n_kv)
+        # Norms (1-D) stay float32 in every type, as llama.cpp's converter keeps them.
+        qtype = gguf.GGMLQuantizationType.F32
+        if data.ndim == 2 and outtype != "f32":
+            qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+                     "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+            if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+                qtype = gguf.GGMLQuantizationType.F16  # rows not a multiple of the 32-value block
+        if qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(new, data.astype(np.float16))
+        elif qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(new, data)
+        else:
+            w.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        n_written += 1
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": path.name, "outtype": outtype, "tensors": n_written, "bytes": path.stat().st_size}
+
+
+# ---- verification with llama.cpp -------------------------------------------------------------------
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def reference_model(model_dir: Path, outtype: str):
+    """The HF model with its matrices rounded to the GGUF's float type and back (norms stay float32,
+    as in the GGUF), so that f16/bf16 files are compared with the weights they actually hold."""
+    import torch
+
+    from slmforge.modeling import load_model
+
+    model, tok = load_model(model_dir)
+    rounding = {"f16": torch.float16, "bf16": torch.bfloat16}.get(outtype)
+    if rounding is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.copy_(p.to(rounding).float())
+    return model.eval(), tok
+
+
+def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list]:
+    """n argmax tokens after `ids` with transformers' KV cache, not stopping at EOS (as the llama.cpp loop
+    does not), and each step's logits. (Not lm.generate: the check needs every step's logits for its
+    near-tie rule, and model.generate stops at EOS or, with min_new_tokens, masks it.)"""
+    import torch
+
+    out, logits = [], []
+    with torch.no_grad():
+        step = model(input_ids=torch.tensor([ids]), use_cache=True)
+        for i in range(n):
+            row = step.logits[0, -1].float()
+            out.append(int(row.argmax()))
+            logits.append(row)
+            if i + 1 < n:
+                step = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+    return out, logits
+
+
+def llama_logits(llm):
+    """The logits of the last evaluated token. (llama-cpp-python 0.3.x keeps `scores` only with logits_all=True;
+    llama_get_logits_ith is llama.cpp's own call for the last row.)"""
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for i in range(n):
+        out.append(int(np.argmax(llama_logits(llm))))
+        if i + 1 < n:
+            llm.eval([out[-1]])
+    return out
+
+
+def verify_prompts(tok, texts: list[str], chat: bool, k: int = 3) -> list[str]:
+    """Prompts for the check: the starts of `k` held-out domain documents, and for a chat model one
+    question through its chat template (special tokens in the text)."""
+    prompts = []
+    for t in texts[:k]:
+        cut = t[:200]
+        prompts.append(cut[: cut.rfind(" ")] if " " in cut[20:] else cut)
+    if chat and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": "What does VACUUM do?"}],
+                                       add_generation_prompt=True, tokenize=False)
+        prompts.append(text.removeprefix(tok.bos_token or ""))  # the tokenizer adds BOS itself
+    return prompts or ["The"]
+
+
+def verify_gguf(gguf_path: Path, model_dir: Path, outtype: str, prompts: list[str], context: int,
+                n_tokens: int = VERIFY_TOKENS, threads: int | None = None) -> dict:
+    """Greedy decoding with llama.cpp vs transformers on the same token ids, and tokenization of each prompt.
+
+    For f32/f16/bf16 the tokens must be equal (`passed`), except at a near tie: where the two first differ,
+    if transformers' logits for the two tokens are within `tie_tolerance`, the rest of the sequence cannot
+    be compared and the prompt counts as matching up to there (float rounding decides a tie, not a bug).
+    For q8_0 the weights differ by design, so the agreement (matching prefix / tokens) is reported.
+    """
+    from llama_cpp import Llama
+
+    model, tok = reference_model(model_dir, outtype)
+    # Logit gaps this small flip with accumulation order (llama.cpp's f16/bf16 matmuls also round the
+    # activations). Measured on the demo's dpo model, 21 prompts x 16 tokens: f32 and f16 equal everywhere,
+    # bf16 one flip at a gap of 0.0003; q8_0 first differs at gaps up to 0.04.
+    tie_tolerance = {"f32": 1e-3, "f16": 2e-2, "bf16": 2e-2}.get(outtype)
+    started = time.time()
+    # transformers first, then llama.cpp: the two thread pools taking turns per token oversubscribe the cores
+    # (on 2 busy cores a 1-second check took a minute)
+    ids = [tok(p)["input_ids"] for p in prompts]
+    ref = [hf_greedy(model, x[: max(1, context - n_tokens)], n_tokens) for x in ids]
+    del model
+    llm = Llama(model_path=str(gguf_path), n_ctx=context, logits_all=False, verbose=False,
+                n_threads=threads or min(os.cpu_count() or 1, 4), seed=0)
+    rows = []
+    for prompt, full, (want, logits) in zip(prompts, ids, ref):
+        hf_ids = full[: max(1, context - n_tokens)]
+        ll_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        got = llama_greedy(llm, hf_ids, n_tokens)
+        prefix = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), n_tokens)
+        row = {"prompt": prompt[:120], "prompt_tokens": len(hf_ids), "tokenization_equal": ll_ids == full,
+               "transformers": want, "llama_cpp": got, "matching_prefix": prefix}
+        if prefix < n_tokens:
+            gap = float(logits[prefix][want[prefix]] - logits[prefix][got[prefix]])
+            row["first_difference"] = {"position": prefix, "logit_gap": round(gap, 6)}
+            row["near_tie"] = tie_tolerance is not None and gap <= tie_tolerance
+        rows.append(row)
+    del llm
+    agreement = sum(r["matching_prefix"] for r in rows) / (n_tokens * len(rows))
+    tokens_ok = all(r["tokenization_equal"] for r in rows)
+    exact = tie_tolerance is not None
+    passed = tokens_ok and (all(r["matching_prefix"] == n_tokens or r.get("near_tie") for r in rows) if exact
+                            else True)
+    return {"outtype": outtype, "passed": passed, "exact": exact, "agreement": round(agreement, 4),
+            "tokenization_equal": tokens_ok, "tokens_per_prompt": n_tokens, "tie_tolerance": tie_tolerance,
+            "seconds": round(time.time() - started, 2), "prompts": rows}
+
+
+def verification_error(path: Path, v: dict) -> str:
+    """The UserError message for a failed `verify_gguf` report: the first prompt that failed, and why."""
+    for r in v["prompts"]:
+        if not r["tokenization_equal"]:
+            return (f"{path}: llama.cpp tokenizes the prompt {r['prompt'][:60]!r} differently from the HF "
+                    "tokenizer; the GGUF's tokenizer metadata is wrong (please report it), or set export.verify: "
+                    "false to keep the file unchecked")
+        if r["matching_prefix"] < v["tokens_per_prompt"] and not r.get("near_tie"):
+            d = r["first_difference"]
+            return (f"{path}: llama.cpp's greedy tokens differ from transformers' at generated position "
+                    f"{d['position']} for the prompt {r['prompt'][:60]!r} (transformers {r['transformers']}, "
+                    f"llama.cpp {r['llama_cpp']}; logit gap {d['logit_gap']}). The GGUF does not reproduce the "
+                    "model: please report it, or set export.verify: false to keep the file unchecked")
+    return f"{path}: verification failed"
