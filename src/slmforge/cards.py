@@ -5,12 +5,7 @@ that sits beside a GGUF."""
 from __future__ import annotations
 
 from slmforge.chat import EOS, IM_END, IM_START
-from slmforge.records import TrainedModel
-
-
-def _set_name(task: str) -> str:
-    """'slmforge_mcq' -> 'mcq': the benchmark set of an lm-eval task name."""
-    return task.rsplit("_", 1)[-1]
+from slmforge.records import TrainedModel, set_of
 
 
 def flat_scores(results: dict, model: str) -> dict:
@@ -19,7 +14,7 @@ def flat_scores(results: dict, model: str) -> dict:
     for task, ms in sorted(results.get("benchmarks", {}).get(model, {}).items()):
         for metric, v in ms.items():
             if isinstance(v, (int, float)):
-                out[f"{_set_name(task)}/{metric}"] = v
+                out[f"{set_of(task)}/{metric}"] = v
     for source, s in results.get("scores", {}).get(model, {}).items():
         out[f"bpb/{source}"] = s["bpb"]
     return out
@@ -33,7 +28,7 @@ def model_index(name: str, results: dict, model: str, domain: str) -> list[dict]
     """The card's `model-index` (the Hub's evaluation-results format): one result per task, one per test split."""
     res = []
     for task, ms in sorted(results.get("benchmarks", {}).get(model, {}).items()):
-        s = _set_name(task)
+        s = set_of(task)
         metrics = [{"type": k, "value": v, "name": k} for k, v in ms.items() if isinstance(v, (int, float))]
         if metrics:
             res.append({"task": {"type": "text-generation", "name": SET_NAMES.get(s, s)},
@@ -129,7 +124,7 @@ def _score_lines(results: dict, model: str, doc: dict) -> list[str]:
              "| task · metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     headline = results.get("headline", {})
     for task, ms in sorted(bench.get(model, {}).items()):
-        s = _set_name(task)
+        s = set_of(task)
         for metric, v in ms.items():
             if not isinstance(v, (int, float)):
                 continue

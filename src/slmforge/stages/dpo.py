@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -27,12 +26,13 @@ from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.posttrain import (
     PostTrainConfig,
+    finish,
     fit,
     held_out,
     params_changed,
-    save_model,
     snapshot_params,
     trainer_args,
+    write_jsonl,
 )
 from slmforge.records import Curated, Models, Synthesized
 from slmforge.synthesis import grounded_share, split_chunks

@@ -30,9 +30,15 @@ from slmforge.cards import flat_scores, model_card, modelfile
 from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
-from slmforge.gguf import (VERIFY_TOKENS, llama_cpp_available, verification_error, verify_gguf, verify_prompts,
-                           write_gguf)
-from slmforge.records import made_from, model_lineage, read_documents
+from slmforge.gguf import (
+    VERIFY_TOKENS,
+    llama_cpp_available,
+    verification_error,
+    verify_gguf,
+    verify_prompts,
+    write_gguf,
+)
+from slmforge.records import Curated, Models, made_from, model_lineage
 
 NAME = "export"
 INPUTS = ("curate", "evaluate")
@@ -129,14 +135,14 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
 
 
 # ---- the folder --------------------------------------------------------------------------------------
-def _sample_docs(curate: Artifact, split: str, sources: list[str], n: int) -> list[dict]:
+def _sample_docs(curated: Curated, split: str, sources: list[str], n: int) -> list[dict]:
     """n documents of the split, picked by a hash of their id (a fixed, order-free sample across sources),
     text cut to ROUTER_CHARS at a word boundary."""
     if n == 0:
         return []
     heap: list[tuple[int, str, str]] = []  # (-hash, id, text): the n smallest hashes
     for s in sources:
-        for row in read_documents(curate.path / "data" / split, s, columns=["id", "text"]):
+        for row in curated.documents(split, s, columns=["id", "text"]):
             h = int.from_bytes(hashlib.blake2b(row["id"].encode(), digest_size=8).digest(), "big")
             item = (-h, row["id"], row["text"])
             if len(heap) < n:
@@ -181,7 +187,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
     curate, evaluate = inputs["curate"], inputs["evaluate"]
     res_path = evaluate.path / "results.json"
     results = json.loads(res_path.read_text(encoding="utf-8")) if res_path.is_file() else evaluate.manifest["metrics"]
-    roles = curate.manifest["metrics"]["roles"]
+    curated = Curated.of(curate)
     want_verify = cfg.verify and cfg.gguf != "none"
     can_verify = want_verify and llama_cpp_available()
     if want_verify and not can_verify:
@@ -193,13 +199,14 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
     for model in cfg.models:
         stage = MODELS[model]
         art = inputs[stage]
-        if model not in art.manifest["metrics"].get("models", {}):
+        made = Models.of(art)
+        if model not in made.models:
             raise UserError(f"export.models: the {stage} stage ({art.path}) made "
-                            f"{', '.join(art.manifest['metrics'].get('models', {})) or 'no models'}, not {model!r}")
+                            f"{', '.join(made.models) or 'no models'}, not {model!r}")
         name = cfg.export_name(model)
         evaluated = results.get("models", {}).get(model, {})
         scored = evaluated.get("stage") == stage and evaluated.get("key") == art.key
-        src = art.path / model
+        src = made.folder(model)
         if scored and (sel := results.get("selection", {}).get(model)):
             src = Path(sel["path"])
         if not scored:
@@ -207,20 +214,20 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
                    f"evaluate did not score {model!r}")
             info(f"  export · {name}: {why}; the card will have no scores (run `slmforge evaluate` first)")
         res = results if scored else {}
-        sources = [s for s, r in roles.items() if r == ("general" if model == "generalist" else "domain")]
+        sources = curated.general if model == "generalist" else curated.domain
         dst = out / name
         info(f"  export · {model} → {name} (from {src})")
         _hf_folder(src, dst)
         hf_cfg = json.loads((dst / "config.json").read_text(encoding="utf-8"))
         context = hf_cfg["max_position_embeddings"]
         chain = model_lineage(store, stage, art.key, model)
-        meta = art.manifest["metrics"]["models"][model]
+        meta = made.models[model]
         chat = bool(meta.get("chat"))
 
         (dst / "domain").mkdir(exist_ok=True)
         router = None
-        train = _sample_docs(curate, "train", sources, cfg.router_docs)
-        test = _sample_docs(curate, "test", sources, cfg.router_docs)
+        train = _sample_docs(curated, "train", sources, cfg.router_docs)
+        test = _sample_docs(curated, "test", sources, cfg.router_docs)
         if train and test:
             _write_jsonl(dst / "domain" / "train.jsonl", [{"text": d["text"]} for d in train])
             _write_jsonl(dst / "domain" / "test.jsonl", [{"text": d["text"]} for d in test])
@@ -239,7 +246,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
 
                 tok = AutoTokenizer.from_pretrained(str(dst), local_files_only=True)
                 test_texts = list(islice((r["text"] for s in sources for r in
-                                          read_documents(curate.path / "data" / "test", s, columns=["text"])), 3))
+                                          curated.documents("test", s, columns=["text"])), 3))
                 info(f"  export · {name}: llama.cpp vs transformers, greedy, {VERIFY_TOKENS} tokens per prompt")
                 verification = verify_gguf(dst / gguf_file, dst, cfg.gguf, verify_prompts(tok, test_texts, chat),
                                            context)

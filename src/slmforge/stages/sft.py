@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -47,10 +46,10 @@ from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.posttrain import (
     PostTrainConfig,
+    finish,
     fit,
     held_out,
     params_changed,
-    save_model,
     snapshot_params,
     trainer_args,
 )
