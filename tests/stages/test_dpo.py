@@ -54,3 +54,17 @@ def test_trl_dpo_loss_matches_the_formula(posttrained, tmp_path):
     by_hand = -F.logsigmoid(0.3 * ((pc - rc) - (pr - rr))).mean().item()
     assert loss == pytest.approx(by_hand, rel=1e-4, abs=1e-5)
     assert abs(by_hand - 0.6931) > 1e-3  # the policy really differs from the reference
+
+
+def test_a_loss_type_typo_is_a_recipe_error_before_any_model_loads(tmp_path, small_corpus):
+    from slmforge.config import load_recipe
+    from slmforge.errors import UserError
+    from tests.conftest import post_recipe, write_recipe
+
+    recipe = post_recipe(small_corpus, tmp_path / "w")
+    recipe["dpo"]["loss_type"] = "sigmoyd"
+    recipe["sft"]["packing"] = "tight"
+    with pytest.raises(UserError, match=r"(?s)sft\.packing: Input should be 'auto'.*dpo\.loss_type: Input should be 'sigmoid'"):
+        load_recipe(write_recipe(tmp_path, recipe))
+    recipe["dpo"]["loss_type"], recipe["sft"]["packing"] = "ipo", "wrapped"
+    assert load_recipe(write_recipe(tmp_path, recipe)).stages["dpo"].loss_type == "ipo"
