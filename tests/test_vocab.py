@@ -6,7 +6,6 @@ trained on a few PostgreSQL manual pages; everything is built in seconds, nothin
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
