@@ -170,3 +170,21 @@ def test_save_and_load_round_trip(toks, expanded, tmp_path):
         model.eval(), model2.eval()
         with torch.no_grad():
             assert torch.equal(model(x).logits, model2(x).logits)
+
+
+def test_a_domain_term_becomes_one_token(toks, expanded):
+    base, *_ = toks
+    _, chosen, _, tok, _ = expanded
+    assert "Ġautovacuum" in {c.token for c in chosen}
+    line = "SET autovacuum_vacuum_scale_factor = 0.5;"
+    assert "Ġautovacuum" in tok.tokenize(line) and "Ġautovacuum" not in base.tokenize(line)
+
+
+def test_tokens_chosen_for_another_base_are_refused(toks):
+    from slmforge.errors import UserError
+
+    base, domain, train, _ = toks
+    chosen = choose_tokens(domain, base, [PLAIN] * 3, 5)  # pieces are domain-tokenizer ids
+    model, _ = build_model(SIZE, base)
+    with pytest.raises(UserError, match="another base tokenizer"):
+        expand(model, base, chosen)

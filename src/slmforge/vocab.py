@@ -175,7 +175,8 @@ def _expanded_tokenizer(base_tokenizer, chosen: list[Candidate]):
         base_tokenizer.save_pretrained(tmp)
         (Path(tmp) / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
         tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-    assert all(tok.convert_tokens_to_ids(t) == i for t, i in vocab.items()), "the expanded vocabulary moved"
+    got = tok.get_vocab()
+    assert all(got.get(t) == i for t, i in vocab.items()), "the expanded vocabulary moved"
     return tok, rows
 
 
@@ -190,6 +191,7 @@ def expand(model, base_tokenizer, chosen: list[Candidate], texts: Iterable[str] 
     import torch
 
     texts = list(texts)
+    chosen = list(dict.fromkeys(chosen))  # a token given twice is added once
     report: dict = {"chosen": len(chosen), "added": 0, "intermediates": 0,
                     "vocab_before": len(base_tokenizer), "vocab_after": len(base_tokenizer)}
     if not chosen:
@@ -209,12 +211,12 @@ def expand(model, base_tokenizer, chosen: list[Candidate], texts: Iterable[str] 
     assert still_tied == tied, "resizing untied the embeddings"
     matrices = [inp.weight] + ([out.weight] if out is not None and not tied else [])
     with torch.no_grad():
-        ids = torch.tensor([i for i, _ in rows])
+        ids = torch.tensor([i for i, _ in rows], device=inp.weight.device)
         for w in matrices:
             # rows past the old size are new; ids below it would be the base's unused padding rows
             w[ids] = torch.stack([w[list(p)].float().mean(0) for _, p in rows]).to(w.dtype)
     chosen_ids = tok.convert_tokens_to_ids([c.token for c in chosen])
-    used = sum(_encode(tok, [c.text])[0] == [i] for c, i in zip(chosen, chosen_ids))
+    used = sum(e == [i] for e, i in zip(_encode(tok, [c.text for c in chosen]), chosen_ids))
     report.update(added=len(rows), intermediates=len(rows) - len(chosen), vocab_after=len(tok),
                   tied=tied, chosen_emitted_whole=used,
                   examples=[asdict(c) | {"pieces": list(c.pieces)} for c in chosen[:20]])
