@@ -183,7 +183,7 @@ def test_a_domain_term_becomes_one_token(toks, expanded):
 def test_tokens_chosen_for_another_base_are_refused(toks):
     from slmforge.errors import UserError
 
-    base, domain, train, _ = toks
+    base, domain, *_ = toks
     chosen = choose_tokens(domain, base, [PLAIN] * 3, 5)  # pieces are domain-tokenizer ids
     model, _ = build_model(SIZE, base)
     with pytest.raises(UserError, match="another base tokenizer"):
