@@ -17,6 +17,7 @@ The cache is `$SLMFORGE_BASES`, else `~/.cache/slmforge/bases`.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib.util
 import json
@@ -32,6 +33,7 @@ from slmforge.errors import UserError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 META = "base.json"
+FORMAT = 2  # base.json's layout and the conversion; a built-in base of an older format is converted again
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def builtin_file(name: str) -> Path:
     spec = importlib.util.find_spec(b.package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"base {name}: the package {b.package} is not installed; {b.install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / b.file
+    path = Path(next(iter(spec.submodule_search_locations))) / b.file
     if not path.is_file():
         raise UserError(f"base {name}: {path} is missing; reinstall: {b.install}")
     return path
@@ -167,7 +169,10 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
         if src.suffix != ".gguf":
             raise UserError(f"{src}: a base is a Hugging Face folder or a .gguf file")
         model, tok = _load_gguf(src)
-        fresh = type(model)(model.config)  # save_pretrained refuses a model loaded from GGUF
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):  # the weights are dequantized: a plain float model now
+            del config.quantization_config
+        fresh = type(model)(config)  # save_pretrained refuses a model loaded from GGUF
         missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
         if [k for k in missing if "rotary" not in k] or unexpected:
             raise UserError(f"{src}: the GGUF's tensors do not fit {type(model).__name__} "
@@ -200,7 +205,7 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
                 pretrain_flops=6 * params * tokens if tokens else None,
                 chat_template=bool(getattr(tok, "chat_template", None)),
                 added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    (tmp / META).write_text(json.dumps(base.to_json(), indent=2), encoding="utf-8")
+    (tmp / META).write_text(json.dumps({**base.to_json(), "format": FORMAT}, indent=2), encoding="utf-8")
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
@@ -213,21 +218,40 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
 
 def read(folder: Path) -> Base:
     d = json.loads((folder / META).read_text(encoding="utf-8"))
+    d.pop("format", None)
     return Base(**{**d, "path": Path(d["path"])})
+
+
+def _format(folder: Path) -> int:
+    return json.loads((folder / META).read_text(encoding="utf-8")).get("format", 1)
 
 
 def get(name: str, cache: str | Path | None = None) -> Base:
     """The base called `name`; a built-in one is converted on first use."""
     folder = cache_dir(cache) / name
-    if (folder / META).is_file():
+    if (folder / META).is_file() and (name not in BUILTIN or _format(folder) >= FORMAT):
         return read(folder)
     if name in BUILTIN:
         b = BUILTIN[name]
         return add(name, builtin_file(name), tokens=b.pretrain_tokens, license=b.license, cache=cache,
-                   source=f"{b.source} ({builtin_file(name)})")
+                   source=f"{b.source} ({builtin_file(name)})", force=True)
     known = sorted({*BUILTIN, *(b.name for b in list_bases(cache))})
     raise UserError(f"base {name!r} is not in {cache_dir(cache)}; known: {', '.join(known)}. "
                     f"Add one with `slmforge base add {name} PATH` (an HF folder or a .gguf file)")
+
+
+def fingerprint(name: str, cache: str | Path | None = None) -> str:
+    """What identifies a base's weights without converting it, the same before and after its first use: a
+    built-in base's source file (name, size) and the conversion's format; else the recorded sha256; else
+    "missing" (naming it is then an error at run time)."""
+    if name in BUILTIN:
+        try:
+            f = builtin_file(name)
+        except UserError:
+            return "missing"
+        return f"builtin:{f.name}:{f.stat().st_size}:format{FORMAT}"
+    folder = cache_dir(cache) / name
+    return read(folder).sha256 if (folder / META).is_file() else "missing"
 
 
 def is_name(ref: str) -> bool:

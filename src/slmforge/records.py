@@ -142,10 +142,12 @@ class Models:
     key: str
     path: Path
     models: dict[str, dict]  # name -> what the stage recorded (shape, tokens, chat, base, ...)
+    init_from: dict | None = None  # pretrain: the base (or folder) the specialist continued from
 
     @classmethod
     def of(cls, art: Artifact) -> Models:
-        return cls(art.stage, art.key, art.path, dict(art.manifest["metrics"].get("models", {})))
+        m = art.manifest["metrics"]
+        return cls(art.stage, art.key, art.path, dict(m.get("models", {})), m.get("init_from"))
 
     def folder(self, name: str) -> Path:
         return self.path / name

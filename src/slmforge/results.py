@@ -23,10 +23,43 @@ def reference(m: dict, task: str, metric: str) -> str:
 def gate_lines(gate: dict | None) -> list[str]:
     if not gate:
         return []
-    a, b = gate["compare"]
-    lines = [f"quality gate ({a} beats {b}, both beat chance): {'PASSED' if gate['passed'] else 'NOT MET'}"]
+    lines = [f"quality gate ({gate['specialist']} against the strongest of {', '.join(gate['rivals'])}, paired "
+             f"test on the same items, p < {gate['alpha']}): {gate['verdict'].upper()}"]
     for c in gate["checks"]:
-        lines.append(f"  {c['set']} {c['metric']}: {a} {c[a]:.3f} ±{c['ci95'][a]:.3f}, {b} {c[b]:.3f} "
-                     f"±{c['ci95'][b]:.3f}, chance {c['chance']:.2f}, margin {c['margin']:+.3f} "
-                     f"({c['items']} items) {'ok' if c['passed'] else 'NOT MET'}")
+        lines.append(f"  {c['set']} {c['metric']}: {c['a']} {c['a_score']:.3f} ±{c['ci95'][c['a']]:.3f}, {c['b']} "
+                     f"{c['b_score']:.3f} ±{c['ci95'][c['b']]:.3f}, margin {c['margin']:+.3f}, chance {c['chance']:.2f}, "
+                     f"{c['test']} p = {c['p_value']:.3g}" + (f" ({c['a_only']} vs {c['b_only']} of {c['items']} "
+                                                             "items right for one model only)" if "a_only" in c else "")
+                     + f": {c['verdict']}")
     return lines
+
+
+def best_line(m: dict) -> str:
+    """One sentence: which model is best on the domain, by how much, and the gate's verdict."""
+    parts = []
+    dom = m.get("domain_sources") or []
+    bpb = {n: sum(per[s]["bpb"] for s in dom) / len(dom) for n, per in m.get("scores", {}).items()
+           if dom and all(s in per for s in dom)}
+    if bpb:
+        ranked = sorted(bpb, key=lambda n: (bpb[n], n))
+        text = f"best on the domain by bits per byte: {ranked[0]} ({bpb[ranked[0]]:.3f})"
+        if len(ranked) > 1:
+            text += f", {1 - bpb[ranked[0]] / bpb[ranked[1]]:.1%} fewer than {ranked[1]} ({bpb[ranked[1]]:.3f})"
+        parts.append(text)
+    head = m.get("headline") or {}
+    tasks = {set_of(t): t for r in m.get("benchmarks", {}).values() for t in r}
+    mean = {}
+    for n, r in m.get("benchmarks", {}).items():
+        vals = [r.get(tasks.get(s, ""), {}).get(k) for s, k in head.items()]
+        if vals and all(v is not None for v in vals):
+            mean[n] = sum(vals) / len(vals)
+    if mean:
+        ranked = sorted(mean, key=lambda n: (-mean[n], n))
+        text = f"on the choice sets' headline metrics ({', '.join(f'{s} {k}' for s, k in head.items())}, mean): " \
+               f"{ranked[0]} {mean[ranked[0]]:.3f}"
+        if len(ranked) > 1:
+            text += f" vs {ranked[1]} {mean[ranked[1]]:.3f}"
+        parts.append(text)
+    if m.get("gate"):
+        parts.append(f"quality gate: {m['gate']['verdict']}")
+    return ("; ".join(parts) + ".") if parts else ""

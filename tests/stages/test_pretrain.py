@@ -148,3 +148,56 @@ def test_continued_pretraining_from_a_local_checkpoint(trained, tmp_path):
     log = [json.loads(x) for x in (d / "specialist" / "train_log.jsonl").read_text().splitlines()]
     first = [json.loads(x) for x in (run_dir / "specialist" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] < first[0]["loss"] - 0.3  # it starts from the trained weights, not from scratch
+
+
+def test_dapt_from_a_base_by_name_lowers_its_domain_loss(trained, tmp_path, monkeypatch):
+    from slmforge import bases
+
+    recipe, run_dir = trained
+    monkeypatch.setenv("SLMFORGE_BASES", str(tmp_path / "bases"))  # the CLI below inherits it
+    bases.add("tinybase", run_dir / "generalist", tokens=1e6)  # a "generalist" that never saw the domain
+    work = tmp_path / "w"
+    r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}", "--set", "init_from=tinybase",
+                 "--set", "tokens=6k", "--set", "eval_every=2")
+    assert r.returncode == 0, r.stderr
+    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir()]
+    m = json.loads((d / "manifest.json").read_text())["metrics"]
+    assert m["init_from"]["base"] == "tinybase" and m["init_from"]["pretrain_tokens"] == 1e6
+    assert list(m["models"]) == ["specialist"]  # the base is the generalist baseline
+    assert m["models"]["specialist"]["shape"]["context"] == 64  # model.context, within the base's context
+    val = [json.loads(x) for x in (d / "specialist" / "val_log.jsonl").read_text().splitlines()]
+    domain = next(s for s in val[0] if s not in ("step", "tokens", "general", "general2"))
+    assert val[-1][domain] < val[0][domain]
+
+
+def test_init_from_is_a_folder_relative_to_the_recipe_or_a_base_name(trained, tmp_path):
+    import shutil
+
+    from slmforge.config import load_recipe
+
+    recipe, run_dir = trained
+    shutil.copytree(run_dir / "specialist", recipe.parent / "mybase", dirs_exist_ok=True)
+    cfg = load_recipe(recipe, ["pretrain.init_from=mybase"]).stages["pretrain"]
+    assert cfg.init_from == str(recipe.parent / "mybase")
+    assert load_recipe(recipe, ["pretrain.init_from=smollm2-135m"]).stages["pretrain"].init_from == "smollm2-135m"
+
+
+def test_dapt_with_vocabulary_expansion_records_bytes_per_token(trained, tmp_path, monkeypatch):
+    from slmforge import bases
+    from slmforge.modeling import load_model
+
+    recipe, run_dir = trained
+    monkeypatch.setenv("SLMFORGE_BASES", str(tmp_path / "bases"))
+    base = bases.add("tinybase", run_dir / "generalist")
+    work = tmp_path / "w"
+    r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}", "--set", "init_from=tinybase",
+                 "--set", "tokens=3k", "--set", "expand_vocab=30")
+    assert r.returncode == 0, r.stderr
+    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir()]
+    ev = json.loads((d / "manifest.json").read_text())["metrics"]["expand_vocab"]
+    assert ev["chosen"] == 30 and ev["added"] >= 30
+    assert ev["bytes_per_token"]["expanded"] > ev["bytes_per_token"]["base"]  # fewer tokens per domain byte
+    model, tok = load_model(d / "specialist")
+    assert len(tok) == base.vocab_size + ev["added"] == model.get_input_embeddings().weight.shape[0]
+    r = slmforge("pretrain", "--recipe", str(recipe), "--set", "expand_vocab=30")
+    assert r.returncode == 2 and "expand_vocab: needs init_from" in r.stderr

@@ -33,9 +33,10 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
+from slmforge.gate import quality_gate
 from slmforge.lm import generate, nll
 from slmforge.records import Benchmarks, Curated, Models, set_of
-from slmforge.results import bench_rows, gate_lines, reference
+from slmforge.results import bench_rows, best_line, gate_lines, reference
 
 NAME = "evaluate"
 INPUTS = ("curate", "bench")
@@ -50,6 +51,9 @@ class ModelRef(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.+-]*$", description="the name shown in the report")
     path: RecipePath | None = Field(None, description="a local HF model folder (safetensors)")
+    base: str | None = Field(None, description="a pretrained base by name (`slmforge base list`), e.g. smollm2-135m")
+    chat: bool | None = Field(None, description="generation tasks through the model's chat template (default: "
+                                                "yes for a base with a chat template, no for a folder)")
     base_url: str | None = Field(None, description="an OpenAI-compatible server, e.g. http://host:8000/v1")
     model: str | None = Field(None, description="the endpoint's model name (default: name)")
     api: Literal["completions", "chat"] = Field(
@@ -60,8 +64,9 @@ class ModelRef(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self):
-        if (self.path is None) == (self.base_url is None):
-            raise ValueError(f"model {self.name!r}: give `path` (a local folder) or `base_url` (an endpoint), not both")
+        if sum(x is not None for x in (self.path, self.base_url, self.base)) != 1:
+            raise ValueError(f"model {self.name!r}: give one of `path` (a local folder), `base` (a pretrained base) "
+                             "or `base_url` (an endpoint)")
         if self.base_url and self.api == "completions" and not self.tokenizer:
             raise ValueError(f"model {self.name!r}: a completions endpoint needs `tokenizer:` (a local folder) to "
                              "score log-likelihoods; or set api: chat to run the generation tasks only")
@@ -83,6 +88,10 @@ class Config(StageConfig):
     sample_tokens: int = Field(40, ge=1, description="tokens generated per sample")
     prompt_chars: int = Field(160, ge=10, description="characters of a test document used as the prompt")
     bench_limit: int | None = Field(None, ge=1, description="benchmark items per task at most (None: all)")
+    rivals: list[str] | None = Field(None, description="models the specialist must beat in the quality gate "
+                                                       "(default: the scratch generalist and every base)")
+    empty_share: float = Field(0.5, gt=0, le=1, description="a generation task whose share of empty answers reaches "
+                                                            "this is flagged and not scored")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -115,6 +124,13 @@ class Config(StageConfig):
         return out
 
 
+def external(cfg: Config) -> dict:
+    """Each named base's identity (its sha256), so that replacing a base re-runs evaluate."""
+    from slmforge import bases
+
+    return {m.base: bases.fingerprint(m.base) for m in cfg.models if isinstance(m, ModelRef) and m.base}
+
+
 def needs(cfg: Config) -> tuple[str, ...]:
     """The stages this run reads: curate, bench and every stage named in `models`."""
     return INPUTS + tuple(m for m in cfg.models if isinstance(m, str))
@@ -122,7 +138,7 @@ def needs(cfg: Config) -> tuple[str, ...]:
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {s: store.resolve(f"{s}:latest") for s in needs(cfg)}
-    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), force=force)
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), external=external(cfg), force=force)
 
 
 @dataclass
@@ -162,8 +178,9 @@ def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: 
 
 
 def lm_eval_run(lm, tasks_dir: Path, tasks: list[str], limit: int | None, samples: int = 0,
-                chat: bool = False) -> tuple[dict, dict]:
-    """({task: {metric: value}}, {task: [sample answers]}) from lm-eval's simple_evaluate."""
+                chat: bool = False) -> tuple[dict, dict, dict]:
+    """({task: {metric: value}}, {task: [sample answers]}, {task: {metric: [per item, by doc id]}}) from
+    lm-eval's simple_evaluate; generation tasks also get `empty`, the share of empty answers."""
     import logging
 
     from lm_eval import simple_evaluate
@@ -174,19 +191,24 @@ def lm_eval_run(lm, tasks_dir: Path, tasks: list[str], limit: int | None, sample
     # here, and our tasks are all local (0.002 s)
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
-                          limit=limit, log_samples=samples > 0, bootstrap_iters=0, random_seed=0,
+                          limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0,
                           numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
                           apply_chat_template=chat)
     scores = {t: {k.split(",")[0]: round(v, 4) for k, v in r.items()
                   if isinstance(v, (int, float)) and "stderr" not in k and k.split(",")[0] != "sample_len"}
               for t, r in out["results"].items()}
-    answers = {}
+    answers, outcomes = {}, {}
     for t, rows in (out.get("samples") or {}).items():
-        rows = sorted(rows, key=lambda r: r["doc_id"])[:samples]
-        if rows and isinstance(rows[0]["filtered_resps"][0], str):  # generation tasks only
-            answers[t] = [{"id": r["doc"].get("id"), "target": r["target"], "response": r["filtered_resps"][0]}
-                          for r in rows]
-    return scores, answers
+        rows = sorted(rows, key=lambda r: r["doc_id"])
+        if not rows:
+            continue
+        outcomes[t] = {k: [float(r[k]) for r in rows] for k in rows[0].get("metrics", []) if k in rows[0]}
+        if isinstance(rows[0]["filtered_resps"][0], str):  # generation tasks
+            outcomes[t]["empty"] = round(sum(not r["filtered_resps"][0].strip() for r in rows) / len(rows), 4)
+            if samples:
+                answers[t] = [{"id": r["doc"].get("id"), "target": r["target"], "response": r["filtered_resps"][0]}
+                              for r in rows[:samples]]
+    return scores, answers, outcomes
 
 
 def hf_lm(model, tokenizer, batch_size: int):
@@ -209,24 +231,6 @@ def endpoint_lm(ref: ModelRef):
                                           tokenizer=ref.tokenizer, tokenized_requests=False, **args)
 
 
-def quality_gate(benchmarks: dict, bench: Benchmarks, a: str = "specialist", b: str = "generalist") -> dict | None:
-    """Does model `a` beat model `b` on each choice set's headline accuracy, and both beat chance?
-    With each score's 95% interval (normal approximation), so a margin can be read against the noise."""
-    if a not in benchmarks or b not in benchmarks:
-        return None
-    checks = []
-    for s, metric in bench.headline.items():
-        task = bench.tasks[s]
-        n, chance = bench.sizes[s], bench.baselines[s]["chance"]
-        va, vb = (benchmarks[m].get(task, {}).get(metric) for m in (a, b))
-        if va is None or vb is None:
-            continue
-        ci = {m: round(1.96 * math.sqrt(max(v * (1 - v), 1e-9) / n), 4) for m, v in ((a, va), (b, vb))}
-        checks.append({"set": s, "metric": metric, "items": n, "chance": chance, a: va, b: vb, "ci95": ci,
-                       "margin": round(va - vb, 4), "passed": va > vb and va > chance and vb > chance})
-    return {"compare": [a, b], "checks": checks, "passed": bool(checks) and all(c["passed"] for c in checks)}
-
-
 def _prompt(text: str, chars: int) -> str:
     cut = text[:chars]
     return cut[: cut.rfind(" ")] if " " in cut else cut
@@ -244,13 +248,27 @@ def _texts(curated: Curated, source: str, max_bytes: int) -> list[str]:
 
 def _entries(cfg: Config, inputs: dict[str, Artifact]) -> list[Entry]:
     entries: list[Entry] = []
-    for ref in cfg.models:
+    refs = list(cfg.models)
+    for ref in refs:  # grows when a DAPT run brings its base
         if isinstance(ref, str):
             made = Models.of(inputs[ref])
             for name, meta in made.models.items():
                 entries.append(Entry(name, path=made.folder(name), stage=ref, key=made.key, meta=meta))
+            base = (made.init_from or {}).get("base")
+            named = {m.base for m in cfg.models if isinstance(m, ModelRef) and m.base}
+            if base and base not in named:  # a DAPT run's generalist baseline is its base: scored, never skipped
+                refs.append(ModelRef(name=base, base=base))
+        elif ref.base:
+            from slmforge import bases
+
+            b = bases.get(ref.base)  # a built-in base is converted on first use
+            entries.append(Entry(ref.name, path=b.path, ref=ref, meta={
+                "base": b.name, "shape": {"params": b.params}, "context": b.context, "license": b.license,
+                "pretrain_tokens": b.pretrain_tokens, "pretrain_flops": b.pretrain_flops,
+                "chat": b.chat_template if ref.chat is None else ref.chat}))
         else:
-            entries.append(Entry(ref.name, path=Path(ref.path) if ref.path else None, ref=ref))
+            entries.append(Entry(ref.name, path=Path(ref.path) if ref.path else None, ref=ref,
+                                 meta={"chat": bool(ref.chat)} if ref.path else {}))
     names = [e.name for e in entries]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
@@ -280,7 +298,7 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
     for p in [*snaps, e.path]:
         label = "final" if p == e.path else p.name
         model, tok = load_model(p)
-        r, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.task_dir, [dev[s] for s in wanted], None)
+        r, _, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.task_dir, [dev[s] for s in wanted], None)
         vals = []
         for s, metric in wanted.items():
             if metric not in r[dev[s]]:
@@ -310,6 +328,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     scores: dict[str, dict] = {}
     benchmarks: dict[str, dict] = {}
     answers: dict[str, dict] = {}
+    outcomes: dict[str, dict] = {}
     samples: dict[str, list] = {}
     selection: dict[str, dict] = {}
     models: dict[str, dict] = {}
@@ -320,7 +339,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             ref = e.ref
             run_tasks = tasks if ref.api == "completions" else gen_tasks
             info(f"  evaluate · {e.name} ({ref.api} endpoint {ref.base_url}) on {', '.join(run_tasks)}")
-            benchmarks[e.name], answers[e.name] = lm_eval_run(
+            benchmarks[e.name], answers[e.name], outcomes[e.name] = lm_eval_run(
                 endpoint_lm(ref), bench.task_dir, run_tasks, cfg.bench_limit, cfg.samples, chat=ref.api == "chat")
             if ref.api == "chat":
                 models[e.name]["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
@@ -345,12 +364,13 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         chat = bool(e.meta.get("chat"))
         lm = hf_lm(model, tok, cfg.batch_size)
         parts = [(tasks, False)] if not chat else [([t for t in tasks if t not in gen_tasks], False), (gen_tasks, True)]
-        benchmarks[e.name], answers[e.name] = {}, {}
+        benchmarks[e.name], answers[e.name], outcomes[e.name] = {}, {}, {}
         for part, as_chat in parts:
             if part:
-                r, a = lm_eval_run(lm, bench.task_dir, part, cfg.bench_limit, cfg.samples, chat=as_chat)
+                r, a, o = lm_eval_run(lm, bench.task_dir, part, cfg.bench_limit, cfg.samples, chat=as_chat)
                 benchmarks[e.name].update(r)
                 answers[e.name].update(a)
+                outcomes[e.name].update(o)
         if chat:
             models[e.name]["note"] = "chat model: generation tasks through its chat template, choice tasks on raw text"
         for source, t in texts.items():
@@ -358,6 +378,11 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
                 prompt = _prompt(doc, cfg.prompt_chars)
                 samples.setdefault(f"{source}: {prompt}", []).append(
                     {"model": e.name, "completion": generate(model, tok, prompt, cfg.sample_tokens)})
+    flags = flag_empty(benchmarks, outcomes, cfg.empty_share)
+    for name, lines in flags.items():
+        models[name]["flags"] = lines
+    rivals = cfg.rivals if cfg.rivals is not None else \
+        [e.name for e in entries if e.name == "generalist" or e.meta.get("base")]
     domain, general = curated.domain, curated.general
     margins = {}
     if "specialist" in scores and "generalist" in scores:
@@ -366,12 +391,28 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "relative": round(1 - sp / ge, 4)}
     metrics = {"models": models, "scores": scores, "margins": margins, "domain_sources": domain,
                "general_sources": general, "benchmarks": benchmarks, "headline": bench.headline,
-               "gate": quality_gate(benchmarks, bench), "selection": selection,
+               "gate": quality_gate(benchmarks, outcomes, bench, "specialist", rivals), "selection": selection,
                "baselines": bench.baselines, "bench_sizes": bench.sizes}
-    (out / "results.json").write_text(json.dumps(metrics | {"samples": samples, "answers": answers}, indent=2,
-                                                 ensure_ascii=False), encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(metrics | {"samples": samples, "answers": answers,
+                                                            "outcomes": outcomes}, indent=2, ensure_ascii=False),
+                                      encoding="utf-8")
     print_results(metrics, samples)
     return metrics
+
+
+def flag_empty(benchmarks: dict, outcomes: dict, share: float) -> dict[str, list[str]]:
+    """{model: [flag lines]} for generation tasks whose answers are mostly empty: their scores become None
+    (not scored), because an empty answer says the prompt, stop sequences or template do not fit the
+    model, not that it knows nothing."""
+    flags: dict[str, list[str]] = {}
+    for name, per in outcomes.items():
+        for task, o in per.items():
+            if o.get("empty", 0) >= share:
+                benchmarks[name][task] = {k: None for k in benchmarks[name].get(task, {})} | {"empty": o["empty"]}
+                flags.setdefault(name, []).append(f"{set_of(task)}: {o['empty']:.0%} of the answers are empty, so it "
+                                                  "is not scored (check the prompt's length, stop sequences and "
+                                                  "chat template for this model)")
+    return flags
 
 
 # ---- presentation ------------------------------------------------------------------------------------
@@ -406,6 +447,11 @@ def print_results(m: dict, samples: dict) -> None:
         console.print(b)
     for line in gate_lines(m["gate"]):
         console.print(line)
+    for name, mm in m["models"].items():
+        for flag in mm.get("flags", []):
+            console.print(f"[yellow]flag[/] {name}: {flag}")
+    if line := best_line(m):
+        console.print(line[0].upper() + line[1:])
     for prompt, outs in list(samples.items())[:4]:
         console.print(f"\n[bold]{prompt[:100]}[/]")
         for o in outs:

@@ -40,14 +40,15 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from rich.progress import TextColumn
 
 from slmforge import dist, hardware
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.chat import stop_token_ids
-from slmforge.config import StageConfig
+from slmforge.config import StageConfig, resolve_path
 from slmforge.console import console, count_progress, info
+from slmforge.dapt import expand_vocabulary, init_source
 from slmforge.errors import UserError
 from slmforge.hardware import flops_per_token, use_bf16
 from slmforge.lm import nll
@@ -78,7 +79,13 @@ class Config(StageConfig):
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every_min", "tensorboard", "log_every"})
 
     model: ModelSize = Field(default_factory=ModelSize)
-    init_from: str | None = Field(None, description="continue from this local HF checkpoint (its tokenizer too)")
+    init_from: str | None = Field(None, description="continue pretraining (DAPT) from a base (`slmforge base list`, "
+                                                    "e.g. smollm2-135m) or a local HF folder, with its own tokenizer")
+    expand_vocab: int = Field(0, ge=0, description="DAPT: add this many domain-tokenizer tokens to the base's "
+                                                   "vocabulary (the ones that save most base tokens on the domain "
+                                                   "train split), each starting as the mean of its pieces")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
+                                                            "memory, ~30% more compute): for large bases")
     tokens: int | str | None = Field(None, description="training budget in tokens, e.g. 2M or 200000 (or give minutes)")
     minutes: float | None = Field(None, gt=0, description="training budget in minutes for the specialist")
     batch_tokens: int = Field(8192, ge=16, description="tokens per optimizer step, over all processes")
@@ -105,6 +112,26 @@ class Config(StageConfig):
     seed: int = 0
     tensorboard: bool = Field(False, description="also log to TensorBoard through accelerate's trackers")
 
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """A folder (relative to the recipe) when one is there, else a base name such as smollm2-135m."""
+        from slmforge.bases import is_name
+
+        if v is None:
+            return None
+        p = resolve_path(v, info)
+        if p.exists() or not is_name(v):
+            return str(p)
+        return v
+
+    @model_validator(mode="after")
+    def _expand_needs_a_base(self):
+        if self.expand_vocab and not self.init_from:
+            raise ValueError("expand_vocab: needs init_from (a base to expand); a scratch model has the domain "
+                             "tokenizer already")
+        return self
+
     @model_validator(mode="after")
     def _budget(self):
         if (self.tokens is None) == (self.minutes is None):
@@ -114,9 +141,18 @@ class Config(StageConfig):
         return self
 
 
+def external(cfg: Config) -> dict:
+    """The identity of a base named in init_from (its sha256), so that replacing the base re-runs pretrain."""
+    from slmforge import bases
+
+    return {"init_from": bases.fingerprint(cfg.init_from)} if cfg.init_from and \
+        not Path(cfg.init_from).is_absolute() else {}
+
+
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {"curate": store.resolve("curate:latest"), "tokenizer": store.resolve("tokenizer:latest")}
-    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), resumable=True, force=force,
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), external=external(cfg),
+                       resumable=True, force=force,
                        distributed=True)
 
 
@@ -427,12 +463,16 @@ def _tokenize_sources(tokenizer, curate: Artifact, sources: list[str], folder: P
 
 
 def _model_and_tokenizer(cfg: Config, name: str, tok_art: Artifact, tok_dir: str):
-    """The specialist continues from cfg.init_from when given; else a fresh model for the stage's tokenizer."""
+    """The specialist continues from cfg.init_from when given, at model.context or else the base's context
+    up to 1024 tokens; else a fresh model for the stage's tokenizer."""
     from transformers import AutoTokenizer
 
     if cfg.init_from and name == "specialist":
-        model, tokenizer = load_model(cfg.init_from)
-        return model, tokenizer, shape_of(model, min(cfg.model.context or 256, model.config.max_position_embeddings))
+        model, tokenizer = load_model(init_source(cfg.init_from)[0])
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        context = min(cfg.model.context or 1024, model.config.max_position_embeddings)
+        return model, tokenizer, shape_of(model, context)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_art.path / tok_dir), local_files_only=True)
     model, shape_ = build_model(cfg.model, tokenizer, seed=cfg.seed)
     return model, tokenizer, shape_
@@ -454,6 +494,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     if cfg.baseline and general and not cfg.init_from:
         plans.append(("generalist", general, "general_tokenizer"))
     metrics: dict = {"bf16": bf16, "peak_flops": peak, "world_size": dist.world_size(), "models": {}}
+    if cfg.init_from:  # evaluate compares the DAPT specialist with this base (its generalist baseline)
+        metrics["init_from"] = init_source(cfg.init_from)[1]
     tokens_budget = int(parse_count(cfg.tokens)) if cfg.tokens else None
     for name, sources, tok_dir in plans:
         final_dir = out / name
@@ -462,6 +504,12 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             tokens_budget = tokens_budget or metrics["models"][name]["tokens"]
             continue
         model, tokenizer, shape_ = _model_and_tokenizer(cfg, name, tok_art, tok_dir)
+        if cfg.expand_vocab and name == "specialist":
+            texts = {split: [r["text"] for s in domain for r in curated.documents(split, s, columns=["text"])]
+                     for split in ("train", "val")}
+            model, tokenizer, metrics["expand_vocab"] = expand_vocabulary(
+                model, tokenizer, tok_art.path / "tokenizer", texts["train"], texts["val"], cfg.expand_vocab)
+            shape_["params"] = sum(p.numel() for p in model.parameters())
         dist.on_main(_tokenize_sources, tokenizer, curate, sources, out / "tokens" / name)
         streams = {s: np.load(out / "tokens" / name / f"{s}.train.npy", mmap_mode="r") for s in sources}
         val = {s: np.load(out / "tokens" / name / f"{s}.val.npy", mmap_mode="r") for s in sources}
@@ -481,6 +529,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         result = train_one(name, cfg_m, model, shape_, sampler, val, out, total_steps, peak, bf16, snapshot)
         tokens_budget = tokens_budget or result["tokens"]
         data = {"sources": ", ".join(sources), "tokenizer": tok_dir if not cfg.init_from else cfg.init_from,
+                **({"continued from": cfg.init_from} if cfg.init_from and name == "specialist" else {}),
                 "unique train tokens": unique, "epochs over the domain": result["domain_epochs"]}
         m = {k: v for k, v in result.items() if k not in ("model", "log", "val_log")}
         m.update(shape=shape_, sources=sources, unique_train_tokens=int(unique),

@@ -22,7 +22,7 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig
 from slmforge.console import info
 from slmforge.records import Benchmarks, set_of
-from slmforge.results import bench_rows, gate_lines, reference
+from slmforge.results import bench_rows, best_line, gate_lines, reference
 
 NAME = "report"
 INPUTS = ("curate", "tokenizer", "bench", "evaluate")
@@ -133,7 +133,7 @@ def score_charts(m: dict) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(rows)), 3.4))
         for i, n in enumerate(names):
             ax.bar([j + i * width for j in range(len(rows))],
-                   [m["benchmarks"][n].get(t, {}).get(k, 0) for t, k in rows], width, label=n)
+                   [m["benchmarks"][n].get(t, {}).get(k) or 0 for t, k in rows], width, label=n)
         ax.axhline(0.25, color="grey", ls="--", lw=1, label="chance (choice tasks)")
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))],
                       [f"{set_of(t)}\n{k}" for t, k in rows], fontsize=7)
@@ -225,16 +225,23 @@ def render_html(doc: dict) -> str:
     e = html.escape
     m = doc["results"]
     parts = [f"<h1>{e(doc['title'])}</h1>"]
+    if best := best_line(m):
+        parts.append(f"<p><b>{e(best[0].upper() + best[1:])}</b></p>")
     gate = m.get("gate")
     if gate:
-        a, b = gate["compare"]
-        rows = [[c["set"], c["metric"], f"{c[a]:.3f} ± {c['ci95'][a]:.3f}", f"{c[b]:.3f} ± {c['ci95'][b]:.3f}",
-                 f"{c['chance']:.2f}", f"{c['margin']:+.3f}", c["items"], "yes" if c["passed"] else "NO"]
-                for c in gate["checks"]]
-        parts.append(f"<h2>Quality gate: {'passed' if gate['passed'] else 'not met'}</h2>"
-                     f"<p>{e(a)} must beat {e(b)} on each choice set's headline accuracy, and both must beat "
-                     "chance. ± is a 95% interval.</p>" +
-                     _table(["set", "metric", a, b, "chance", "margin", "items", "passed"], rows))
+        rows = [[c["set"], c["metric"], f"{c['a_score']:.3f} ± {c['ci95'][c['a']]:.3f}",
+                 f"{c['b']} {c['b_score']:.3f} ± {c['ci95'][c['b']]:.3f}", f"{c['chance']:.2f}", f"{c['margin']:+.3f}",
+                 f"{c['p_value']:.3g}", c["items"], c["verdict"]] for c in gate["checks"]]
+        parts.append(f"<h2>Quality gate: {e(gate['verdict'])}</h2>"
+                     f"<p>{e(gate['specialist'])} must beat the strongest of {e(', '.join(gate['rivals']))} on each "
+                     f"choice set's headline accuracy, significantly (paired test on the same items, p &lt; "
+                     f"{gate['alpha']}), and beat chance; a margin inside the noise is \"not shown\". ± is a 95% "
+                     "interval.</p>" +
+                     _table(["set", "metric", gate["specialist"], "strongest rival", "chance", "margin", "p",
+                             "items", "verdict"], rows))
+    flags = [f"{n}: {f}" for n, mm in m.get("models", {}).items() for f in mm.get("flags", [])]
+    if flags:
+        parts.append("<h2>Flags</h2><ul>" + "".join(f"<li>{e(f)}</li>" for f in flags) + "</ul>")
     for title, uri in score_charts(m):
         parts.append(f"<img alt='{e(title)}' src='{uri}'>")
     if m["scores"]:
@@ -308,8 +315,13 @@ def _fmt(v) -> str:
 def render_markdown(doc: dict) -> str:
     m = doc["results"]
     lines = [f"# {doc['title']}", ""]
+    if best := best_line(m):
+        lines += [f"**{best[0].upper() + best[1:]}**", ""]
     if m.get("gate"):
         lines += ["## Quality gate", "", *gate_lines(m["gate"]), ""]
+    flags = [f"- {n}: {f}" for n, mm in m.get("models", {}).items() for f in mm.get("flags", [])]
+    if flags:
+        lines += ["## Flags", "", *flags, ""]
     if m["scores"]:
         sources = list(next(iter(m["scores"].values())))
         lines += ["## Bits per byte (lower is better)", "", "| model | " + " | ".join(sources) + " |",
