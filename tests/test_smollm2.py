@@ -52,3 +52,20 @@ def test_smollm2_is_scored_as_a_rival_and_adapts_in_a_few_dapt_steps(smollm2, pr
     assert pm["init_from"]["base"] == "smollm2-135m" and list(pm["models"]) == ["specialist"]
     spec = pm["models"]["specialist"]
     assert spec["steps"] == 4 and spec["shape"]["params"] == smollm2.params and spec["shape"]["context"] == 128
+
+
+def test_sft_masks_exactly_the_answers_on_smollm2s_own_chatml(smollm2):
+    from transformers import AutoTokenizer
+
+    from slmforge.chat import training_template
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2.path))
+    assert "{% generation %}" not in tok.chat_template  # its own cannot mask: slmforge's ChatML is used
+    tok.chat_template = training_template(tok)
+    msgs = [{"role": "user", "content": "What does VACUUM do?"},
+            {"role": "assistant", "content": "It reclaims storage held by dead tuples."}]
+    enc = tok.apply_chat_template(msgs, return_assistant_tokens_mask=True, return_dict=True)
+    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    masked = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert masked == "It reclaims storage held by dead tuples.<|im_end|>"
+    assert tok.decode(ids).startswith("<|im_start|>user\nWhat does VACUUM do?<|im_end|>\n<|im_start|>assistant\n")

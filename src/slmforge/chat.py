@@ -9,7 +9,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
 
 
-def chat_template(label_prefix: str | None = None, unless_prefix: str | None = None) -> str:
+def chat_template(label_prefix: str | None = None, unless_prefix: str | None = None, bos: bool = True) -> str:
     """ChatML, with {% generation %} around assistant turns so SFT can put the loss on them only.
 
     `label_prefix` is prepended to every user turn that does not start with `unless_prefix`: the
@@ -22,7 +22,7 @@ def chat_template(label_prefix: str | None = None, unless_prefix: str | None = N
         user = (f"{{% elif message['role'] == 'user'{cond} %}}"
                 f"{{{{ '{label_prefix}' + message['content'] + '{IM_END}' }}}}")
     return (
-        "{{ bos_token }}{% for message in messages %}"
+        ("{{ bos_token }}" if bos else "") + "{% for message in messages %}"
         f"{{{{ '{IM_START}' + message['role'] + '\\n' }}}}"
         "{% if message['role'] == 'assistant' %}{% generation %}"
         f"{{{{ message['content'] + '{IM_END}' }}}}{{% endgeneration %}}"
@@ -30,6 +30,23 @@ def chat_template(label_prefix: str | None = None, unless_prefix: str | None = N
         f"{{% else %}}{{{{ message['content'] + '{IM_END}' }}}}{{% endif %}}{{{{ '\\n' }}}}"
         f"{{% endfor %}}{{% if add_generation_prompt %}}{{{{ '{IM_START}assistant\\n' }}}}{{% endif %}}"
     )
+
+
+def training_template(tokenizer, label_prefix: str | None = None, unless_prefix: str | None = None) -> str:
+    """The template SFT trains with, which must mark assistant turns ({% generation %}) for the loss mask:
+    the tokenizer's own when it has the marks and no prefixes are asked for; else ChatML with the marks when
+    the tokenizer speaks ChatML (slmforge's models, SmolLM2, Qwen): the same turns, BOS only where the own
+    template writes one, and no default system prompt; else a UserError."""
+    from slmforge.errors import UserError
+
+    own = getattr(tokenizer, "chat_template", None) or ""
+    if label_prefix is None and re.search(r"\{%-?\s*generation\s*-?%\}", own):
+        return own
+    if IM_START in own or IM_START in tokenizer.get_vocab():
+        return chat_template(label_prefix, unless_prefix, bos="bos_token" in own)
+    raise UserError("sft: the base's chat template is not ChatML and does not mark assistant turns with "
+                    "{% generation %}, so the loss cannot be put on the answers only; give the tokenizer a chat "
+                    "template with {% generation %}...{% endgeneration %} around assistant messages")
 
 
 def strip_generation_marks(template: str) -> str:

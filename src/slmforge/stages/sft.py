@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slmforge import prompts
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.chat import chat_template
+from slmforge.chat import training_template
 from slmforge.config import RecipePath
 from slmforge.console import info
 from slmforge.errors import UserError
@@ -62,8 +62,6 @@ KINDS = ("instruction", "qa", "mcq", "completion", "summary", "rationale")
 # tokens with both prompt shapes, and the issue's SFT mixture is instructions, qa, mcq and completion
 DEFAULT_KINDS = ("instruction", "qa", "mcq", "completion", "rationale")
 LABEL, RATIONALE = "[label] ", "[rationale] "
-# The distilled model's chat template: a user turn gets the [label] prefix unless it asks for the rationale.
-DISTILL_TEMPLATE = chat_template(LABEL, RATIONALE.strip())
 Kind = Literal["instruction", "qa", "mcq", "completion", "summary", "rationale"]
 
 
@@ -219,7 +217,7 @@ def _base(cfg: Config, pretrain: Models) -> Path:
     return p
 
 
-def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_template: str | None = None) -> dict:
+def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, distill: bool = False) -> dict:
     """Fine-tune `base` on data["train"] with trl's SFTTrainer; the merged model goes to out/name."""
     import torch
     from datasets import Dataset
@@ -231,8 +229,7 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, chat_
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated")  # trl's own config
     model, tok = load_model(base)
-    if chat_template:
-        tok.chat_template = chat_template
+    tok.chat_template = training_template(tok, *((LABEL, RATIONALE.strip()) if distill else ()))
     before = snapshot_params(model)
     max_length = min(cfg.max_length, model.config.max_position_embeddings)
     work = out / f"trainer-{name}"
@@ -293,7 +290,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         info(f"  sft · {name}: {len(data['train'])} training examples ({data['stats']['general_examples']} general), "
              f"{len(data['eval'])} held out" + (f"; label : rationale tokens {data['stats']['alpha_realised']:.2f} : "
                                                  f"{1 - data['stats']['alpha_realised']:.2f}" if distill else ""))
-        result = train_model(cfg, name, base, data, out, DISTILL_TEMPLATE if distill else None)
+        result = train_model(cfg, name, base, data, out, distill)
         entry = dist.on_main(finish, result, out, name, base, data["stats"], NAME, out / f"trainer-{name}")
         if entry is not None:  # the main process
             models[name] = entry
