@@ -23,7 +23,7 @@ def mcnemar(a: list[float], b: list[float]) -> dict:
     b_only = sum(1 for x, y in zip(a, b) if y > x)
     n = a_only + b_only
     p = 1.0 if n == 0 else float(binomtest(a_only, n, 0.5, alternative="two-sided").pvalue)
-    return {"test": "McNemar exact (two-sided)", "p_value": round(p, 6), "a_only": a_only, "b_only": b_only,
+    return {"test": "McNemar exact (two-sided)", "p_value": float(f"{p:.6g}"), "a_only": a_only, "b_only": b_only,
             "items": len(a)}
 
 
