@@ -1,0 +1,85 @@
+"""Continued pretraining (DAPT) of a real base on the demo's domain: speed, and what it does to the domain's
+bits per byte.
+
+On a finished demo workdir (curate and tokenizer done), for the base (default smollm2-135m):
+  1. bits per byte of the base as it is on the first --max-bytes of each source's test split
+     (evaluate.bits_per_byte, context --context);
+  2. for each budget in --tokens (and, with --expand N, the same budgets with expand_vocab: N), the
+     pretrain stage's own loop (pretrain.run, init_from the base, the recipe's mixture: 80% domain,
+     20% general replay, then domain only in the last 20%), lr --lr, WSD, bf16 where supported;
+     its tokens/s and MFU as the stage measures them, then the same bits per byte.
+Prints a table, then one JSON line with every figure, the command line and the machine.
+
+    .venv/bin/python benchmarks/dapt.py --workdir runs/demo --tokens 50k 200k --expand 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def bpb(path: Path, curated, context: int, max_bytes: int) -> dict:
+    from slmforge.modeling import load_model
+    from slmforge.stages.evaluate import _texts, bits_per_byte
+
+    model, tok = load_model(path)
+    return {s: bits_per_byte(model, tok, _texts(curated, s, max_bytes), context)["bpb"] for s in curated.roles}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="runs/demo", help="a demo workdir with curate and tokenizer done")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--tokens", nargs="+", default=["50k", "200k"])
+    p.add_argument("--expand", type=int, default=0, help="also run each budget with expand_vocab: N")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--max-bytes", type=int, default=100_000)
+    args = p.parse_args()
+
+    from slmforge import bases
+    from slmforge.artifacts import ArtifactStore
+    from slmforge.records import Curated
+    from slmforge.stages import pretrain
+
+    store = ArtifactStore(args.workdir)
+    inputs = {s: store.resolve(f"{s}:latest") for s in pretrain.INPUTS}
+    curated = Curated.of(inputs["curate"])
+    base = bases.get(args.base)
+    rows = [{"run": f"{args.base} as it is", "tokens": 0, "expand_vocab": 0,
+             "bpb": bpb(base.path, curated, args.context, args.max_bytes)}]
+    for expand in sorted({0, args.expand}):
+        for budget in args.tokens:
+            cfg = pretrain.Config(init_from=args.base, tokens=budget, batch_tokens=args.batch_tokens,
+                                  micro_batch=args.micro_batch, lr=args.lr, model={"context": args.context},
+                                  expand_vocab=expand, eval_every=10_000, eval_tokens=4096, snapshots=0)
+            t0 = time.time()
+            art = pretrain.run(cfg, store, inputs)
+            m = art.manifest["metrics"]
+            spec = m["models"]["specialist"]
+            rows.append({"run": f"DAPT {budget}" + (f", expand_vocab {expand}" if expand else ""),
+                         "tokens": spec["tokens"], "expand_vocab": expand, "steps": spec["steps"],
+                         "tokens_per_s": spec["tokens_per_s"], "mfu": spec["mfu"], "wall_s": round(time.time() - t0, 1),
+                         "flops": spec["flops"], "bytes_per_token": (m.get("expand_vocab") or {}).get("bytes_per_token"),
+                         "bpb": bpb(art.path / "specialist", curated, args.context, args.max_bytes)})
+    sources = list(curated.roles)
+    print(f"{'run':<34} {'tokens':>8} {'tok/s':>7} {'MFU':>6} " + " ".join(f"{s + ' bpb':>14}" for s in sources))
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else ""
+        print(f"{r['run']:<34} {r['tokens']:>8} {r.get('tokens_per_s') or '':>7} {mfu:>6} "
+              + " ".join(f"{r['bpb'][s]:>14.3f}" for s in sources))
+    print(json.dumps({"rows": rows, "base": base.to_json() | {"path": str(base.path)},
+                      "command": shlex.join([sys.executable, *sys.argv]), "machine": platform.platform(),
+                      "processor": platform.processor()}))
+
+
+if __name__ == "__main__":
+    main()
