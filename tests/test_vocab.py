@@ -188,3 +188,26 @@ def test_tokens_chosen_for_another_base_are_refused(toks):
     model, _ = build_model(SIZE, base)
     with pytest.raises(UserError, match="another base tokenizer"):
         expand(model, base, chosen)
+
+
+def test_an_expanded_model_exports_to_gguf_and_loads_back_like_any_other(expanded, toks, tmp_path):
+    """The appended merges are plain BPE: the GGUF writer takes them, and transformers reads the GGUF
+    back into the same tokenizer and the same logits (f32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmforge.gguf import write_gguf
+
+    _, _, _, val = toks
+    _, chosen, model, tok, _ = expanded
+    folder = tmp_path / "expanded"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    write_gguf(folder, tmp_path / "x.gguf", "f32", "expanded")
+    tok2 = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="x.gguf")
+    model2 = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="x.gguf")
+    text = val[-1]
+    ids = tok(text, return_tensors="pt").input_ids
+    assert tok2(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    assert any(i >= len(toks[0]) for i in ids[0].tolist())  # the text uses new tokens
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, model2(ids).logits, atol=1e-4)
