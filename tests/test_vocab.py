@@ -198,7 +198,7 @@ def test_an_expanded_model_exports_to_gguf_and_loads_back_like_any_other(expande
     from slmforge.gguf import write_gguf
 
     _, _, _, val = toks
-    _, chosen, model, tok, _ = expanded
+    _, _, model, tok, _ = expanded
     folder = tmp_path / "expanded"
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
