@@ -125,7 +125,7 @@ class Config(StageConfig):
 
 
 def external(cfg: Config) -> dict:
-    """Each named base's identity (its sha256), so that replacing a base re-runs evaluate."""
+    """Each named base's identity (bases.fingerprint), so that replacing a base re-runs evaluate."""
     from slmforge import bases
 
     return {m.base: bases.fingerprint(m.base) for m in cfg.models if isinstance(m, ModelRef) and m.base}
