@@ -139,21 +139,12 @@ def _load_gguf(path: Path):
     return model, tok
 
 
-def _check_folder(path: Path) -> None:
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a Hugging Face model folder (no config.json); give a folder written by "
-                        "save_pretrained, or a .gguf file")
-    if not list(path.glob("*.safetensors")):
-        bins = list(path.glob("*.bin"))
-        raise UserError(f"{path}: no .safetensors weights" + (" (only .bin)" if bins else "") +
-                        "; slmforge loads only safetensors. Convert once: `python -c \"from transformers import "
-                        "AutoModelForCausalLM as M; M.from_pretrained('IN').save_pretrained('OUT')\"`")
-
-
 def add(name: str, src: str | Path, tokens: float | None = None, license: str | None = None,
         cache: str | Path | None = None, force: bool = False, source: str | None = None) -> Base:
     """Convert `src` (an HF folder or a .gguf file) into `<cache>/<name>/` (temp folder, then rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
+
+    from slmforge.modeling import load_model
 
     if not NAME_RE.match(name):
         raise UserError(f"base name {name!r}: use lowercase letters, digits, '.', '_' or '-' (e.g. smollm2-135m)")
@@ -177,14 +168,10 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
         if [k for k in missing if "rotary" not in k] or unexpected:
             raise UserError(f"{src}: the GGUF's tensors do not fit {type(model).__name__} "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model, hashed, files = fresh, [src], None
+        model, hashed = fresh, [src]
     else:
-        _check_folder(src)
-        files = sorted(src.glob("*.safetensors"))
-        tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, trust_remote_code=False,
-                                                     use_safetensors=True)
-        hashed = files
+        model, tok = load_model(src)  # offline, safetensors only, no remote code
+        hashed = sorted(src.glob("*.safetensors"))
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -192,7 +179,7 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
     tok.save_pretrained(str(tmp))
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
     gen.save_pretrained(str(tmp))
-    if files is not None and (src / "README.md").is_file():
+    if src.is_dir() and (src / "README.md").is_file():
         shutil.copy2(src / "README.md", tmp / "README.md")
     builtin = BUILTIN.get(name)
     tokens = tokens if tokens is not None else (card_tokens(src) if src.is_dir() else None)

@@ -8,14 +8,21 @@ from pathlib import Path
 from slmforge.console import info
 
 
+def base_name(init_from: str | None) -> str | None:
+    """The base `init_from` names, or None for a folder (pretrain's Config makes a folder's path absolute
+    when it reads the recipe, and leaves a base name as it is)."""
+    return init_from if init_from and not Path(init_from).is_absolute() else None
+
+
 def init_source(init_from: str) -> tuple[Path, dict]:
-    """(folder, what the manifest records) of `init_from`: a base by name (converted on first use), or an
-    absolute folder (the recipe's relative paths are resolved when it is read)."""
+    """(folder, what the manifest records) of `init_from`: a base by name (converted on first use), or a
+    folder."""
     from slmforge import bases
 
-    if Path(init_from).is_absolute():
+    name = base_name(init_from)
+    if name is None:
         return Path(init_from), {"path": init_from}
-    b = bases.get(init_from)
+    b = bases.get(name)
     return b.path, {"base": b.name, "sha256": b.sha256, "params": b.params, "pretrain_tokens": b.pretrain_tokens,
                     "pretrain_flops": b.pretrain_flops}
 

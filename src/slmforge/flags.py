@@ -6,7 +6,7 @@ live once, in its Field.
 one flag per field of it with the field's name as prefix (`router.kind` -> --router-kind), unless `names`
 maps the dotted key to another flag name. Help = the Field's description and its default. Every flag
 defaults to None, so `collect` returns only what was given, as the nested mapping the Config takes, and
-`validate` checks it with `Config.model_validate`: a bad value is a UserError (exit 2) naming its key.
+`config.validate` checks it with `Config.model_validate`: a bad value is a UserError (exit 2) naming its key.
 """
 
 from __future__ import annotations

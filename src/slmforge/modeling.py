@@ -121,7 +121,10 @@ def load_model(path: str | Path, dtype=None):
         raise UserError(f"{path}: not a model folder (no config.json). Give a folder written by "
                         f"save_pretrained, e.g. runs/demo/pretrain/<key>/specialist")
     if not list(path.glob("*.safetensors")):
-        raise UserError(f"{path}: no .safetensors weights; slmforge loads only safetensors (convert .bin first)")
+        bins = " (only .bin)" if list(path.glob("*.bin")) else ""
+        raise UserError(f"{path}: no .safetensors weights{bins}; slmforge loads only safetensors. Convert once: "
+                        "`python -c \"from transformers import AutoModelForCausalLM as M; "
+                        "M.from_pretrained('IN').save_pretrained('OUT')\"`")
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
                                                  use_safetensors=True, dtype=dtype)

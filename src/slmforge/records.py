@@ -222,7 +222,7 @@ def model_lineage(store, stage: str, key: str, model: str) -> list[TrainedModel]
             art = store.load(at.stage, at.key)
         except UserError:
             break
-        meta = art.manifest["metrics"].get("models", {}).get(at.model)
+        meta = Models.of(art).models.get(at.model)
         if meta is None:
             break
         out.append(TrainedModel(at.stage, at.key, at.model, int(meta.get("tokens") or 0), meta))

@@ -6,6 +6,11 @@ from __future__ import annotations
 from slmforge.records import set_of
 
 
+def set_tasks(m: dict) -> dict[str, str]:
+    """{set name: task name} of every task any model was scored on."""
+    return {set_of(t): t for r in m.get("benchmarks", {}).values() for t in r}
+
+
 def bench_rows(m: dict) -> list[tuple[str, str]]:
     """(task, metric) pairs any model has, in a stable order."""
     pairs = {(t, k) for r in m["benchmarks"].values() for t, ms in r.items() for k in ms if k != "alias"}
@@ -47,7 +52,7 @@ def best_line(m: dict) -> str:
             text += f", {1 - bpb[ranked[0]] / bpb[ranked[1]]:.1%} fewer than {ranked[1]} ({bpb[ranked[1]]:.3f})"
         parts.append(text)
     head = m.get("headline") or {}
-    tasks = {set_of(t): t for r in m.get("benchmarks", {}).values() for t in r}
+    tasks = set_tasks(m)
     mean = {}
     for n, r in m.get("benchmarks", {}).items():
         vals = [r.get(tasks.get(s, ""), {}).get(k) for s, k in head.items()]

@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -27,8 +27,8 @@ from slmforge.extractive import Chunk, ExtractiveTeacher, content_words, heading
 from slmforge.records import Curated
 from slmforge.teacher import OpenAIConfig
 
-KINDS = ("qa", "mcq", "completion", "summary", "instruction", "rationale", "preference")
 Kind = Literal["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 # ---- who writes the items ------------------------------------------------------------------------------

@@ -249,15 +249,16 @@ def _texts(curated: Curated, source: str, max_bytes: int) -> list[str]:
 def _entries(cfg: Config, inputs: dict[str, Artifact]) -> list[Entry]:
     entries: list[Entry] = []
     refs = list(cfg.models)
+    named = {m.base for m in refs if isinstance(m, ModelRef) and m.base}
     for ref in refs:  # grows when a DAPT run brings its base
         if isinstance(ref, str):
             made = Models.of(inputs[ref])
             for name, meta in made.models.items():
                 entries.append(Entry(name, path=made.folder(name), stage=ref, key=made.key, meta=meta))
             base = (made.init_from or {}).get("base")
-            named = {m.base for m in cfg.models if isinstance(m, ModelRef) and m.base}
             if base and base not in named:  # a DAPT run's generalist baseline is its base: scored, never skipped
                 refs.append(ModelRef(name=base, base=base))
+                named.add(base)
         elif ref.base:
             from slmforge import bases
 

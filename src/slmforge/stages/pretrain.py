@@ -48,7 +48,7 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.chat import stop_token_ids
 from slmforge.config import StageConfig, resolve_path
 from slmforge.console import console, count_progress, info
-from slmforge.dapt import expand_vocabulary, init_source
+from slmforge.dapt import base_name, expand_vocabulary, init_source
 from slmforge.errors import UserError
 from slmforge.hardware import flops_per_token, use_bf16
 from slmforge.lm import nll
@@ -142,11 +142,12 @@ class Config(StageConfig):
 
 
 def external(cfg: Config) -> dict:
-    """The identity of a base named in init_from (its sha256), so that replacing the base re-runs pretrain."""
+    """The identity of a base named in init_from (bases.fingerprint), so that replacing the base re-runs
+    pretrain."""
     from slmforge import bases
 
-    return {"init_from": bases.fingerprint(cfg.init_from)} if cfg.init_from and \
-        not Path(cfg.init_from).is_absolute() else {}
+    name = base_name(cfg.init_from)
+    return {"init_from": bases.fingerprint(name)} if name else {}
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
@@ -462,13 +463,13 @@ def _tokenize_sources(tokenizer, curate: Artifact, sources: list[str], folder: P
             tokenize_split(tokenizer, curate, split, s, folder / f"{s}.{split}.npy")
 
 
-def _model_and_tokenizer(cfg: Config, name: str, tok_art: Artifact, tok_dir: str):
-    """The specialist continues from cfg.init_from when given, at model.context or else the base's context
-    up to 1024 tokens; else a fresh model for the stage's tokenizer."""
+def _model_and_tokenizer(cfg: Config, name: str, tok_art: Artifact, tok_dir: str, init: Path | None):
+    """The specialist continues from the folder `init` (cfg.init_from's) when given, at model.context or
+    else the base's context up to 1024 tokens; else a fresh model for the stage's tokenizer."""
     from transformers import AutoTokenizer
 
-    if cfg.init_from and name == "specialist":
-        model, tokenizer = load_model(init_source(cfg.init_from)[0])
+    if init is not None and name == "specialist":
+        model, tokenizer = load_model(init)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         context = min(cfg.model.context or 1024, model.config.max_position_embeddings)
@@ -494,8 +495,9 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     if cfg.baseline and general and not cfg.init_from:
         plans.append(("generalist", general, "general_tokenizer"))
     metrics: dict = {"bf16": bf16, "peak_flops": peak, "world_size": dist.world_size(), "models": {}}
+    init = None
     if cfg.init_from:  # evaluate compares the DAPT specialist with this base (its generalist baseline)
-        metrics["init_from"] = init_source(cfg.init_from)[1]
+        init, metrics["init_from"] = init_source(cfg.init_from)
     tokens_budget = int(parse_count(cfg.tokens)) if cfg.tokens else None
     for name, sources, tok_dir in plans:
         final_dir = out / name
@@ -503,7 +505,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             metrics["models"][name] = json.loads((final_dir / "metrics.json").read_text())
             tokens_budget = tokens_budget or metrics["models"][name]["tokens"]
             continue
-        model, tokenizer, shape_ = _model_and_tokenizer(cfg, name, tok_art, tok_dir)
+        model, tokenizer, shape_ = _model_and_tokenizer(cfg, name, tok_art, tok_dir, init)
         if cfg.expand_vocab and name == "specialist":
             texts = {split: [r["text"] for s in domain for r in curated.documents(split, s, columns=["text"])]
                      for split in ("train", "val")}

@@ -22,7 +22,7 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig
 from slmforge.console import info
 from slmforge.records import Benchmarks, set_of
-from slmforge.results import bench_rows, best_line, gate_lines, reference
+from slmforge.results import bench_rows, best_line, gate_lines, reference, set_tasks
 
 NAME = "report"
 INPUTS = ("curate", "tokenizer", "bench", "evaluate")
@@ -187,7 +187,7 @@ def gain_rows(m: dict) -> tuple[list[str], list[list]]:
     names = [n for n in CHAIN if n in m["benchmarks"]]
     if len(names) < 2:
         return [], []
-    tasks = {set_of(t): t for r in m["benchmarks"].values() for t in r}
+    tasks = set_tasks(m)
     cols = [(s, metric) for s, metric in m["headline"].items()] + \
            [(s, k) for s, k in (("qa", "exact_match"), ("qa", "f1"), ("summarization", "rougeL")) if s in tasks]
     rows, prev = [], None

@@ -34,7 +34,7 @@ import math
 import random
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,12 +57,12 @@ from slmforge.records import Curated, Models, Synthesized
 
 NAME = "sft"
 INPUTS = ("curate", "pretrain", "synth")
-KINDS = ("instruction", "qa", "mcq", "completion", "summary", "rationale")
+Kind = Literal["instruction", "qa", "mcq", "completion", "summary", "rationale"]
+KINDS: tuple[str, ...] = get_args(Kind)
 # summaries are left out by default: a section plus its lead is ~5x a qa item, 58% of the demo's SFT
 # tokens with both prompt shapes, and the SFT mixture is instructions, qa, mcq and completion
 DEFAULT_KINDS = ("instruction", "qa", "mcq", "completion", "rationale")
 LABEL, RATIONALE = "[label] ", "[rationale] "
-Kind = Literal["instruction", "qa", "mcq", "completion", "summary", "rationale"]
 
 
 class Lora(BaseModel):
