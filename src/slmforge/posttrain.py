@@ -21,6 +21,8 @@ class PostTrainConfig(StageConfig):
 
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out share of the examples (eval loss)")
     epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="a budget in optimizer steps instead of epochs (a "
+                                                          "135M model's SFT on a CPU: a few dozen)")
     lr: float = Field(5e-5, gt=0)
     batch_size: int = Field(16, ge=1, description="examples (packed sequences, or pairs) per step per process")
     grad_accum: int = Field(1, ge=1)
@@ -42,7 +44,7 @@ def trainer_args(cfg: PostTrainConfig, work: Path, has_eval: bool, warmup: float
     from slmforge.hardware import use_bf16
 
     return dict(
-        output_dir=str(work), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(work), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=warmup,  # < 1: a share of the steps
         eval_strategy="epoch" if has_eval else "no", save_strategy="steps", save_steps=cfg.save_steps,

@@ -142,7 +142,8 @@ class Models:
     key: str
     path: Path
     models: dict[str, dict]  # name -> what the stage recorded (shape, tokens, chat, base, ...)
-    init_from: dict | None = None  # pretrain: the base (or folder) the specialist continued from
+    init_from: dict | None = None  # the base (or folder) a DAPT specialist continued from (pretrain; sft and dpo
+    #                                 of that specialist hand it on)
 
     @classmethod
     def of(cls, art: Artifact) -> Models:

@@ -40,6 +40,25 @@ def test_bits_per_byte_matches_a_hand_computation(tmp_path, small_corpus):
     assert bits_per_byte(model, tok, texts, context=32, batch_size=1)["bpb"] == r["bpb"]  # windows don't matter here
 
 
+def test_bfloat16_weights_score_with_float32_logits(tmp_path, small_corpus):
+    from transformers import AutoTokenizer
+
+    from slmforge.lm import float_logits
+    from slmforge.modeling import load_model
+    from slmforge.stages.tokenizer import save_hf, train_bpe
+
+    texts = [json.loads(x)["text"] for x in small_corpus["domain"].read_text().splitlines()[:4]]
+    save_hf(train_bpe(iter(texts), 400), tmp_path / "m")
+    torch.manual_seed(0)
+    _tiny_model(len(AutoTokenizer.from_pretrained(str(tmp_path / "m")))).save_pretrained(str(tmp_path / "m"))
+    full = bits_per_byte(*float_logits(load_model(tmp_path / "m")), texts, context=64)
+    model, tok = float_logits(load_model(tmp_path / "m", dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype == torch.float32
+    half = bits_per_byte(model, tok, texts, context=64)
+    assert half["tokens"] == full["tokens"] and half["bpb"] == pytest.approx(full["bpb"], rel=5e-3)
+
+
 def _manifest(workdir, stage):
     [run] = [p for p in (workdir / stage).iterdir() if p.is_dir()]
     return run, json.loads((run / "manifest.json").read_text())["metrics"]

@@ -97,6 +97,7 @@ def test_the_report_shows_each_post_training_stage_on_the_same_items(posttrained
     assert set(m["benchmarks"]) == {"specialist", "generalist", "sft", "sft-rationale", "dpo"}
     assert all(set(b) == set(m["benchmarks"]["specialist"]) for b in m["benchmarks"].values())
     assert "generation tasks through its chat template" in m["models"]["sft"]["note"]
+    assert m["gate"]["rivals"] == ["generalist"]  # the specialist's own post-trained models are not its rivals
     run, _ = stage_metrics(workdir, "report")
     page = (run / "report.html").read_text()
     gains = page[page.index("Post-training: each stage's gain"):]

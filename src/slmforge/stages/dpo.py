@@ -131,8 +131,9 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     if name not in made:
         raise UserError(f"dpo.base: the sft stage made {', '.join(made)}, not {name!r}")
     base = sft.folder(name)
+    lineage = {"init_from": sft.init_from} if sft.init_from else {}  # a DAPT run's base, handed on
     if (out / "dpo" / "metrics.json").is_file():  # finished before a restart
-        return {"models": {"dpo": json.loads((out / "dpo" / "metrics.json").read_text())}, "base": name}
+        return {"models": {"dpo": json.loads((out / "dpo" / "metrics.json").read_text())}, "base": name, **lineage}
     synth = Synthesized.of(inputs["synth"])
     items = synth.items
     pairs = synth_pairs(items)
@@ -173,7 +174,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
               "metrics": metrics}
     entry = dist.on_main(finish, result, out, "dpo", base, stats, NAME, work) or {}
     _print(entry)
-    return {"models": {"dpo": entry}, "base": name}
+    return {"models": {"dpo": entry}, "base": name, **lineage}
 
 
 def _print(m: dict) -> None:

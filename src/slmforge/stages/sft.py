@@ -257,8 +257,8 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, disti
         model.save_pretrained(str(out / name / "adapter"))
         model = model.merge_and_unload()
     wall = run["wall"]
-    tokens = int(trainer.state.num_input_tokens_seen or 0) or sum(
-        len(x) for x in trainer.train_dataset["input_ids"]) * math.ceil(cfg.epochs)
+    tokens = int(trainer.state.num_input_tokens_seen or 0) or (0 if cfg.max_steps else sum(
+        len(x) for x in trainer.train_dataset["input_ids"]) * math.ceil(cfg.epochs))
     return {"model": model, "tokenizer": tok, "log": run["log"], "wall": wall, "tokens": tokens,
             "metrics": {**run["metrics"], "tokens_per_s": round(tokens / wall, 1) if wall else None,
                         "params_changed": params_changed(before, model),
@@ -271,7 +271,10 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     from slmforge import dist
 
     dist.init()
-    base = _base(cfg, Models.of(inputs["pretrain"]))
+    pre = Models.of(inputs["pretrain"])
+    base = _base(cfg, pre)
+    # a DAPT specialist's base stays this model's generalist baseline downstream (evaluate scores it)
+    init_from = pre.init_from if cfg.base == "specialist" else None
     items = Synthesized.of(inputs["synth"]).of_kinds(cfg.kinds)
     if not items:
         raise UserError(f"sft: the synth stage made no items of the kinds {', '.join(cfg.kinds)}; check synth.kinds")
@@ -295,7 +298,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         if entry is not None:  # the main process
             models[name] = entry
     _print(models)
-    return {"models": models, "base": str(base), "items": len(items)}
+    return {"models": models, "base": str(base), "items": len(items),
+            **({"init_from": init_from} if init_from else {})}
 
 
 def _print(models: dict) -> None:
