@@ -4,8 +4,9 @@ yet to be seen whether this is more or less effective than training from scratch
 
 Reads finished runs (default: the demo, recipes/dapt.yaml and recipes/dapt-expand.yaml, as `make compare`
 leaves them) and puts every model their evaluate stages scored in one table: bits per byte on each test
-split, the benchmarks' headline metrics, and the FLOPs each model cost to train (pretrain as the stage
-measured it, 6·N·D + attention; SFT and DPO as 6·N·tokens), with a base's own pretraining (6·N·D) apart.
+split, the benchmarks' headline metrics, and the FLOPs each model cost to train, 6·N·D (N parameters, D
+training tokens) summed over its lineage (pretrain as its manifest records it, then SFT and DPO), with a
+base's own pretraining (6·N·D) apart.
 The runs must share their benchmark sets (the same bench key) so that every model answered the same
 items; then each choice-set headline is tested pairwise (McNemar exact on the same items) against the
 strongest other model, and a margin with p >= 0.05 reads "not shown".
@@ -24,8 +25,8 @@ from pathlib import Path
 
 
 def trained(store, meta: dict) -> dict:
-    """A stage model's training, from its lineage's manifests: FLOPs (pretrain's as measured, then
-    6·N·tokens per post-training stage), the route its pretraining took, and its parameter count."""
+    """A stage model's training, from its lineage's manifests: FLOPs (6·N·D per stage, pretrain's as its
+    manifest records it), the route its pretraining took, and its parameter count."""
     from slmforge.records import model_lineage
 
     chain = model_lineage(store, meta["stage"], meta["key"], meta["name"])
