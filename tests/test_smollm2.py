@@ -87,7 +87,7 @@ def test_a_dapt_model_is_post_trained_exported_and_served(smollm2, dapt, benched
     few = {"max_steps": 2, "batch_size": 2, "max_length": 512, "eval_fraction": 0.0}
     sft_art = sft.run(sft.Config(distill=False, packing="none", lr=5e-5, **few), store, {s: ins[s] for s in sft.INPUTS})
     m = sft_art.manifest["metrics"]["models"]["sft"]
-    assert m["steps"] == 2 and m["params_changed"] == "272/272", m
+    assert m["steps"] == 2 and m["params_changed"] == "272/272" and 0 < m["tokens"] <= 2 * 2 * 512, m
     dpo_art = dpo.run(dpo.Config(**few), store, {"curate": ins["curate"], "synth": ins["synth"], "sft": sft_art})
     assert dpo_art.manifest["metrics"]["models"]["dpo"]["steps"] == 2
     ecfg = evaluate.Config(models=["dpo"], bench_limit=2, max_bytes=2000, samples=0, dtype="bfloat16")

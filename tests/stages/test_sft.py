@@ -21,6 +21,7 @@ def test_sft_trains_every_parameter_and_the_loss_falls(posttrained):
         assert changed == total, (name, mm["params_changed"])
         assert mm["final_loss"] < mm["first_loss"] and mm["eval_loss"] is not None
         assert mm["data"]["general_examples"] > 0 and mm["chat"] is True
+        assert 0 < mm["tokens"] <= mm["steps"] * 16 * 64  # counted by the trainer: batch 16 x 64 tokens a step
         model, tok = load_model(run / name)  # offline, safetensors
     d = m["models"]["sft-rationale"]["data"]
     assert d["rationale_examples"] > 0 and abs(d["alpha_realised"] - 0.5) < 0.1
