@@ -31,13 +31,15 @@ def trained(store, meta: dict) -> dict:
 
     chain = model_lineage(store, meta["stage"], meta["key"], meta["name"])
     flops = sum(m.meta.get("flops") or 6 * (m.meta.get("shape") or {}).get("params", 0) * m.tokens for m in chain)
+    # a stage that trained but recorded no tokens (sft with max_steps before the trainer counted them)
+    unknown = [m.stage for m in chain if not m.tokens and (m.meta.get("steps") or 0) > 0]
     pre = store.load(chain[0].stage, chain[0].key).manifest["metrics"] if chain else {}
     route = "scratch"
     if pre.get("init_from"):
         route = f"DAPT of {pre['init_from']['base']}"
         if pre.get("expand_vocab"):
             route += f" + {pre['expand_vocab']['chosen']:,} domain tokens"
-    return {"flops": flops, "route": route, "params": (chain[-1].meta.get("shape") or {}).get("params") if chain
+    return {"flops": flops, "unknown": unknown, "route": route, "params": (chain[-1].meta.get("shape") or {}).get("params") if chain
             else None, "tokens": {m.stage: m.tokens for m in chain}}
 
 
@@ -83,7 +85,8 @@ def gather(runs: list[dict]) -> dict:
                     continue  # a rival every run scores: once is enough (same items, same weights)
                 seen_bases.add(meta["base"])
             meta = {**meta, "name": name}  # a stage's model is scored under its own name
-            tr = trained(run["store"], meta) if meta.get("stage") else {"flops": 0.0, "params": None, "tokens": {}}
+            tr = trained(run["store"], meta) if meta.get("stage") else {"flops": 0.0, "unknown": [], "params": None,
+                                                                           "tokens": {}}
             bench = res["benchmarks"].get(name, {})
             outcomes = res["outcomes"].get(name, {})
             rows.append({
@@ -94,7 +97,7 @@ def gather(runs: list[dict]) -> dict:
                 | {"qa f1": bench.get(tasks.get("qa", ""), {}).get("f1"),
                    "summarization rougeL": bench.get(tasks.get("summarization", ""), {}).get("rougeL")},
                 "outcomes": {s: outcomes.get(tasks[s], {}).get(k) for s, k in head.items() if s in tasks},
-                "train_flops": tr["flops"], "train_tokens": tr["tokens"],
+                "train_flops": tr["flops"], "train_tokens": tr["tokens"], "flops_unknown_for": tr["unknown"],
                 "base_pretrain_flops": meta.get("pretrain_flops")})
     return {"rows": rows, "headline": head, "domain": runs[0]["results"]["domain_sources"],
             "general": runs[0]["results"]["general_sources"]}
@@ -145,7 +148,9 @@ def table(g: dict, tests: list[dict]) -> str:
         lines.append(f"| {r['run']}/{r['model']} | {r['what']} | "
                      + " | ".join(cell(r["bpb"].get(s), low[s]) for s in sources) + " | "
                      + " | ".join(cell(r["scores"].get(c), best[c]) for c in score_cols)
-                     + f" | {fmt_flops(r['train_flops'])} | {fmt_flops(r['base_pretrain_flops'])} |")
+                     + f" | {'≥ ' if r['flops_unknown_for'] else ''}{fmt_flops(r['train_flops'])}"
+                     + (f" (+ {', '.join(r['flops_unknown_for'])}: tokens not recorded)" if r["flops_unknown_for"] else "")
+                     + f" | {fmt_flops(r['base_pretrain_flops'])} |")
     lines.append("")
     for t in tests:
         lines.append(f"- {t['set']} {t['metric']}: {t['best']} {t['best_score']:.3f} vs {t['other']} "

@@ -49,7 +49,8 @@ def trainer_args(cfg: PostTrainConfig, work: Path, has_eval: bool, warmup: float
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=warmup,  # < 1: a share of the steps
         eval_strategy="epoch" if has_eval else "no", save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed, bf16=use_bf16(cfg.precision),
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding")  # the tokens trained on, for 6·N·D and tokens/s
 
 
 def fit(trainer, work: Path, label: str, has_eval: bool) -> dict:

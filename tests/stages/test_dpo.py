@@ -13,6 +13,7 @@ def test_dpo_trains_on_synth_and_on_policy_pairs(posttrained):
     assert m["base"] == "sft-rationale"
     changed, total = map(int, mm["params_changed"].split("/"))
     assert changed == total and mm["final_loss"] < mm["first_loss"]
+    assert 0 < mm["tokens"] <= mm["steps"] * 8 * 2 * 64 and mm["tokens_per_s"] > 0  # chosen and rejected rows
     assert mm["data"]["synth_pairs"] > 0 and mm["data"]["on_policy"]["asked"] == 6
     assert len((run / "ref_logps.jsonl").read_text().splitlines()) == mm["data"]["train_pairs"]
 

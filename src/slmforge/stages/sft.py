@@ -241,7 +241,6 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, disti
         **trainer_args(cfg, work, bool(data["eval"]), cfg.warmup_ratio), weight_decay=cfg.weight_decay,
         max_length=max_length, packing=strategy != "none", packing_strategy=strategy if strategy != "none" else "bfd",
         assistant_only_loss=True, logging_steps=10, disable_tqdm=False,
-        include_num_input_tokens_seen="non_padding",  # the tokens trained on, for 6·N·D and tokens/s
     )
     peft_config = None
     if cfg.lora:
