@@ -149,3 +149,4 @@ def test_smollm2_teaches_two_chunks_parsed_filtered_and_counted(smollm2, benched
         assert item["question"].strip() and item["answer"].strip()  # parsed from the teacher's JSON
     rejected = [json.loads(x) for x in (art.path / "rejected.jsonl").read_text().splitlines()]
     assert all(any(v != "ok" for v in r["verdicts"].values()) for r in rejected)  # each names its filter
+    assert all(r["reply"].strip() for r in rejected if "teacher" in r["verdicts"])  # and keeps what was said

@@ -369,7 +369,8 @@ def generate_items(teacher, shard: list[Chunk], kinds, per_chunk: int, seeds: li
         for (c, kind, tname), reply in zip(meta, teacher.generate(reqs)):
             if reply.error or not isinstance(reply.data, dict):
                 rows.append({"kind": kind, "chunk_id": c.id, "teacher": teacher.name, "template": tname,
-                             "verdicts": {"teacher": reply.error or "not a JSON object"}, "kept": False})
+                             "verdicts": {"teacher": reply.error or "not a JSON object"}, "kept": False,
+                             "reply": (reply.text or "")[:2000]})  # what the teacher said, to judge it by
                 continue
             item = item_from_reply(kind, reply.data)
             item["template"] = tname
