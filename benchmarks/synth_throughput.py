@@ -7,10 +7,14 @@ every request after a fixed latency (200 ms by default).
 2. start the test server from tests/fake_openai.py on 127.0.0.1, send `--requests` requests through
    `slmforge.teacher.OpenAITeacher` at each `--concurrency`, and report requests/s and the largest
    number of requests the server saw in flight at once (ideal: the configured limit; ideal speed:
-   concurrency / latency).
+   concurrency / latency);
+3. with --hf-teacher NAME (a base or a folder): the local HF teacher (slmforge.teacher.HFTeacher, bf16)
+   on --hf-prompts real qa prompts from the manual's chunks (synth's own prompt), greedy, at each
+   --hf-batches size; batch 1 is HF `generate` one prompt at a time. Items/minute and generated tokens/s.
 
     .venv/bin/python benchmarks/synth_throughput.py
     .venv/bin/python benchmarks/synth_throughput.py --limit-docs 100 --requests 40   # a quick check
+    .venv/bin/python benchmarks/synth_throughput.py --limit-docs 100 --hf-teacher smollm2-135m
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def extractive(data: Path, limit: int | None, tmp: Path) -> dict:
     arts = run_recipe(load_recipe(path))
     m = arts["synth"].manifest
     items = sum(m["metrics"]["generated"].values())
-    return {"chunks": m["metrics"]["chunks"], "items": items, "kept": sum(m["metrics"]["kept"].values()),
+    return {"curate": arts["curate"], "chunks": m["metrics"]["chunks"], "items": items, "kept": sum(m["metrics"]["kept"].values()),
             "synth_s": m["wall_time_s"], "items_per_s": round(items / m["wall_time_s"], 1)}
 
 
@@ -72,6 +76,33 @@ def concurrency(n_requests: int, levels: list[int], latency: float, tmp: Path) -
     return rows
 
 
+def hf_teacher(ref: str, curate, n_prompts: int, batches: list[int], max_tokens: int, tmp: Path) -> list[dict]:
+    from slmforge import bases
+    from slmforge.records import Curated
+    from slmforge.synthesis import render_prompt, split_chunks
+    from slmforge.teacher import HFTeacher, Request
+
+    curated = Curated.of(curate)
+    chunks = split_chunks(curated, "train", curated.domain, 1500)[:n_prompts]
+    prompts = [render_prompt("qa", c, [], {})[0] for c in chunks]
+    folder = bases.locate(ref) if bases.is_name(ref) else Path(ref)
+    rows = []
+    for b in batches:
+        teacher = HFTeacher(folder, tmp / f"hf-cache-{b}", max_batch=b, dtype="bfloat16")
+        reqs = [Request(key=f"q{i}", messages=[{"role": "user", "content": p}], max_tokens=max_tokens,
+                        temperature=0.0) for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        replies = teacher.generate(reqs)
+        dt = time.perf_counter() - t0
+        gen = sum(r.usage["completion_tokens"] for r in replies)
+        rows.append({"batch": b, "prompts": len(reqs), "seconds": round(dt, 1),
+                     "items_per_min": round(len(reqs) / dt * 60, 1), "generated_tokens": gen,
+                     "generated_tokens_per_s": round(gen / dt, 1),
+                     "prompt_tokens": sum(r.usage["prompt_tokens"] for r in replies),
+                     "parsed": sum(r.error is None for r in replies)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO / "data" / "postgresql_docs.jsonl.gz")
@@ -79,11 +110,20 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--hf-teacher", default=None, help="a base name or model folder: also time the local teacher")
+    ap.add_argument("--hf-prompts", type=int, default=32)
+    ap.add_argument("--hf-batches", default="1,8,32")
+    ap.add_argument("--hf-max-tokens", type=int, default=128)
     args = ap.parse_args()
+    hf = []
     with tempfile.TemporaryDirectory(prefix="slmforge-synth-bench-") as tmp:
         tmp = Path(tmp)
         ex = extractive(args.data, args.limit_docs, tmp)
         conc = concurrency(args.requests, [int(c) for c in args.concurrency.split(",")], args.latency, tmp)
+        if args.hf_teacher:
+            hf = hf_teacher(args.hf_teacher, ex.pop("curate"), args.hf_prompts,
+                            [int(b) for b in args.hf_batches.split(",")], args.hf_max_tokens, tmp)
+        ex.pop("curate", None)
     print(f"\nextractive teacher: {ex['items']} items ({ex['kept']} kept) from {ex['chunks']} chunks in "
           f"{ex['synth_s']:.1f} s = {ex['items_per_s']:.0f} items/s")
     print(f"\nOpenAI-compatible teacher against a local server with {args.latency * 1000:.0f} ms latency:")
@@ -91,7 +131,13 @@ def main() -> None:
     for r in conc:
         print(f"{r['concurrency']:>11}  {r['requests_per_s']:>10}  {r['ideal_per_s']:>6}  {r['max_in_flight']:>13}  "
               f"{r['failed']:>6}")
-    print(json.dumps({"extractive": ex, "concurrency": conc, "latency_s": args.latency,
+    if hf:
+        print(f"\nlocal HF teacher {args.hf_teacher} (bf16, greedy, qa prompts, max {args.hf_max_tokens} tokens):")
+        print(f"{'batch':>5}  {'items/min':>9}  {'gen tok/s':>9}  {'parsed':>6}  {'seconds':>7}")
+        for r in hf:
+            print(f"{r['batch']:>5}  {r['items_per_min']:>9}  {r['generated_tokens_per_s']:>9}  "
+                  f"{r['parsed']:>3}/{r['prompts']:<2}  {r['seconds']:>7}")
+    print(json.dumps({"extractive": ex, "concurrency": conc, "hf_teacher": hf, "latency_s": args.latency,
                       "command": " ".join([os.path.relpath(sys.executable, REPO), *sys.argv]),
                       "cpus": os.cpu_count()}))
 

@@ -130,3 +130,23 @@ def test_sft_masks_exactly_the_answers_on_smollm2s_own_chatml(smollm2):
     masked = tok.decode([i for i, m in zip(ids, mask) if m])
     assert masked == "It reclaims storage held by dead tuples.<|im_end|>"
     assert tok.decode(ids).startswith("<|im_start|>user\nWhat does VACUUM do?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_smollm2_teaches_two_chunks_parsed_filtered_and_counted(smollm2, benched, tmp_path):
+    """The real local teacher: a base name as hf_model, batched generation, the synth filters and counts."""
+    from slmforge.stages import synth
+
+    data = ArtifactStore(benched[1])
+    cfg = synth.Config(teacher="hf", hf_model="smollm2-135m", kinds=["qa"], max_chunks=2, fitness_requests=1,
+                       fitness_min_pass=0.0)
+    art = synth.run(cfg, ArtifactStore(tmp_path / "w"), {"curate": data.resolve("curate:latest")})
+    m = art.manifest["metrics"]
+    assert m["teacher"] == "hf" and m["generated"] == {"qa": 2}
+    assert m["kept"].get("qa", 0) + len((art.path / "rejected.jsonl").read_text().splitlines()) == 2
+    assert m["teacher_tokens"]["completion_tokens"] > 0 and m["acceptance"]["qa"] == m["kept"].get("qa", 0) / 2
+    for line in (art.path / "items.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        assert item["question"].strip() and item["answer"].strip()  # parsed from the teacher's JSON
+    rejected = [json.loads(x) for x in (art.path / "rejected.jsonl").read_text().splitlines()]
+    assert all(any(v != "ok" for v in r["verdicts"].values()) for r in rejected)  # each names its filter
+    assert all(r["reply"].strip() for r in rejected if "teacher" in r["verdicts"])  # and keeps what was said

@@ -198,7 +198,6 @@ def test_hf_teacher(tmp_path):
     reqs = [Request(k, [{"role": "user", "content": q}], json_schema=schema, max_tokens=8, temperature=1.0)
             for k, q, schema in [("a", "What is a table?", None), ("b", "What does an index do?", None),
                                  ("c", "Answer in JSON.", SCHEMA)]]
-    torch.manual_seed(0)
     replies = t.generate(reqs)
     assert [r.key for r in replies] == ["a", "b", "c"]
     assert all(isinstance(r.text, str) and r.text.strip() for r in replies)
@@ -208,3 +207,10 @@ def test_hf_teacher(tmp_path):
     again = HFTeacher(tmp_path / "m", tmp_path / "cache").generate(reqs)  # successes come from the cache
     assert [r.cached for r in again] == [r.error is None for r in replies]
     assert [r.text for r in again if r.cached] == [r.text for r in replies if r.error is None]
+    # sampling is seeded: the same seed and batch give the same replies, another seed others
+    same = HFTeacher(tmp_path / "m", tmp_path / "cache-2", max_batch=2).generate(reqs)
+    other = HFTeacher(tmp_path / "m", tmp_path / "cache-3", max_batch=2, seed=1).generate(reqs)
+    assert [r.text for r in same] == [r.text for r in replies] != [r.text for r in other]
+    torch.manual_seed(0)  # the global RNG does not matter
+    half = HFTeacher(tmp_path / "m", tmp_path / "cache-4", max_batch=2, dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16 and half.model_id != t.model_id

@@ -246,6 +246,26 @@ def is_name(ref: str) -> bool:
     return bool(NAME_RE.match(ref)) and "/" not in ref and not ref.startswith(".")
 
 
+def folder_or_name(value: str, info) -> str:
+    """A recipe's reference to a model (pretrain.init_from, synth.hf_model): the absolute path of a folder
+    (relative to the recipe) when one is there or the value is not a base name, else the base name as it is."""
+    from slmforge.config import resolve_path
+
+    p = resolve_path(value, info)
+    return str(p) if p.exists() or not is_name(value) else value
+
+
+def base_name(ref: str | None) -> str | None:
+    """The base a reference validated by folder_or_name names, or None for a folder (an absolute path)."""
+    return ref if ref and not Path(ref).is_absolute() else None
+
+
+def locate(ref: str) -> Path:
+    """The folder of a reference validated by folder_or_name (a base is converted on first use)."""
+    name = base_name(ref)
+    return get(name).path if name else Path(ref)
+
+
 def list_bases(cache: str | Path | None = None) -> list[Base]:
     root = cache_dir(cache)
     return [read(p) for p in sorted(root.iterdir()) if (p / META).is_file()] if root.is_dir() else []

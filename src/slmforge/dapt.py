@@ -8,18 +8,12 @@ from pathlib import Path
 from slmforge.console import info
 
 
-def base_name(init_from: str | None) -> str | None:
-    """The base `init_from` names, or None for a folder (pretrain's Config makes a folder's path absolute
-    when it reads the recipe, and leaves a base name as it is)."""
-    return init_from if init_from and not Path(init_from).is_absolute() else None
-
-
 def init_source(init_from: str) -> tuple[Path, dict]:
     """(folder, what the manifest records) of `init_from`: a base by name (converted on first use), or a
     folder."""
     from slmforge import bases
 
-    name = base_name(init_from)
+    name = bases.base_name(init_from)
     if name is None:
         return Path(init_from), {"path": init_from}
     b = bases.get(name)

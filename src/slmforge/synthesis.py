@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge.config import RecipePath, StageConfig
 from slmforge.errors import UserError
@@ -39,14 +39,26 @@ class TeacherConfig(StageConfig):
     teacher: Literal["extractive", "openai", "hf"] = Field("extractive", description="who writes the items")
     openai: OpenAIConfig | None = Field(None, description="teacher: openai: base_urls, model, api_key_env, "
                                                           "concurrency, ...")
-    hf_model: RecipePath | None = Field(None, description="teacher: hf: a local HF model folder")
+    hf_model: str | None = Field(None, description="teacher: hf: a base (`slmforge base list`, e.g. smollm2-135m) "
+                                                   "or a local HF chat-model folder")
+    hf_batch: int = Field(16, ge=1, description="teacher: hf: prompts per generate() call (left-padded, KV cache; "
+                                                "sampled replies depend on it, so it is part of the cache key)")
+    hf_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="teacher: hf: weights while generating")
+    seed: int = Field(0, description="chunk selection, extractive choices and the model teacher's sampling")
+
+    @field_validator("hf_model")
+    @classmethod
+    def _hf_model(cls, v: str | None, info: ValidationInfo) -> str | None:
+        from slmforge.bases import folder_or_name
+
+        return None if v is None else folder_or_name(v, info)
 
     @model_validator(mode="after")
     def _teacher(self):
         if self.teacher == "openai" and not self.openai:
             raise ValueError("teacher: openai needs an `openai:` section with base_urls and model")
         if self.teacher == "hf" and not self.hf_model:
-            raise ValueError("teacher: hf needs hf_model: a local model folder")
+            raise ValueError("teacher: hf needs hf_model: a base name (smollm2-135m) or a local model folder")
         return self
 
     def key_dict(self) -> dict[str, Any]:
@@ -56,11 +68,20 @@ class TeacherConfig(StageConfig):
             d["openai"] = {k: v for k, v in d["openai"].items() if k not in OpenAIConfig.NOT_IN_KEY}
         return d
 
+    def external(self) -> dict:
+        """The identity of a base named as hf_model (bases.fingerprint), for the stage's cache key."""
+        from slmforge import bases
+
+        name = bases.base_name(self.hf_model) if self.teacher == "hf" else None
+        return {"hf_model": bases.fingerprint(name)} if name else {}
+
     def model_teacher(self, cache: Path):
+        from slmforge import bases
         from slmforge import teacher as T
 
         if self.teacher == "hf":
-            return T.HFTeacher(self.hf_model, cache)
+            return T.HFTeacher(bases.locate(self.hf_model), cache, max_batch=self.hf_batch, dtype=self.hf_dtype,
+                               seed=self.seed)
         return T.OpenAITeacher(self.openai, cache)
 
 
@@ -348,7 +369,8 @@ def generate_items(teacher, shard: list[Chunk], kinds, per_chunk: int, seeds: li
         for (c, kind, tname), reply in zip(meta, teacher.generate(reqs)):
             if reply.error or not isinstance(reply.data, dict):
                 rows.append({"kind": kind, "chunk_id": c.id, "teacher": teacher.name, "template": tname,
-                             "verdicts": {"teacher": reply.error or "not a JSON object"}, "kept": False})
+                             "verdicts": {"teacher": reply.error or "not a JSON object"}, "kept": False,
+                             "reply": (reply.text or "")[:2000]})  # what the teacher said, to judge it by
                 continue
             item = item_from_reply(kind, reply.data)
             item["template"] = tname

@@ -400,18 +400,20 @@ class OpenAITeacher(_Teacher):
 
 # ---- a local Hugging Face checkpoint ---------------------------------------------------------------
 class HFTeacher(_Teacher):
-    """A local checkpoint run with transformers, `max_batch` prompts at a time through its chat
-    template. No retries: a local model has no transient faults, and a JSON failure is counted
+    """A local checkpoint run with transformers through its chat template, `max_batch` prompts per
+    generate() call (left padding, KV cache; prompts of similar length batched together), greedy or sampled
+    from `seed`. No retries: a local model has no transient faults, and a JSON failure is counted
     (failed_<reason>) for the caller to judge whether the model is big enough to teach."""
 
     name = "hf"
 
-    def __init__(self, model_dir: str | Path, cache_dir: Path, max_batch: int = 4):
+    def __init__(self, model_dir: str | Path, cache_dir: Path, max_batch: int = 16, dtype: str | None = None,
+                 seed: int = 0):
         from slmforge.chat import stop_token_ids
         from slmforge.modeling import load_model
 
         model_dir = Path(model_dir).resolve()
-        self.model, self.tokenizer = load_model(model_dir)  # offline, safetensors only, no remote code
+        self.model, self.tokenizer = load_model(model_dir, dtype=dtype)  # offline, safetensors, no remote code
         self.model.eval()
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"{model_dir}: the tokenizer has no chat template; use an instruct/chat model")
@@ -421,26 +423,33 @@ class HFTeacher(_Teacher):
         stops = self.model.generation_config.eos_token_id
         stops = set(stops if isinstance(stops, list) else [stops]) | set(stop_token_ids(self.tokenizer))
         self._stops = sorted(s for s in stops if s is not None)
-        self.max_batch = max_batch
+        self.max_batch, self.seed = max_batch, seed
         # The weights' sizes and times stand for their content: hashing gigabytes per run costs more.
         files = sorted([*model_dir.glob("*.safetensors"), model_dir / "config.json"])
         stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        stamp += f"|{dtype}|{max_batch}|{seed}"  # sampled replies depend on all three
         super().__init__(f"hf:{model_dir}:{hashlib.sha256(stamp.encode()).hexdigest()[:16]}", cache_dir)
 
     def _generate(self, requests, todo, done) -> None:
         import torch
 
         groups = collections.defaultdict(list)  # one generate() call takes one max_tokens and temperature
+        prompts = {i: self.tokenizer.apply_chat_template(requests[i].messages, tokenize=False,
+                                                         add_generation_prompt=True) for i in todo}
+        lengths = {i: len(self.tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in todo}
         for i in todo:
             groups[(requests[i].max_tokens, requests[i].temperature)].append(i)
         for (max_tokens, temperature), idx in groups.items():
+            idx.sort(key=lambda i: (lengths[i], requests[i].key))  # similar lengths: less padding to compute
             for start in range(0, len(idx), self.max_batch):
                 batch = idx[start:start + self.max_batch]
-                prompts = [self.tokenizer.apply_chat_template(requests[i].messages, tokenize=False,
-                                                              add_generation_prompt=True) for i in batch]
-                enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                                     add_special_tokens=False).to(self.model.device)
                 sampling = ({"do_sample": True, "temperature": temperature} if temperature > 0
                             else {"do_sample": False})
+                # seeded from the batch's first request: a re-run samples the same
+                torch.manual_seed(int(hashlib.sha256(f"{self.seed}:{requests[batch[0]].key}".encode())
+                                      .hexdigest()[:8], 16))
                 with torch.no_grad():
                     out = self.model.generate(**enc, max_new_tokens=max_tokens, eos_token_id=self._stops,
                                               pad_token_id=self.tokenizer.pad_token_id, **sampling)

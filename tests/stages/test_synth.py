@@ -126,6 +126,11 @@ def test_openai_teacher_end_to_end_with_cache(made, tmp_path):
         items = _jsonl(art.path / "items.jsonl")
         assert {it["template"] for it in items} <= {f"builtin:{k}" for k in ("qa", "summary", "rationale", "preference")}
         assert m["cost_usd"] > 0 and m["teacher_stats"]["requests"] > 0
+        assert m["teacher_tokens"]["completion_tokens"] > 0 and set(m["acceptance"]) == set(m["generated"])
+        assert all(0 <= a <= 1 for a in m["acceptance"].values())
+        assert sum(sum(d.values()) for d in m["dropped_by_kind"].values()) == sum(m["dropped_by_filter"].values())
+        report = (art.path / "report.md").read_text()
+        assert "| kind | generated | kept | acceptance | dropped by filter |" in report and "teacher tokens" in report
         sent = len(server.fake.log)
         again = synth.run(scfg, store, {"curate": cur}, force=True)  # every reply comes from the cache
         assert len(server.fake.log) == sent and again.manifest["metrics"]["kept"] == m["kept"]
@@ -147,6 +152,30 @@ def test_fitness_check_names_the_failing_filter(made):
             synth.run(scfg, store, {"curate": cur})
     finally:
         server.close()
+
+
+def test_hf_teacher_is_a_base_name_or_a_folder_relative_to_the_recipe(tmp_path, small_corpus, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from slmforge import bases
+    from slmforge.modeling import ModelSize, build_model
+    from slmforge.stages import bench
+    from slmforge.stages.tokenizer import save_hf, train_bpe
+
+    monkeypatch.setenv("SLMFORGE_BASES", str(tmp_path / "bases"))
+    save_hf(train_bpe(iter(["a table of rows", "an index on a table"] * 20), vocab_size=300, min_frequency=1),
+            tmp_path / "m")
+    build_model(ModelSize(depth=1, aspect=32, head_dim=16, context=64), AutoTokenizer.from_pretrained(tmp_path / "m"),
+                seed=0)[0].save_pretrained(tmp_path / "m")
+    bases.add("tiny-teacher", tmp_path / "m")
+    recipe = small_recipe(small_corpus, tmp_path / "w")
+    recipe["synth"] = {"teacher": "hf", "hf_model": "tiny-teacher"}
+    recipe["bench"] = {"teacher": "hf", "hf_model": "m"}  # a folder next to the recipe
+    stages = load_recipe(write_recipe(tmp_path, recipe)).stages
+    assert stages["synth"].hf_model == "tiny-teacher" and stages["bench"].hf_model == str(tmp_path / "m")
+    assert synth.external(stages["synth"]) == {"hf_model": bases.fingerprint("tiny-teacher")}
+    assert bench.external(stages["bench"]) == {}  # a folder's teacher cache is keyed by its files
+    assert bases.locate(stages["synth"].hf_model) == bases.get("tiny-teacher").path
 
 
 def test_openai_settings_are_checked_with_the_recipe(tmp_path, small_corpus):

@@ -52,13 +52,18 @@ class Config(TeacherConfig):
     summary_tokens: int = Field(96, ge=8, description="tokens a model may generate for a summary (below its context)")
     prefix: str = Field("slmforge", pattern=r"^[a-z][a-z0-9_]*$", description="task names: <prefix>_<set>")
     dev: int = Field(100, ge=0, description="items per choice set from the val split, to pick checkpoints on")
-    seed: int = 0
+
+
+def external(cfg: Config) -> dict:
+    """A base named as the teacher (hf_model), by its identity, so that replacing it re-runs this stage."""
+    return cfg.external()
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {"curate": store.resolve("curate:latest"), "synth": store.resolve("synth:latest")}
     cache = store.workdir / "teacher-cache"
-    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out, cache), force=force)
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out, cache), force=force,
+                       external=external(cfg))
 
 
 def _from_model_teacher(cfg: Config, chunks: list[Chunk], wanted: dict[str, int], cache: Path) -> dict:

@@ -45,10 +45,11 @@ from rich.progress import TextColumn
 
 from slmforge import dist, hardware
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.bases import base_name, folder_or_name
 from slmforge.chat import stop_token_ids
-from slmforge.config import StageConfig, resolve_path
+from slmforge.config import StageConfig
 from slmforge.console import console, count_progress, info
-from slmforge.dapt import base_name, expand_vocabulary, init_source
+from slmforge.dapt import expand_vocabulary, init_source
 from slmforge.errors import UserError
 from slmforge.hardware import flops_per_token, use_bf16
 from slmforge.lm import nll
@@ -116,14 +117,7 @@ class Config(StageConfig):
     @classmethod
     def _init_from(cls, v: str | None, info: ValidationInfo) -> str | None:
         """A folder (relative to the recipe) when one is there, else a base name such as smollm2-135m."""
-        from slmforge.bases import is_name
-
-        if v is None:
-            return None
-        p = resolve_path(v, info)
-        if p.exists() or not is_name(v):
-            return str(p)
-        return v
+        return None if v is None else folder_or_name(v, info)
 
     @model_validator(mode="after")
     def _expand_needs_a_base(self):

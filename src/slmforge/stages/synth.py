@@ -73,7 +73,6 @@ class Config(TeacherConfig):
     shard_chunks: int = Field(50, ge=1, description="chunks per shard (the unit of resume)")
     fitness_requests: int = Field(8, ge=1, description="model teachers: requests of the fitness check")
     fitness_min_pass: float = Field(0.5, ge=0, le=1, description="share that must pass the filters")
-    seed: int = 0
 
     @field_validator("templates")
     @classmethod
@@ -84,13 +83,18 @@ class Config(TeacherConfig):
         return {k: str(resolve_path(p, info)) for k, p in v.items()}
 
 
+def external(cfg: Config) -> dict:
+    """A base named as the teacher (hf_model), by its identity, so that replacing it re-runs this stage."""
+    return cfg.external()
+
+
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {"curate": store.resolve("curate:latest")}
     # the teacher's reply cache lives beside the run directories, so a re-run with other settings or
     # --force pays for no request twice
     cache = store.workdir / "teacher-cache"
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, Curated.of(inputs["curate"]), out, cache),
-                       resumable=True, force=force)
+                       resumable=True, force=force, external=external(cfg))
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
@@ -148,8 +152,10 @@ def _fitness(cfg, teacher, picked, seeds, state) -> None:
                         for r in rows if not r["kept"])
         raise UserError(f"synth: the teacher failed the fitness check: {passed}/{len(rows)} trial items passed "
                         f"(need {cfg.fitness_min_pass:.0%}). Most common failure: "
-                        f"{fails.most_common(1)[0][0] if fails else 'no reply'}. Check the model, the templates "
-                        f"or synth.min_grounded before a long run.")
+                        f"{fails.most_common(1)[0][0] if fails else 'no reply'}. The teacher is not fit for "
+                        "these kinds: use a bigger one (hf_model: a larger local chat model, or teacher: openai "
+                        "with an OpenAI-compatible server such as vLLM or llama.cpp serving a 7B+ model), or "
+                        "check the templates or synth.min_grounded before a long run.")
     info(f"  synth · fitness check: {passed}/{len(rows)} trial items passed")
 
 
@@ -159,7 +165,12 @@ def _write_outputs(cfg, out: Path, shards, teacher, elapsed: float, n_chunks: in
     kept = [r for r in rows if r["kept"]]
     by_kind = Counter(r["kind"] for r in rows)
     kept_kind = Counter(r["kind"] for r in kept)
-    dropped = Counter(f"{k}" for r in rows if not r["kept"] for k, v in r["verdicts"].items() if v != "ok")
+    dropped_by_kind: dict[str, Counter] = {}  # an item can fail more than one filter; each is counted
+    for r in rows:
+        if not r["kept"]:
+            dropped_by_kind.setdefault(r["kind"], Counter()).update(
+                k for k, v in r["verdicts"].items() if v != "ok")
+    dropped = sum(dropped_by_kind.values(), Counter())
 
     def dump(name, items):
         with open(out / name, "w", encoding="utf-8") as f:
@@ -179,7 +190,11 @@ def _write_outputs(cfg, out: Path, shards, teacher, elapsed: float, n_chunks: in
     stats = dict(getattr(teacher, "stats", {}) or {})
     metrics = {"teacher": teacher.name, "chunks": n_chunks, "chunks_available": n_all_chunks,
                "generated": dict(by_kind), "kept": dict(kept_kind), "dropped_by_filter": dict(dropped),
+               "acceptance": {k: round(kept_kind.get(k, 0) / n, 4) for k, n in by_kind.items()},
+               "dropped_by_kind": {k: dict(v) for k, v in dropped_by_kind.items()},
                "items_per_minute": round(len(rows) / max(elapsed, 1e-6) * 60, 1), "quality": quality,
+               "wall_s": round(elapsed, 1), "teacher_tokens": {k: stats.get(k, 0) for k in
+                                                               ("prompt_tokens", "completion_tokens")},
                "teacher_stats": stats,
                "cost_usd": round(teacher.cost_usd(), 4) if hasattr(teacher, "cost_usd") else 0.0}
     (out / "report.md").write_text(_report(metrics, kept), encoding="utf-8")
@@ -194,10 +209,15 @@ def _quality(kept: list[dict]) -> dict:
 
 
 def _report(m: dict, kept: list[dict]) -> str:
+    tt = m.get("teacher_tokens", {})
     lines = ["# synth report", "", f"teacher: {m['teacher']}; chunks: {m['chunks']} of {m['chunks_available']}; "
-             f"{m['items_per_minute']} items/minute; cost ${m['cost_usd']}", "",
-             "| kind | generated | kept |", "|---|---|---|"]
-    lines += [f"| {k} | {m['generated'].get(k, 0)} | {m['kept'].get(k, 0)} |" for k in KINDS if k in m["generated"]]
+             f"{m['items_per_minute']} items/minute ({m.get('wall_s', 0):.0f} s); teacher tokens: "
+             f"{tt.get('prompt_tokens', 0):,} prompt, {tt.get('completion_tokens', 0):,} generated (this run, "
+             f"cache hits not counted); cost ${m['cost_usd']}", "",
+             "| kind | generated | kept | acceptance | dropped by filter |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {m['generated'].get(k, 0)} | {m['kept'].get(k, 0)} | {m['acceptance'].get(k, 0):.0%} | "
+              + (", ".join(f"{f} {n}" for f, n in sorted(m["dropped_by_kind"].get(k, {}).items())) or "-") + " |"
+              for k in KINDS if k in m["generated"]]
     lines += ["", "## Dropped by filter", ""] + [f"- {k}: {v}" for k, v in sorted(m["dropped_by_filter"].items())]
     lines += ["", "## Trivial-rule accuracy on choice items (chance 25%)", ""]
     lines += [f"- {k}: longest option {q['longest_option']:.0%}, most word overlap {q['most_overlap']:.0%}"
