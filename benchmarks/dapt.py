@@ -90,6 +90,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--max-bytes", type=int, default=100_000)
+    p.add_argument("--out", default=None, help="workdir for the DAPT runs (default: <workdir>/../dapt-bench)")
     p.add_argument("--trainer-steps", type=int, default=0, help="also time transformers.Trainer for N steps")
     args = p.parse_args()
 
@@ -99,6 +100,7 @@ def main() -> None:
     from slmforge.stages import pretrain
 
     store = ArtifactStore(args.workdir)
+    out = ArtifactStore(args.out or Path(args.workdir).parent / "dapt-bench")  # the workdir's runs stay as they are
     inputs = {s: store.resolve(f"{s}:latest") for s in pretrain.INPUTS}
     curated = Curated.of(inputs["curate"])
     base = bases.get(args.base)
@@ -110,7 +112,7 @@ def main() -> None:
                                   micro_batch=args.micro_batch, lr=args.lr, model={"context": args.context},
                                   expand_vocab=expand, eval_every=10_000, eval_tokens=4096, snapshots=0)
             t0 = time.time()
-            art = pretrain.run(cfg, store, inputs)
+            art = pretrain.run(cfg, out, inputs)
             m = art.manifest["metrics"]
             spec = m["models"]["specialist"]
             rows.append({"run": f"DAPT {budget}" + (f", expand_vocab {expand}" if expand else ""),
