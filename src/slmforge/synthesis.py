@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from slmforge.config import RecipePath, StageConfig
+from slmforge.config import StageConfig
 from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, content_words, heading_of
 from slmforge.records import Curated
