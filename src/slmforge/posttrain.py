@@ -45,8 +45,9 @@ def trainer_args(cfg: PostTrainConfig, work: Path, has_eval: bool, warmup: float
 
     return dict(
         output_dir=str(work), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=warmup,  # < 1: a share of the steps
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
+        warmup_steps=warmup,  # < 1: a share of the steps
         eval_strategy="epoch" if has_eval else "no", save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed, bf16=use_bf16(cfg.precision),
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,

@@ -169,8 +169,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     acc_key = next((k for k in evals if k.endswith("rewards/accuracies")), None)
     tokens = int(trainer.state.num_input_tokens_seen or 0)  # prompt + chosen and rejected, without padding
     metrics = {**run["metrics"], "eval_reward_accuracy": round(evals[acc_key], 4) if acc_key else None,
-               "tokens_per_s": round(tokens / run["wall"], 1) if run["wall"] and tokens else None, "params_changed": params_changed(before, trainer.model),
-               "beta": cfg.beta, "loss_type": cfg.loss_type}
+               "tokens_per_s": round(tokens / run["wall"], 1) if run["wall"] and tokens else None,
+               "params_changed": params_changed(before, trainer.model), "beta": cfg.beta, "loss_type": cfg.loss_type}
     result = {"model": trainer.model, "tokenizer": tok, "log": run["log"], "wall": run["wall"], "tokens": tokens,
               "metrics": metrics}
     entry = dist.on_main(finish, result, out, "dpo", base, stats, NAME, work) or {}
