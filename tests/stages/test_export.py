@@ -95,7 +95,8 @@ def test_slmforge_json_describes_the_export(exported):
     assert dpo["lineage"]["stages"]["sft"] == store.resolve("sft:latest").key
     pre = store.resolve("pretrain:latest").manifest["metrics"]["models"]["specialist"]["tokens"]
     sft = store.resolve("sft:latest").manifest["metrics"]["models"]["sft-rationale"]["tokens"]
-    assert dpo["training_tokens"] == pre + sft  # dpo counts no tokens of its own
+    own = store.resolve("dpo:latest").manifest["metrics"]["models"]["dpo"]["tokens"]
+    assert own > 0 and dpo["training_tokens"] == pre + sft + own  # the lineage's tokens, dpo's pairs included
 
 
 def test_domain_samples_come_from_the_train_and_test_splits(exported):
