@@ -85,7 +85,7 @@ def hf_teacher(ref: str, curate, n_prompts: int, batches: list[int], max_tokens:
     curated = Curated.of(curate)
     chunks = split_chunks(curated, "train", curated.domain, 1500)[:n_prompts]
     prompts = [render_prompt("qa", c, [], {})[0] for c in chunks]
-    folder = bases.locate(ref) if bases.is_name(ref) else Path(ref)
+    folder = bases.locate(bases.folder_or_name(ref, None))  # as a recipe's hf_model names it
     rows = []
     for b in batches:
         teacher = HFTeacher(folder, tmp / f"hf-cache-{b}", max_batch=b, dtype="bfloat16")

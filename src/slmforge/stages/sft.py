@@ -30,7 +30,6 @@ Trainer checkpoints go to `trainer-<name>/` every `save_steps`; a killed run res
 from __future__ import annotations
 
 import json
-import math
 import random
 import warnings
 from pathlib import Path
@@ -257,8 +256,7 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, disti
         model.save_pretrained(str(out / name / "adapter"))
         model = model.merge_and_unload()
     wall = run["wall"]
-    tokens = int(trainer.state.num_input_tokens_seen or 0) or (0 if cfg.max_steps else sum(
-        len(x) for x in trainer.train_dataset["input_ids"]) * math.ceil(cfg.epochs))
+    tokens = int(trainer.state.num_input_tokens_seen or 0)  # counted by the trainer (trainer_args), no padding
     return {"model": model, "tokenizer": tok, "log": run["log"], "wall": wall, "tokens": tokens,
             "metrics": {**run["metrics"], "tokens_per_s": round(tokens / wall, 1) if wall else None,
                         "params_changed": params_changed(before, model),
