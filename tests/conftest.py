@@ -156,7 +156,7 @@ def benched(tmp_path_factory, small_corpus):
     return _model_pipeline(tmp_path_factory, small_corpus, "bench")
 
 
-ALL_KINDS = ["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]
+ALL_KINDS = ["qa", "mcq", "completion", "summary", "instruction", "evidence", "preference"]
 
 
 def post_recipe(small_corpus, workdir, **sft_settings) -> dict:

@@ -27,7 +27,7 @@ def test_init_writes_a_recipe_that_loads_and_never_overwrites(tmp_path):
     assert "name: my-domain" in text and "# " in text  # commented
     (target / "data" / "notes.md").write_text("# Notes\n\nThe pump must be primed before start.\n")
     recipe = load_recipe(target / "recipe.yaml")
-    assert list(recipe.stages) == ["ingest", "curate", "tokenizer", "plan", "pretrain", "synth", "sft", "dpo",
+    assert list(recipe.stages) == ["ingest", "curate", "tokenizer", "plan", "synth", "pretrain", "sft", "dpo",
                                    "bench", "evaluate", "report", "export"]
     assert list(recipe.services) == ["serve"] and recipe.services["serve"].catalog == str(target / "catalog.db")
     (target / "recipe.yaml").write_text("name: mine\n")

@@ -25,7 +25,7 @@ from slmforge.extractive import (
 )
 from tests.conftest import DATA
 
-KINDS = ["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]
+KINDS = ["qa", "mcq", "completion", "summary", "instruction", "evidence", "preference", "reading"]
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +188,35 @@ def test_completion_continues_a_sentence_of_the_chunk_against_endings_of_other_s
         assert max(overlap[i] for i in range(4) if i != it["answer_index"]) >= overlap[it["answer_index"]]
 
 
-def test_summary_instruction_rationale_and_preference_are_taken_from_the_text(made, pool):
+def test_reading_comprehension_text_is_the_passage_then_questions_mined_from_it(made, pool):
+    from slmforge.extractive import READING_HEADER
+
+    assert len(made["reading"]) > 20
+    for chunk, it in made["reading"]:
+        head, _, qa = it["text"].partition(f"\n\n{READING_HEADER}\n\n")
+        assert head == chunk.text.strip() and len(it["pairs"]) >= 3
+        assert qa == "\n\n".join(f"Q: {q}\nA: {a}" for q, a in it["pairs"])
+        flat = _flat(chunk.text)
+        for q, a in it["pairs"]:
+            claim = q.partition('this statement: "')[2].removesuffix('"?')
+            if claim:  # supported statements come from this chunk, unsupported ones from another
+                assert (a == "Yes.") == (claim in flat)
+            elif a not in ("Yes.", "No."):
+                assert a in flat or a == heading_of(chunk)
+
+
+def test_summary_instruction_evidence_and_preference_are_taken_from_the_text(made, pool):
     for chunk, it in made["summary"]:
         assert it["answer"] == lead_answer(chunk, 2) and chunk.text.strip() in it["question"]
     for chunk, it in made["instruction"]:
         assert it["question"].endswith(f" {heading_of(chunk)}.")
         assert it["answer"] in [_flat(p) for p in chunk.text.split("\n\n")]
-    for chunk, it in made["rationale"]:
+    assert made["evidence"]
+    for chunk, it in made["evidence"]:  # quoted evidence, called what it is: no pretended reasoning
         support = [s for s in chunk.sentences() if s in it["answer"]]  # the answer is made of them
-        assert support and it["rationale"].startswith(f'The section "{heading_of(chunk)}" says: "')
-        assert all(f'"{s}"' in it["rationale"] for s in support)
-        assert it["rationale"].endswith(f"so: {it['answer']}")
+        assert support and it["rationale"] == (f'The section "{heading_of(chunk)}" says: '
+                                               + " ".join(f'"{s}"' for s in support))
+        assert it["template"].startswith("quoted-")
     answers = dict(pool.answers)
     for chunk, it in made["preference"]:
         chosen, rejected = it["chosen"][0]["content"], it["rejected"][0]["content"]

@@ -9,9 +9,14 @@ span of the source chunk. It is the default teacher so the pipeline and its test
 - completion: the first part of a sentence; the true ending against endings of other sentences.
 - summary: the section, summarised by its lead sentences.
 - instruction: "Explain <heading>." answered by the section's opening paragraph.
-- rationale: a question, its answer and the supporting sentences quoted as the evidence.
+- evidence: a question, its answer and the supporting sentences quoted (no reasoning: a teacher without
+  a model cannot explain; model teachers write `rationale` items, their own reasoning, instead).
 - preference: a question with the grounded answer (chosen) against an answer taken from another
   section (rejected).
+- reading: the chunk followed by questions about it and their answers, mined from the text itself
+  (a title, definitions, a term used in a sentence, a sentence to complete, statements the text does
+  or does not support), the regex-mined reading-comprehension tasks of Cheng et al. 2024 ("Adapting
+  Large Language Models via Reading Comprehension"): pretraining text that teaches to use the domain.
 """
 
 from __future__ import annotations
@@ -163,6 +168,15 @@ def _user(text: str) -> list[dict]:
 
 def _chat(question: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+READING_HEADER = "Questions about the text above:"
+
+
+def reading_text(chunk_text: str, pairs: list[tuple[str, str]]) -> str:
+    """A reading-comprehension document: the passage, then its questions and answers."""
+    qa = "\n\n".join(f"Q: {q}\nA: {a}" for q, a in pairs)
+    return f"{chunk_text.strip()}\n\n{READING_HEADER}\n\n{qa}"
 
 
 class ExtractiveTeacher:
@@ -320,18 +334,47 @@ class ExtractiveTeacher:
         a = " ".join(paras[0].split())
         return {"kind": "instruction", "template": "heading", "question": q, "answer": a, "messages": _chat(q, a)}
 
-    def _rationale(self, chunk, rng):
+    def _evidence(self, chunk, rng):
         qa = self._question(chunk, rng)
         if not qa:
             return None
         q, a, template = qa
         sents = chunk.sentences()
         support = [s for s in sents if s in a] or sents[:1]
-        evidence = " ".join(f'"{s}"' for s in support)
-        steps = (f"The section \"{heading_of(chunk)}\" says: {evidence} "
-                 f"This states the answer directly, so: {a}")
-        return {"kind": "rationale", "template": template, "question": q, "answer": a, "rationale": steps,
-                "messages": _chat(q, a)}
+        quoted = " ".join(f'"{s}"' for s in support)
+        return {"kind": "evidence", "template": f"quoted-{template}", "question": q, "answer": a,
+                "rationale": f"The section \"{heading_of(chunk)}\" says: {quoted}", "messages": _chat(q, a)}
+
+    def _reading(self, chunk, rng):
+        sents = chunk.sentences()
+        pairs: list[tuple[str, str]] = []
+        heading = heading_of(chunk)
+        if heading and len(heading.split()) <= 10:
+            pairs.append(("What is a good title for this text?", heading))
+        for q, a in rng.sample(self._definitions(chunk), min(2, len(self._definitions(chunk)))):
+            pairs.append((q, a))
+        with_terms = [(s, t) for s in sents for t in terms_in(s)]
+        if with_terms:
+            s, t = rng.choice(with_terms)
+            pairs.append((f"Write a sentence about {heading or 'this topic'} that uses the term \"{t}\".", s))
+        long = [s for s in sents if len(s.split()) >= 10]
+        if long:
+            words = rng.choice(long).split()
+            cut = max(4, int(len(words) * 0.55))
+            pairs.append((f"How does the text complete this sentence: \"{' '.join(words[:cut])} ...\"?",
+                          " ".join(words[cut:])))
+        others = [x for cid, x in rng.sample(self.pool.sentences, min(20, len(self.pool.sentences)))
+                  if cid != chunk.id and x not in sents]
+        if sents and others:
+            claims = [(rng.choice(sents), "Yes."), (rng.choice(others), "No.")]
+            rng.shuffle(claims)
+            pairs += [(f"Does the text support this statement: \"{c}\"?", a) for c, a in claims]
+        if len(pairs) < 3:
+            return None
+        q = "Read the text and answer the questions about it."
+        answer = "\n".join(a for _, a in pairs)
+        return {"kind": "reading", "template": "mined", "question": q, "answer": answer, "pairs": pairs,
+                "text": reading_text(chunk.text, pairs), "messages": _chat(q, answer)}
 
     def _preference(self, chunk, rng):
         qa = self._question(chunk, rng)

@@ -18,10 +18,17 @@ def tokenize_split(tokenizer, curate: Artifact, split: str, source: str, path: P
     """Write the split's documents as one token stream (BOS doc EOS ...) to `path`; returns its length."""
     if path.is_file():
         return int(np.load(path, mmap_mode="r").shape[0])
+    texts = [r["text"] for r in read_documents(curate.path / "data" / split, source, columns=["text"])]
+    return tokenize_texts(tokenizer, texts, source, path)
+
+
+def tokenize_texts(tokenizer, texts: list[str], source: str, path: Path) -> int:
+    """Write texts as one token stream (BOS text EOS ...) to `path`; returns its length."""
+    if path.is_file():
+        return int(np.load(path, mmap_mode="r").shape[0])
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"pretrain: the tokenizer of {source} is not a fast (tokenizers) tokenizer")
-    texts = [r["text"] for r in read_documents(curate.path / "data" / split, source, columns=["text"])]
     chunks = []
     for i in range(0, len(texts), 256):
         for e in tokenizer.backend_tokenizer.encode_batch(texts[i:i + 256], add_special_tokens=False):
@@ -36,10 +43,14 @@ def tokenize_split(tokenizer, curate: Artifact, split: str, source: str, path: P
 
 
 class Sampler:
-    """Deterministic packed-window sampler over several sources with a domain-fraction schedule."""
+    """Deterministic packed-window sampler over several sources with a domain-fraction schedule. Within
+    the domain (or general) group a source is drawn in proportion to its size, except the sources in
+    `shares`, which get that share of their group's draws (pretrain.reading)."""
 
-    def __init__(self, streams: dict[str, np.ndarray], domain: list[str], seq: int, seed: int):
+    def __init__(self, streams: dict[str, np.ndarray], domain: list[str], seq: int, seed: int,
+                 shares: dict[str, float] | None = None):
         self.streams, self.seq, self.seed = streams, seq, seed
+        self.shares = dict(shares or {})
         self.names = sorted(streams)
         self.windows = {s: max(0, (len(a) - 1) // seq) for s, a in streams.items()}
         self.domain = [s for s in self.names if s in domain and self.windows[s]]
@@ -70,6 +81,19 @@ class Sampler:
         self.consumed[source] = k + 1
         return np.asarray(self.streams[source][start:start + self.seq + 1], dtype=np.int64)
 
+    def _cdf(self, group: list[str]) -> np.ndarray:
+        """The cumulative probability of each source of a group: fixed shares, the rest by size."""
+        sizes = np.array([self.windows[s] for s in group], dtype=float)
+        fixed = {s: self.shares[s] for s in group if s in self.shares}
+        if not fixed:
+            return np.cumsum(sizes) / sizes.sum()
+        rest = sum(n for s, n in zip(group, sizes) if s not in fixed)
+        if not rest:
+            w = np.array([fixed[s] for s in group])
+            return np.cumsum(w) / w.sum()
+        left = 1.0 - sum(fixed.values())
+        return np.cumsum([fixed[s] if s in fixed else left * n / rest for s, n in zip(group, sizes)])
+
     def batch(self, step: int, n_seq: int, p_domain: float) -> np.ndarray:
         """The global batch of `step`: n_seq windows, each from the domain with probability p_domain."""
         rng = np.random.default_rng([self.seed, 1_000_003, step])
@@ -77,7 +101,6 @@ class Sampler:
         rows = []
         for d, u in zip(draws, picks):
             group = self.domain if (d < p_domain and self.domain) or not self.general else self.general
-            sizes = np.array([self.windows[s] for s in group], dtype=float)
-            source = group[int(np.searchsorted(np.cumsum(sizes) / sizes.sum(), u, side="right").clip(0, len(group) - 1))]
+            source = group[int(np.searchsorted(self._cdf(group), u, side="right").clip(0, len(group) - 1))]
             rows.append(self._window(source))
         return np.stack(rows)

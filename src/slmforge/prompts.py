@@ -1,5 +1,5 @@
 """One prompt shape per benchmark set: bench renders them into lm-eval task YAML, and whatever else
-needs a set's prompt (SFT's extra prompt shapes today) renders the same text from here.
+needs a set's prompt renders the same text from here. Training data never uses them (`template_of`).
 
 The shapes are Python format strings over the set's JSONL fields; `task_yaml` turns `{field}` into
 lm-eval's Jinja `{{field}}`, so the harness and `render` produce the same prompt for an item.
@@ -8,6 +8,7 @@ lm-eval's Jinja `{{field}}`, so the harness and `render` produce the same prompt
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 QA_INSTRUCTION = "Fill in the blank with a term from the text above."
@@ -15,6 +16,7 @@ PROMPTS = {
     "mcq": "{question}\nAnswer:",
     "completion": "{question}",
     "qa": "{passage}\n\n" + QA_INSTRUCTION + "\n{question}\nAnswer:",
+    "qa_open": "{passage}\n\nQuestion: {question}\nAnswer:",  # a model teacher's qa set: a real question
     "summarization": "{document}\n\nSummary:",
 }
 # The accuracy each choice set is judged by. mcq options are single terms of one shape, so their
@@ -28,6 +30,21 @@ HEADLINE = {"mcq": "acc", "completion": "acc_mutual_info"}
 def render(set_name: str, **fields: str) -> str:
     """The prompt of one item of a set, as the harness shows it to a model."""
     return PROMPTS[set_name].format(**fields)
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{\w+\}", template)
+    return re.compile("(?s:.+)".join(map(re.escape, parts)))
+
+
+def template_of(text: str) -> str | None:
+    """The set whose prompt template `text` fills, if any: training data must not use these shapes
+    (a benchmark would then measure format learning). `completion`'s template is the bare text, which
+    every prompt fills, so it is checked item by item instead (tests/stages/test_sft.py)."""
+    for name, template in PROMPTS.items():
+        if template != "{question}" and _pattern(template).fullmatch(text):
+            return name
+    return None
 
 
 def _doc_to_text(set_name: str) -> str:
@@ -46,12 +63,14 @@ def task_yaml(task: str, kind: str, data: Path, summary_tokens: int = 96) -> str
                        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
                        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
                        "  - metric: acc_mutual_info\n    aggregation: mean\n    higher_is_better: true\n")
-    if kind == "qa":
+    if kind in ("qa", "qa_open"):  # a term (stop at the sentence's end), or a one-sentence answer
+        until, tokens = ('["\\n", "."]', 16) if kind == "qa" else ('["\\n"]', 48)
         return head + ("output_type: generate_until\n" + text + 'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n'
-                       '  until: ["\\n", "."]\n'
-                       "  max_gen_toks: 16\n  do_sample: false\nprocess_results: !function utils.process_qa\n"
+                       f"  until: {until}\n"
+                       f"  max_gen_toks: {tokens}\n  do_sample: false\nprocess_results: !function utils.process_qa\n"
                        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-                       "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n")
+                       "  - metric: f1\n    aggregation: mean\n    higher_is_better: true\n"
+                       "  - metric: rougeL\n    aggregation: mean\n    higher_is_better: true\n")
     return head + ("output_type: generate_until\n" + text +
                    'doc_to_target: "{{summary}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n'
                    f"  max_gen_toks: {summary_tokens}\n"
@@ -89,17 +108,21 @@ def _lcs(a, b):
     return prev[-1]
 
 
+def _rouge_l(pred, ref):
+    p, r = _tokens(pred), _tokens(ref)
+    lcs = _lcs(p, r)
+    if not p or not r or not lcs:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
 def process_qa(doc, results):
     pred = results[0].strip()
     return {"exact_match": float(" ".join(_tokens(pred)) == " ".join(_tokens(doc["answer"]))),
-            "f1": _f1(pred, doc["answer"])}
+            "f1": _f1(pred, doc["answer"]), "rougeL": _rouge_l(pred, doc["answer"])}
 
 
 def process_summary(doc, results):
-    p, r = _tokens(results[0]), _tokens(doc["summary"])
-    lcs = _lcs(p, r)
-    if not p or not r or not lcs:
-        return {"rougeL": 0.0}
-    precision, recall = lcs / len(p), lcs / len(r)
-    return {"rougeL": 2 * precision * recall / (precision + recall)}
+    return {"rougeL": _rouge_l(results[0], doc["summary"])}
 '''

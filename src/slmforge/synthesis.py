@@ -23,12 +23,17 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge.config import StageConfig
 from slmforge.errors import UserError
-from slmforge.extractive import Chunk, ExtractiveTeacher, content_words, heading_of
+from slmforge.extractive import Chunk, ExtractiveTeacher, content_words, heading_of, reading_text
 from slmforge.records import Curated
 from slmforge.teacher import OpenAIConfig
 
-Kind = Literal["qa", "mcq", "completion", "summary", "instruction", "rationale", "preference"]
+Kind = Literal["qa", "mcq", "completion", "summary", "instruction", "rationale", "evidence", "preference", "reading"]
 KINDS: tuple[str, ...] = get_args(Kind)
+# `rationale`: the teacher's own step-by-step reasoning from the chunk to the answer (model teachers);
+# `evidence`: the chunk's supporting sentences, quoted (the extractive teacher: it cannot reason). Both
+# carry the text in a `rationale` field: the second task of step-by-step distillation.
+REASONS = ("rationale", "evidence")
+# `reading`: the chunk followed by questions and answers about it, a document for pretraining (not SFT)
 
 
 # ---- who writes the items ------------------------------------------------------------------------------
@@ -142,6 +147,7 @@ def select_chunks(chunks: list[Chunk], max_chunks: int | None, topics: list[str]
 REQUIRED = {"qa": ("question", "answer"), "mcq": ("question", "options", "answer_index"),
             "completion": ("question", "options", "answer_index"), "summary": ("question", "answer"),
             "instruction": ("question", "answer"), "rationale": ("question", "answer", "rationale"),
+            "evidence": ("question", "answer", "rationale"), "reading": ("question", "answer", "pairs"),
             "preference": ("prompt", "chosen", "rejected")}
 
 
@@ -149,6 +155,9 @@ def schema_problem(item: dict) -> str | None:
     for f in REQUIRED[item["kind"]]:
         if item.get(f) in (None, "", []):
             return f"missing {f}"
+    if item["kind"] == "reading" and not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+            isinstance(x, str) and x.strip() for x in p) for p in item["pairs"]):
+        return "questions and answers must be non-empty strings, as many of each"
     if item["kind"] in ("mcq", "completion"):
         opts = item["options"]
         if len(opts) != 4 or len(set(opts)) != 4 or not 0 <= item["answer_index"] < 4:
@@ -262,6 +271,10 @@ def apply_filters(item: dict, chunk: Chunk, state: FilterState) -> dict:
     v["near_dup"] = "near-duplicate prompt" if state.near_dup(item["kind"]).seen(prompt_text(item) + " " + ans) else "ok"
     share = grounded_share(ans, chunk.text)
     v["grounded"] = "ok" if share >= f.min_grounded else f"{share:.0%} of the answer's words are in the chunk"
+    if item["kind"] in REASONS and v["grounded"] == "ok":  # the reasoning, too, must come from the chunk
+        share = grounded_share(item["rationale"], chunk.text)
+        if share < f.min_grounded:
+            v["grounded"] = f"{share:.0%} of the rationale's words are in the chunk"
     text = " ".join([prompt_text(item), ans, item.get("rationale", "")])
     hits = ngrams(text, f.decontam_ngram) & state.heldout
     v["decontam"] = "ok" if not hits else f"{len(hits)} {f.decontam_ngram}-grams shared with val/test"
@@ -276,6 +289,8 @@ SCHEMAS = {
     "summary": {"answer": "string"},
     "instruction": {"question": "string", "answer": "string"},
     "rationale": {"question": "string", "answer": "string", "rationale": "string"},
+    "evidence": {"question": "string", "answer": "string", "rationale": "string"},
+    "reading": {"questions": "array", "answers": "array"},
     "preference": {"question": "string", "chosen": "string", "rejected": "string"},
 }
 
@@ -339,6 +354,12 @@ def item_from_reply(kind: str, data: dict) -> dict:
         item["chosen"] = [{"role": "assistant", "content": data.get("chosen") or ""}]
         item["rejected"] = [{"role": "assistant", "content": data.get("rejected") or ""}]
         item["answer"] = data.get("chosen")
+    if kind == "reading":
+        qs, ans = data.get("questions"), data.get("answers")
+        ok = isinstance(qs, list) and isinstance(ans, list) and len(qs) == len(ans)
+        item["pairs"] = [[str(q), str(a)] for q, a in zip(qs, ans)] if ok else [["", ""]]
+        item["question"] = "Read the text and answer the questions about it."
+        item["answer"] = "\n".join(a for _, a in item["pairs"])
     if kind in ("mcq", "completion") and isinstance(item.get("options"), list) and \
             isinstance(item.get("answer_index"), int) and 0 <= item["answer_index"] < len(item["options"]):
         item["answer"] = item["options"][item["answer_index"]]
@@ -374,6 +395,8 @@ def generate_items(teacher, shard: list[Chunk], kinds, per_chunk: int, seeds: li
                 continue
             item = item_from_reply(kind, reply.data)
             item["template"] = tname
+            if kind == "reading":
+                item["text"] = reading_text(c.text, item["pairs"])
             made.append((c, item))
     for c, item in made:
         item.update(chunk_id=c.id, source_doc=c.doc_id, teacher=teacher.name)

@@ -95,3 +95,38 @@ def test_a_model_teacher_writes_the_sets_through_the_synth_prompts_and_filters(b
     assert all(it["options"][1:] == ["alpha", "beta", "gamma"] and it["answer_index"] == 0 for it in mcq)
     summ = _jsonl(made.path / "tasks" / "summarization.jsonl")[0]
     assert summ["summary"] in " ".join(summ["document"].split())
+    assert m["independence"]["qa"] == {"generator": "openai:fake", "training_data": "extractive",
+                                       "same_generator": False, "same_prompt_shape": False}
+    qa = _jsonl(made.path / "tasks" / "qa.jsonl")
+    from slmforge.extractive import content_words
+
+    assert qa and all(set(content_words(it["answer"])) & set(content_words(it["passage"])) for it in qa)
+    spec = yaml.safe_load((made.path / "tasks" / "slmforge_qa.yaml").read_text().replace("!function ", ""))
+    assert "Question: {{question}}" in spec["doc_to_text"] and spec["generation_kwargs"]["max_gen_toks"] == 48
+    assert [x["metric"] for x in spec["metric_list"]] == ["exact_match", "f1", "rougeL"]
+
+
+def test_a_model_teacher_writes_only_its_sets_with_bench_own_qa_prompt(built, tmp_path):
+    from tests.fake_openai import GroundedServer
+
+    art, cur = built
+    syn = ArtifactStore(art.path.parent.parent).resolve("synth:latest")
+    store = ArtifactStore(tmp_path / "w")  # its own teacher cache: every prompt reaches the server
+    server, prompts = GroundedServer(), []
+    answer = server.fake.answer
+    server.fake.answer = lambda path, body, auth: (prompts.append(body["messages"][-1]["content"]),
+                                                   answer(path, body, auth))[1]
+    try:
+        cfg = bench.Config(mcq=4, completion=4, qa=4, summarization=2, dev=2, teacher="openai", teacher_sets=["qa"],
+                           openai={"base_urls": [server.url], "model": "fake", "concurrency": 4})
+        made = bench.run(cfg, store, {"curate": cur, "synth": syn})
+    finally:
+        server.fake.close()
+    m = made.manifest["metrics"]
+    assert prompts and all("exam question" in p and "a user of this software would really ask" in p for p in prompts)
+    assert not any("training data" in p for p in prompts)  # synth's prompts say "You write training data"
+    assert m["independence"]["qa"]["same_generator"] is False
+    assert m["independence"]["mcq"] == {"generator": "extractive", "training_data": "extractive",
+                                        "same_generator": True, "same_prompt_shape": False}
+    mcq = _jsonl(made.path / "tasks" / "mcq.jsonl")
+    assert mcq and all("_____" in it["question"] and "alpha" not in it["options"] for it in mcq)

@@ -172,3 +172,53 @@ def test_model_entries_are_checked_with_the_recipe(tmp_path, small_corpus):
     del recipe["pretrain"]
     with pytest.raises(UserError, match="evaluate: needs the pretrain stage's output"):
         load_recipe(write_recipe(tmp_path, recipe))
+
+
+def test_a_judge_grades_qa_answers_next_to_f1(benched, tmp_path):
+    """Two chat endpoints (one knows every reference, one answers "no idea") and a judge server: the
+    judge's score, its prompt and its agreement with F1 >= 0.5 land in the metrics."""
+    import re as _re
+
+    from slmforge import judge
+    from tests.fake_openai import FakeServer
+
+    _, workdir, r = benched
+    assert r.returncode == 0, r.stderr
+    store = ArtifactStore(workdir)
+    bench = store.resolve("bench:latest")
+    oracle, clueless, judged = OracleServer(bench.path / "tasks"), OracleServer(bench.path / "tasks"), []
+    clueless.refs = {}  # answers "no idea" to everything
+
+    def verdict(path, body, auth):
+        prompt = body["messages"][-1]["content"]
+        ref = _re.search(r"Reference answer: (.*)\n", prompt).group(1)
+        ans = _re.search(r"Answer to grade: (.*)\n", prompt).group(1)
+        judged.append(prompt)
+        yes = bool(set(ref.lower().split()) & set(ans.lower().split()) - {"the", "a", "of"})
+        return 200, {"id": "j", "object": "chat.completion", "model": body["model"],
+                     "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                         "role": "assistant", "content": json.dumps({"verdict": "yes" if yes else "no"})}}],
+                     "usage": {"prompt_tokens": 50, "completion_tokens": 3}}, {}
+
+    judge_server = FakeServer()
+    judge_server.answer = verdict
+    try:
+        cfg = evaluate.Config(models=[{"name": "oracle", "base_url": oracle.url, "api": "chat"},
+                                      {"name": "clueless", "base_url": clueless.url, "api": "chat"}],
+                              samples=0, judge={"base_url": judge_server.url, "model": "big-judge", "sample": 5})
+        art = evaluate.run(cfg, ArtifactStore(tmp_path / "w"), {"curate": store.resolve("curate:latest"), "bench": bench})
+    finally:
+        oracle.fake.close()
+        clueless.fake.close()
+        judge_server.close()
+    m = art.manifest["metrics"]
+    qa = "slmforge_qa"
+    assert m["benchmarks"]["oracle"][qa]["judge"] == 1.0 and m["benchmarks"]["clueless"][qa]["judge"] == 0.0
+    assert len(judged) == 10 and all("Question: " in p for p in judged)
+    j = m["judge"]
+    assert j["model"] == "big-judge" and j["prompt"] == judge.VERDICT_PROMPT
+    assert j["per_model"]["oracle"] == {"items": 5, "unparsed": 0, "judge_correct": 1.0, "f1_correct": 1.0,
+                                        "agreement": 1.0, "kappa": 1.0}
+    assert j["pooled"]["items"] == 10 and j["pooled"]["kappa"] == 1.0
+    assert judge.agreement([True, True, False, None], [0.9, 0.1, 0.2, 1.0]) == {
+        "items": 3, "unparsed": 1, "judge_correct": 0.6667, "f1_correct": 0.3333, "agreement": 0.6667, "kappa": 0.4}

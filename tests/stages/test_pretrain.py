@@ -44,6 +44,36 @@ def test_sampler_is_deterministic_packs_windows_and_follows_the_fraction():
     assert (c.batch(20, 64, 0.25) == a.batch(20, 64, 0.25)).all()
 
 
+def test_a_source_with_a_fixed_share_gets_that_share_of_its_group():
+    streams = {"dom": np.arange(10_000) % 500, "reading": np.arange(2_000) % 300 + 2000,
+               "gen": np.arange(20_000) % 700 + 1000}
+    s = Sampler(streams, ["dom", "reading"], 16, seed=1, shares={"reading": 0.4})
+    rows = np.concatenate([s.batch(i, 64, 1.0) for i in range(40)])
+    share = (rows >= 2000).all(axis=1).mean()  # by size alone it would be 2000 / 12000 = 0.17
+    assert 0.35 < share < 0.45 and not ((rows >= 1000) & (rows < 2000)).any()
+    plain = Sampler(streams, ["dom", "reading"], 16, seed=1)
+    by_size = (np.concatenate([plain.batch(i, 64, 1.0) for i in range(40)]) >= 2000).all(axis=1).mean()
+    assert 0.11 < by_size < 0.23
+
+
+def test_reading_comprehension_texts_are_mixed_in_from_synth(trained, tmp_path):
+    recipe, run_dir = trained
+    work = tmp_path / "w"
+    r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}", "--set", "reading=0.3",
+                 "--set", "baseline=false")
+    assert r.returncode == 2 and "pretrain.reading: the synth stage made no reading-comprehension texts" in r.stderr
+    r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}", "--set", "reading=0.3",
+                 "--set", "baseline=false", "--set", "synth.kinds=[qa, reading]")
+    assert r.returncode == 0, r.stderr
+    [d] = [p for p in (work / "pretrain").iterdir() if (p / "manifest.json").is_file()]  # not the failed one
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["metrics"]["models"]["specialist"]["sources"][-1] == "reading" and "synth" in m["inputs"]
+    syn = work / "synth" / m["inputs"]["synth"]
+    docs = [json.loads(x)["text"] for x in (syn / "reading.jsonl").read_text().splitlines()]
+    assert docs and all("\n\nQuestions about the text above:\n\nQ: " in t for t in docs)
+    assert (d / "tokens" / "specialist" / "reading.train.npy").is_file()
+
+
 def _weights(folder):
     from safetensors.torch import load_file
 

@@ -18,6 +18,8 @@ def test_the_report_gathers_every_stage_and_its_charts_render(model_run, tmp_pat
     assert "http://" not in page.replace("http://www.w3.org", "")  # self-contained
     md = (run / "report.md").read_text()
     assert md.startswith("# slmforge report") and "## Quality gate" in md and "| specialist |" in md
+    assert "### Where the benchmarks come from" in md and "Where the benchmarks come from" in page
+    assert "| mcq | extractive | extractive | yes: a gain may be the generator's style | no |" in md
     results = json.loads(next((workdir / "evaluate").glob("*/results.json")).read_text())
     assert results["answers"]["specialist"]["slmforge_qa"][0]["target"]
     _screenshot_shows_the_charts(run / "report.html", tmp_path / "shot.png")

@@ -33,6 +33,34 @@ def test_sft_trains_every_parameter_and_the_loss_falls(posttrained):
     assert "[label]" not in rat
 
 
+def test_no_training_prompt_is_a_bench_prompt(posttrained):
+    """SFT must not train the benchmarks' prompt shapes: a gain would then be format learning."""
+    from slmforge import prompts
+    from slmforge.artifacts import ArtifactStore
+    from slmforge.records import Curated, Synthesized
+
+    _, workdir = posttrained
+    store = ArtifactStore(workdir)
+    items = Synthesized.of(store.resolve("synth:latest")).items
+    cfg = sft.Config(eval_fraction=0.0)
+    general = sft.general_examples(cfg, Curated.of(store.resolve("curate:latest")), 50)
+    data = sft.build_data(cfg, items, general, lambda t, add_special_tokens=False: {"input_ids": t.split()}, True)
+    users = {m[0]["content"].removeprefix(sft.RATIONALE) for m in data["train"]}
+    assert len(users) > 100 and {it["kind"] for it in items} >= {"mcq", "completion", "summary", "qa", "evidence"}
+    assert not [u for u in users if prompts.template_of(u)]  # no training prompt has a bench template's shape
+    rendered = set()  # and no item's own bench prompt, rendered as the harness renders it, is trained on
+    for it in items:
+        if it["kind"] in ("mcq", "completion"):
+            rendered.add(prompts.render(it["kind"], question=it["question"]))
+        if it["kind"] == "mcq":
+            term = it["options"][it["answer_index"]]
+            rendered.add(prompts.render("qa", passage=it["question"].replace("_____", term), question=it["question"]))
+        if it["kind"] == "summary":
+            rendered.add(prompts.render("summarization", document=it["question"].split("\n\n", 1)[-1]))
+    assert len(rendered) > 20 and not users & rendered
+    assert prompts.template_of(prompts.render("qa", passage="p", question="q _____"))  # the check can fail
+
+
 def test_rationale_items_become_two_weighted_tasks():
     class Words:  # counts words as tokens
         def __call__(self, text, add_special_tokens=False):

@@ -29,7 +29,7 @@ def _jsonl(path):
 def test_every_kind_is_made_grounded_and_recorded(made):
     art, *_ = made
     m = art.manifest["metrics"]
-    assert set(m["kept"]) == set(synth.KINDS) and all(v > 0 for v in m["kept"].values())
+    assert set(m["kept"]) == set(synth.default_kinds("extractive")) and all(v > 0 for v in m["kept"].values())
     items = _jsonl(art.path / "items.jsonl")
     for it in items:
         assert it["chunk_id"] and it["teacher"] == "extractive" and it["template"]
@@ -58,7 +58,7 @@ def test_outputs_are_in_trl_formats(made):
     assert dpo and all(r["prompt"][0]["role"] == "user" and r["chosen"][0]["role"] == "assistant"
                        and r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in dpo)
     rat = _jsonl(art.path / "rationale.jsonl")
-    assert rat and all(r["answer"] in r["rationale"] for r in rat)
+    assert rat and all(r["kind"] == "evidence" and r["rationale"].count('"') >= 4 for r in rat)  # quotes
 
 
 def test_filters_reject_what_they_should():
@@ -108,6 +108,14 @@ def test_model_teacher_needs_its_settings(tmp_path, small_corpus):
     recipe["synth"] = {"teacher": "openai"}
     with pytest.raises(UserError, match="needs an `openai:` section"):
         load_recipe(write_recipe(tmp_path, recipe))
+
+
+def test_default_kinds_follow_the_teacher_and_rationale_needs_a_model():
+    assert "evidence" in synth.Config().kinds and "rationale" not in synth.Config().kinds
+    hf = synth.Config(teacher="hf", hf_model="smollm2-135m")
+    assert "rationale" in hf.kinds and "evidence" not in hf.kinds
+    with pytest.raises(ValueError, match="kinds: rationale .* extractive teacher has no model"):
+        synth.Config(kinds=["qa", "rationale"])
 
 
 def test_openai_teacher_end_to_end_with_cache(made, tmp_path):

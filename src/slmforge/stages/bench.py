@@ -1,12 +1,17 @@
 """bench: domain benchmarks built from the **test split only**, as lm-evaluation-harness task folders.
 
-Four sets, made by the extractive teacher (`extractive.py`) from test-split chunks:
+Four sets from test-split chunks, made by the extractive teacher (`extractive.py`), or for the sets in
+`teacher_sets` by a model teacher (`teacher: hf` or `openai`):
 - `mcq`: cloze questions with 4 options (same-shape, length-matched distractors), multiple_choice,
   scored by acc / acc_norm;
 - `completion`: a sentence's first part with 4 possible endings, multiple_choice, acc / acc_norm;
-- `qa`: open-book short answer (a passage, one of its sentences with a technical term blanked, no
-  options), generate_until, exact match and token F1;
+- `qa`: open-book short answer, generate_until, exact match, token F1 and ROUGE-L. Extractive: a passage
+  and one of its sentences with a technical term blanked. A model teacher: a question a person would
+  ask about one chunk, with a one-sentence reference answer, from bench's own prompt
+  (`templates/bench/qa.j2`, never synth's), and the chunk's sentences around the answer as the passage;
 - `summarization`: a section and its lead sentences as the reference, generate_until, ROUGE-L.
+The manifest says, per set, which generator wrote it and whether the training data (the synth stage)
+came from the same one; no training prompt has a bench prompt's shape (sft, tests/stages/test_sft.py).
 Items sharing any 13-gram with a training set (the curated train split, the synth data) are dropped
 and counted. Each set is checked against trivial rules (always the longest option, the option
 sharing most words with the question) next to chance; a rule far above chance is flagged.
@@ -19,14 +24,16 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from importlib.resources import files
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.console import console, info
 from slmforge.errors import UserError
-from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, terms_in, trivial_baselines
+from slmforge.extractive import Chunk, ExtractiveTeacher, Pool, content_words, terms_in, trivial_baselines
 from slmforge.prompts import HEADLINE, UTILS, task_yaml
 from slmforge.records import Curated, Synthesized
 from slmforge.synthesis import Filters, FilterState, TeacherConfig, generate_items, ngrams, split_chunks
@@ -52,6 +59,25 @@ class Config(TeacherConfig):
     summary_tokens: int = Field(96, ge=8, description="tokens a model may generate for a summary (below its context)")
     prefix: str = Field("slmforge", pattern=r"^[a-z][a-z0-9_]*$", description="task names: <prefix>_<set>")
     dev: int = Field(100, ge=0, description="items per choice set from the val split, to pick checkpoints on")
+    teacher_sets: list[Literal["mcq", "completion", "qa", "summarization"]] = Field(
+        list(SETS), description="with a model teacher: the sets it writes (the others stay extractive)")
+
+    def generator(self, name: str) -> str:
+        """Who writes set `name`: `extractive`, or the model teacher by name (hf:<model>, openai:<model>)."""
+        if self.teacher == "extractive" or name.removesuffix("_dev") not in self.teacher_sets:
+            return "extractive"
+        return teacher_label(self.model_dump(mode="json"))
+
+
+def teacher_label(cfg: dict) -> str:
+    """A teacher by name, from a synth or bench config: extractive, hf:<base or folder>, openai:<model>."""
+    from slmforge import bases
+
+    if cfg.get("teacher", "extractive") == "extractive":
+        return "extractive"
+    if cfg["teacher"] == "hf":
+        return "hf:" + (bases.base_name(cfg["hf_model"]) or Path(cfg["hf_model"]).name)
+    return f"openai:{cfg['openai']['model']}"
 
 
 def external(cfg: Config) -> dict:
@@ -67,17 +93,22 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
 
 
 def _from_model_teacher(cfg: Config, chunks: list[Chunk], wanted: dict[str, int], cache: Path) -> dict:
-    """{(chunk id, set): item} written by a model teacher, for the chunks make_sets will visit first;
-    items that fail the synth stage's schema, length and groundedness filters are left out."""
+    """{(chunk id, set): item} written by a model teacher for its sets (`teacher_sets`), for the chunks
+    make_sets will visit first; items that fail the synth stage's schema, length and groundedness
+    filters are left out."""
+    kinds = [{"summarization": "summary"}.get(s, s) for s in cfg.teacher_sets if wanted.get(s)]
+    if not kinds:
+        return {}
     teacher = cfg.model_teacher(cache)
-    need = min(len(chunks), max(wanted.values(), default=0) * 3 // 2 + 5)
+    need = min(len(chunks), max(wanted[s] for s in cfg.teacher_sets if s in wanted) * 3 // 2 + 5)
     # the synth stage's default filters; bench decontaminates against the training data itself, below
     state = FilterState(Filters(decontam_ngram=cfg.decontam_ngram, seed=cfg.seed))
-    info(f"  bench · asking the {cfg.teacher} teacher about {need} test chunks")
+    info(f"  bench · asking the {cfg.generator(cfg.teacher_sets[0])} teacher for {', '.join(kinds)} about {need} "
+         "chunks")
     by_id = {c.id: c for c in chunks}
     found = {}
-    kinds = ["mcq", "completion", "qa", "summary"]
-    for row in generate_items(teacher, _ordered(chunks, cfg.seed)[:need], kinds, 1, [], {}, state):
+    own = {"qa": str(files("slmforge").joinpath("templates/bench/qa.j2"))}  # not synth's qa prompt
+    for row in generate_items(teacher, _ordered(chunks, cfg.seed)[:need], kinds, 1, [], own, state):
         if not row["kept"]:
             continue
         if row["kind"] == "summary":
@@ -86,9 +117,19 @@ def _from_model_teacher(cfg: Config, chunks: list[Chunk], wanted: dict[str, int]
         else:
             found[(row["chunk_id"], row["kind"])] = {k: row[k] for k in ("question", "options", "answer_index",
                                                                          "answer") if k in SET_FIELDS[row["kind"]]}
-            if row["kind"] == "qa":  # open book, like the extractive set: the section is the passage
-                found[(row["chunk_id"], "qa")]["passage"] = " ".join(by_id[row["chunk_id"]].text.split())[:1200]
+            if row["kind"] == "qa":  # open book: the chunk's sentences around the answer are the passage
+                found[(row["chunk_id"], "qa")]["passage"] = passage_for(by_id[row["chunk_id"]], row["answer"])
     return found
+
+
+def passage_for(chunk: Chunk, answer: str, width: int = 3) -> str:
+    """The `width` consecutive sentences of the chunk that share most content words with the answer: a
+    passage that fits a small model's context and holds what the answer rests on."""
+    sents = chunk.sentences() or [" ".join(chunk.text.split())]
+    want = set(content_words(answer))
+    best = max(range(max(1, len(sents) - width + 1)),
+               key=lambda i: (len(want & set(content_words(" ".join(sents[i:i + width])))), -i))
+    return " ".join(sents[best:best + width])
 
 
 def _ordered(chunks: list[Chunk], seed: int) -> list[Chunk]:
@@ -124,7 +165,7 @@ def make_sets(chunks: list[Chunk], wanted: dict[str, int], train_grams: set[int]
             if len(sets[name]) >= wanted[name]:
                 break
             r = random.Random(f"{cfg.seed}:{c.id}:{name}")
-            if written is not None:
+            if written is not None and cfg.generator(name) != "extractive":
                 item = written.get((c.id, name))
             elif name in ("mcq", "completion"):
                 made = teacher.items(c, name, 1)
@@ -183,9 +224,11 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
         with open(tasks / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for it in items:
                 f.write(json.dumps(it, ensure_ascii=False) + "\n")
+        kind = name.removesuffix("_dev")
+        kind = "qa_open" if kind == "qa" and cfg.generator(kind) != "extractive" else kind
         (tasks / f"{cfg.prefix}_{name}.yaml").write_text(
-            task_yaml(f"{cfg.prefix}_{name}", name.removesuffix("_dev"), final / "tasks" / f"{name}.jsonl",
-                      cfg.summary_tokens), encoding="utf-8")
+            task_yaml(f"{cfg.prefix}_{name}", kind, final / "tasks" / f"{name}.jsonl", cfg.summary_tokens),
+            encoding="utf-8")
     (tasks / "utils.py").write_text(UTILS, encoding="utf-8")
     baselines = {k: trivial_baselines(sets[k]) for k in CHOICE_SETS}
     flags = [f"{k}: {rule} {v:.0%} vs chance 25%" for k, b in baselines.items() for rule, v in b.items()
@@ -198,10 +241,20 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
                "headline": {k: v for k, v in HEADLINE.items() if sets[k]},
                "built_with": (f"{cfg.teacher} teacher from the domain test split" +
                               ("; distractors from other test chunks" if written is None else
-                               "; the synth stage's prompts and filters") +
-                              "; dev sets (checkpoint selection) the same way from the val split")}
+                               f" for {', '.join(cfg.teacher_sets)} (qa: bench's own prompt; the others: the "
+                               "synth stage's prompts), with synth's filters") +
+                              "; dev sets (checkpoint selection) the same way from the val split"),
+               "independence": independence(cfg, inputs["synth"], [k for k in SETS if sets[k]])}
     _print(metrics)
     return metrics
+
+
+def independence(cfg: Config, synth_art: Artifact, names: list[str]) -> dict:
+    """Per set: its generator, the training data's (synth's teacher), and whether they are the same model.
+    Prompt shapes are never shared: sft trains no bench template (tests/stages/test_sft.py)."""
+    trained = teacher_label(synth_art.manifest.get("config", {}))
+    return {k: {"generator": cfg.generator(k), "training_data": trained,
+                "same_generator": cfg.generator(k) == trained, "same_prompt_shape": False} for k in names}
 
 
 def _print(m: dict) -> None:
@@ -219,3 +272,6 @@ def _print(m: dict) -> None:
     console.print(t)
     for f in m["flags"]:
         console.print(f"[yellow]warning[/]: a trivial rule beats chance: {f}")
+    for k, v in m["independence"].items():
+        console.print(f"  bench · {k}: written by {v['generator']}; training data by {v['training_data']}"
+                      + (" (the same generator: a gain may be the generator's style)" if v["same_generator"] else ""))

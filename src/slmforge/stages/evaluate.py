@@ -34,6 +34,7 @@ from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.gate import quality_gate
+from slmforge.judge import JudgeConfig
 from slmforge.lm import float_logits, generate, nll
 from slmforge.records import Benchmarks, Curated, Models, set_of
 from slmforge.results import bench_rows, best_line, gate_lines, reference
@@ -95,6 +96,8 @@ class Config(StageConfig):
                                                        "(default: the scratch generalist and every base)")
     empty_share: float = Field(0.5, gt=0, le=1, description="a generation task whose share of empty answers reaches "
                                                             "this is flagged and not scored")
+    judge: JudgeConfig | None = Field(None, description="grade qa answers with a judge model too: {base_url, model, "
+                                                        "api_key_env, sample} (any OpenAI-compatible server)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -134,6 +137,31 @@ def external(cfg: Config) -> dict:
     return {m.base: bases.fingerprint(m.base) for m in cfg.models if isinstance(m, ModelRef) and m.base}
 
 
+def judge_qa(cfg: JudgeConfig, bench: Benchmarks, benchmarks: dict, outcomes: dict, cache: Path) -> dict:
+    """The judge's verdicts on the first `cfg.sample` qa answers of every model: a `judge` score next to
+    F1 in `benchmarks`, and each model's agreement with F1 >= 0.5 on the same items."""
+    from slmforge import judge
+
+    task = bench.tasks["qa"]
+    items = bench.items("qa")[: cfg.sample]  # lm-eval's doc ids are the JSONL's line order
+    per_model, pooled = {}, ([], [])
+    for name, per in outcomes.items():
+        o = per.get(task)
+        if not o or "responses" not in o:
+            continue
+        rows = [{"question": it["question"], "reference": it["answer"], "answer": a.strip()}
+                for it, a in zip(items, o["responses"])]
+        info(f"  evaluate · the judge ({cfg.model}) grades {len(rows)} qa answers of {name}")
+        verdicts = judge.judge(cfg, rows, cache)
+        got = [v for v in verdicts if v is not None]
+        benchmarks[name][task]["judge"] = round(sum(got) / len(got), 4) if got else None
+        per_model[name] = judge.agreement(verdicts, o["f1"][: len(rows)])
+        pooled[0].extend(verdicts)
+        pooled[1].extend(o["f1"][: len(rows)])
+    return {"model": cfg.model, "base_url": cfg.base_url, "prompt": judge.VERDICT_PROMPT,
+            "f1_correct_at": judge.F1_CORRECT, "per_model": per_model, "pooled": judge.agreement(*pooled)}
+
+
 def needs(cfg: Config) -> tuple[str, ...]:
     """The stages this run reads: curate, bench and every stage named in `models`."""
     return INPUTS + tuple(m for m in cfg.models if isinstance(m, str))
@@ -141,7 +169,9 @@ def needs(cfg: Config) -> tuple[str, ...]:
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {s: store.resolve(f"{s}:latest") for s in needs(cfg)}
-    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), external=external(cfg), force=force)
+    cache = store.workdir / "teacher-cache"  # the judge's replies, beside the synth teacher's
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out, cache), external=external(cfg),
+                       force=force)
 
 
 @dataclass
@@ -208,6 +238,7 @@ def lm_eval_run(lm, tasks_dir: Path, tasks: list[str], limit: int | None, sample
         outcomes[t] = {k: [float(r[k]) for r in rows] for k in rows[0].get("metrics", []) if k in rows[0]}
         if isinstance(rows[0]["filtered_resps"][0], str):  # generation tasks
             outcomes[t]["empty"] = round(sum(not r["filtered_resps"][0].strip() for r in rows) / len(rows), 4)
+            outcomes[t]["responses"] = [r["filtered_resps"][0] for r in rows]  # for a judge
             if samples:
                 answers[t] = [{"id": r["doc"].get("id"), "target": r["target"], "response": r["filtered_resps"][0]}
                               for r in rows[:samples]]
@@ -318,7 +349,7 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
             "chosen": chosen, "path": str(e.path if chosen == "final" else e.path / "snapshots" / chosen)}
 
 
-def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
+def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> dict:
     from slmforge.modeling import load_model
 
     curated, bench = Curated.of(inputs["curate"]), Benchmarks.of(inputs["bench"])
@@ -382,6 +413,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
                 prompt = _prompt(doc, cfg.prompt_chars)
                 samples.setdefault(f"{source}: {prompt}", []).append(
                     {"model": e.name, "completion": generate(model, tok, prompt, cfg.sample_tokens)})
+    judged = judge_qa(cfg.judge, bench, benchmarks, outcomes, cache) \
+        if cfg.judge and "qa" in bench.tasks else None
     flags = flag_empty(benchmarks, outcomes, cfg.empty_share)
     for name, lines in flags.items():
         models[name]["flags"] = lines
@@ -396,7 +429,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     metrics = {"models": models, "scores": scores, "margins": margins, "domain_sources": domain,
                "general_sources": general, "benchmarks": benchmarks, "headline": bench.headline,
                "gate": quality_gate(benchmarks, outcomes, bench, "specialist", rivals), "selection": selection,
-               "baselines": bench.baselines, "bench_sizes": bench.sizes}
+               "baselines": bench.baselines, "bench_sizes": bench.sizes,
+               **({"judge": judged} if judged else {})}
     (out / "results.json").write_text(json.dumps(metrics | {"samples": samples, "answers": answers,
                                                             "outcomes": outcomes}, indent=2, ensure_ascii=False),
                                       encoding="utf-8")

@@ -54,7 +54,7 @@ from slmforge.errors import UserError
 from slmforge.hardware import flops_per_token, use_bf16
 from slmforge.lm import nll
 from slmforge.modeling import ModelSize, build_model, load_model, model_card, parse_count, shape_of
-from slmforge.packing import Sampler, tokenize_split
+from slmforge.packing import Sampler, tokenize_split, tokenize_texts
 from slmforge.records import Curated
 
 NAME = "pretrain"
@@ -103,6 +103,8 @@ class Config(StageConfig):
     compile: bool = Field(False, description="torch.compile the model (20-40 s to start, ~1.3x after)")
     mixture: Mixture = Field(default_factory=Mixture)
     baseline: bool = Field(True, description="also train a generalist of the same size on the general sources")
+    reading: float = Field(0.0, ge=0, lt=1, description="share of the specialist's domain sequences from the synth "
+                                                        "stage's reading-comprehension texts (synth.kinds: [reading])")
     eval_every: int = Field(50, ge=1, description="steps between validation losses (per source)")
     eval_tokens: int = Field(32768, ge=16, description="validation tokens per source")
     checkpoint_every_min: float = Field(5.0, gt=0, description="minutes between checkpoints")
@@ -112,6 +114,12 @@ class Config(StageConfig):
                                                  "one by a domain metric on the dev sets)")
     seed: int = 0
     tensorboard: bool = Field(False, description="also log to TensorBoard through accelerate's trackers")
+
+    def key_dict(self) -> dict:
+        d = super().key_dict()
+        if not d["reading"]:  # off: the key of a run from before the setting existed
+            del d["reading"]
+        return d
 
     @field_validator("init_from")
     @classmethod
@@ -144,8 +152,13 @@ def external(cfg: Config) -> dict:
     return {"init_from": bases.fingerprint(name)} if name else {}
 
 
+def needs(cfg: Config) -> tuple[str, ...]:
+    """curate and tokenizer; and synth, whose reading-comprehension texts `reading` mixes in."""
+    return INPUTS + (("synth",) if cfg.reading else ())
+
+
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
-    inputs = inputs or {"curate": store.resolve("curate:latest"), "tokenizer": store.resolve("tokenizer:latest")}
+    inputs = inputs or {s: store.resolve(f"{s}:latest") for s in needs(cfg)}
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), external=external(cfg),
                        resumable=True, force=force,
                        distributed=True)
@@ -451,6 +464,14 @@ def _save(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, da
     ckpt.unlink(missing_ok=True)
 
 
+def reading_texts(synth: Artifact) -> list[str]:
+    rows = [json.loads(x) for x in (synth.path / "reading.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    if not rows:
+        raise UserError("pretrain.reading: the synth stage made no reading-comprehension texts; add `reading` to "
+                        "synth.kinds, or set pretrain.reading: 0")
+    return [r["text"] for r in rows]
+
+
 def _tokenize_sources(tokenizer, curate: Artifact, sources: list[str], folder: Path) -> None:
     for s in sources:
         for split in ("train", "val"):
@@ -509,7 +530,14 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         dist.on_main(_tokenize_sources, tokenizer, curate, sources, out / "tokens" / name)
         streams = {s: np.load(out / "tokens" / name / f"{s}.train.npy", mmap_mode="r") for s in sources}
         val = {s: np.load(out / "tokens" / name / f"{s}.val.npy", mmap_mode="r") for s in sources}
-        sampler = Sampler(streams, domain if name == "specialist" else [], shape_["context"], cfg.seed)
+        mixed = name == "specialist" and cfg.reading
+        if mixed:  # reading-comprehension documents from the train split: a domain source with a fixed share
+            dist.on_main(tokenize_texts, tokenizer, reading_texts(inputs["synth"]), "reading",
+                         out / "tokens" / name / "reading.train.npy")
+            streams["reading"] = np.load(out / "tokens" / name / "reading.train.npy", mmap_mode="r")
+            sources = [*sources, "reading"]
+        sampler = Sampler(streams, [*domain, "reading"] if name == "specialist" else [], shape_["context"], cfg.seed,
+                          {"reading": cfg.reading} if mixed else None)
         if not sampler.domain and not sampler.general:
             raise UserError(f"pretrain: no training text for {name} (sources {', '.join(sources)}); check curate")
         n_seq = max(1, cfg.batch_tokens // shape_["context"])

@@ -46,7 +46,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     bench = _bench_items(Benchmarks.of(inputs["bench"]))
     doc = {"title": cfg.title, "curate": inputs["curate"].manifest["metrics"],
            "tokenizer": inputs["tokenizer"].manifest["metrics"], "results": results, "bench": bench,
-           "samples": cfg.samples,
+           "samples": cfg.samples, "provenance": inputs["bench"].manifest["metrics"].get("independence", {}),
            "lineage": {s: f"{a.stage}/{a.key}" for s, a in inputs.items()}}
     (out / "report.html").write_text(render_html(doc), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
@@ -221,6 +221,25 @@ def answer_blocks(doc: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+def provenance(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """(head, rows, notes): per benchmark set, who wrote it and whether the training data came from the
+    same generator; and the judge's verdict prompt and agreement with F1, when a judge graded qa."""
+    rows = [[k, v["generator"], v["training_data"], "yes: a gain may be the generator's style" if v["same_generator"]
+             else "no", "no" if not v["same_prompt_shape"] else "yes"] for k, v in doc.get("provenance", {}).items()]
+    notes = []
+    j = doc["results"].get("judge")
+    if j:
+        notes.append(f"qa is also graded by a judge ({j['model']} at {j['base_url']}), on each model's first "
+                     f"{max((a.get('items', 0) + a.get('unparsed', 0) for a in j['per_model'].values()), default=0)} "
+                     f"answers; its score is the `judge` row. Agreement with F1 >= {j['f1_correct_at']}: " +
+                     "; ".join(f"{n} {a['agreement']:.0%} (kappa {a['kappa']:.2f}, {a['items']} items)"
+                               for n, a in j["per_model"].items() if a.get("items")) +
+                     (f"; pooled {j['pooled']['agreement']:.0%} (kappa {j['pooled']['kappa']:.2f})"
+                      if j["pooled"].get("items") else ""))
+        notes.append("The judge's prompt: " + j["prompt"].replace("\n", " "))
+    return ["set", "written by", "training data by", "same generator", "training prompts in its shape"], rows, notes
+
+
 def render_html(doc: dict) -> str:
     e = html.escape
     m = doc["results"]
@@ -262,6 +281,10 @@ def render_html(doc: dict) -> str:
         parts.append("<p>Items per set: " + ", ".join(f"{k} {v}" for k, v in m["bench_sizes"].items()) +
                      ". Headline metric per choice set: " + ", ".join(f"{k} {v}" for k, v in m["headline"].items()) +
                      ".</p>")
+        head, rows, notes = provenance(doc)
+        if rows:
+            parts.append("<h3>Where the benchmarks come from</h3>" + _table(head, rows) +
+                         "".join(f"<p>{e(x)}</p>" for x in notes))
     head, rows = gain_rows(m)
     if rows:
         n = min(m["bench_sizes"].get(s, 0) for s in m["headline"]) or 1
@@ -336,6 +359,11 @@ def render_markdown(doc: dict) -> str:
         lines += [f"| {t} · {k} | " + " | ".join(_fmt(m["benchmarks"][n].get(t, {}).get(k)) for n in names) +
                   f" | {reference(m, t, k)} |" for t, k in bench_rows(m)]
         lines.append("")
+        head, rows, notes = provenance(doc)
+        if rows:
+            lines += ["### Where the benchmarks come from", "", "| " + " | ".join(head) + " |",
+                      "|---|" + "---|" * (len(head) - 1)] + ["| " + " | ".join(r) + " |" for r in rows]
+            lines += [""] + [f"- {x}" for x in notes] + [""]
     head, rows = gain_rows(m)
     if rows:
         lines += ["## Post-training gains", "", "| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]

@@ -2,10 +2,10 @@
 
 Data: the synth stage's items in chat format, through the tokenizer's chat template, with the loss on
 assistant tokens only (the template's {% generation %} marks) and packing. Each item trains its own
-prompt and, for mcq, completion and summary items, also the prompt shapes the bench stage asks in
-(`<stem>\\nAnswer:` -> term, `<sentence> Fill in the blank with a term from the text above. <stem>` ->
-term, `<context>` -> ending,
-`<section>\\n\\nSummary:` -> lead), as instruction-tuning collections train several templates per task.
+prompt and, for mcq items, two more instruction-style phrasings of the same task (several templates
+per task, as instruction-tuning collections do). None is a bench prompt template (`prompts.py`): a
+benchmark must judge what the model learnt, not whether it saw the benchmark's prompt shape
+(tests/stages/test_sft.py checks every training prompt against every bench template).
 A held-out slice (`eval_fraction`, by a hash of the item id) gives the eval loss.
 
 Mixture: domain tasks plus `general_share` of general examples as a regulariser (the "cocktail
@@ -15,6 +15,7 @@ effect": mixing in general data reduces forgetting). They come from `general_dat
 Models (`<run>/<name>/`, full weights, loadable offline like every slmforge model):
 - `sft`: the pretrained specialist fine-tuned on the domain tasks (rationale items as question -> answer).
 - `sft-rationale` (`distill: true`, "Distilling step-by-step", Hsieh et al. 2023): every rationale item
+  (a model teacher's reasoning) or evidence item (the extractive teacher's quoted sentences)
   is two tasks with prefixes, `[label] question -> answer` and `[rationale] question -> rationale`,
   and every other example is a `[label]` task. The loss is alpha * L_label + (1 - alpha) * L_rationale
   (per-token means): the rationale examples are repeated until the two tasks' assistant-token totals
@@ -37,7 +38,6 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmforge import prompts
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.chat import training_template
 from slmforge.config import RecipePath
@@ -53,14 +53,15 @@ from slmforge.posttrain import (
     trainer_args,
 )
 from slmforge.records import Curated, Models, Synthesized
+from slmforge.synthesis import REASONS  # items with a `rationale` text: the second task of distillation
 
 NAME = "sft"
 INPUTS = ("curate", "pretrain", "synth")
-Kind = Literal["instruction", "qa", "mcq", "completion", "summary", "rationale"]
+Kind = Literal["instruction", "qa", "mcq", "completion", "summary", "rationale", "evidence"]
 KINDS: tuple[str, ...] = get_args(Kind)
 # summaries are left out by default: a section plus its lead is ~5x a qa item, 58% of the demo's SFT
 # tokens with both prompt shapes, and the issue's SFT mixture is instructions, qa, mcq and completion
-DEFAULT_KINDS = ("instruction", "qa", "mcq", "completion", "rationale")
+DEFAULT_KINDS = ("instruction", "qa", "mcq", "completion", "rationale", "evidence")
 LABEL, RATIONALE = "[label] ", "[rationale] "
 
 
@@ -107,19 +108,16 @@ def _chat(user: str, assistant: str) -> list[dict]:
 
 
 def examples_of(item: dict) -> list[list[dict]]:
-    """The chat examples one synth item trains: its own prompt, and the bench stage's prompt shapes."""
+    """The chat examples one synth item trains: its own prompt and, for mcq items, two instruction-style
+    phrasings of the cloze (never a bench prompt template)."""
     kind, out = item["kind"], [item["messages"]]
     if kind == "mcq":
         term = item["options"][item["answer_index"]]
         sentence = item["question"].replace("_____", term, 1)
-        out += [_chat(prompts.render("mcq", question=item["question"]), term),
-                _chat(prompts.render("qa", passage=sentence, question=item["question"]), term)]
-    elif kind == "completion":
-        out.append(_chat(prompts.render("completion", question=item["question"]), item["options"][item["answer_index"]]))
-    elif kind == "summary":
-        text = item["messages"][0]["content"].split("\n\n", 1)[-1]
-        out.append(_chat(prompts.render("summarization", document=text), item["answer"]))
-    elif kind == "rationale":
+        out += [_chat(f"Which term from the documentation fills the blank?\n\n{item['question']}", term),
+                _chat(f"Here is a sentence from the documentation: {sentence}\n\nName the term that goes in the "
+                      f"blank of this copy of it: {item['question']}", term)]
+    elif kind in REASONS:
         out = [_chat(item["question"], item["answer"])]
     return out
 
@@ -175,7 +173,7 @@ def build_data(cfg: Config, items: list[dict], general: list[list[dict]], tokeni
         if it["kind"] not in cfg.kinds:
             continue
         (held if held_out(it["id"], cfg.eval_fraction) else train).extend(examples_of(it))
-        if distill and it["kind"] == "rationale" and not held_out(it["id"], cfg.eval_fraction):
+        if distill and it["kind"] in REASONS and not held_out(it["id"], cfg.eval_fraction):
             rationale.append(_chat(RATIONALE + it["question"], it["rationale"]))
     if cfg.eval_fraction > 0 and not held and len(train) > 1:  # a small corpus: hold out one example at least
         held.append(train.pop())
@@ -280,7 +278,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     n_domain = sum(len(examples_of(it)) for it in items)
     general = general_examples(cfg, Curated.of(inputs["curate"]), round(n_domain * cfg.general_share / (1 - cfg.general_share)))
     plans = [("sft", False)]
-    if cfg.distill and any(it["kind"] == "rationale" for it in items):
+    if cfg.distill and any(it["kind"] in REASONS for it in items):
         plans.append(("sft-rationale", True))
     models = {}
     for name, distill in plans:

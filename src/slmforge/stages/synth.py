@@ -8,7 +8,8 @@ with `templates: {kind: path}`) with the seed examples as few-shot examples, and
 Filters (`synthesis.py`), each recorded on every item: schema, length, exact and near duplicates
 (MinHash over word 3-grams), groundedness (share of the answer's content words found in the chunk),
 and decontamination (any shared 13-gram with the val/test splits). Output, in TRL's formats:
-`sft.jsonl` (`messages`), `rationale.jsonl`, `dpo.jsonl` (`prompt`/`chosen`/`rejected`), `items.jsonl`
+`sft.jsonl` (`messages`), `rationale.jsonl`, `dpo.jsonl` (`prompt`/`chosen`/`rejected`), `reading.jsonl`
+(`text`: reading-comprehension documents, which pretrain can mix in with `pretrain.reading`), `items.jsonl`
 (every kept item with its fields and verdicts), `rejected.jsonl` (with the failing verdict) and a
 `report.md`. Work goes in shards with completion markers, and model teachers' replies are cached in
 `<workdir>/teacher-cache/`, so a killed run resumes and asks nothing twice.
@@ -23,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import RecipePath, resolve_path
@@ -33,6 +34,7 @@ from slmforge.extractive import ExtractiveTeacher, Pool, trivial_baselines
 from slmforge.records import Curated
 from slmforge.synthesis import (
     KINDS,
+    REASONS,
     Filters,
     FilterState,
     Kind,
@@ -51,10 +53,17 @@ NAME = "synth"
 INPUTS = ("curate",)
 
 
+def default_kinds(teacher: str) -> list[str]:
+    """Every kind of training item a teacher can write: `rationale` (reasoning) needs a model, `evidence`
+    is the extractive teacher's quoted sentences; `reading` (pretraining text) only when asked for."""
+    return [k for k in KINDS if k not in ("reading", "rationale" if teacher == "extractive" else "evidence")]
+
+
 class Config(TeacherConfig):
     """Which teacher, which kinds, how much, and how strict the filters are."""
 
-    kinds: list[Kind] = Field(list(KINDS), description="task kinds to generate")
+    kinds: list[Kind] = Field(default_factory=list, description="task kinds to generate (default: every kind the "
+                                                                "teacher can write; rationale needs a model teacher)")
     per_chunk: int = Field(1, ge=1, description="items of each kind per chunk")
     max_chunks: int | None = Field(400, ge=1, description="chunks to use at most (None: all)")
     chunk_chars: int = Field(1500, ge=200, description="target characters per chunk")
@@ -81,6 +90,21 @@ class Config(TeacherConfig):
         if bad:
             raise ValueError(f"unknown kind(s) {', '.join(bad)}; kinds are {', '.join(KINDS)}")
         return {k: str(resolve_path(p, info)) for k, p in v.items()}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data):
+        if isinstance(data, dict) and not data.get("kinds"):
+            data = {**data, "kinds": default_kinds(data.get("teacher", "extractive"))}
+        return data
+
+    @model_validator(mode="after")
+    def _kinds_fit_teacher(self):
+        if self.teacher == "extractive" and "rationale" in self.kinds:
+            raise ValueError("kinds: rationale is the teacher's own reasoning, and the extractive teacher has no "
+                             "model to reason with; ask for `evidence` (the supporting sentences, quoted) or set "
+                             "a model teacher (teacher: hf or openai)")
+        return self
 
 
 def external(cfg: Config) -> dict:
@@ -179,11 +203,12 @@ def _write_outputs(cfg, out: Path, shards, teacher, elapsed: float, n_chunks: in
 
     meta_keys = ("id", "kind", "chunk_id", "teacher", "template")
     dump("sft.jsonl", [{"messages": r["messages"], **{k: r[k] for k in meta_keys}}
-                       for r in kept if r["kind"] not in ("preference", "rationale")])
+                       for r in kept if r["kind"] not in ("preference", "reading", *REASONS)])
     dump("rationale.jsonl", [{"question": r["question"], "answer": r["answer"], "rationale": r["rationale"],
-                              **{k: r[k] for k in meta_keys}} for r in kept if r["kind"] == "rationale"])
+                              **{k: r[k] for k in meta_keys}} for r in kept if r["kind"] in REASONS])
     dump("dpo.jsonl", [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                         **{k: r[k] for k in meta_keys}} for r in kept if r["kind"] == "preference"])
+    dump("reading.jsonl", [{"text": r["text"], **{k: r[k] for k in meta_keys}} for r in kept if r["kind"] == "reading"])
     dump("items.jsonl", kept)
     dump("rejected.jsonl", [r for r in rows if not r["kept"]])
     quality = _quality(kept)
