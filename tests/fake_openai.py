@@ -107,6 +107,9 @@ class GroundedServer:
 
     def answer(self, path, body, auth):
         prompt = body["messages"][-1]["content"]
+        if '"""' not in prompt:  # bench's question generation: a plain-text question about the quoted sentence
+            sentence = prompt.split('\n\n"', 1)[1].rsplit('"\n\n', 1)[0]
+            return self._reply(body, f"What does the documentation say about {' '.join(sentence.split()[:4])}?\nMore.")
         chunk = prompt.split('"""')[1]
         sents = [s for s in re.split(r"(?<=\.)\s+", " ".join(chunk.split())) if len(s.split()) > 4] or [chunk[:200]]
         schema = body.get("response_format", {}).get("json_schema", {}).get("schema", {})
@@ -114,9 +117,11 @@ class GroundedServer:
         fields = {"question": f"What does the section on {sents[0][:40]!r} say?", "answer": sents[0], "rationale": f'It says "{sents[0]}"',
                   "chosen": sents[0], "rejected": "Nothing at all about that.",
                   "options": [sents[0][:40], "alpha", "beta", "gamma"], "answer_index": 0}
+        return self._reply(body, json.dumps({k: fields[k] for k in keys}))
+
+    def _reply(self, body, content):
         with self.fake.lock:
             self.fake.log.append({"name": "synth"})
-        content = json.dumps({k: fields[k] for k in keys})
         return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                   "finish_reason": "stop"}],

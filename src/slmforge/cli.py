@@ -15,7 +15,8 @@ STAGE_HELP = {
     "tokenizer": "train a byte-level BPE on the train split and compare it with a general one",
     "plan": "what model should I train? (also without a recipe: slmforge plan --hours 24 --device h100 ...)",
     "pretrain": "train the specialist and a same-size generalist baseline",
-    "synth": "synthetic QA/MCQ/completion/summary/instruction/rationale/preference data from the train split",
+    "synth": "synthetic QA/MCQ/completion/summary/instruction/rationale or evidence/preference/reading data from "
+             "the train split",
     "sft": "fine-tune the specialist on the synth data (trl SFTTrainer), plain and with rationale distillation",
     "dpo": "preference-optimise the SFT model on the synth pairs (trl DPOTrainer)",
     "bench": "domain benchmarks (mcq, completion, qa, summarization) from the test split, as lm-eval tasks",

@@ -204,7 +204,7 @@ class ExtractiveTeacher:
         return out
 
     # -- kinds ---------------------------------------------------------------------------------------
-    def _definitions(self, chunk: Chunk) -> list[tuple[str, str]]:
+    def definitions(self, chunk: Chunk) -> list[tuple[str, str]]:
         found = []
         for s in chunk.sentences():
             m = _DEFINITION.match(s)
@@ -228,7 +228,7 @@ class ExtractiveTeacher:
 
     def _question(self, chunk: Chunk, rng: random.Random) -> tuple[str, str, str] | None:
         """(question, answer, template) from a definition, else from the heading."""
-        defs = self._definitions(chunk)
+        defs = self.definitions(chunk)
         if defs and rng.random() < 0.7:
             q, a = rng.choice(defs)
             return q, a, "definition"
@@ -351,7 +351,7 @@ class ExtractiveTeacher:
         heading = heading_of(chunk)
         if heading and len(heading.split()) <= 10:
             pairs.append(("What is a good title for this text?", heading))
-        for q, a in rng.sample(self._definitions(chunk), min(2, len(self._definitions(chunk)))):
+        for q, a in rng.sample(self.definitions(chunk), min(2, len(self.definitions(chunk)))):
             pairs.append((q, a))
         with_terms = [(s, t) for s in sents for t in terms_in(s)]
         if with_terms:

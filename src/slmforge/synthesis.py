@@ -295,6 +295,12 @@ SCHEMAS = {
 }
 
 
+# Reply budgets per kind: a batch of a local model runs until its longest member stops, and a weak model
+# that rambles always reaches the budget (SmolLM2-135M's replies: 83-512 tokens at the old 512 for all).
+MAX_TOKENS = {"qa": 192, "mcq": 192, "completion": 160, "summary": 256, "instruction": 320, "rationale": 320,
+              "evidence": 320, "preference": 320, "reading": 384}
+
+
 def json_schema(kind: str) -> dict:
     props = {k: {"type": t} if t != "array" else {"type": "array", "items": {"type": "string"}}
              for k, t in SCHEMAS[kind].items()}
@@ -384,7 +390,7 @@ def generate_items(teacher, shard: list[Chunk], kinds, per_chunk: int, seeds: li
                 for k in range(per_chunk):
                     prompt, tname = render_prompt(kind, c, seeds, templates)
                     reqs.append(Request(key=f"{c.id}:{kind}:{k}", messages=[{"role": "user", "content": prompt}],
-                                        json_schema=json_schema(kind)))
+                                        json_schema=json_schema(kind), max_tokens=MAX_TOKENS[kind]))
                     meta.append((c, kind, tname))
         made = []
         for (c, kind, tname), reply in zip(meta, teacher.generate(reqs)):

@@ -399,6 +399,16 @@ class OpenAITeacher(_Teacher):
 
 
 # ---- a local Hugging Face checkpoint ---------------------------------------------------------------
+def json_start(schema: dict | None) -> str:
+    """The start of the JSON reply a schema asks for, `{"<first key>": ` (and `"` for a string, `["` for a
+    list of strings), written into the reply before the model continues it ("prefilling"). A small model
+    asked for JSON mostly writes prose instead: SmolLM2-135M returned parseable JSON for 0 of 16 bench
+    qa prompts without it, greedy or sampled."""
+    props = (schema or {}).get("properties") or {}
+    if not props:
+        return ""
+    key, spec = next(iter(props.items()))
+    return '{"' + key + '": ' + {"string": '"', "array": '["'}.get(spec.get("type"), "")
 class HFTeacher(_Teacher):
     """A local checkpoint run with transformers through its chat template, `max_batch` prompts per
     generate() call (left padding, KV cache; prompts of similar length batched together), greedy or sampled
@@ -434,8 +444,9 @@ class HFTeacher(_Teacher):
         import torch
 
         groups = collections.defaultdict(list)  # one generate() call takes one max_tokens and temperature
+        starts = {i: json_start(requests[i].json_schema) for i in todo}
         prompts = {i: self.tokenizer.apply_chat_template(requests[i].messages, tokenize=False,
-                                                         add_generation_prompt=True) for i in todo}
+                                                         add_generation_prompt=True) + starts[i] for i in todo}
         lengths = {i: len(self.tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in todo}
         for i in todo:
             groups[(requests[i].max_tokens, requests[i].temperature)].append(i)
@@ -456,7 +467,7 @@ class HFTeacher(_Teacher):
                 for row, i in enumerate(batch):
                     new = out[row, enc["input_ids"].shape[1]:].tolist()
                     stop = next((k for k, t in enumerate(new) if t in self._stops), None)
-                    text = self.tokenizer.decode(new[:stop], skip_special_tokens=True)
+                    text = starts[i] + self.tokenizer.decode(new[:stop], skip_special_tokens=True)
                     data, error = judge(text, "length" if stop is None else "stop", requests[i].json_schema)
                     usage = {"prompt_tokens": int(enc["attention_mask"][row].sum()),
                              "completion_tokens": len(new) if stop is None else stop + 1}

@@ -98,12 +98,24 @@ def test_a_model_teacher_writes_the_sets_through_the_synth_prompts_and_filters(b
     assert m["independence"]["qa"] == {"generator": "openai:fake", "training_data": "extractive",
                                        "same_generator": False, "same_prompt_shape": False}
     qa = _jsonl(made.path / "tasks" / "qa.jsonl")
-    from slmforge.extractive import content_words
-
-    assert qa and all(set(content_words(it["answer"])) & set(content_words(it["passage"])) for it in qa)
+    assert qa and all(it["answer"] in it["passage"] and it["question"].endswith("?") for it in qa)
+    assert m["teacher_qa"]["asked"] >= m["teacher_qa"]["kept"] >= len(qa)
     spec = yaml.safe_load((made.path / "tasks" / "slmforge_qa.yaml").read_text().replace("!function ", ""))
     assert "Question: {{question}}" in spec["doc_to_text"] and spec["generation_kwargs"]["max_gen_toks"] == 48
     assert [x["metric"] for x in spec["metric_list"]] == ["exact_match", "f1", "rougeL"]
+
+
+def test_a_teacher_question_is_kept_only_when_it_is_one():
+    s = "The postgres database is also created when a database cluster is initialized."
+    assert bench._question("What is the postgres database for?\nIt is ...", s) == ("What is the postgres database for?", None)
+    assert bench._question("Question: \"When is the postgres database created?\"", s)[1] is None
+    assert bench._question("The postgres database is made at initdb.", s)[1] == "not a question"
+    assert bench._question('A user would ask: "When is the postgres database created?"', s) == (
+        "When is the postgres database created?", None)
+    assert bench._question("What does this sentence say about postgres?", s)[1] == "refers to the sentence"
+    assert bench._question("Why?", s)[1] == "length"
+    assert bench._question(f"Is it true that {s}?", s)[1].startswith("gives the answer away")
+    assert bench._question("How do I bake a good sourdough loaf?", s)[1].startswith("off topic")
 
 
 def test_a_model_teacher_writes_only_its_sets_with_bench_own_qa_prompt(built, tmp_path):
@@ -123,7 +135,8 @@ def test_a_model_teacher_writes_only_its_sets_with_bench_own_qa_prompt(built, tm
     finally:
         server.fake.close()
     m = made.manifest["metrics"]
-    assert prompts and all("exam question" in p and "a user of this software would really ask" in p for p in prompts)
+    assert prompts and all("Write the question a user of this software would ask that this sentence answers" in p
+                           for p in prompts)
     assert not any("training data" in p for p in prompts)  # synth's prompts say "You write training data"
     assert m["independence"]["qa"]["same_generator"] is False
     assert m["independence"]["mcq"] == {"generator": "extractive", "training_data": "extractive",

@@ -81,6 +81,16 @@ def test_filters_reject_what_they_should():
     v = apply_filters({"kind": "mcq", "question": "x", "options": ["a", "a", "b", "c"], "answer_index": 0},
                       chunk, state)
     assert v == {"schema": "options must be 4 distinct strings and answer_index in 0..3"}
+    reason = {"kind": "rationale", "question": "Why prime it?", "answer": "The pump must be primed before start.",
+              "messages": []}
+    v = apply_filters({**reason, "rationale": "Seals wear out when the pump runs dry, so it must be primed."}, chunk, state)
+    assert v["grounded"] == "ok"  # reasoning in the chunk's own terms
+    v = apply_filters({**reason, "question": "Why prime?", "rationale": "Gravity accelerates falling apples quickly."},
+                      chunk, state)
+    assert v["grounded"] == "0% of the rationale's words are in the chunk"
+    v = apply_filters({"kind": "reading", "question": "Read", "answer": "x y", "pairs": [["Q?", ""]], "messages": []},
+                      chunk, state)
+    assert v == {"schema": "questions and answers must be non-empty strings, as many of each"}
     nd = NearDup(0.7)
     assert not nd.seen("how do I create an index on a large table without locking writes")
     assert nd.seen("how do I create an index on a large table without locking writes?")

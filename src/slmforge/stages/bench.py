@@ -7,8 +7,8 @@ Four sets from test-split chunks, made by the extractive teacher (`extractive.py
 - `completion`: a sentence's first part with 4 possible endings, multiple_choice, acc / acc_norm;
 - `qa`: open-book short answer, generate_until, exact match, token F1 and ROUGE-L. Extractive: a passage
   and one of its sentences with a technical term blanked. A model teacher: a question a person would
-  ask about one chunk, with a one-sentence reference answer, from bench's own prompt
-  (`templates/bench/qa.j2`, never synth's), and the chunk's sentences around the answer as the passage;
+  ask, written by the teacher for one of the chunk's sentences (the reference answer), from bench's own
+  prompt (`templates/bench/qa.j2`, never synth's), with the sentences around it as the passage;
 - `summarization`: a section and its lead sentences as the reference, generate_until, ROUGE-L.
 The manifest says, per set, which generator wrote it and whether the training data (the synth stage)
 came from the same one; no training prompt has a bench prompt's shape (sft, tests/stages/test_sft.py).
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import time
 from collections import Counter
 from importlib.resources import files
 from pathlib import Path
@@ -92,43 +94,106 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
                        external=external(cfg))
 
 
-def _from_model_teacher(cfg: Config, chunks: list[Chunk], wanted: dict[str, int], cache: Path) -> dict:
+def _from_model_teacher(cfg: Config, chunks: list[Chunk], wanted: dict[str, int], cache: Path,
+                        stats: dict | None = None) -> dict:
     """{(chunk id, set): item} written by a model teacher for its sets (`teacher_sets`), for the chunks
-    make_sets will visit first; items that fail the synth stage's schema, length and groundedness
-    filters are left out."""
-    kinds = [{"summarization": "summary"}.get(s, s) for s in cfg.teacher_sets if wanted.get(s)]
-    if not kinds:
+    make_sets will visit first. mcq, completion and summaries come through the synth stage's prompts, with
+    its schema, length and groundedness filters; qa through `questions`."""
+    sets = [s for s in cfg.teacher_sets if wanted.get(s)]
+    if not sets:
         return {}
     teacher = cfg.model_teacher(cache)
-    need = min(len(chunks), max(wanted[s] for s in cfg.teacher_sets if s in wanted) * 3 // 2 + 5)
+    need = min(len(chunks), max(wanted[s] for s in sets) * 2 + 5)
+    order = _ordered(chunks, cfg.seed)[:need]
+    info(f"  bench · asking the {cfg.generator(sets[0])} teacher for {', '.join(sets)} about {need} chunks")
+    found = {}
+    if "qa" in sets:
+        found.update(questions(teacher, order, cfg.seed, stats))
+    kinds = [{"summarization": "summary"}.get(s, s) for s in sets if s != "qa"]
     # the synth stage's default filters; bench decontaminates against the training data itself, below
     state = FilterState(Filters(decontam_ngram=cfg.decontam_ngram, seed=cfg.seed))
-    info(f"  bench · asking the {cfg.generator(cfg.teacher_sets[0])} teacher for {', '.join(kinds)} about {need} "
-         "chunks")
     by_id = {c.id: c for c in chunks}
-    found = {}
-    own = {"qa": str(files("slmforge").joinpath("templates/bench/qa.j2"))}  # not synth's qa prompt
-    for row in generate_items(teacher, _ordered(chunks, cfg.seed)[:need], kinds, 1, [], own, state):
+    for row in generate_items(teacher, order, kinds, 1, [], {}, state) if kinds else []:
         if not row["kept"]:
             continue
         if row["kind"] == "summary":
             found[(row["chunk_id"], "summarization")] = {"document": by_id[row["chunk_id"]].text.strip(),
                                                           "summary": row["answer"]}
         else:
-            found[(row["chunk_id"], row["kind"])] = {k: row[k] for k in ("question", "options", "answer_index",
-                                                                         "answer") if k in SET_FIELDS[row["kind"]]}
-            if row["kind"] == "qa":  # open book: the chunk's sentences around the answer are the passage
-                found[(row["chunk_id"], "qa")]["passage"] = passage_for(by_id[row["chunk_id"]], row["answer"])
+            found[(row["chunk_id"], row["kind"])] = {k: row[k] for k in SET_FIELDS[row["kind"]]}
     return found
 
 
+def questions(teacher, chunks: list[Chunk], seed: int, stats: dict | None = None) -> dict:
+    """Open-book qa items a person would ask: per chunk one of its sentences is the reference answer
+    (grounded by construction), the teacher writes the question it answers (bench's own prompt,
+    `templates/bench/qa.j2`, greedy), and the sentences around it are the passage. Answer-aware question
+    generation asks little of the teacher: SmolLM2-135M wrote sensible questions for about half of the
+    demo's sentences, where asking it for a question and an answer as JSON gave 0 of 16 usable items."""
+    from slmforge.synthesis import render_prompt
+    from slmforge.teacher import Request
+
+    template = {"qa": str(files("slmforge").joinpath("templates/bench/qa.j2"))}
+    ext = ExtractiveTeacher(Pool(), seed)
+    picked = []
+    for c in chunks:
+        # a definition ("X is ...", "X provides ...") when the chunk has one, else a sentence that stands
+        # on its own: on the demo, sentences that lean on the one before ("This ...", "Note that ...") or
+        # point elsewhere ("See ...") got questions their sentence does not answer
+        sents = [s for _, s in ext.definitions(c) if 8 <= len(s.split()) <= 40] or \
+            [s for s in c.sentences() if 8 <= len(s.split()) <= 40 and not _LEANS.match(s)]
+        if sents:
+            s = random.Random(f"{seed}:{c.id}:qa").choice(sents)
+            prompt, _ = render_prompt("qa", Chunk(c.id, c.doc_id, c.source, c.title, s), [], template)
+            picked.append((c, s, Request(key=f"{c.id}:bench-qa", messages=[{"role": "user", "content": prompt}],
+                                         max_tokens=40, temperature=0.0)))
+    dropped: Counter = Counter()
+    found = {}
+    t0 = time.time()
+    for (c, s, _), reply in zip(picked, teacher.generate([r for _, _, r in picked])):
+        q, problem = _question(reply.text or "", s)
+        if problem:
+            dropped[problem] += 1
+            continue
+        found[(c.id, "qa")] = {"passage": passage_for(c, s), "question": q, "answer": s}
+    if stats is not None:
+        stats.update(asked=len(picked), kept=len(found), dropped=dict(dropped), wall_s=round(time.time() - t0, 1),
+                     teacher_tokens={k: teacher.stats.get(k, 0) for k in ("prompt_tokens", "completion_tokens")})
+    return found
+
+
+_LEANS = re.compile(r"(This|These|That|Those|It|Its|They|Their|Such|Also|However|Thus|Therefore|Otherwise|"
+                    r"Note|See|For more|For example|In this|In that|Here|Then|Even so)\b")
+
+
+def _question(text: str, sentence: str) -> tuple[str, str | None]:
+    """The reply's first line as a question, or why it is not one."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if ': "' in line:  # 'A user would ask: "What ...?"', 'The question to which this sentence answers is: "...'
+        line = line.rsplit(': "', 1)[1]
+    line = line.removeprefix("Question:").strip().strip('"').strip()
+    words = line.split()
+    if not line.endswith("?"):
+        return line, "not a question"
+    if not 4 <= len(words) <= 40:
+        return line, "length"
+    if " ".join(sentence.lower().split()) in line.lower() or "the answer to" in line.lower():
+        return line, "gives the answer away or asks about the question"
+    if "this sentence" in line.lower():
+        return line, "refers to the sentence"
+    if not set(content_words(line)) & set(content_words(sentence)):
+        return line, "off topic (no word of the sentence)"
+    return line, None
+
+
 def passage_for(chunk: Chunk, answer: str, width: int = 3) -> str:
-    """The `width` consecutive sentences of the chunk that share most content words with the answer: a
-    passage that fits a small model's context and holds what the answer rests on."""
+    """The `width` consecutive sentences of the chunk that hold the answer (when it is one of them) and
+    share most content words with it: a passage that fits a small model's context."""
     sents = chunk.sentences() or [" ".join(chunk.text.split())]
     want = set(content_words(answer))
     best = max(range(max(1, len(sents) - width + 1)),
-               key=lambda i: (len(want & set(content_words(" ".join(sents[i:i + width])))), -i))
+               key=lambda i: (answer in sents[i:i + width], len(want & set(content_words(" ".join(sents[i:i + width])))),
+                              -i))
     return " ".join(sents[best:best + width])
 
 
@@ -207,7 +272,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
         train_grams |= ngrams(" ".join(m["content"] for m in it.get("messages", [])), cfg.decontam_ngram)
 
     wanted = {"mcq": cfg.mcq, "completion": cfg.completion, "qa": cfg.qa, "summarization": cfg.summarization}
-    written = _from_model_teacher(cfg, chunks, wanted, cache) if cfg.teacher != "extractive" else None
+    qa_stats: dict = {}
+    written = _from_model_teacher(cfg, chunks, wanted, cache, qa_stats) if cfg.teacher != "extractive" else None
     sets, dropped = make_sets(chunks, wanted, train_grams, cfg, written)
     # dev sets from the val split, never the test split: evaluate.select picks checkpoints on them
     dev: dict[str, list] = {}
@@ -244,7 +310,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
                                f" for {', '.join(cfg.teacher_sets)} (qa: bench's own prompt; the others: the "
                                "synth stage's prompts), with synth's filters") +
                               "; dev sets (checkpoint selection) the same way from the val split"),
-               "independence": independence(cfg, inputs["synth"], [k for k in SETS if sets[k]])}
+               "independence": independence(cfg, inputs["synth"], [k for k in SETS if sets[k]]),
+               **({"teacher_qa": qa_stats} if qa_stats else {})}
     _print(metrics)
     return metrics
 
