@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(recipe: Path, share: float) -> Path:
     """`slmforge run` of the recipe with pretrain.reading = share; the evaluate artifact's folder."""
-    cmd = [sys.executable, "-m", "slmforge", "run", str(recipe), "--until", "evaluate",
+    cmd = [sys.executable, "-m", "slmforge.cli", "run", str(recipe), "--until", "evaluate",
            "--set", f"pretrain.reading={share}"]
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     from slmforge.artifacts import ArtifactStore

@@ -351,8 +351,8 @@ class ExtractiveTeacher:
         heading = heading_of(chunk)
         if heading and len(heading.split()) <= 10:
             pairs.append(("What is a good title for this text?", heading))
-        for q, a in rng.sample(self.definitions(chunk), min(2, len(self.definitions(chunk)))):
-            pairs.append((q, a))
+        defs = self.definitions(chunk)
+        pairs += rng.sample(defs, min(2, len(defs)))
         with_terms = [(s, t) for s in sents for t in terms_in(s)]
         if with_terms:
             s, t = rng.choice(with_terms)

@@ -39,3 +39,15 @@ def _screenshot_shows_the_charts(page, png):
     blue = (abs(img[..., 0] - 31) < 30) & (abs(img[..., 1] - 119) < 30) & (abs(img[..., 2] - 180) < 30)
     orange = (abs(img[..., 0] - 255) < 30) & (abs(img[..., 1] - 127) < 30) & (abs(img[..., 2] - 14) < 40)
     assert blue.sum() > 2000 and orange.sum() > 2000, (blue.sum(), orange.sum())  # bars and curves drawn
+
+
+def test_provenance_says_when_a_scored_model_wrote_its_own_benchmark():
+    from slmforge.stages.report import provenance
+
+    doc = {"provenance": {"qa": {"generator": "hf:smollm2-135m", "training_data": "extractive",
+                                 "same_generator": False, "same_prompt_shape": False}},
+           "results": {"models": {"specialist": {}, "smollm2": {"base": "smollm2-135m"}}}}
+    head, rows, notes = provenance(doc)
+    assert rows == [["qa", "hf:smollm2-135m", "extractive", "no", "no"]] and len(head) == 5
+    assert notes == ["smollm2 is scored on the qa set, which the same model wrote: it may find its own questions "
+                     "easier than other models do."]

@@ -227,6 +227,12 @@ def provenance(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
     rows = [[k, v["generator"], v["training_data"], "yes: a gain may be the generator's style" if v["same_generator"]
              else "no", "no" if not v["same_prompt_shape"] else "yes"] for k, v in doc.get("provenance", {}).items()]
     notes = []
+    for k, v in doc.get("provenance", {}).items():
+        writer = v["generator"].partition(":")[2]
+        for name, meta in doc["results"].get("models", {}).items():
+            if writer and meta.get("base") == writer:
+                notes.append(f"{name} is scored on the {k} set, which the same model wrote: it may find its own "
+                             "questions easier than other models do.")
     j = doc["results"].get("judge")
     if j:
         notes.append(f"qa is also graded by a judge ({j['model']} at {j['base_url']}), on each model's first "
