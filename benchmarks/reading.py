@@ -8,7 +8,7 @@ raw domain text. Both are scored by the same evaluate stage settings on the same
 bench artifact: its qa questions by SmolLM2, as in the demo): bits per byte on each test split and the
 headline metrics, with McNemar's exact test on every choice set (a margin with p >= 0.05 is "not shown").
 
-    .venv/bin/python benchmarks/reading.py                 # reading 0 against 0.3; about 20 minutes here
+    .venv/bin/python benchmarks/reading.py                 # reading 0 against 0.3; 32 minutes here next to a test run
     .venv/bin/python benchmarks/reading.py --share 0.5 --json runs/reading.json
 
 The runs live in runs/reading (their own workdir; the demo's is left alone).

@@ -170,6 +170,30 @@ def _chat(question: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
+def definitions(chunk: Chunk) -> list[tuple[str, str]]:
+    """(question, sentence) for each definitional sentence of the chunk ("X is a ...", "X provides ...")."""
+    found = []
+    for s in chunk.sentences():
+        m = _DEFINITION.match(s)
+        if not m or len(m.group("term")) < 3:
+            continue
+        first = m.group("term").split()[0].lower()
+        # "Typically this feature is used ...", "A table is only ...": not definitions
+        if first in STOPWORDS or first in _NOT_A_TERM or first.endswith("ly"):
+            continue
+        if m.group("verb") in ("is", "are") and not _DEFINING.match(m.group("rest")):
+            continue
+        verb, term = m.group("verb"), m.group("term")
+        if term[0].isupper() and term[1:2].islower() and "_" not in term:
+            term = term[0].lower() + term[1:]  # capitalised only because it starts the sentence
+        if m.group("article") == "The ":
+            term = "the " + term
+        base = verb[:-3] + "y" if verb.endswith("ies") else verb[:-1]  # specifies -> specify
+        q = f"What {verb} {term}?" if verb in ("is", "are") else f"What does {term} {base}?"
+        found.append((q, s))
+    return found
+
+
 READING_HEADER = "Questions about the text above:"
 
 
@@ -204,31 +228,9 @@ class ExtractiveTeacher:
         return out
 
     # -- kinds ---------------------------------------------------------------------------------------
-    def definitions(self, chunk: Chunk) -> list[tuple[str, str]]:
-        found = []
-        for s in chunk.sentences():
-            m = _DEFINITION.match(s)
-            if not m or len(m.group("term")) < 3:
-                continue
-            first = m.group("term").split()[0].lower()
-            # "Typically this feature is used ...", "A table is only ...": not definitions
-            if first in STOPWORDS or first in _NOT_A_TERM or first.endswith("ly"):
-                continue
-            if m.group("verb") in ("is", "are") and not _DEFINING.match(m.group("rest")):
-                continue
-            verb, term = m.group("verb"), m.group("term")
-            if term[0].isupper() and term[1:2].islower() and "_" not in term:
-                term = term[0].lower() + term[1:]  # capitalised only because it starts the sentence
-            if m.group("article") == "The ":
-                term = "the " + term
-            base = verb[:-3] + "y" if verb.endswith("ies") else verb[:-1]  # specifies -> specify
-            q = f"What {verb} {term}?" if verb in ("is", "are") else f"What does {term} {base}?"
-            found.append((q, s))
-        return found
-
     def _question(self, chunk: Chunk, rng: random.Random) -> tuple[str, str, str] | None:
         """(question, answer, template) from a definition, else from the heading."""
-        defs = self.definitions(chunk)
+        defs = definitions(chunk)
         if defs and rng.random() < 0.7:
             q, a = rng.choice(defs)
             return q, a, "definition"
@@ -351,7 +353,7 @@ class ExtractiveTeacher:
         heading = heading_of(chunk)
         if heading and len(heading.split()) <= 10:
             pairs.append(("What is a good title for this text?", heading))
-        defs = self.definitions(chunk)
+        defs = definitions(chunk)
         pairs += rng.sample(defs, min(2, len(defs)))
         with_terms = [(s, t) for s in sents for t in terms_in(s)]
         if with_terms:

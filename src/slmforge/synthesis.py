@@ -90,6 +90,17 @@ class TeacherConfig(StageConfig):
         return T.OpenAITeacher(self.openai, cache)
 
 
+def teacher_label(cfg: dict) -> str:
+    """A teacher by name, from a synth or bench config: extractive, hf:<base or folder>, openai:<model>."""
+    from slmforge import bases
+
+    if cfg.get("teacher", "extractive") == "extractive":
+        return "extractive"
+    if cfg["teacher"] == "hf":
+        return "hf:" + (bases.base_name(cfg["hf_model"]) or Path(cfg["hf_model"]).name)
+    return f"openai:{cfg['openai']['model']}"
+
+
 # ---- chunks ----------------------------------------------------------------------------------------
 def chunk_document(doc: dict, chunk_chars: int) -> list[Chunk]:
     """Split at blank lines into chunks of about chunk_chars, never inside a paragraph or code block."""
