@@ -122,7 +122,7 @@ def run_slmforge(cfg, model, shape_, stream, a, steps: int, peak: float, bf16: b
     from accelerate.state import AcceleratorState
 
     from slmforge.packing import Sampler
-    from slmforge.stages.pretrain import train_one
+    from slmforge.training import train_one
 
     AcceleratorState._reset_state()  # train_one makes an Accelerator; its mixed precision may differ per run
     cfg = cfg.model_copy(update={"precision": "bf16" if bf16 else "fp32"})
@@ -141,7 +141,7 @@ def run_trainer(cfg, model, stream, a, steps: int, bf16: bool, device) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from slmforge.packing import Sampler
-    from slmforge.stages.pretrain import lr_at
+    from slmforge.training import lr_at
 
     sampler = Sampler({"domain": stream}, ["domain"], a.seq, seed=0)  # the same batches as train_one's
     rows = [w for s in range(steps) for w in sampler.batch(s, a.batch, 1.0)]

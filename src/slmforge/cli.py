@@ -15,6 +15,8 @@ STAGE_HELP = {
     "tokenizer": "train a byte-level BPE on the train split and compare it with a general one",
     "plan": "what model should I train? (also without a recipe: slmforge plan --hours 24 --device h100 ...)",
     "pretrain": "train the specialist and a same-size generalist baseline",
+    "compress": "prune the teacher (a DAPT specialist or a base) to a smaller student with domain importance, then "
+                "distil it on the teacher's logits (and compare with LM-only and scratch students)",
     "synth": "synthetic QA/MCQ/completion/summary/instruction/rationale or evidence/preference/reading data from "
              "the train split",
     "sft": "fine-tune the specialist on the synth data (trl SFTTrainer), plain and with rationale distillation",

@@ -170,7 +170,7 @@ def read_documents(root: Path, source: str | None = None, columns: list[str] | N
 # ---- model lineage -------------------------------------------------------------------------------------
 # What a model stage (pretrain, sft, dpo) records for each model it makes, in its manifest's
 # metrics.models.<model>: `tokens` it trained on and, for a fine-tuned model, the `base` it started from.
-MODEL_STAGES = ("pretrain", "sft", "dpo")
+MODEL_STAGES = ("pretrain", "compress", "sft", "dpo")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from slmforge.packing import Sampler
-from slmforge.stages.pretrain import Config, Mixture, domain_fraction, lr_at
+from slmforge.stages.pretrain import Config
+from slmforge.training import Mixture, domain_fraction, lr_at
 from tests.conftest import REPO, slmforge, small_recipe, write_recipe
 
 

@@ -41,7 +41,7 @@ from slmforge.results import bench_rows, best_line, gate_lines, reference
 
 NAME = "evaluate"
 INPUTS = ("curate", "bench")
-MODEL_STAGES = ("pretrain", "sft", "dpo")
+MODEL_STAGES = ("pretrain", "compress", "sft", "dpo")
 GENERATION_SETS = ("qa", "summarization")
 
 

@@ -43,7 +43,9 @@ from slmforge.records import Curated, Models, made_from, model_lineage
 NAME = "export"
 INPUTS = ("curate", "evaluate")
 # The models the stages make, and which stage makes each (evaluate uses the same names).
-MODELS = {"specialist": "pretrain", "generalist": "pretrain", "sft": "sft", "sft-rationale": "sft", "dpo": "dpo"}
+MODELS = {"specialist": "pretrain", "generalist": "pretrain", "pruned": "compress", "pruned-kd": "compress",
+          "pruned-lm": "compress", "scratch-kd": "compress", "scratch-lm": "compress", "sft": "sft",
+          "sft-rationale": "sft", "dpo": "dpo"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja")

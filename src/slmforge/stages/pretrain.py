@@ -1,83 +1,45 @@
-"""pretrain: train a specialist (and a same-size generalist baseline) with a plain PyTorch loop.
+"""pretrain: train a specialist (and a same-size generalist baseline) with a plain PyTorch loop
+(slmforge.training: mixture schedule, WSD, checkpoints and exact resume, accelerate).
 
 - Data (slmforge.packing): each source's train and val splits are tokenized once, before training
   (DESIGN: never alongside it), into flat token files; every document starts with BOS and ends with
   EOS. Training windows of `context + 1` tokens are cut from the stream (packed sequences) and
   visited in a fresh random order every epoch.
-- Mixture: each sequence of a step comes from the domain group with probability p(step), else from
-  the general group (within a group, in proportion to size). Schedules: `constant` p; `specialised`
-  p from step 0 until the domain data has been seen `max_domain_epochs` times, then general only
-  (Muennighoff et al. 2023: up to ~4 epochs of repetition cost little); `upsample` p, then
-  `final_domain_fraction` in the last `final_part` of training (domain upsampling at the end of a
-  WSD schedule, as in Llama 3 and MiniCPM).
-- Optimisation: AdamW, WSD (warmup-stable-decay) or cosine learning rate, gradient accumulation to
-  `batch_tokens` per step, clipping, bf16 autocast when the hardware does bf16 (this CPU: ~2x fp32).
-- Budget: `tokens`, or `minutes` (the step count is fixed after timing the first steps).
-- Exact resume: the batch of step s is a pure function of (seed, s, sampler cursors), and a
-  checkpoint holds weights, optimizer, cursors and logs; a run killed at any moment and restarted
-  ends with the same weights as one that never stopped.
-- Scale-out: run under `accelerate launch` (launch/*.yaml) or torchrun; every process draws the
-  same global batch and trains on its share, so 2 processes follow the 1-process loss curve.
+- From scratch (a model of `model:`'s size for the stage's tokenizer), or continued (DAPT) from a
+  pretrained base (`init_from`), optionally with domain tokens added to its vocabulary.
 The generalist baseline: the same shape and the same number of tokens, trained on the general
 sources with the general tokenizer. Output: `<run>/specialist/` and `<run>/generalist/` (HF folders).
-
-Reading order (nanochat's base_train.py): Config; the schedules (domain_fraction, lr_at); the loop:
-LoopState (what a checkpoint resumes), Loop (the prepared pieces), setup, load/save_checkpoint,
-evaluate, train_step, calibrate (a minutes budget -> steps), train_one; the stage (_build).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
-import time
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from rich.progress import TextColumn
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge import dist, hardware
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.bases import base_name, folder_or_name
-from slmforge.chat import stop_token_ids
-from slmforge.config import StageConfig
-from slmforge.console import console, count_progress, info
+from slmforge.console import console, info
 from slmforge.dapt import expand_vocabulary, init_source
 from slmforge.errors import UserError
-from slmforge.hardware import flops_per_token, use_bf16
-from slmforge.lm import nll
-from slmforge.modeling import ModelSize, build_model, load_model, model_card, parse_count, shape_of
+from slmforge.hardware import use_bf16
+from slmforge.modeling import ModelSize, build_model, load_model, parse_count, shape_of
 from slmforge.packing import Sampler, tokenize_split, tokenize_texts
 from slmforge.records import Curated
+from slmforge.training import Mixture, TrainConfig, save_model, save_snapshot, train_one
 
 NAME = "pretrain"
 INPUTS = ("curate", "tokenizer")
 
 
-class Mixture(BaseModel):
-    """How much of each step comes from the domain sources, over training."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schedule: Literal["constant", "specialised", "upsample"] = Field(
-        "upsample", description="constant p; specialised (p until the domain is repeated max_domain_epochs "
-                                "times); upsample (p, then final_domain_fraction at the end)")
-    domain_fraction: float = Field(0.8, ge=0, le=1, description="p: share of sequences from the domain sources")
-    max_domain_epochs: float = Field(4.0, gt=0, description="specialised: passes over the domain data at most")
-    final_domain_fraction: float = Field(1.0, ge=0, le=1, description="upsample: p in the final part")
-    final_part: float = Field(0.2, ge=0, lt=1, description="upsample: the last share of steps with the final p")
-
-
-class Config(StageConfig):
-    """Model size, budget and optimisation. Derived values are printed and go to the manifest."""
-
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every_min", "tensorboard", "log_every"})
+class Config(TrainConfig):
+    """Model size, where to start from, and the loop's budget and optimisation (TrainConfig). Derived
+    values are printed and go to the manifest."""
 
     model: ModelSize = Field(default_factory=ModelSize)
     init_from: str | None = Field(None, description="continue pretraining (DAPT) from a base (`slmforge base list`, "
@@ -87,33 +49,9 @@ class Config(StageConfig):
                                                    "train split), each starting as the mean of its pieces")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                                             "memory, ~30% more compute): for large bases")
-    tokens: int | str | None = Field(None, description="training budget in tokens, e.g. 2M or 200000 (or give minutes)")
-    minutes: float | None = Field(None, gt=0, description="training budget in minutes for the specialist")
-    batch_tokens: int = Field(8192, ge=16, description="tokens per optimizer step, over all processes")
-    micro_batch: int = Field(16, ge=1, description="sequences per forward pass per process (memory)")
-    lr: float = Field(3e-3, gt=0, description="peak learning rate")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate / peak")
-    warmup: float = Field(0.05, ge=0, lt=1, description="share of steps spent warming up")
-    schedule: Literal["wsd", "cosine"] = Field("wsd", description="warmup-stable-decay or cosine")
-    decay_part: float = Field(0.2, gt=0, le=1, description="wsd: the last share of steps that decays")
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = Field((0.9, 0.95))
-    grad_clip: float = Field(1.0, gt=0)
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where supported")
-    compile: bool = Field(False, description="torch.compile the model (20-40 s to start, ~1.3x after)")
-    mixture: Mixture = Field(default_factory=Mixture)
     baseline: bool = Field(True, description="also train a generalist of the same size on the general sources")
     reading: float = Field(0.0, ge=0, lt=1, description="share of the specialist's domain sequences from the synth "
                                                         "stage's reading-comprehension texts (synth.kinds: [reading])")
-    eval_every: int = Field(50, ge=1, description="steps between validation losses (per source)")
-    eval_tokens: int = Field(32768, ge=16, description="validation tokens per source")
-    checkpoint_every_min: float = Field(5.0, gt=0, description="minutes between checkpoints")
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (in addition)")
-    log_every: int = Field(10, ge=1, description="steps between log lines")
-    snapshots: int = Field(0, ge=0, description="HF snapshots kept at evenly spaced steps (evaluate.select picks "
-                                                 "one by a domain metric on the dev sets)")
-    seed: int = 0
-    tensorboard: bool = Field(False, description="also log to TensorBoard through accelerate's trackers")
 
     def key_dict(self) -> dict:
         d = super().key_dict()
@@ -132,14 +70,6 @@ class Config(StageConfig):
         if self.expand_vocab and not self.init_from:
             raise ValueError("expand_vocab: needs init_from (a base to expand); a scratch model has the domain "
                              "tokenizer already")
-        return self
-
-    @model_validator(mode="after")
-    def _budget(self):
-        if (self.tokens is None) == (self.minutes is None):
-            raise ValueError("give pretrain.tokens or pretrain.minutes as the budget, not both. Choose one.")
-        if self.tokens is not None:
-            parse_count(self.tokens)
         return self
 
 
@@ -162,306 +92,6 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), external=external(cfg),
                        resumable=True, force=force,
                        distributed=True)
-
-
-# ---- schedules --------------------------------------------------------------------------------------
-def domain_fraction(m: Mixture, step: int, total: int, domain_epochs: float) -> float:
-    if m.schedule == "specialised":
-        return m.domain_fraction if domain_epochs < m.max_domain_epochs else 0.0
-    if m.schedule == "upsample" and step >= (1 - m.final_part) * total:
-        return m.final_domain_fraction
-    return m.domain_fraction
-
-
-def lr_at(cfg: Config, step: int, total: int) -> float:
-    """Linear warmup, then WSD (constant, linear decay over the last `decay_part`) or cosine."""
-    warm = max(1, int(cfg.warmup * total))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        t = (step - warm) / max(1, total - 1 - warm)
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    decay_start = int(total * (1 - cfg.decay_part))
-    if step < decay_start:
-        return cfg.lr
-    t = (step - decay_start) / max(1, total - 1 - decay_start)
-    return cfg.lr - (cfg.lr - floor) * min(1.0, t)
-
-
-# ---- the loop ---------------------------------------------------------------------------------------
-@dataclass
-class LoopState:
-    """What a checkpoint holds besides weights, optimizer and sampler cursors: the steps done, the
-    training time so far, the step count the schedule was pinned to, and the train and val logs."""
-
-    step: int = 0
-    elapsed: float = 0.0
-    total_steps: int | None = None
-    log: list[dict] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class Loop:
-    """The prepared pieces of one model's training run (they do not change while it runs)."""
-
-    name: str
-    cfg: Config
-    acc: object  # accelerate.Accelerator
-    model: object  # the prepared (possibly DDP-wrapped) model
-    fwd: object  # what the forward pass calls: the model, or torch.compile's version of it
-    opt: object
-    sampler: Sampler
-    val: dict[str, np.ndarray]
-    shape: dict
-    seq: int
-    n_seq: int  # sequences per step, over all processes
-    per_rank: int  # sequences per step on this process
-    n_micro: int  # forward passes per step on this process
-    ckpt: Path
-    peak_flops: float
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.n_seq * self.seq
-
-
-def setup(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val: dict[str, np.ndarray], out: Path,
-          peak_flops: float, bf16: bool) -> Loop:
-    """The Accelerator, AdamW (no weight decay on norms), the prepared model and the batch geometry:
-    the global batch is a multiple of the world size, each process trains on its share."""
-    import torch
-    from accelerate import Accelerator
-
-    world, seq = dist.world_size(), shape_["context"]
-    n_seq = max(world, cfg.batch_tokens // seq)
-    n_seq -= n_seq % world
-    per_rank = n_seq // world
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
-                      log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out / "tensorboard"))
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            fused=True)  # fused AdamW runs on CPU too (torch >= 2.4) and on GPUs
-    model, opt = acc.prepare(model, opt)
-    fwd = torch.compile(model) if cfg.compile else model
-    if cfg.tensorboard:
-        acc.init_trackers(name)
-    return Loop(name=name, cfg=cfg, acc=acc, model=model, fwd=fwd, opt=opt, sampler=sampler, val=val, shape=shape_,
-                seq=seq, n_seq=n_seq, per_rank=per_rank, n_micro=math.ceil(per_rank / cfg.micro_batch),
-                ckpt=out / f"{name}.ckpt.pt", peak_flops=peak_flops)
-
-
-def load_checkpoint(loop: Loop, total_steps: int | None) -> LoopState:
-    """Restore weights, optimizer, sampler cursors and the loop state from loop.ckpt if there is one."""
-    import torch
-
-    if not loop.ckpt.is_file():
-        return LoopState(total_steps=total_steps)
-    saved = torch.load(loop.ckpt, map_location="cpu", weights_only=False)
-    loop.acc.unwrap_model(loop.model).load_state_dict(saved["model"])
-    loop.opt.load_state_dict(saved["optimizer"])
-    loop.sampler.load(saved["sampler"])
-    state = LoopState(**saved["state"])
-    info(f"  pretrain · {loop.name}: resuming at step {state.step}")
-    return state
-
-
-def save_checkpoint(loop: Loop, state: LoopState) -> None:
-    """Weights, optimizer, sampler cursors and the loop state to loop.ckpt (temp file, then rename)."""
-    import torch
-
-    tmp = loop.ckpt.with_name(loop.ckpt.name + ".tmp")
-    torch.save({"model": loop.acc.unwrap_model(loop.model).state_dict(), "optimizer": loop.opt.state_dict(),
-                "sampler": loop.sampler.state(), "state": asdict(state)}, tmp)
-    os.replace(tmp, loop.ckpt)
-
-
-def evaluate(loop: Loop) -> dict[str, float]:
-    """Mean next-token loss per validation source, on up to eval_tokens tokens of each."""
-    import torch
-
-    cfg, seq = loop.cfg, loop.seq
-    loop.model.eval()
-    losses = {}
-    with loop.acc.autocast():
-        for source, arr in loop.val.items():
-            n = min(len(arr) - 1, cfg.eval_tokens) // seq
-            if n == 0:
-                continue
-            w = torch.as_tensor(np.asarray(arr[: n * seq + 1], dtype=np.int64))
-            total = nll(loop.fwd, w[:-1].view(n, seq), w[1:].view(n, seq), cfg.micro_batch, loop.acc.device)
-            losses[source] = round(total / (n * seq), 4)
-    loop.model.train()
-    return losses
-
-
-def train_step(loop: Loop, step: int, total: int) -> tuple[float, float, float]:
-    """One optimizer step on the global batch of `step`: (loss, grad norm, domain fraction)."""
-    import torch
-    import torch.nn.functional as F
-
-    cfg, sampler, acc, mb_size = loop.cfg, loop.sampler, loop.acc, loop.cfg.micro_batch
-    p = domain_fraction(cfg.mixture, step, total, sampler.epochs(sampler.domain))
-    rank = dist.rank()
-    batch = sampler.batch(step, loop.n_seq, p)[rank * loop.per_rank:(rank + 1) * loop.per_rank]
-    for g in loop.opt.param_groups:
-        g["lr"] = lr_at(cfg, step, total)
-    loss_sum = 0.0
-    for i in range(loop.n_micro):
-        mb = torch.as_tensor(batch[i * mb_size:(i + 1) * mb_size]).to(acc.device)
-        ctx = acc.no_sync(loop.model) if i < loop.n_micro - 1 else contextlib.nullcontext()
-        with ctx, acc.autocast():
-            logits = loop.fwd(input_ids=mb[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
-            loss = loss / (loop.per_rank * loop.seq)
-        acc.backward(loss)
-        loss_sum += loss.item()
-    gnorm = acc.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip)
-    loop.opt.step()
-    loop.opt.zero_grad(set_to_none=True)
-    return dist.mean(loss_sum), float(gnorm), p
-
-
-def calibrate(loop: Loop) -> int:
-    """Minutes budget -> steps: time a few steps and one evaluation on a throwaway copy of the state,
-    then restore it, so the schedule knows its length from step 0 and the run stays reproducible."""
-    import copy
-
-    raw = loop.acc.unwrap_model(loop.model)
-    saved = copy.deepcopy(raw.state_dict()), copy.deepcopy(loop.opt.state_dict()), loop.sampler.state()
-    train_step(loop, 0, 100)
-    t0 = time.perf_counter()
-    for i in range(1, 3):
-        train_step(loop, i, 100)
-    per_step = (time.perf_counter() - t0) / 2
-    t0 = time.perf_counter()
-    evaluate(loop)
-    per_eval = time.perf_counter() - t0
-    raw.load_state_dict(saved[0])
-    loop.opt.load_state_dict(saved[1])
-    loop.sampler.load(saved[2])
-    minutes = loop.cfg.minutes
-    steps = dist.broadcast_int(max(2, int(minutes * 60 / (per_step + per_eval / loop.cfg.eval_every))))
-    info(f"  pretrain · {loop.name}: {per_step:.2f} s/step, {per_eval:.1f} s/eval -> {steps} steps in "
-         f"{minutes:g} min")
-    return steps
-
-
-def mfu(loop: Loop, tokens_per_s: float) -> float:
-    """Model FLOPs utilisation: the FLOP/s the tokens cost against the machine's peak (0 if unknown)."""
-    return tokens_per_s * flops_per_token(loop.shape, loop.seq) / loop.peak_flops if loop.peak_flops else 0.0
-
-
-def take_snapshot(loop: Loop, state: LoopState, snapshot) -> None:
-    """Call `snapshot(model, step)` (main process) at cfg.snapshots evenly spaced steps before the last."""
-    cfg = loop.cfg
-    every = max(1, state.total_steps // (cfg.snapshots + 1))
-    if snapshot and cfg.snapshots and state.step % every == 0 and state.step // every <= cfg.snapshots:
-        dist.on_main(snapshot, loop.acc.unwrap_model(loop.model), state.step)
-
-
-def summary(loop: Loop, state: LoopState) -> dict:
-    """The run's metrics and logs, and the trained (unwrapped) model."""
-    wall = state.elapsed
-    tokens = state.step * loop.tokens_per_step
-    tps = tokens / wall if wall else 0.0
-    return {"model": loop.acc.unwrap_model(loop.model), "steps": state.step, "tokens": tokens,
-            "train_time_s": round(wall, 1), "tokens_per_s": round(tps, 1),
-            "mfu": round(mfu(loop, tps), 4) if loop.peak_flops else None,
-            "final_loss": state.log[-1]["loss"], "val": state.val[-1] if state.val else {},
-            "log": state.log, "val_log": state.val, "tokens_per_step": loop.tokens_per_step,
-            "domain_epochs": round(loop.sampler.epochs(loop.sampler.domain), 3),
-            "general_epochs": round(loop.sampler.epochs(loop.sampler.general), 3)}
-
-
-def train_one(name: str, cfg: Config, model, shape_: dict, sampler: Sampler, val: dict[str, np.ndarray],
-              out: Path, total_steps: int | None, peak_flops: float, bf16: bool, snapshot=None) -> dict:
-    """Train `model` in place; checkpoints in out/<name>.ckpt.pt; `snapshot(model, step)` is called at
-    cfg.snapshots evenly spaced steps before the last; returns the run's metrics and log."""
-    loop = setup(name, cfg, model, shape_, sampler, val, out, peak_flops, bf16)
-    state = load_checkpoint(loop, total_steps)
-    loop.model.train()
-    if state.total_steps is None:
-        state.total_steps = calibrate(loop)
-        dist.on_main(save_checkpoint, loop, state)  # pins the step count: a resumed run follows the same schedule
-    total = state.total_steps
-    last_ckpt = time.time()
-    t_run = time.time() - state.elapsed
-    with count_progress() as progress:
-        progress.columns = (*progress.columns, TextColumn("{task.fields[stats]}"))
-        task = progress.add_task(f"pretrain · {name}", total=total, completed=state.step, stats="")
-        window_t, window_tok = time.time(), 0
-        while state.step < total:
-            step = state.step
-            loss, gnorm, p = train_step(loop, step, total)
-            state.step = step + 1
-            state.elapsed = time.time() - t_run
-            window_tok += loop.tokens_per_step
-            state.log.append({"step": step + 1, "loss": round(loss, 5), "lr": round(loop.opt.param_groups[0]["lr"], 7),
-                              "grad_norm": round(gnorm, 4), "domain_fraction": p,
-                              "tokens": (step + 1) * loop.tokens_per_step, "time_s": round(state.elapsed, 3)})
-            done = state.step >= total
-            if state.step % cfg.eval_every == 0 or done:
-                state.val.append({"step": state.step, "tokens": state.step * loop.tokens_per_step, **evaluate(loop)})
-            if state.step % cfg.log_every == 0 or done:
-                dt = time.time() - window_t
-                tps = window_tok / dt if dt > 0 else 0.0
-                state.log[-1].update(tokens_per_s=round(tps, 1), mfu=round(mfu(loop, tps), 4))
-                progress.update(task, completed=state.step,
-                                stats=f"loss {loss:.3f} · {tps:,.0f} tok/s · MFU {mfu(loop, tps):.1%}")
-                if cfg.tensorboard:
-                    loop.acc.log({"loss": loss, "lr": state.log[-1]["lr"], "tokens_per_s": tps}, step=state.step)
-                window_t, window_tok = time.time(), 0
-            take_snapshot(loop, state, snapshot)
-            due = (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or \
-                time.time() - last_ckpt > cfg.checkpoint_every_min * 60
-            if dist.broadcast_int(int(due)):  # the main process's clock decides, or ranks could part at the barrier
-                dist.on_main(save_checkpoint, loop, state)
-                last_ckpt = time.time()
-    if cfg.tensorboard:
-        loop.acc.end_training()
-    return summary(loop, state)
-
-
-# ---- the stage --------------------------------------------------------------------------------------
-def save_snapshot(model, step: int, tokenizer, root: Path) -> None:
-    """An HF folder root/step-NNNNNN (model and tokenizer), written to a temp folder and renamed."""
-    path = root / f"step-{step:06d}"
-    if path.is_dir():  # written before a restart
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    os.replace(tmp, path)
-
-
-def _save(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, data: dict, metrics: dict,
-          ckpt: Path) -> None:
-    """The finished model's HF folder (weights, tokenizer, generation config, card, logs), metrics.json
-    last (a folder with both is done), then the checkpoint goes."""
-    from transformers import GenerationConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(tokenizer),
-                     pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=128).save_pretrained(str(out))
-    results = {"training tokens": result["tokens"], "steps": result["steps"], "final train loss": result["final_loss"],
-               **{f"val loss ({k})": v for k, v in result["val"].items() if k not in ("step", "tokens")},
-               "tokens/s": result["tokens_per_s"], "MFU": result["mfu"]}
-    (out / "README.md").write_text(model_card(name, shape_, data, results), encoding="utf-8")
-    for file, rows in (("train_log.jsonl", result["log"]), ("val_log.jsonl", result["val_log"])):
-        with open(out / file, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    ckpt.unlink(missing_ok=True)
 
 
 def reading_texts(synth: Artifact) -> list[str]:
@@ -558,7 +188,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         m = {k: v for k, v in result.items() if k not in ("model", "log", "val_log")}
         m.update(shape=shape_, sources=sources, unique_train_tokens=int(unique),
                  flops=6 * shape_["params"] * result["tokens"])
-        dist.on_main(_save, result["model"], tokenizer, shape_, result, final_dir, name, data, m,
+        dist.on_main(save_model, result["model"], tokenizer, shape_, result, final_dir, name, data, m,
                      out / f"{name}.ckpt.pt")
         metrics["models"][name] = m
     if dist.is_main():
