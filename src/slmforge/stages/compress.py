@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from slmforge import dist, hardware, prune
 from slmforge.artifacts import Artifact, ArtifactStore
@@ -88,11 +88,12 @@ class Config(TrainConfig):
             raise ValueError(f"name each variant once, at least one ({', '.join(VARIANTS)})")
         return v
 
-    @model_validator(mode="after")
-    def _target(self):
-        if self.params is not None:
-            parse_count(self.params)
-        return self
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: int | str | None) -> int | str | None:
+        if v is not None:
+            parse_count(v)
+        return v
 
     def target(self, teacher_params: int) -> float:
         return parse_count(self.params) if self.params is not None else (self.ratio or 1.0) * teacher_params
