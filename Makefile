@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: compare setup browser llama demo test bench clean
+.PHONY: compare compress setup browser llama demo test bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,13 @@ compare: demo
 	$(BIN)/slmforge run recipes/dapt.yaml
 	$(BIN)/slmforge run recipes/dapt-expand.yaml
 	$(BIN)/python benchmarks/compare.py runs/demo runs/dapt runs/dapt-expand --json runs/compare.json
+
+# DAPT(SmolLM2) pruned to a quarter of its parameters and distilled, beside the pruned model trained with
+# the LM loss only and a scratch model of the same shape (recipes/compress.yaml, sharing runs/dapt with
+# `make compare`); benchmarks/compress.py prints the table the README quotes. Not part of the demo.
+compress: setup
+	$(BIN)/slmforge run recipes/compress.yaml
+	$(BIN)/python benchmarks/compress.py --skip-throughput --json runs/compress.json
 
 # The report test renders HTML in headless Chromium (Debian's package; needs root on a fresh machine).
 browser:

@@ -75,6 +75,7 @@ def test_every_variant_is_a_smaller_llama_with_the_teachers_tokenizer(compressed
         assert meta["tokens"] == (0 if name == "pruned" else m["models"]["pruned-kd"]["tokens"]) and \
             (name == "pruned" or meta["tokens"] >= 6000)
         kl[name] = mean_kl(teacher, model, x)
+        assert meta["pruning"]["removed_layers"] == pr["layers"]["removed"] and meta["pruning"]["shape"] == pr["shape"]
     assert kl["pruned-kd"] < kl["pruned-lm"] and kl["scratch-kd"] < kl["scratch-lm"], kl  # distillation: closer
     assert m["models"]["pruned-kd"]["flops"] > m["models"]["pruned-lm"]["flops"]  # the teacher's forward counts
     assert m["models"]["pruned-kd"]["base"]["model"] == "specialist" and m["models"]["scratch-kd"]["base"] is None

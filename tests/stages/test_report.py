@@ -51,3 +51,23 @@ def test_provenance_says_when_a_scored_model_wrote_its_own_benchmark():
     assert rows == [["qa", "hf:smollm2-135m", "extractive", "no", "no"]] and len(head) == 5
     assert notes == ["smollm2 is scored on the qa set, which the same model wrote: it may find its own questions "
                      "easier than other models do."]
+
+
+def test_compression_section_lists_each_variant_against_its_teacher():
+    from slmforge.stages.report import compression
+
+    pruning = {"shape": {"layers": 17, "hidden": 288, "heads": 6, "kv_heads": 3, "ffn": 896},
+               "teacher_shape": {"layers": 30}, "calibration_tokens": 32768, "removed_layers": [2, 3],
+               "importance_kept": {"hidden": 0.61, "heads": 0.7, "ffn": 0.64}}
+    models = {"specialist": {"shape": {"params": 134_500_000}},
+              "pruned-kd": {"shape": {"params": 33_000_000}, "teacher": {"params": 134_500_000}, "init": "pruned",
+                            "loss": "kd", "alpha": 0.5, "temperature": 1.0, "tokens": 65536,
+                            "flops_with_pruning": 3.9e13, "pruning": pruning},
+              "scratch-lm": {"shape": {"params": 33_000_000}, "teacher": {"params": 134_500_000}, "init": "scratch",
+                             "loss": "lm", "tokens": 65536, "flops_with_pruning": 1.3e13, "pruning": pruning}}
+    head, rows, notes = compression(models)
+    assert [r[0] for r in rows] == ["pruned-kd", "scratch-lm"] and len(head) == len(rows[0])
+    assert rows[0][1:4] == ["pruned teacher", "distillation (alpha 0.5, T 1.0)", "33.00M (25%)"]
+    assert rows[1][1:3] == ["random", "LM loss"] and "17 layers, hidden 288, heads 6/3 kv" in rows[1][4]
+    assert "removed layers [2, 3] of 30" in notes[0] and "61% of the hidden" in notes[0]
+    assert compression({"specialist": {"shape": {"params": 1}}}) == (head, [], [])

@@ -202,8 +202,11 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     tokens_budget = int(parse_count(cfg.tokens)) if cfg.tokens else None
     for name in cfg.variants:
         final_dir = out / name
+        pruning = {k: record[k] for k in ("shape", "teacher_shape", "calibration_tokens")} | {
+            "removed_layers": record["layers"]["removed"],
+            "importance_kept": {k: record[k]["importance_kept"] for k in ("hidden", "heads", "ffn")}}
         if (final_dir / "model.safetensors").is_file() and (final_dir / "metrics.json").is_file():
-            metrics["models"][name] = json.loads((final_dir / "metrics.json").read_text())
+            metrics["models"][name] = {**json.loads((final_dir / "metrics.json").read_text()), "pruning": pruning}
             tokens_budget = tokens_budget or metrics["models"][name]["tokens"] or None
             continue
         model = _student(name, pruned, cfg.seed)
@@ -211,7 +214,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
         kd = name.endswith("-kd")
         m = {"variant": name, "init": name.split("-")[0], "loss": "kd" if kd else ("lm" if "-" in name else None),
              "shape": shape_, "teacher": metrics["teacher"], "tokens": 0, "steps": 0,
-             "base": teacher_rec if "stage" in teacher_rec and name.startswith("pruned") else None}
+             "base": teacher_rec if "stage" in teacher_rec and name.startswith("pruned") else None,
+             "pruning": pruning}
         if name == "pruned":
             result = None
         else:

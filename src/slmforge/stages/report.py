@@ -92,7 +92,9 @@ def loss_curves(models: dict) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for name, p in logs.items():
         rows = [json.loads(x) for x in (p / "train_log.jsonl").read_text().splitlines()]
-        ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], label=name, lw=1)
+        kd = models[name].get("loss") == "kd"  # compress's distilled variants: their objective, not the LM loss
+        ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], label=name + (" (KD objective)" if kd
+                                                                                          else ""), lw=1)
     ax.set(xlabel="training tokens (M)", ylabel="train loss (nats/token)", title="Training loss")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -176,6 +178,32 @@ def model_rows(models: dict) -> list[list]:
                      f"{mm['tokens_per_s']:,.0f}" if mm.get("tokens_per_s") is not None else "",
                      f"{mm['mfu']:.1%}" if mm.get("mfu") else ""])
     return rows
+
+
+def compression(models: dict) -> tuple[list[str], list[list], list[str]]:
+    """(head, rows, notes) for the compress stage's variants: how each was made, its size against the
+    teacher's, and what pruning kept (the share of the teacher's importance per kind)."""
+    made = {n: mm for n, mm in models.items() if mm.get("pruning")}
+    rows, notes = [], []
+    for n, mm in made.items():
+        t = mm.get("teacher", {}).get("params") or 0
+        p = mm["shape"]["params"]
+        s = mm["pruning"]["shape"]
+        rows.append([n, "pruned teacher" if mm.get("init") == "pruned" else "random",
+                     {"kd": f"distillation (alpha {mm.get('alpha')}, T {mm.get('temperature')})", "lm": "LM loss"}.get(
+                         mm.get("loss"), "none"), f"{p / 1e6:.2f}M ({p / t:.0%})" if t else f"{p / 1e6:.2f}M",
+                     f"{s['layers']} layers, hidden {s['hidden']}, heads {s['heads']}/{s['kv_heads']} kv, ffn {s['ffn']}",
+                     f"{mm.get('tokens', 0) / 1e6:.3f}M", f"{mm.get('flops_with_pruning', 0):.2e}"])
+    if made:
+        mm = next(iter(made.values()))
+        pr, kept = mm["pruning"], mm["pruning"]["importance_kept"]
+        notes.append(f"Importance measured on {pr['calibration_tokens']:,} domain tokens; removed layers "
+                     f"{pr['removed_layers']} of {pr['teacher_shape']['layers']}; the kept structures hold "
+                     f"{kept['hidden']:.0%} of the hidden channels' importance, {kept['heads']:.0%} of the heads' "
+                     f"and {kept['ffn']:.0%} of the FFN channels' (per layer, mean). Training loss of a distilled "
+                     "variant is its distillation objective; compare validation losses and the scores above.")
+    return ["variant", "start", "trained with", "params (of teacher)", "shape", "tokens", "FLOPs (with pruning)"], \
+        rows, notes
 
 
 CHAIN = ("specialist", "sft", "sft-rationale", "dpo")
@@ -308,6 +336,10 @@ def render_html(doc: dict) -> str:
     notes = [f"{n}: {mm['note']}" for n, mm in m["models"].items() if mm.get("note")]
     if notes:
         parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in notes) + "</ul>")
+    head, rows, notes = compression(m["models"])
+    if rows:
+        parts.append("<h2>Compression: a smaller student of the teacher</h2>" + _table(head, rows) +
+                     "".join(f"<p>{e(x)}</p>" for x in notes))
     splits, drops = data_rows(doc["curate"])
     parts.append("<h2>Data</h2><p>Documents / characters per split.</p>" +
                  _table(["source", "train", "val", "test", "role"], splits) +
@@ -382,4 +414,8 @@ def render_markdown(doc: dict) -> str:
     lines += ["## Models", "", "| model | from | params | tokens | domain epochs | FLOPs | time | tokens/s | MFU |",
               "|---|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in model_rows(m["models"])]
+    head, rows, notes = compression(m["models"])
+    if rows:
+        lines += ["", "## Compression", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows] + [""] + notes
     return "\n".join(lines) + "\n"
