@@ -78,3 +78,51 @@ def test_a_failing_build_leaves_no_manifest(tmp_path):
     assert seen == ["1"] and store.state("s", key) == "done"
     with pytest.raises(UserError, match="no completed other run"):
         store.resolve("other:latest")
+
+
+LOCK_HOLDER = """
+import os, signal, sys, time
+from pathlib import Path
+from slmforge.artifacts import ArtifactStore
+from tests.test_artifacts import Cfg
+
+def builder(out):
+    if os.fork() == 0:  # a child that outlives its parent, as a multiprocessing manager can
+        time.sleep(60)
+        os._exit(0)
+    Path(sys.argv[2]).write_text("building")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ArtifactStore(Path(sys.argv[1])).build("s", Cfg(), {}, builder)
+"""
+
+
+def test_a_sigkilled_build_leaves_no_lock_even_when_a_forked_child_survives(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    flag = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "w"), str(flag)], cwd=REPO,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL and flag.is_file()
+        calls: list = []
+        store = ArtifactStore(tmp_path / "w")
+        for _ in range(50):  # the child is alive (same session); the build must not wait for it
+            try:
+                art = store.build("s", Cfg(), {}, build_counter(calls), resumable=True)
+                break
+            except UserError as e:
+                assert "another slmforge process" in str(e)
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the stage lock is still held by the dead build's child")
+        assert (art.path / MANIFEST).is_file() and len(calls) == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)

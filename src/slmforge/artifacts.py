@@ -11,6 +11,7 @@ Layout: `<workdir>/<stage>/<key>/` holds a stage's payload and `manifest.json`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import importlib.metadata
@@ -185,10 +186,15 @@ class ArtifactStore:
 
         self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
         lock_path = self.stage_dir(stage) / f".{key}.lock"
-        with open(lock_path, "w") as lock:
+        with open(lock_path, "a") as lock:
+            # A POSIX record lock (lockf), not flock: it belongs to this process alone and is not inherited
+            # by the processes a stage forks (curate's workers, a multiprocessing manager), so when this
+            # process dies, even by SIGKILL, the OS releases it at once although an orphaned child lives on.
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 raise UserError(
                     f"{stage}: another slmforge process is building {final}; wait for it to finish"
                 ) from None

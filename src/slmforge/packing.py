@@ -22,6 +22,13 @@ def tokenize_split(tokenizer, curate: Artifact, split: str, source: str, path: P
     return tokenize_texts(tokenizer, texts, source, path)
 
 
+def tokenize_sources(tokenizer, curate: Artifact, sources: list[str], folder: Path) -> None:
+    """Every source's train and val split as token streams, folder/<source>.<split>.npy."""
+    for s in sources:
+        for split in ("train", "val"):
+            tokenize_split(tokenizer, curate, split, s, folder / f"{s}.{split}.npy")
+
+
 def tokenize_texts(tokenizer, texts: list[str], source: str, path: Path) -> int:
     """Write texts as one token stream (BOS text EOS ...) to `path`; returns its length."""
     if path.is_file():

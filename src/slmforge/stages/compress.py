@@ -32,7 +32,7 @@ from slmforge.distill import Distiller
 from slmforge.errors import UserError
 from slmforge.hardware import use_bf16
 from slmforge.modeling import load_model, parse_count, shape_of
-from slmforge.packing import Sampler, tokenize_split
+from slmforge.packing import Sampler, tokenize_sources
 from slmforge.records import Curated, Models
 from slmforge.training import TrainConfig, save_model, save_snapshot, train_one
 
@@ -155,12 +155,6 @@ def student_shape(cfg: Config, config) -> prune.Shape:
     return s
 
 
-def _tokenize(tokenizer, curate: Artifact, sources: list[str], folder: Path) -> None:
-    for s in sources:
-        for split in ("train", "val"):
-            tokenize_split(tokenizer, curate, split, s, folder / f"{s}.{split}.npy")
-
-
 # ---- the stage --------------------------------------------------------------------------------------------
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     import torch
@@ -176,7 +170,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     peak = hardware.peak_flops(bf16)
     context = min(cfg.context or 1024, teacher.config.max_position_embeddings)
     sources = list(curated.roles)
-    dist.on_main(_tokenize, tokenizer, inputs["curate"], sources, out / "tokens")
+    dist.on_main(tokenize_sources, tokenizer, inputs["curate"], sources, out / "tokens")
     streams = {s: np.load(out / "tokens" / f"{s}.train.npy", mmap_mode="r") for s in sources}
     val = {s: np.load(out / "tokens" / f"{s}.val.npy", mmap_mode="r") for s in sources}
     t_params = sum(p.numel() for p in teacher.parameters())

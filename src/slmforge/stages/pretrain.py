@@ -29,7 +29,7 @@ from slmforge.dapt import expand_vocabulary, init_source
 from slmforge.errors import UserError
 from slmforge.hardware import use_bf16
 from slmforge.modeling import ModelSize, build_model, load_model, parse_count, shape_of
-from slmforge.packing import Sampler, tokenize_split, tokenize_texts
+from slmforge.packing import Sampler, tokenize_sources, tokenize_texts
 from slmforge.records import Curated
 from slmforge.training import Mixture, TrainConfig, save_model, save_snapshot, train_one
 
@@ -102,12 +102,6 @@ def reading_texts(synth: Artifact) -> list[str]:
     return [r["text"] for r in rows]
 
 
-def _tokenize_sources(tokenizer, curate: Artifact, sources: list[str], folder: Path) -> None:
-    for s in sources:
-        for split in ("train", "val"):
-            tokenize_split(tokenizer, curate, split, s, folder / f"{s}.{split}.npy")
-
-
 def _model_and_tokenizer(cfg: Config, name: str, tok_art: Artifact, tok_dir: str, init: Path | None):
     """The specialist continues from the folder `init` (cfg.init_from's) when given, at model.context or
     else the base's context up to 1024 tokens; else a fresh model for the stage's tokenizer."""
@@ -157,7 +151,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             model, tokenizer, metrics["expand_vocab"] = expand_vocabulary(
                 model, tokenizer, tok_art.path / "tokenizer", texts["train"], texts["val"], cfg.expand_vocab)
             shape_["params"] = sum(p.numel() for p in model.parameters())
-        dist.on_main(_tokenize_sources, tokenizer, curate, sources, out / "tokens" / name)
+        dist.on_main(tokenize_sources, tokenizer, curate, sources, out / "tokens" / name)
         streams = {s: np.load(out / "tokens" / name / f"{s}.train.npy", mmap_mode="r") for s in sources}
         val = {s: np.load(out / "tokens" / name / f"{s}.val.npy", mmap_mode="r") for s in sources}
         mixed = name == "specialist" and cfg.reading
