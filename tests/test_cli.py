@@ -55,3 +55,18 @@ def test_plan_without_a_recipe():
     assert "1.51B" in r.stdout + r.stderr
     r = slmforge("plan", "--hours", "1", "--flops", "1e18", "--domain-tokens", "1e9")
     assert r.returncode == 2 and "Choose one" in r.stderr
+
+
+def test_an_unusable_workdir_is_a_clear_error_not_a_traceback(tmp_path):
+    from tests.conftest import DATA
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\ningest:\n  sources:\n    - {{name: pg, role: domain, paths: "
+                      f"[{DATA / 'postgresql_docs.jsonl.gz'}]}}\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for workdir in (a_file, a_file / "under", "/proc/slmforge-runs"):
+        r = slmforge("run", str(recipe), "--set", f"workdir={workdir}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"workdir {workdir}: cannot write" in r.stderr and "--set workdir=DIR" in r.stderr, r.stderr
+    assert a_file.read_text() == "not a folder"

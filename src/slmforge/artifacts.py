@@ -171,9 +171,23 @@ class ArtifactStore:
         """
         from slmforge import dist
 
+        self._check_writable(stage)
         if dist.world_size() > 1:
             return self._build_ranks(stage, cfg, inputs, builder, external, resumable, force, distributed)
         return self._build_one(stage, cfg, inputs, builder, external, resumable, force)
+
+    def _check_writable(self, stage: str) -> None:
+        """The stage's folder exists and takes a file, or a UserError that names the path and the reason
+        (a workdir that is a file, lies under one, is read-only or on a filesystem such as /proc)."""
+        folder = self.stage_dir(stage)
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"workdir {self.workdir}: cannot write {e.filename or folder} ({e.strerror or e}); set "
+                            "`workdir:` in the recipe, or --set workdir=DIR, to a folder you can write") from None
 
     def _build_one(self, stage, cfg, inputs, builder, external, resumable, force) -> Artifact:
         key = self.key(stage, cfg.key_dict(), {k: a.key for k, a in inputs.items()}, external)
