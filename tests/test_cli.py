@@ -70,3 +70,14 @@ def test_an_unusable_workdir_is_a_clear_error_not_a_traceback(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert f"workdir {workdir}: cannot write" in r.stderr and "--set workdir=DIR" in r.stderr, r.stderr
     assert a_file.read_text() == "not a folder"
+
+
+def test_a_bad_section_is_reported_once_and_a_duplicate_section_is_an_error(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: x\ningest: {sources: [{name: a, paths: [a.txt]}]}\ncurate: {}\n"
+                                     "tokenizer: {vocab_sise: 4096}\nplan: {}\npretrain: {tokens: 1k}\n")
+    r = slmforge("run", str(tmp_path / "r.yaml"))
+    assert r.returncode == 2 and "tokenizer.vocab_sise: unknown key" in r.stderr
+    assert "needs the tokenizer stage's output" not in r.stderr, r.stderr  # the section is there, only wrong
+    (tmp_path / "d.yaml").write_text("name: x\ncurate: {}\ntokenizer: {vocab_size: 4096}\ncurate: {workers: 2}\n")
+    r = slmforge("run", str(tmp_path / "d.yaml"))
+    assert r.returncode == 2 and "`curate` appears twice in one mapping (lines 2 and 4)" in r.stderr, r.stderr

@@ -111,13 +111,29 @@ def format_errors(section: str, err: ValidationError) -> list[str]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one, so a
+    second `pretrain:` section would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"`{key}` appears twice in one mapping (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = (), default_section: str | None = None) -> Recipe:
     """Read and validate a recipe. Raises UserError listing every problem found, each with its key."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe {path}: no such file. Write one with `slmforge init DIR`.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"recipe {path}: not valid YAML: {e}") from None
     if raw is None:
@@ -160,7 +176,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
             problems.extend(format_errors(stage, e))
     for stage in stages:
         for dep in stage_inputs(stage, stages[stage]):
-            if dep not in stages:
+            if dep not in stages and dep not in raw:  # a section that is there but invalid is reported above
                 problems.append(
                     f"{stage}: needs the {dep} stage's output; add a `{dep}:` section to the recipe "
                     f"(an empty one takes the defaults)"
