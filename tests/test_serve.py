@@ -178,6 +178,27 @@ def test_invalid_requests_get_openai_errors(live):
     assert c.completions.create(model="spec", prompt="ok", max_tokens=2).usage.completion_tokens >= 1  # still up
 
 
+def test_hostile_bodies_get_4xx_and_never_reach_the_model(live):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    raw = b'{"model": "spec", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
+    r = httpx.post(live.url + "/v1/chat/completions", content=raw, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
+    big = b'{"model": "spec", "prompt": "' + b"a" * (2 * 2**20) + b'"}'
+    r = httpx.post(live.url + "/v1/completions", content=big, headers=h)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the cap is counted while the body streams in
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    r = httpx.post(live.url + "/v1/completions", content=chunked(), headers=h)
+    assert r.status_code == 413 and "max_body_kb" in r.json()["error"]["message"]
+    deep = b'{"model": "spec", "prompt": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    r = httpx.post(live.url + "/v1/completions", content=deep, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
 def test_full_server_answers_429(live):
     """One slot, no queue: of several simultaneous requests some get 429 (Retry-After), none crash."""
     clients = [live.client() for _ in range(6)]

@@ -101,20 +101,74 @@ ROUTES = (("GET", "/", index), ("GET", "/health", health), ("GET", "/v1/models",
 
 # ----------------------------------------------------------------------------------------- completions
 
-async def parse(srv: Server, request: Request, schema):
-    """(the JSON body, the body validated with `schema`), after the API key check; 400 with OpenAI's shape."""
-    srv.check_key(request.headers.get("authorization"))
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (by its Content-Length, or while
+    it streams in), so that a huge body is never held or parsed."""
+    from starlette.requests import ClientDisconnect
+
+    too_big = ApiError(413, f"The request body is larger than this server's limit of {limit // 1024} KB "
+                            "(serve.max_body_kb).", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client hung up mid-upload: nobody is left to answer, and nothing to log
+        raise ApiError(400, "The client disconnected before the request body was complete.") from None
+    return b"".join(chunks)
+
+
+def _unicode_problem(value, path: str = "") -> str | None:
+    """The first string in a parsed JSON value that is not valid Unicode (a lone UTF-16 surrogate such as
+    "\\ud800", which JSON can spell but UTF-8 cannot encode), as its parameter path (messages.0.content)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if (p := _unicode_problem(k, path) or _unicode_problem(v, f"{path}.{k}" if path else str(k))):
+                return p
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (p := _unicode_problem(v, f"{path}.{i}")):
+                return p
+    return None
+
+
+def _decode(raw: bytes, schema):
+    """(body, validated request) from the raw bytes; runs in a worker thread, off the event loop."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "We could not parse the JSON body of your request. Send valid JSON.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    if (param := _unicode_problem(body)) is not None:
+        raise ApiError(400, f"{param}: the text is not valid Unicode (a lone UTF-16 surrogate); send UTF-8 text.",
+                       param=param)
     try:
         return body, schema.model_validate(body)
     except ValidationError as e:
         msg, param = validation_message(e.errors())
         raise ApiError(400, msg, param=param) from None
+
+
+async def parse(srv: Server, request: Request, schema):
+    """(the JSON body, the body validated with `schema`), after the API key check and the size cap; parsed
+    and validated in a worker thread, so that a large body does not stall other clients; 4xx with
+    OpenAI's shape."""
+    from starlette.concurrency import run_in_threadpool
+
+    srv.check_key(request.headers.get("authorization"))
+    raw = await read_body(request, srv.cfg.max_body_kb * 1024)
+    return await run_in_threadpool(_decode, raw, schema)
 
 
 @dataclass

@@ -74,6 +74,8 @@ class Config(StageConfig):
     dtype: Literal["float32", "bfloat16", "int8"] = Field(DEFAULT_DTYPE, description="weights in memory; int8 = "
                                                           "dynamic quantization of the Linear layers")
     max_tokens: int = Field(128, ge=1, description="completion length when a request gives no max_tokens")
+    max_body_kb: int = Field(1024, ge=1, description="largest request body; a larger one is refused with 413 "
+                                                     "before it is parsed")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
 
     @field_validator("models")
