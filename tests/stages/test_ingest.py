@@ -137,3 +137,38 @@ def test_input_errors_name_the_key(tmp_path):
     msg = str(e.value)
     assert "ingest.sources.0.name" in msg and "ingest.sources.0.role" in msg
     assert "'*.nothing' matches no file" in msg
+
+
+def test_hostile_files_are_counted_rejects_and_never_stop_the_corpus(tmp_path):
+    """Each file below once stopped the run, multiplied documents or passed bad bytes into the corpus."""
+    import os
+
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "good.md").write_text("# Pumps\n\nPrime the pump before starting it.")
+    (d / "sub" / "also.md").write_text("# Valves\n\nOpen the valve slowly.")
+    os.symlink(d, d / "sub" / "loop")  # a `**` glob used to follow it over and over
+    (d / "deep.html").write_text("<html><body>" + "<div>" * 5000 + "deep" + "</div>" * 5000 + "</body></html>")
+    (d / "deep_list.html").write_text("<ul>" + "<li><ul>" * 3000 + "x" + "</ul></li>" * 3000 + "</ul>")
+    (d / "bomb.txt.gz").write_bytes(gzip.compress(b"a" * (3 * 2**20)))  # 3 KB on disk, 3 MiB inside
+    (d / "late_nul.txt").write_bytes(b"word " * 2000 + b"\x00 more")
+    (d / "mixed.jsonl").write_bytes(b'{"text": "good one"}\n{"text": "caf\xe9"}\n{"text": "nul \\u0000"}\n'
+                                    b'{"text": "good two"}\n')
+    (d / "no_text.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n')
+    os.symlink(d / "missing.txt", d / "dangling.txt")
+    os.mkfifo(d / "pipe.txt")
+    recipe = write_recipe(tmp_path, {"workdir": "w", "ingest": {"max_file_mb": 1, "sources": [
+        {"name": "md", "paths": ["docs/**/*.md"]}, {"name": "rest", "paths": ["docs"]}]}})
+    art = ingest.run(load_recipe(recipe).stages["ingest"], ArtifactStore(tmp_path / "w"))
+    m = art.manifest["metrics"]
+    assert m["sources"]["md"]["docs"] == 2  # each .md once, however many times the loop reaches it
+    rejects = {r["path"]: r for r in (json.loads(x) for x in (art.path / "rejects.jsonl").read_text().splitlines())}
+    assert rejects["docs/bomb.txt.gz"]["reason"] == "too_large"
+    assert rejects["docs/late_nul.txt"]["reason"] == "binary" and "offset 10000" in rejects["docs/late_nul.txt"]["detail"]
+    assert rejects["docs/no_text.jsonl"]["reason"] == "no_usable_records"
+    assert rejects["docs/dangling.txt"]["reason"] == rejects["docs/pipe.txt"]["reason"] == "not_a_file"
+    assert rejects["docs/mixed.jsonl:2"]["detail"] == "not UTF-8" and rejects["docs/mixed.jsonl:3"]["reason"] == "bad_record"
+    docs = {x["id"]: x["text"] for x in read_documents(art.path / "data", "rest")}
+    assert docs["docs/mixed.jsonl:1"] == "good one" and docs["docs/mixed.jsonl:4"] == "good two"
+    assert all("\x00" not in t for t in docs.values())
+    assert rejects["docs/deep.html"]["reason"] == rejects["docs/deep_list.html"]["reason"] == "too_deep"

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import re
 import zlib
 from collections import Counter
@@ -20,7 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from slmforge.artifacts import Artifact, ArtifactStore, hash_file
 from slmforge.config import StageConfig, resolve_path
@@ -100,20 +109,34 @@ def _expand(paths: list[str], info: ValidationInfo) -> tuple[list[tuple[Path, st
     for i, raw in enumerate(paths):
         p = resolve_path(raw, info)
         if _GLOB_CHARS.search(raw):
-            hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True) if Path(h).is_file())
+            hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True) if _entry(Path(h)))
             if not hits:
                 problems.append(f"paths.{i}: {raw!r} matches no file (looked in {p.parent})")
         elif p.is_dir():
-            hits = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+            hits = sorted(f for f in p.rglob("*") if _entry(f) and not _hidden(f.relative_to(p)))
             if not hits:
                 problems.append(f"paths.{i}: folder {p} holds no file")
-        elif p.is_file():
+        elif p.is_file() or p.is_symlink():
             hits = [p]
         else:
             hits = []
             problems.append(f"paths.{i}: {p} does not exist; fix the path (relative to the recipe file)")
         files += [(h, _rel(h, base)) for h in hits]
-    return files, problems
+    # A file reached twice (a `**` glob through a symlink loop, a folder linked into itself, two paths
+    # naming one file) is read once: the first path by sorted order names it.
+    seen: set[str] = set()
+    unique = []
+    for path, rel in files:
+        real = os.path.realpath(path)
+        if real not in seen or not path.exists():
+            seen.add(real)
+            unique.append((path, rel))
+    return unique, problems
+
+
+def _entry(path: Path) -> bool:
+    """A path ingest reads or rejects: anything but a folder (FIFOs and dangling links get a reject)."""
+    return path.is_symlink() or (path.exists() and not path.is_dir())
 
 
 def _hidden(rel: Path) -> bool:
@@ -122,14 +145,16 @@ def _hidden(rel: Path) -> bool:
 
 def _rel(path: Path, base: Path) -> str:
     try:
-        return str(path.resolve().relative_to(base.resolve()))
+        return str((path.resolve() if path.exists() else path.absolute()).relative_to(base.resolve()))
     except ValueError:
         return str(path)
 
 
 def external(cfg: Config) -> dict:
-    """Content fingerprints of every input file: edit a file and ingest (and all after it) re-runs."""
-    return {src.name: {rel: hash_file(p) for p, rel in src.files} for src in cfg.sources}
+    """Content fingerprints of every input file: edit a file and ingest (and all after it) re-runs. What is
+    not a regular file (a FIFO, which would block the hash, or a dangling link) is named, not read."""
+    return {src.name: {rel: hash_file(p) if p.is_file() else "not a regular file" for p, rel in src.files}
+            for src in cfg.sources}
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
@@ -153,19 +178,30 @@ def file_format(path: Path) -> tuple[str | None, bool]:
     return fmt, gz
 
 
-def _read_bytes(path: Path, gz: bool) -> bytes:
-    data = path.read_bytes()
-    if gz:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise Reject("corrupt_archive", str(e)) from None
+def _read_bytes(path: Path, gz: bool, limit: int) -> bytes:
+    """The file's bytes; a gzipped file is decompressed in a stream and refused as soon as it expands past
+    `limit` (max_file_mb), so that a small archive of a huge file (a zip bomb) costs no memory."""
+    if not gz:
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise Reject("corrupt_archive", str(e)) from None
+    if len(data) > limit:
+        raise Reject("too_large", f"expands to more than max_file_mb={limit / 2**20:g} MiB")
     return data
 
 
+def _binary(data: bytes) -> None:
+    """A NUL byte anywhere (text never holds one) marks a binary file."""
+    at = data.find(b"\x00")
+    if at >= 0:
+        raise Reject("binary", f"NUL byte at offset {at}")
+
+
 def _decode(data: bytes) -> str:
-    if b"\x00" in data[:8192]:
-        raise Reject("binary", "NUL bytes in the first 8 KiB")
+    _binary(data)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -184,6 +220,14 @@ def _title_from_text(text: str, fmt: str) -> str:
             if a and b and len(set(b)) == 1 and b[0] in "=-~^*#" and len(b) >= len(a):
                 return a
     return next((ln for ln in lines if ln), "")[:200]
+
+
+def _bad_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _DROP = {"script", "style", "noscript", "nav", "header", "footer", "aside", "form", "svg", "template",
@@ -292,11 +336,14 @@ def _pdf_text(data: bytes) -> tuple[str, str]:
 def _records(rows: Iterator[tuple[int, dict]], src: Source, rel: str, fmt: str, counts: Counter, rejects: list):
     for n, rec in rows:
         text = rec.get(src.text_field)
-        if not isinstance(text, str):
+        problem = None if isinstance(text, str) else \
+            f"no string field {src.text_field!r} (set text_field in the recipe)"
+        if problem is None and ("\x00" in text or _bad_unicode(text)):
+            problem = "a NUL character or a lone surrogate in the text"
+        if problem:
             counts["bad_record"] += 1
             if len(rejects) < 10000:
-                rejects.append({"source": src.name, "path": f"{rel}:{n}", "reason": "bad_record",
-                                "detail": f"no string field {src.text_field!r} (set text_field in the recipe)"})
+                rejects.append({"source": src.name, "path": f"{rel}:{n}", "reason": "bad_record", "detail": problem})
             continue
         if not text.strip():
             counts["empty_record"] += 1
@@ -311,7 +358,8 @@ def _records(rows: Iterator[tuple[int, dict]], src: Source, rel: str, fmt: str, 
                        str(title) if title is not None else "", text, meta)
 
 
-def read_file(path: Path, rel: str, src: Source, counts: Counter, rejects: list) -> Iterator[Document]:
+def read_file(path: Path, rel: str, src: Source, counts: Counter, rejects: list,
+              limit: int = 2**62) -> Iterator[Document]:
     """Documents from one file; raises Reject for a file that yields nothing usable."""
     fmt, gz = file_format(path)
     if fmt is None:
@@ -337,7 +385,7 @@ def read_file(path: Path, rel: str, src: Source, counts: Counter, rejects: list)
         except (pa.ArrowException, OSError) as e:
             raise Reject("corrupt_parquet", str(e)) from None
         return
-    data = _read_bytes(path, gz)
+    data = _read_bytes(path, gz, limit)
     if not data.strip():
         raise Reject("empty", "the file is empty")
     if fmt == "pdf":
@@ -345,29 +393,35 @@ def read_file(path: Path, rel: str, src: Source, counts: Counter, rejects: list)
         yield Document(f"{src.name}:{rel}", src.name, title, text, {"path": rel, "format": fmt, "role": src.role})
         return
     if fmt == "html":
-        if b"\x00" in data[:8192]:
-            raise Reject("binary", "NUL bytes in the first 8 KiB")
-        title, text = html_to_text(data)
+        _binary(data)
+        try:
+            title, text = html_to_text(data)
+        except RecursionError:
+            raise Reject("too_deep", "HTML nested deeper than the parser's recursion limit") from None
+    elif fmt == "jsonl":  # line by line: one bad line is one bad record, not a bad file
+        def rows():
+            for n, raw in enumerate(data.split(b"\n"), 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                    detail = "not a JSON object"
+                except UnicodeDecodeError:
+                    rec, detail = None, "not UTF-8"
+                except (json.JSONDecodeError, RecursionError):
+                    rec = None
+                    detail = "not a JSON object"
+                if not isinstance(rec, dict):
+                    counts["bad_record"] += 1
+                    if len(rejects) < 10000:
+                        rejects.append({"source": src.name, "path": f"{rel}:{n}", "reason": "bad_record",
+                                        "detail": detail})
+                    continue
+                yield n, rec
+        yield from _records(rows(), src, rel, fmt, counts, rejects)
+        return
     else:
         text = _decode(data)
-        if fmt == "jsonl":
-            def rows():
-                for n, line in enumerate(text.split("\n"), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        rec = None
-                    if not isinstance(rec, dict):
-                        counts["bad_record"] += 1
-                        if len(rejects) < 10000:
-                            rejects.append({"source": src.name, "path": f"{rel}:{n}", "reason": "bad_record",
-                                            "detail": "not a JSON object"})
-                        continue
-                    yield n, rec
-            yield from _records(rows(), src, rel, fmt, counts, rejects)
-            return
         title = _title_from_text(text, fmt)
     if not text.strip():
         raise Reject("empty", "no text after extraction")
@@ -409,7 +463,7 @@ def _build(cfg: Config, out: Path) -> dict:
     reasons: Counter = Counter()
     per_source: dict[str, dict] = {}
     seen_ids: set[str] = set()
-    total_bytes = sum(p.stat().st_size for src in cfg.sources for p, _ in src.files)
+    total_bytes = sum(p.stat().st_size for src in cfg.sources for p, _ in src.files if p.is_file())
     nfiles = sum(len(src.files) for src in cfg.sources)
     done_files = 0
     with byte_progress() as progress:
@@ -420,15 +474,18 @@ def _build(cfg: Config, out: Path) -> dict:
             for path, rel in src.files:
                 if src.limit and stats["docs"] >= src.limit:
                     break
-                size = path.stat().st_size
+                size = path.stat().st_size if path.is_file() else 0
                 counts: Counter = Counter()
                 ndocs = 0
                 try:
+                    if not path.is_file():
+                        raise Reject("not_a_file", "a dangling symbolic link" if path.is_symlink() and not
+                                     path.exists() else "not a regular file (a FIFO, socket or device)")
                     if size > limit:
                         raise Reject("too_large", f"{size / 2**20:.1f} MiB > max_file_mb={cfg.max_file_mb}")
                     if size == 0:
                         raise Reject("empty", "the file is empty")
-                    for doc in read_file(path, rel, src, counts, rejects):
+                    for doc in read_file(path, rel, src, counts, rejects, limit):
                         if src.limit and stats["docs"] + ndocs >= src.limit:
                             break
                         if doc.id in seen_ids:
@@ -443,7 +500,11 @@ def _build(cfg: Config, out: Path) -> dict:
                         stats["chars"] += len(doc.text)
                     if ndocs == 0 and not counts:
                         raise Reject("empty", "no documents in the file")
-                except Reject as r:
+                    if ndocs == 0:
+                        raise Reject("no_usable_records", ", ".join(f"{v} {k}" for k, v in counts.items()))
+                except Exception as e:  # noqa: BLE001 (one hostile file never stops the corpus: a reader's own
+                    r = e if isinstance(e, Reject) else Reject(  # failure is a counted reject too)
+                        "unreadable", f"{type(e).__name__}: {str(e)[:200]}")
                     reasons[r.reason] += 1
                     stats["files_rejected"] += 1
                     rejects.append({"source": src.name, "path": rel, "reason": r.reason, "detail": r.detail})
