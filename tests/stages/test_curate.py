@@ -134,3 +134,54 @@ def test_split_is_deterministic_and_by_id(curated):
     assert all(split_of(i, 0.05, 0.05) == s for i, s in placed.items())
     shares = [split_of(f"doc-{i}", 0.1, 0.2) for i in range(5000)]
     assert abs(shares.count("val") / 5000 - 0.1) < 0.02 and abs(shares.count("test") / 5000 - 0.2) < 0.02
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def test_sigkill_mid_curate_leaves_no_orphan_and_a_restart_finishes(curated, tmp_path):
+    """datatrove's manager and workers die with a killed curate, and the next run completes unaided."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    art, _, cfg, store, ing = curated
+    folder = cfg["ingest"].sources[0].files[0][0].parent  # the fixture's recipe, with two workers
+    recipe = folder / f"recipe-{tmp_path.name}.yaml"
+    recipe.write_text((folder / "recipe.yaml").read_text().replace("workers: 1", "workers: 2"))
+    work = tmp_path / "w"
+    shutil.copytree(store.workdir / "ingest", work / "ingest")
+    args = [sys.executable, "-m", "slmforge.cli", "curate", "--recipe", str(recipe), "--set", f"workdir={work}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline and len(_children(proc.pid)) < 2:
+        time.sleep(0.01)
+    kids = _children(proc.pid)
+    assert kids, "curate finished before it forked"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    alive = kids
+    for _ in range(100):  # the kernel kills them with their parent; allow a moment for the signal
+        alive = [k for k in kids if os.path.exists(f"/proc/{k}") and
+                 open(f"/proc/{k}/stat").read().split(")")[1].split()[0] != "Z"]
+        if not alive:
+            break
+        time.sleep(0.05)
+    try:
+        assert not alive, f"orphans of the killed curate still run: {alive}"
+    finally:
+        for k in alive:
+            os.kill(k, signal.SIGKILL)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [done] = [p for p in (work / "curate").iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    ids = sorted(d["id"] for s in ("train", "val", "test") for d in read_documents(done / "data" / s))
+    want = sorted(d["id"] for s in ("train", "val", "test") for d in read_documents(art.path / "data" / s))
+    assert ids == want

@@ -27,6 +27,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.children import die_with_parent
 from slmforge.config import StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
@@ -316,19 +317,27 @@ def _quiet_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
 
 def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     import datatrove.executor.base as dt_base
+    import datatrove.utils.logging as dt_logging
     import pyarrow as pa
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.exact_dedup import (
-        ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups)
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
     from datatrove.pipeline.dedup.minhash import (
-        MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature)
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
     from slmforge.records import DOCUMENT_SCHEMA
-
-    import datatrove.utils.logging as dt_logging
 
     C4DocumentRules, RedactPII, AssignSplit, CountProgress = _build_steps()
     dt_base.add_task_logger = _quiet_task_logger
@@ -353,8 +362,9 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     def execute(name: str, pipeline: list, n_tasks: int) -> None:
         info(f"  curate · {name}")
         # fork: workers inherit the quiet logger and the progress counters, and skip re-importing spacy
-        LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(cfg.workers, n_tasks), start_method="fork",
-                              logging_dir=str(work / "logs" / name)).run()
+        with die_with_parent():  # no orphaned manager or worker outlives a killed curate
+            LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(cfg.workers, n_tasks), start_method="fork",
+                                  logging_dir=str(work / "logs" / name)).run()
 
     # 1. filters + PII, written once; exact-dedup signatures computed on the way out
     steps: list = [reader(ingest.path / "data"), CountProgress()]
