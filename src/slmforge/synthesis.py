@@ -184,9 +184,15 @@ def grounded_share(answer: str, chunk_text: str) -> float:
     return sum(w in have for w in words) / len(words)
 
 
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process (Python's hash() of a str is salted per process by
+    PYTHONHASHSEED, so which items a filter drops would differ between runs)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def ngrams(text: str, n: int) -> set[int]:
     w = re.findall(r"\w+", text.lower())
-    return {hash(" ".join(w[i:i + n])) for i in range(len(w) - n + 1)}
+    return {stable_hash(" ".join(w[i:i + n])) for i in range(len(w) - n + 1)}
 
 
 class NearDup:
@@ -208,7 +214,7 @@ class NearDup:
 
     def seen(self, text: str) -> bool:
         """True when text is a near-duplicate of an earlier one; else it is added."""
-        sh = ngrams(text, 3) or {hash(text)}
+        sh = ngrams(text, 3) or {stable_hash(text)}
         sig = self._sig(sh)
         keys = [(i, tuple(sig[i * 4:(i + 1) * 4])) for i in range(16)]
         for k in keys:

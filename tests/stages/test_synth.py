@@ -97,6 +97,22 @@ def test_filters_reject_what_they_should():
     assert not nd.seen("what does vacuum do to dead tuples in a heap")
 
 
+def test_the_near_duplicate_filter_decides_the_same_in_every_process():
+    """Its n-gram hashes must not depend on PYTHONHASHSEED (Python's str hash is salted per process)."""
+    import subprocess
+    import sys
+
+    code = ("from slmforge.synthesis import NearDup, ngrams\n"
+            "texts = [f'How do I {v} the {o} in PostgreSQL {i}?' for i in range(30) for v in ('drop', 'create')"
+            " for o in ('table', 'index')]\n"
+            "nd = NearDup(0.5)\n"
+            "print(sorted(ngrams('VACUUM reclaims storage occupied by dead tuples', 3))[:3],"
+            " [nd.seen(t) for t in texts])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outs) == 1, outs
+
+
 def test_a_killed_run_resumes_from_finished_shards(made):
     art, cfg, store, cur = made
     before = (art.path / "items.jsonl").read_text()
