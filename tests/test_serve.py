@@ -199,6 +199,74 @@ def test_hostile_bodies_get_4xx_and_never_reach_the_model(live):
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
 
 
+def _raw_post(url: str, head: bytes, parts: list[bytes], pause: float = 0.0, read: bool = True) -> bytes:
+    """A hand-written HTTP/1.1 POST over a socket: the body in parts with pauses (a slow client), or cut
+    short and closed (an aborted upload, read=False)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        s.sendall(head)
+        for p in parts:
+            s.sendall(p)
+            time.sleep(pause)
+        if not read:
+            return b""
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+def test_request_fuzzer_gets_openai_errors_and_health_stays_fast(live):
+    """Malformed and hostile bodies, slow and aborted clients: every reply is a 200 or a 4xx with an OpenAI
+    error body, and /health answers throughout (each poll timed from another thread)."""
+    url, key = live.url, {"Authorization": f"Bearer {KEY}"}
+    times: list[float] = []
+    stop = threading.Event()
+
+    def poll():
+        with httpx.Client() as h:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                assert h.get(url + "/health").status_code == 200
+                times.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+
+    bodies = [b"", b"{", b"[]", b"null", b'"text"', b"\xff\xfe{}", b'{"model": 5, "messages": "hi"}',
+              b'{"model": "spec", "messages": [{"role": "user", "content": 7}]}',
+              b'{"model": "spec", "messages": [{"role": "robot", "content": "hi"}]}',
+              b'{"model": "spec", "messages": [], "max_tokens": "many"}',
+              b'{"model": "spec", "messages": [{"role": "user", "content": "x"}], "temperature": [1]}',
+              b'{"model": "spec", "prompt": {"nested": {"deeper": [1, 2, {"x": null}]}}}',
+              b'{"model": "spec", "messages": [{"role": "user", "content": "\\udfff"}]}',
+              b'{"model": "spec", "prompt": "' + b"long " * 150_000 + b'"}',
+              b'{"model": "spec", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+              b'{"model": "spec", "prompt": "ok", "max_tokens": 2}']
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(timeout=60) as h:
+            for route in ("/v1/chat/completions", "/v1/completions"):
+                for body in bodies:
+                    r = h.post(url + route, content=body, headers={**key, "Content-Type": "application/json"})
+                    assert r.status_code == 200 or 400 <= r.status_code < 500, (route, body[:80], r.status_code)
+                    if r.status_code != 200:
+                        err = r.json()["error"]
+                        assert err["message"] and err["type"], (body[:80], err)
+        body = b'{"model": "spec", "prompt": "ok", "max_tokens": 2}'
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        slow = _raw_post(url, head, [body[i:i + 8] for i in range(0, len(body), 8)], pause=0.1)
+        assert slow.startswith(b"HTTP/1.1 ") and slow.split()[1] in (b"200", b"429"), slow[:200]
+        big_head = head.replace(f"Content-Length: {len(body)}".encode(), b"Content-Length: 100000")
+        _raw_post(url, big_head, [body[:20]], read=False)  # the client hangs up mid-upload
+        assert httpx.post(url + "/v1/completions", json={"model": "spec", "prompt": "ok", "max_tokens": 2},
+                          headers=key, timeout=60).status_code in (200, 429)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert len(times) > 10 and max(times) < 1.0, (len(times), max(times))  # no stall (a 5 MB body once took 7 s)
+
+
 def test_full_server_answers_429(live):
     """One slot, no queue: of several simultaneous requests some get 429 (Retry-After), none crash."""
     clients = [live.client() for _ in range(6)]
