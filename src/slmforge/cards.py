@@ -65,8 +65,9 @@ def model_card(doc: dict, results: dict, model: str, chain: list[TrainedModel], 
     s = doc["shape"]
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {name}", "",
              doc["description"], "",
-             (f"A {doc['params'] / 1e6:.1f}M-parameter Llama-architecture model trained from scratch by slmforge "
-              f"for **{domain}** text ({'a chat model' if doc['chat'] else 'a base model: it continues text'})."), "",
+             (f"A {doc['params'] / 1e6:.1f}M-parameter Llama-architecture model trained by slmforge "
+              f"({' → '.join(c.stage for c in chain) or 'its stages'}) for **{domain}** text "
+              f"({'a chat model' if doc['chat'] else 'a base model: it continues text'})."), "",
              "## Model", "", "| | |", "|---|---|",
              f"| parameters | {doc['params']:,} |", f"| layers | {s.get('depth')} |",
              f"| hidden size | {s.get('hidden_size')} |",

@@ -140,14 +140,14 @@ def shape_of(model, context: int) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def model_card(name: str, shape_: dict, data: dict, results: dict) -> str:
+def model_card(name: str, shape_: dict, data: dict, results: dict, about: str | None = None) -> str:
     """README.md with YAML front matter that the Hugging Face tooling reads."""
     import yaml
 
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["slmforge", "llama"],
              "model_name": name}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             "A small Llama-architecture language model trained from scratch by slmforge.", "",
+             about or "A small Llama-architecture language model trained by slmforge.", "",
              "## Model", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in shape_.items()]
     lines += ["", "## Training data", "", "| key | value |", "|---|---|"]

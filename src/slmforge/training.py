@@ -392,7 +392,7 @@ def save_snapshot(model, step: int, tokenizer, root: Path) -> None:
 
 
 def save_model(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, data: dict, metrics: dict,
-          ckpt: Path) -> None:
+               ckpt: Path, about: str | None = None) -> None:
     """The finished model's HF folder (weights, tokenizer, generation config, card, logs), metrics.json
     last (a folder with both is done), then the checkpoint goes."""
     from transformers import GenerationConfig
@@ -407,7 +407,7 @@ def save_model(model, tokenizer, shape_: dict, result: dict, out: Path, name: st
     results = {"training tokens": result["tokens"], "steps": result["steps"], "final train loss": result["final_loss"],
                **{f"val loss ({k})": v for k, v in result["val"].items() if k not in ("step", "tokens")},
                "tokens/s": result["tokens_per_s"], "MFU": result["mfu"]}
-    (out / "README.md").write_text(model_card(name, shape_, data, results), encoding="utf-8")
+    (out / "README.md").write_text(model_card(name, shape_, data, results, about), encoding="utf-8")
     for file, rows in (("train_log.jsonl", result["log"]), ("val_log.jsonl", result["val_log"])):
         with open(out / file, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -194,11 +194,11 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
                      "peak_flops": peak, "world_size": dist.world_size(), "calibration_flops": calib_flops,
                      "init_from": init_from, "models": {}}
     tokens_budget = int(parse_count(cfg.tokens)) if cfg.tokens else None
+    pruning = {k: record[k] for k in ("shape", "teacher_shape", "calibration_tokens")} | {
+        "removed_layers": record["layers"]["removed"],
+        "importance_kept": {k: record[k]["importance_kept"] for k in ("hidden", "heads", "ffn")}}
     for name in cfg.variants:
         final_dir = out / name
-        pruning = {k: record[k] for k in ("shape", "teacher_shape", "calibration_tokens")} | {
-            "removed_layers": record["layers"]["removed"],
-            "importance_kept": {k: record[k]["importance_kept"] for k in ("hidden", "heads", "ffn")}}
         if (final_dir / "model.safetensors").is_file() and (final_dir / "metrics.json").is_file():
             metrics["models"][name] = {**json.loads((final_dir / "metrics.json").read_text()), "pruning": pruning}
             tokens_budget = tokens_budget or metrics["models"][name]["tokens"] or None
@@ -233,8 +233,10 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
                 "loss": {"kd": f"{cfg.alpha:g}*KL(T={cfg.temperature:g}) + {1 - cfg.alpha:g}*LM", "lm": "LM"}.get(
                     m["loss"], "none (not trained after pruning)"),
                 "sources": ", ".join(sources)}
+        about = (f"A {s_params / 1e6:.1f}M-parameter Llama model made by slmforge's compress stage from "
+                 f"{data['teacher']} ({t_params / 1e6:.1f}M): {data['init']}, trained with {data['loss']}.")
         dist.on_main(save_model, model, tokenizer, shape_, _result(result, m), final_dir, name, data, m,
-                     out / f"{name}.ckpt.pt")
+                     out / f"{name}.ckpt.pt", about)
         metrics["models"][name] = m
     if dist.is_main():
         _print_summary(metrics)
