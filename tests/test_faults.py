@@ -1,0 +1,56 @@
+"""The fault suite's kill-and-restart part for the long stages not covered beside their own tests (curate:
+test_pipeline and test_curate; pretrain and compress: bit-identical weights; sft: its resume test): a
+SIGKILL at a seeded random moment while the stage runs, then a plain restart, which must finish with no
+manual step and give the uninterrupted run's outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import stage_metrics
+
+
+def _kill_then_restart(recipe, work, stage: str, seed: int, wall: float) -> tuple[bool, subprocess.CompletedProcess]:
+    """Start `slmforge <stage>` on `work`, SIGKILL it at a random moment of its run (a share of the
+    uninterrupted run's wall time `wall`, drawn from `seed`), then run it again. (killed, the restart)."""
+    args = [sys.executable, "-m", "slmforge.cli", stage, "--recipe", str(recipe), "--set", f"workdir={work}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not list(work.glob(f"{stage}/*.partial")):
+        time.sleep(0.01)
+    time.sleep(random.Random(seed).uniform(0.1, 0.6) * wall)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed, subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("stage,seed", [("synth", 0), ("dpo", 1), ("evaluate", 2)])
+def test_sigkill_at_a_random_moment_then_a_plain_restart(posttrained, tmp_path, stage, seed):
+    recipe, work = posttrained
+    orig_run, orig = stage_metrics(work, stage)
+    wall = json.loads((orig_run / "manifest.json").read_text())["wall_time_s"]
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy, ignore=lambda d, names: [stage] if os.path.samefile(d, work) else [])
+    killed, r = _kill_then_restart(recipe, copy, stage, seed, wall)
+    assert killed, f"{stage} finished before the kill"
+    assert r.returncode == 0, r.stderr[-3000:]
+    run, got = stage_metrics(copy, stage)
+    assert run.name == orig_run.name  # the same key: the same config and inputs
+    if stage == "synth":
+        assert (run / "items.jsonl").read_text() == (orig_run / "items.jsonl").read_text()
+    elif stage == "dpo":
+        assert set(got["models"]) == set(orig["models"])
+        assert all((run / name / "model.safetensors").is_file() for name in got["models"])
+    else:
+        assert got["benchmarks"] == orig["benchmarks"] and got["scores"] == orig["scores"]
