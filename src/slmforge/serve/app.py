@@ -223,17 +223,26 @@ class Reply:
 
 async def handle(request: Request, schema, chat: bool):
     """A completion: route `auto`, check the prompt against the model, take a slot, generate (or stream)."""
+    from starlette.concurrency import run_in_threadpool
+
     srv = _server(request)
     body, req = await parse(srv, request, schema)
-    ext = {"routed": False, "fallback": False}
-    name = req.model
-    if name == "auto":
-        name, ext = srv.route(prompt_text(req))
-        if name is None:
-            return await forward(srv, body, chat, ext)
-    m = srv.model_for(name)
-    ids = srv.chat_ids(m, req) if chat else srv.completion_ids(m, req)
-    max_tokens = srv.budget(m, ids, req)
+
+    def prepare():
+        """Routing and tokenizing cost time on a long prompt: in a worker thread, not on the event loop."""
+        ext = {"routed": False, "fallback": False}
+        name = req.model
+        if name == "auto":
+            name, ext = srv.route(prompt_text(req))
+            if name is None:
+                return None, ext, None, None
+        m = srv.model_for(name)
+        ids = srv.chat_ids(m, req) if chat else srv.completion_ids(m, req)
+        return m, ext, ids, srv.budget(m, ids, req)
+
+    m, ext, ids, max_tokens = await run_in_threadpool(prepare)
+    if m is None:
+        return await forward(srv, body, chat, ext)
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     await take_slot(srv.slots)
