@@ -78,6 +78,8 @@ def throughput(steps: int, ratio: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, loss) in runs.items():
             model = copy.deepcopy(model)
+            for p in model.parameters():  # the Distiller froze the teacher's; its own run trains them
+                p.requires_grad_(True)
             sampler = Sampler({"pg": stream}, ["pg"], 1024, 0)
             loop = setup("bench", cfg, model, shape_of(model, 1024), sampler, {}, Path(tmp), peak, bf16,
                          stage="benchmark", loss=loss)
