@@ -183,6 +183,10 @@ def setup(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler, va
     n_seq = max(world, cfg.batch_tokens // seq)
     n_seq -= n_seq % world
     per_rank = n_seq // world
+    if world == 1:  # a process that ran another stage first (sft's trainer, an earlier model) holds accelerate's
+        from accelerate.state import AcceleratorState  # singleton state with that stage's precision: start anew
+
+        AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
                       log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out / "tensorboard"))
     decay, no_decay = [], []

@@ -168,7 +168,7 @@ def test_bad_settings_give_one_clear_error():
     with pytest.raises(ValidationError) as e:
         export.Config.model_validate({"models": ["specialst", "dpo"]})
     (msg,) = format_errors("export", e.value)
-    assert msg.startswith("export.models: ") and "'specialst'" in msg and "specialist, generalist, sft" in msg
+    assert msg.startswith("export.models: ") and "'specialst'" in msg and "specialist, generalist, pruned, pruned-kd" in msg
     with pytest.raises(ValidationError) as e:
         export.Config.model_validate({"models": ["dpo"], "names": {"dpo": "Bad Name"}})
     assert "'Bad Name' must be" in format_errors("export", e.value)[0]
