@@ -150,7 +150,11 @@ def _decode(raw: bytes, schema):
         raise ApiError(400, "We could not parse the JSON body of your request. Send valid JSON.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
-    if (param := _unicode_problem(body)) is not None:
+    try:
+        param = _unicode_problem(body)
+    except RecursionError:  # nested nearly as deep as json allows
+        raise ApiError(400, "The request body is nested too deeply.") from None
+    if param is not None:
         raise ApiError(400, f"{param}: the text is not valid Unicode (a lone UTF-16 surrogate); send UTF-8 text.",
                        param=param)
     try:
