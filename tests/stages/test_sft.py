@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slmforge.stages import sft
-from tests.conftest import post_recipe, slmforge, stage_metrics, write_recipe
+from tests.conftest import stage_metrics
 
 def test_sft_trains_every_parameter_and_the_loss_falls(posttrained):
     from slmforge.modeling import load_model
@@ -102,11 +102,14 @@ def test_lora_trains_adapters_and_merges_them_into_full_weights(posttrained, tmp
     assert m["final_loss"] < m["first_loss"]
 
 
-def test_sft_resumes_after_sigkill(tmp_path, small_corpus):
-    recipe = write_recipe(tmp_path, post_recipe(small_corpus, tmp_path / "w", distill=False, epochs=8,
-                                                      save_steps=2))
-    assert slmforge("run", str(recipe), "--until", "synth").returncode == 0
-    args = [sys.executable, "-m", "slmforge.cli", "sft", "--recipe", str(recipe)]
+def test_sft_resumes_after_sigkill(posttrained, tmp_path):
+    import shutil
+
+    recipe, work = posttrained  # its data stages and pretrained models, copied; sft itself runs anew
+    shutil.copytree(work, tmp_path / "w", ignore=lambda d, names: [n for n in names if n in ("sft", "dpo", "evaluate",
+                                                                                              "report", "export")])
+    sets = [f"workdir={tmp_path / 'w'}", "sft.distill=false", "sft.epochs=6", "sft.save_steps=2"]
+    args = [sys.executable, "-m", "slmforge.cli", "sft", "--recipe", str(recipe), *(x for s in sets for x in ("--set", s))]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while not list((tmp_path / "w").glob("sft/*.partial/trainer-sft/checkpoint-*/trainer_state.json")):
@@ -115,7 +118,7 @@ def test_sft_resumes_after_sigkill(tmp_path, small_corpus):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list((tmp_path / "w").glob("sft/*/manifest.json"))
-    r = slmforge("sft", "--recipe", str(recipe))
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from checkpoint-" in r.stderr
 
