@@ -132,20 +132,20 @@ def test_sft_masks_exactly_the_answers_on_smollm2s_own_chatml(smollm2):
     assert tok.decode(ids).startswith("<|im_start|>user\nWhat does VACUUM do?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_smollm2_teaches_three_chunks_parsed_filtered_and_counted(smollm2, benched, tmp_path):
+def test_smollm2_teaches_two_chunks_parsed_filtered_and_counted(smollm2, benched, tmp_path):
     """The real local teacher: a base name as hf_model, batched generation, the synth filters and counts,
     for qa, reasoning and reading-comprehension items; then bench's questions from it."""
     from slmforge.stages import bench, synth
 
     data = ArtifactStore(benched[1])
-    cfg = synth.Config(teacher="hf", hf_model="smollm2-135m", kinds=["qa", "rationale", "reading"], max_chunks=3,
+    cfg = synth.Config(teacher="hf", hf_model="smollm2-135m", kinds=["qa", "rationale", "reading"], max_chunks=2,
                        fitness_requests=1, fitness_min_pass=0.0)
     art = synth.run(cfg, ArtifactStore(tmp_path / "w"), {"curate": data.resolve("curate:latest")})
     m = art.manifest["metrics"]
-    assert m["teacher"] == "hf" and m["generated"] == {"qa": 3, "rationale": 3, "reading": 3}
+    assert m["teacher"] == "hf" and m["generated"] == {"qa": 2, "rationale": 2, "reading": 2}
     rejected = [json.loads(x) for x in (art.path / "rejected.jsonl").read_text().splitlines()]
-    assert sum(m["kept"].values()) + len(rejected) == 9
-    assert m["teacher_tokens"]["completion_tokens"] > 0 and m["acceptance"]["qa"] == m["kept"].get("qa", 0) / 3
+    assert sum(m["kept"].values()) + len(rejected) == 6
+    assert m["teacher_tokens"]["completion_tokens"] > 0 and m["acceptance"]["qa"] == m["kept"].get("qa", 0) / 2
     for line in (art.path / "items.jsonl").read_text().splitlines():
         item = json.loads(line)
         assert item["question"].strip() and item["answer"].strip()  # parsed from the teacher's JSON
