@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from slmforge.serve.config import Config
 from slmforge.serve.decode import GenResult, generate
@@ -168,8 +169,6 @@ async def parse(srv: Server, request: Request, schema):
     """(the JSON body, the body validated with `schema`), after the API key check and the size cap; parsed
     and validated in a worker thread, so that a large body does not stall other clients; 4xx with
     OpenAI's shape."""
-    from starlette.concurrency import run_in_threadpool
-
     srv.check_key(request.headers.get("authorization"))
     raw = await read_body(request, srv.cfg.max_body_kb * 1024)
     return await run_in_threadpool(_decode, raw, schema)
@@ -227,8 +226,6 @@ class Reply:
 
 async def handle(request: Request, schema, chat: bool):
     """A completion: route `auto`, check the prompt against the model, take a slot, generate (or stream)."""
-    from starlette.concurrency import run_in_threadpool
-
     srv = _server(request)
     body, req = await parse(srv, request, schema)
 

@@ -146,8 +146,6 @@ def student_shape(cfg: Config, config) -> prune.Shape:
         if cfg.ratio is not None or cfg.params is not None else prune.Shape.of(config)
     fixed = cfg.shape.model_dump(exclude_none=True) if cfg.shape else {}
     s = prune.Shape(**{**s.__dict__, **fixed})
-    if fixed.get("heads") and not fixed.get("kv_heads") and s.heads % s.kv_heads:
-        raise UserError(f"compress.shape: heads {s.heads} is not a multiple of kv_heads {s.kv_heads}; set kv_heads")
     teacher = prune.Shape.of(config)
     too_big = [k for k, v in s.__dict__.items() if v > getattr(teacher, k)]
     if too_big:

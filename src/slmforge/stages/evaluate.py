@@ -36,12 +36,11 @@ from slmforge.errors import UserError
 from slmforge.gate import quality_gate
 from slmforge.judge import JudgeConfig
 from slmforge.lm import float_logits, generate, nll
-from slmforge.records import Benchmarks, Curated, Models, set_of
+from slmforge.records import MODEL_STAGES, Benchmarks, Curated, Models, set_of
 from slmforge.results import bench_rows, best_line, gate_lines, reference
 
 NAME = "evaluate"
 INPUTS = ("curate", "bench")
-MODEL_STAGES = ("pretrain", "compress", "sft", "dpo")
 GENERATION_SETS = ("qa", "summarization")
 
 

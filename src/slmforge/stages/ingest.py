@@ -403,14 +403,13 @@ def read_file(path: Path, rel: str, src: Source, counts: Counter, rejects: list,
             for n, raw in enumerate(data.split(b"\n"), 1):
                 if not raw.strip():
                     continue
+                rec, detail = None, "not a JSON object"
                 try:
                     rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
-                    detail = "not a JSON object"
                 except UnicodeDecodeError:
-                    rec, detail = None, "not UTF-8"
+                    detail = "not UTF-8"
                 except (json.JSONDecodeError, RecursionError):
-                    rec = None
-                    detail = "not a JSON object"
+                    pass
                 if not isinstance(rec, dict):
                     counts["bad_record"] += 1
                     if len(rejects) < 10000:
