@@ -75,6 +75,8 @@ INTENDED = {
               "(Config: 5e-5)",
     "evaluate.models": "the template's recipe also makes sft and dpo, so it scores them (default: pretrain, "
                        "the only model stage every recipe with evaluate has)",
+    "bench.context": "the template's specialist has a 256-token context (a small model's default): summarization "
+                     "documents are cut to fit it (default None: kept whole, for recipes from before the setting)",
     "evaluate.select": "picks the snapshot on the dev sets (needs pretrain.snapshots; default: the final weights)",
     "export.models": "the template's last model, the chat model from dpo (default: the pretrained specialist, "
                      "which every recipe with export has)",

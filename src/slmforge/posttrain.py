@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from slmforge.config import StageConfig
-from slmforge.console import info
+from slmforge.console import info, progress
 
 
 class PostTrainConfig(StageConfig):
@@ -51,7 +51,8 @@ def trainer_args(cfg: PostTrainConfig, work: Path, has_eval: bool, warmup: float
         eval_strategy="epoch" if has_eval else "no", save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed, bf16=use_bf16(cfg.precision),
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding")  # the tokens trained on, for 6·N·D and tokens/s
+        include_num_input_tokens_seen="non_padding",  # the tokens trained on, for 6·N·D and tokens/s
+        disable_tqdm=True)  # fit() shows slmforge's bar instead
 
 
 def fit(trainer, work: Path, label: str, has_eval: bool) -> dict:
@@ -60,6 +61,11 @@ def fit(trainer, work: Path, label: str, has_eval: bool) -> dict:
     checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if checkpoints:
         info(f"  {label}: resuming from {checkpoints[-1].name}")
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):  # their tqdm bar and printed log dicts: ours instead
+        trainer.remove_callback(cb)
+    trainer.add_callback(progress_callback(label))
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=True if checkpoints else None)
     wall = time.time() - t0
@@ -70,6 +76,37 @@ def fit(trainer, work: Path, label: str, has_eval: bool) -> dict:
                         "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                         "eval_loss": round(evals["eval_loss"], 4) if "eval_loss" in evals else None,
                         "train_time_s": round(wall, 1)}}
+
+
+def progress_callback(label: str):
+    """A transformers TrainerCallback that shows training as one slmforge progress bar: steps, tokens,
+    tokens/s (the trainer's non-padding token count over the time since training began, as the stage's
+    summary reckons it), ETA and the last logged loss."""
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen or 0
+            self.bar = progress(label, state.max_steps, "steps", completed=state.global_step).__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            dt = time.time() - self.t0
+            tokens = state.num_input_tokens_seen or 0
+            self.bar.update(completed=state.global_step, rate=((tokens - self.tokens0) / dt if dt else 0.0, "tok/s"),
+                            tokens=f"{tokens:,} tokens")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.update(loss=f"loss {logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.__exit__(None, None, None)
+                self.bar = None
+
+    return _Progress()
 
 
 def snapshot_params(model) -> dict:

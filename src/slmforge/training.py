@@ -39,13 +39,12 @@ from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from rich.progress import TextColumn
 
 from slmforge import dist
 from slmforge.chat import stop_token_ids
 from slmforge.config import StageConfig
-from slmforge.console import count_progress, info
-from slmforge.hardware import flops_per_token
+from slmforge.console import info, progress
+from slmforge.hardware import flops_per_token, plausible_mfu
 from slmforge.lm import nll
 from slmforge.modeling import model_card, parse_count
 from slmforge.packing import Sampler
@@ -303,9 +302,10 @@ def calibrate(loop: Loop) -> int:
     return steps
 
 
-def mfu(loop: Loop, tokens_per_s: float) -> float:
-    """Model FLOPs utilisation: the FLOP/s the tokens cost against the machine's peak (0 if unknown)."""
-    return tokens_per_s * flops_per_token(loop.shape, loop.seq) / loop.peak_flops if loop.peak_flops else 0.0
+def mfu(loop: Loop, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation: the FLOP/s the tokens cost against the machine's peak (None if the peak is
+    unknown or the share would pass 100%, see hardware.plausible_mfu)."""
+    return plausible_mfu(tokens_per_s * flops_per_token(loop.shape, loop.seq), loop.peak_flops)
 
 
 def take_snapshot(loop: Loop, state: LoopState, snapshot) -> None:
@@ -323,7 +323,7 @@ def summary(loop: Loop, state: LoopState) -> dict:
     tps = tokens / wall if wall else 0.0
     return {"model": loop.acc.unwrap_model(loop.model), "steps": state.step, "tokens": tokens,
             "train_time_s": round(wall, 1), "tokens_per_s": round(tps, 1),
-            "mfu": round(mfu(loop, tps), 4) if loop.peak_flops else None,
+            "mfu": round(m, 4) if (m := mfu(loop, tps)) is not None else None,
             "final_loss": state.log[-1]["loss"], "val": state.val[-1] if state.val else {},
             "log": state.log, "val_log": state.val, "tokens_per_step": loop.tokens_per_step,
             "domain_epochs": round(loop.sampler.epochs(loop.sampler.domain), 3),
@@ -345,9 +345,7 @@ def train_one(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler
     total = state.total_steps
     last_ckpt = time.time()
     t_run = time.time() - state.elapsed
-    with count_progress() as progress:
-        progress.columns = (*progress.columns, TextColumn("{task.fields[stats]}"))
-        task = progress.add_task(f"{stage} · {name}", total=total, completed=state.step, stats="")
+    with progress(f"{stage} · {name}", total, "steps", completed=state.step) as bar:
         window_t, window_tok = time.time(), 0
         while state.step < total:
             step = state.step
@@ -364,9 +362,13 @@ def train_one(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler
             if state.step % cfg.log_every == 0 or done:
                 dt = time.time() - window_t
                 tps = window_tok / dt if dt > 0 else 0.0
-                state.log[-1].update(tokens_per_s=round(tps, 1), mfu=round(mfu(loop, tps), 4))
-                progress.update(task, completed=state.step,
-                                stats=f"loss {loss:.3f} · {tps:,.0f} tok/s · MFU {mfu(loop, tps):.1%}")
+                m = mfu(loop, tps)
+                state.log[-1].update(tokens_per_s=round(tps, 1), mfu=round(m, 4) if m is not None else None)
+                # the bar's rate is the summary's (all tokens over all training time, evaluations included)
+                avg = state.step * loop.tokens_per_step / state.elapsed if state.elapsed > 0 else 0.0
+                bar.update(completed=state.step, rate=(avg, "tok/s"),
+                           tokens=f"{state.step * loop.tokens_per_step / 1e6:,.2f}M tokens",
+                           loss=f"loss {loss:.3f}", mfu=f"MFU {m:.1%}" if (m := mfu(loop, avg)) is not None else "")
                 if cfg.tensorboard:
                     loop.acc.log({"loss": loss, "lr": state.log[-1]["lr"], "tokens_per_s": tps}, step=state.step)
                 window_t, window_tok = time.time(), 0

@@ -143,3 +143,32 @@ def test_a_model_teacher_writes_only_its_sets_with_bench_own_qa_prompt(built, tm
                                         "same_generator": True, "same_prompt_shape": False}
     mcq = _jsonl(made.path / "tasks" / "mcq.jsonl")
     assert mcq and all("_____" in it["question"] and "alpha" not in it["options"] for it in mcq)
+
+
+def _word_tokenizer(folder):
+    """One token per word or punctuation mark: token counts are easy to reason about."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (folder / "tokenizer").mkdir(parents=True)
+    tok.save(str(folder / "tokenizer" / "tokenizer.json"))
+    return type("Art", (), {"path": folder})()
+
+
+def test_summarization_documents_are_cut_to_fit_the_context_and_keep_their_lead(tmp_path):
+    from slmforge.prompts import render
+
+    fit = bench.summary_fitter(bench.Config(context=64, summary_tokens=16), _word_tokenizer(tmp_path))
+    lead = "VACUUM reclaims storage occupied by dead tuples. It can also analyze a database."
+    rest = " ".join(f"Sentence number {i} adds some more words here." for i in range(20))
+    cut = fit({"document": f"{lead} {rest}", "summary": lead}, cut=True)
+    words = len(render("summarization", document=cut["document"]).replace(".", " . ").split())
+    assert words <= 64 - 16 - 1 and cut["document"].startswith(lead) and cut["document"].endswith(".")
+    assert len(cut["document"]) >= 2 * len(lead)
+    short = {"document": f"{lead} {rest[:120]}", "summary": lead}
+    assert fit(short, cut=True) == short  # fits whole: unchanged
+    assert fit({"document": f"{lead} {rest}", "summary": lead}, cut=False) is None  # a model's summary of the whole
+    long_lead = " ".join(["word"] * 60) + "."
+    assert fit({"document": f"{long_lead} {rest}", "summary": long_lead}, cut=True) is None  # the lead cannot fit
+    assert dict(fit.stats) == {"too_long": 3, "cut": 1, "whole": 1}

@@ -44,7 +44,7 @@ from slmforge.extractive import (
     terms_in,
     trivial_baselines,
 )
-from slmforge.prompts import HEADLINE, UTILS, task_yaml
+from slmforge.prompts import HEADLINE, UTILS, render, task_yaml
 from slmforge.records import Curated, Synthesized
 from slmforge.synthesis import (
     Filters,
@@ -76,10 +76,20 @@ class Config(TeacherConfig):
     decontam_ngram: int = Field(13, ge=5, description="n-gram size shared with training data that drops an item")
     chunk_chars: int = Field(1500, ge=200)
     summary_tokens: int = Field(96, ge=8, description="tokens a model may generate for a summary (below its context)")
+    context: int | None = Field(
+        None, ge=32, description="the shortest context (tokens) of the models evaluate scores: a summarization "
+        "document is cut after its last whole sentence that leaves room for the prompt and summary_tokens (counted "
+        "with the run's tokenizers), else lm-eval cuts its start, the lead the reference is made of; None: whole")
     prefix: str = Field("slmforge", pattern=r"^[a-z][a-z0-9_]*$", description="task names: <prefix>_<set>")
     dev: int = Field(100, ge=0, description="items per choice set from the val split, to pick checkpoints on")
     teacher_sets: list[Literal["mcq", "completion", "qa", "summarization"]] = Field(
         list(SETS), description="with a model teacher: the sets it writes (the others stay extractive)")
+
+    def key_dict(self) -> dict:
+        d = super().key_dict()
+        if d["context"] is None:  # off: the key of a run from before the setting existed
+            del d["context"]
+        return d
 
     def generator(self, name: str) -> str:
         """Who writes set `name`: `extractive`, or the model teacher by name (hf:<model>, openai:<model>)."""
@@ -93,8 +103,13 @@ def external(cfg: Config) -> dict:
     return cfg.external()
 
 
+def needs(cfg: Config) -> tuple[str, ...]:
+    """The tokenizers count a summarization document's tokens when `context` is set."""
+    return INPUTS + (("tokenizer",) if cfg.context else ())
+
+
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
-    inputs = inputs or {"curate": store.resolve("curate:latest"), "synth": store.resolve("synth:latest")}
+    inputs = inputs or {s: store.resolve(f"{s}:latest") for s in needs(cfg)}
     cache = store.workdir / "teacher-cache"
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out, cache), force=force,
                        external=external(cfg))
@@ -222,9 +237,10 @@ def _qa_item(teacher: ExtractiveTeacher, chunk: Chunk, rng: random.Random) -> di
 
 
 def make_sets(chunks: list[Chunk], wanted: dict[str, int], train_grams: set[int], cfg: Config,
-              written: dict | None = None) -> tuple[dict, Counter]:
+              written: dict | None = None, fit=None) -> tuple[dict, Counter]:
     """Items per set from the chunks (by the extractive teacher, or looked up in `written`, a model
-    teacher's items), and how many were dropped for sharing an n-gram with training."""
+    teacher's items), and how many were dropped for sharing an n-gram with training (or, with `fit`,
+    a summarization document that cannot be made to fit the context)."""
     teacher = ExtractiveTeacher(Pool.build(chunks), cfg.seed)
     order = _ordered(chunks, cfg.seed)
     sets: dict[str, list[dict]] = {k: [] for k in wanted}
@@ -248,6 +264,10 @@ def make_sets(chunks: list[Chunk], wanted: dict[str, int], train_grams: set[int]
             else:
                 made = teacher.items(c, "summary", 1)
                 item = {"document": c.text.strip(), "summary": made[0]["answer"]} if made else None
+            if item and name == "summarization" and fit is not None:
+                item = fit(item, cut=cfg.generator(name) == "extractive")
+                if item is None:
+                    continue
             if not item:
                 continue
             text = " ".join(str(v) for v in item.values() if isinstance(v, str))
@@ -262,6 +282,53 @@ def make_sets(chunks: list[Chunk], wanted: dict[str, int], train_grams: set[int]
             item["chunk_id"] = c.id
             sets[name].append(item)
     return sets, dropped
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|\n+")
+
+
+def summary_fitter(cfg: Config, tokenizer: Artifact):
+    """fit(item, cut) -> the item whose prompt leaves `summary_tokens` (and BOS) of `context`, counted with
+    the longer of the run's tokenizers (domain and general BPE); if the document is too long and `cut`
+    (an extractive lead summary), it ends after its last whole sentence that fits, as long as it still holds
+    the reference and is twice its length (the teacher's own rule); else None. lm-eval would otherwise
+    keep the prompt's last tokens, and lose the lead sentences the reference is."""
+    from tokenizers import Tokenizer
+
+    toks = [Tokenizer.from_file(str(p)) for d in ("tokenizer", "general_tokenizer")
+            if (p := tokenizer.path / d / "tokenizer.json").is_file()]
+    budget = cfg.context - cfg.summary_tokens - 1
+
+    def count(document: str) -> int:
+        text = render("summarization", document=document)
+        return max(len(t.encode(text, add_special_tokens=False).ids) for t in toks)
+
+    def fit(item: dict, cut: bool) -> dict | None:
+        doc = item["document"]
+        if count(doc) <= budget:
+            fit.stats["whole"] += 1
+            return item
+        fit.stats["too_long"] += 1
+        if not cut:
+            return None
+        ends = [m.start() for m in _SENTENCE_END.finditer(doc)]
+        lo, hi, best = 0, len(ends) - 1, None  # the longest prefix that fits: count grows with the prefix
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if count(doc[: ends[mid]]) <= budget:
+                best, lo = ends[mid], mid + 1
+            else:
+                hi = mid - 1
+        if best is None:
+            return None
+        kept, ref = " ".join(doc[:best].split()), " ".join(item["summary"].split())
+        if ref not in kept or len(kept) < 2 * len(ref):
+            return None
+        fit.stats["cut"] += 1
+        return {**item, "document": doc[:best].rstrip()}
+
+    fit.stats = Counter()
+    return fit
 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> dict:
@@ -279,7 +346,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     wanted = {"mcq": cfg.mcq, "completion": cfg.completion, "qa": cfg.qa, "summarization": cfg.summarization}
     qa_stats: dict = {}
     written = _from_model_teacher(cfg, chunks, wanted, cache, qa_stats) if cfg.teacher != "extractive" else None
-    sets, dropped = make_sets(chunks, wanted, train_grams, cfg, written)
+    fit = summary_fitter(cfg, inputs["tokenizer"]) if cfg.context else None
+    sets, dropped = make_sets(chunks, wanted, train_grams, cfg, written, fit)
     # dev sets from the val split, never the test split: evaluate.select picks checkpoints on them
     dev: dict[str, list] = {}
     dev_chunks = split_chunks(curated, "val", curated.domain, cfg.chunk_chars) if cfg.dev else []
@@ -305,6 +373,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     flags = [f"{k}: {rule} {v:.0%} vs chance 25%" for k, b in baselines.items() for rule, v in b.items()
              if rule not in ("chance", "items") and v > 0.40]
     metrics = {"sizes": {k: len(v) for k, v in sets.items()}, "asked": wanted, "decontaminated": dict(dropped),
+               **({"summarization_fit": {"context": cfg.context, **fit.stats}} if fit else {}),
                "trivial_baselines": baselines, "flags": flags, "test_chunks": len(chunks),
                "tasks": [f"{cfg.prefix}_{k}" for k in SETS if sets[k]],
                "dev_tasks": {k: f"{cfg.prefix}_{k}_dev" for k, v in dev.items() if v},
@@ -342,6 +411,10 @@ def _print(m: dict) -> None:
                   *[f"{b[r]:.0%}" if b else "" for r in ("longest_option", "shortest_option", "most_overlap")],
                   "25%" if b else "")
     console.print(t)
+    if f := m.get("summarization_fit"):
+        console.print(f"  bench · summarization documents for a {f['context']}-token context: {f.get('whole', 0)} fit "
+                      f"whole, {f.get('cut', 0)} cut after a sentence, {f.get('too_long', 0) - f.get('cut', 0)} "
+                      "left out (the cut would lose the reference)")
     for f in m["flags"]:
         console.print(f"[yellow]warning[/]: a trivial rule beats chance: {f}")
     for k, v in m["independence"].items():

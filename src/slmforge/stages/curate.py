@@ -450,19 +450,17 @@ def _progress_bar(ingest_metrics: dict, tasks: int, workers: int):
     import multiprocessing as mp
     import threading
 
-    from slmforge.console import byte_progress
+    from slmforge.console import progress
 
     _SHARED.update(docs=mp.Value("q", 0), chars=mp.Value("q", 0))
     total_docs = ingest_metrics["docs"]
     stop = threading.Event()
-    with byte_progress() as progress:
-        task = progress.add_task(f"curate · filter ({tasks} tasks, {workers} workers)", total=ingest_metrics["chars"],
-                                 items=f"0/{total_docs} docs")
+    with progress(f"curate · filter ({tasks} tasks, {workers} workers)", ingest_metrics["chars"], "chars") as bar:
+        bar.update(items=f"0/{total_docs} docs")
 
         def poll():
             while not stop.wait(0.5):
-                progress.update(task, completed=_SHARED["chars"].value,
-                                items=f"{_SHARED['docs'].value}/{total_docs} docs")
+                bar.update(completed=_SHARED["chars"].value, items=f"{_SHARED['docs'].value}/{total_docs} docs")
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()
@@ -471,7 +469,7 @@ def _progress_bar(ingest_metrics: dict, tasks: int, workers: int):
         finally:
             stop.set()
             thread.join()
-            progress.update(task, completed=_SHARED["chars"].value, items=f"{_SHARED['docs'].value}/{total_docs} docs")
+            bar.update(completed=_SHARED["chars"].value, items=f"{_SHARED['docs'].value}/{total_docs} docs")
 
 
 def _collect(cfg: Config, work: Path, out: Path) -> dict:

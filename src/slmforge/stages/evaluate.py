@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import RecipePath, StageConfig
-from slmforge.console import info
+from slmforge.console import info, progress
 from slmforge.errors import UserError
 from slmforge.gate import quality_gate
 from slmforge.judge import JudgeConfig
@@ -366,7 +366,9 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     samples: dict[str, list] = {}
     selection: dict[str, dict] = {}
     models: dict[str, dict] = {}
-    for e in entries:
+    bar = progress("evaluate", len(entries), "models").__enter__()  # one line per model scored, off a terminal
+    for i, e in enumerate(entries):
+        bar.update(completed=i, model=f"now: {e.name}")
         models[e.name] = {"stage": e.stage, "key": e.key, "path": str(e.path) if e.path else None,
                           "endpoint": e.ref.base_url if e.ref and e.ref.base_url else None, **e.meta}
         if e.path is None:  # an endpoint: the benchmarks only (bits per byte needs the weights)
@@ -412,6 +414,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
                 prompt = _prompt(doc, cfg.prompt_chars)
                 samples.setdefault(f"{source}: {prompt}", []).append(
                     {"model": e.name, "completion": generate(model, tok, prompt, cfg.sample_tokens)})
+    bar.update(completed=len(entries), model="")
+    bar.__exit__(None, None, None)
     judged = judge_qa(cfg.judge, bench, benchmarks, outcomes, cache) \
         if cfg.judge and "qa" in bench.tasks else None
     flags = flag_empty(benchmarks, outcomes, cfg.empty_share)

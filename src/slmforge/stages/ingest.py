@@ -455,7 +455,7 @@ class _ShardWriter:
 
 
 def _build(cfg: Config, out: Path) -> dict:
-    from slmforge.console import byte_progress
+    from slmforge.console import progress
 
     limit = int(cfg.max_file_mb * 2**20)
     rejects: list[dict] = []
@@ -465,8 +465,8 @@ def _build(cfg: Config, out: Path) -> dict:
     total_bytes = sum(p.stat().st_size for src in cfg.sources for p, _ in src.files if p.is_file())
     nfiles = sum(len(src.files) for src in cfg.sources)
     done_files = 0
-    with byte_progress() as progress:
-        task = progress.add_task("ingest", total=total_bytes, items=f"0/{nfiles} files")
+    with progress("ingest", total_bytes, "bytes") as bar:
+        bar.update(items=f"0/{nfiles} files")
         for src in cfg.sources:
             writer = _ShardWriter(out / "data" / src.name, int(cfg.shard_mb * 2**20))
             stats = Counter()
@@ -513,8 +513,8 @@ def _build(cfg: Config, out: Path) -> dict:
                 stats["docs"] += ndocs
                 stats["bytes_in"] += size
                 done_files += 1
-                progress.update(task, advance=size,
-                                items=f"{done_files}/{nfiles} files, {sum(s['docs'] for s in per_source.values()) + stats['docs']} docs")
+                bar.update(advance=size,
+                           items=f"{done_files}/{nfiles} files, {sum(s['docs'] for s in per_source.values()) + stats['docs']} docs")
             writer.flush()
             per_source[src.name] = {"role": src.role, "shards": writer.shards, **dict(stats)}
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:

@@ -43,7 +43,7 @@ from pydantic import Field, field_validator, model_validator
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
 from slmforge.config import StageConfig
 from slmforge.errors import UserError
-from slmforge.hardware import CPU, DEVICES, probe_peak_flops
+from slmforge.hardware import CPU, DEVICES, cpu_peak, probe_peak_flops
 from slmforge.records import read_documents
 
 NAME = "plan"
@@ -296,7 +296,7 @@ def budget_flops(flops: float | None = None, hours: float | None = None, device:
 
     Either `flops` directly, or `hours` on `n_devices` devices: FLOPs = hours·3600·peak·mfu·n_devices,
     with peak = `peak_flops` if given, else the bf16 dense figure of `device` from DEVICES, or for
-    "cpu" this machine's bf16 matmul speed measured by probe_peak_flops().
+    "cpu" this machine's bf16 matmul speed, measured once and cached by hardware.cpu_peak().
     """
     if device is not None:
         device = device.strip().lower()
@@ -317,10 +317,10 @@ def budget_flops(flops: float | None = None, hours: float | None = None, device:
     if peak_flops is not None:
         peak, what = float(peak_flops), f"{peak_flops / 1e12:g} TFLOP/s peak"
     elif device == CPU:
-        probe = probe_peak_flops()
+        probe = cpu_peak()
         peak = probe["bf16"]
-        what = (f"cpu ({probe['threads']} threads, bf16 matmul measured at {peak / 1e12:.2f} TFLOP/s, "
-                f"fp32 {probe['fp32'] / 1e12:.2f})")
+        what = (f"cpu ({probe['threads']} threads, bf16 matmul measured at {peak / 1e12:.2f} TFLOP/s on "
+                f"{probe['measured']}, fp32 {probe['fp32'] / 1e12:.2f})")
     else:
         peak, what = DEVICES[device], f"{device} ({DEVICES[device] / 1e12:g} TFLOP/s bf16 dense peak)"
     total = hours * 3600 * peak * mfu * n_devices

@@ -237,7 +237,7 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, disti
     args = SFTConfig(
         **trainer_args(cfg, work, bool(data["eval"]), cfg.warmup_ratio), weight_decay=cfg.weight_decay,
         max_length=max_length, packing=strategy != "none", packing_strategy=strategy if strategy != "none" else "bfd",
-        assistant_only_loss=True, logging_steps=10, disable_tqdm=False,
+        assistant_only_loss=True, logging_steps=10,
     )
     peft_config = None
     if cfg.lora:

@@ -28,7 +28,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import RecipePath, resolve_path
-from slmforge.console import console, count_progress, info
+from slmforge.console import console, info, progress
 from slmforge.errors import UserError
 from slmforge.extractive import ExtractiveTeacher, Pool, trivial_baselines
 from slmforge.records import Curated
@@ -146,8 +146,7 @@ def _build(cfg: Config, curated: Curated, out: Path, cache: Path) -> dict:
     (out / "shards").mkdir(exist_ok=True)
     counts: Counter = Counter()
     t0 = time.time()
-    with count_progress() as progress:
-        task = progress.add_task(f"synth · {cfg.teacher}", total=len(picked))
+    with progress(f"synth · {cfg.teacher}", len(picked), "chunks") as bar:
         for si, shard in enumerate(shards):
             path = out / "shards" / f"shard-{si:05d}.jsonl"
             if path.is_file():  # completion marker: the shard was written whole
@@ -160,7 +159,7 @@ def _build(cfg: Config, curated: Curated, out: Path, cache: Path) -> dict:
                 tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
                 os.replace(tmp, path)
             counts["items"] += len(rows)
-            progress.update(task, advance=len(shard))
+            bar.update(advance=len(shard), items=f"{counts['items']:,} items")
     elapsed = time.time() - t0
     return _write_outputs(cfg, out, shards, teacher, elapsed, len(picked), len(chunks))
 

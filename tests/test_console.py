@@ -1,0 +1,108 @@
+"""Progress and logs off a terminal, other libraries' output sent to the run's log, the cached CPU peak."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+from slmforge import console, hardware
+
+
+def test_off_terminal_progress_is_plain_lines_with_rate_and_eta(capsys, monkeypatch):
+    monkeypatch.setenv("SLMFORGE_PROGRESS_SECONDS", "0")
+    assert not console.console.is_terminal
+    with console.progress("pretrain · specialist", 4, "steps") as bar:
+        for step in range(1, 5):
+            bar.update(completed=step, rate=(1234.5, "tok/s"), loss=f"loss {5 - step:.3f}")
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("pretrain")]
+    assert "\r" not in err and "\x1b" not in err
+    assert len(lines) == 5  # one per update (interval 0) and the last one
+    assert lines[1] == lines[1].strip() and "2/4 steps (50%)" in lines[1] and "1,234 tok/s" in lines[1]
+    assert "ETA" in lines[1] and "loss 3.000" in lines[1]
+    assert "4/4 steps (100%)" in lines[-1] and "loss 1.000" in lines[-1]
+
+
+def test_off_terminal_lines_are_throttled(capsys, monkeypatch):
+    monkeypatch.setenv("SLMFORGE_PROGRESS_SECONDS", "3600")
+    with console.progress("synth · extractive", 1000, "chunks") as bar:
+        for _ in range(1000):
+            bar.update(advance=1)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("synth")]
+    assert len(lines) == 1 and "1,000/1,000 chunks (100%)" in lines[0]
+
+
+def test_wide_tables_are_not_cut_off_a_terminal(tmp_path):
+    """A table wider than 80 columns keeps its cells whole when stderr is a file (CI, `make demo > log`)."""
+    code = textwrap.dedent("""
+        from rich.table import Table
+        from slmforge.console import console
+        t = Table()
+        for c in ("model", "parameters", "training tokens", "domain epochs", "tokens per second", "time"):
+            t.add_column(c)
+        t.add_row("specialist-with-a-long-name", "2.90M", "2,187,264", "1.19", "12,501", "175 s")
+        console.print(t)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stderr
+    assert "specialist-with-a-long-name" in err and "tokens per second" in err and "…" not in err
+
+
+def test_stage_output_sends_other_libraries_to_the_log(tmp_path, capfd):
+    log = tmp_path / "logs" / "evaluate.log"
+    lib = logging.getLogger("some_library")
+    handler = logging.StreamHandler(sys.stderr)  # made before, as libraries do at import
+    lib.addHandler(handler)
+    try:
+        with console.stage_output(log):
+            print("{'loss': 1.23, 'grad_norm': 0.5}")
+            print("Running loglikelihood requests: 10%|#", end="\r", file=sys.stderr)
+            lib.warning("Both `max_new_tokens` and `max_length` seem to have been set.")
+            os.write(2, b"from a forked worker\n")
+            console.info("  evaluate · ours")
+        console.info("after")
+    finally:
+        lib.removeHandler(handler)
+    out, err = capfd.readouterr()
+    text = log.read_text()
+    for noise in ("'loss': 1.23", "Running loglikelihood", "max_new_tokens", "from a forked worker"):
+        assert noise in text and noise not in out + err
+    assert "evaluate · ours" in err and "after" in err and "ours" not in text
+    with console.stage_output(log):  # appended, with a header per build
+        print("second")
+    assert text in log.read_text() and log.read_text().count("====") == 4
+
+
+def test_cpu_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMFORGE_PEAK_CACHE", str(tmp_path / "peak.json"))
+    calls = []
+
+    def probe(seconds=2.0, sizes=(1024, 2048)):
+        calls.append(seconds)
+        return {"bf16": 4e11 * len(calls) ** -1, "fp32": 2e11, "sizes": [8], "threads": 2}
+
+    monkeypatch.setattr(hardware, "probe_peak_flops", probe)
+    first = hardware.cpu_peak()
+    assert not first["cached"] and first["bf16"] == 4e11 and len(calls) == 1
+    again = hardware.cpu_peak()
+    assert again["cached"] and again["bf16"] == 4e11 and len(calls) == 1  # no probe: the same figure
+    assert hardware.peak_flops(bf16=True) == 4e11 and len(calls) == 1
+    refreshed = hardware.cpu_peak(refresh=True)  # a second probe came out lower (a busy machine): kept the max
+    assert len(calls) == 2 and refreshed["bf16"] == 4e11
+
+
+def test_mfu_is_never_above_100_percent():
+    assert hardware.plausible_mfu(2e11, 4e11) == 0.5
+    assert hardware.plausible_mfu(5e11, 4e11) is None
+    assert hardware.plausible_mfu(1e11, 0.0) is None
+
+
+def test_stage_output_keeps_our_lines_on_a_stand_in_stderr(tmp_path, capsys):
+    """Under capsys (or in a notebook) sys.stderr is not fd 2: our lines still reach it."""
+    with console.stage_output(tmp_path / "x.log"):
+        console.info("  sft · ours")
+        print("library noise")
+    out, err = capsys.readouterr()
+    assert "sft · ours" in err and "library noise" not in out + err
+    assert "library noise" in (tmp_path / "x.log").read_text()
