@@ -161,7 +161,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
 
     stages: dict[str, StageConfig] = {}
     services: dict[str, StageConfig] = {}
-    context = {"base_dir": path.parent, "recipe_name": name}
+    context = {"base_dir": path.parent, "recipe_name": name, "recipe_path": path}
     for stage in STAGES + SERVICES:
         if stage not in raw:
             continue

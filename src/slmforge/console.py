@@ -38,7 +38,7 @@ def info(msg: str) -> None:
 def interval() -> float:
     """Seconds between two plain progress lines off a terminal."""
     try:
-        return max(0.0, float(os.environ.get("SLMFORGE_PROGRESS_SECONDS", 5)))
+        return max(0.0, float(os.environ.get("SLMFORGE_PROGRESS_SECONDS", "5")))
     except ValueError:
         return 5.0
 

@@ -6,9 +6,9 @@ import numpy as np
 
 
 def test_the_report_gathers_every_stage_and_its_charts_render(model_run, tmp_path):
-    _, workdir, r = model_run
+    recipe, workdir, r = model_run
     assert r.returncode == 0, r.stderr
-    [run] = [p for p in (workdir / "report").iterdir() if p.is_dir()]
+    [run] = [p for p in (workdir / "report").iterdir() if p.is_dir() and not p.is_symlink()]
     assert f"report: {run / 'report.html'}" in r.stdout.replace("\n", "")
     page = (run / "report.html").read_text()
     for section in ("Quality gate", "Bits per byte", "Domain benchmarks", "Checkpoint selection", "Models", "Data",
@@ -18,6 +18,15 @@ def test_the_report_gathers_every_stage_and_its_charts_render(model_run, tmp_pat
     assert "http://" not in page.replace("http://www.w3.org", "")  # self-contained
     md = (run / "report.md").read_text()
     assert md.startswith("# slmforge report") and "## Quality gate" in md and "| specialist |" in md
+    said = json.loads((run / "manifest.json").read_text())["metrics"]["verdict"]
+    assert said["outcome"] in ("win", "tie", "loss") and said["rival"] == "generalist", said  # the verdict opens both
+    assert md.split("\n")[2].startswith("**") and ("The best model on the domain is" in md.split("\n")[2] or
+                                                   "No model of this run is significantly better" in md.split("\n")[2])
+    for line in (f"- Run: report {run.name}, built ", f"- Recipe: t ({recipe.resolve()})",
+                 f"- Exports: {workdir.resolve() / 'export' / 'latest'} once the export stage has run",
+                 f"`slmforge path export --recipe {recipe.resolve()}`"):
+        assert line in md, (line, md[:2000])
+    assert f"report {run.name}, built " in page and f"<code>slmforge path export --recipe {recipe.resolve()}</code>" in page
     assert "### Where the benchmarks come from" in md and "Where the benchmarks come from" in page
     assert "| mcq | extractive | extractive | yes: a gain may be the generator's style | no |" in md
     results = json.loads(next((workdir / "evaluate").glob("*/results.json")).read_text())
@@ -49,8 +58,8 @@ def test_provenance_says_when_a_scored_model_wrote_its_own_benchmark():
            "results": {"models": {"specialist": {}, "smollm2": {"base": "smollm2-135m"}}}}
     head, rows, notes = provenance(doc)
     assert rows == [["qa", "hf:smollm2-135m", "extractive", "no", "no"]] and len(head) == 5
-    assert notes == ["smollm2 is scored on the qa set, which the same model wrote: it may find its own questions "
-                     "easier than other models do."]
+    assert notes == [("smollm2 is scored on the qa set, which the same model wrote: it may find its own questions "
+                      "easier than other models do.")]
 
 
 def test_compression_section_lists_each_variant_against_its_teacher():
@@ -71,3 +80,91 @@ def test_compression_section_lists_each_variant_against_its_teacher():
     assert rows[1][1:3] == ["random", "LM loss"] and "17 layers, hidden 288, heads 6/3 kv" in rows[1][4]
     assert "removed layers [2, 3] of 30" in notes[0] and "61% of the hidden" in notes[0]
     assert compression({"specialist": {"shape": {"params": 1}}}) == (head, [], [])
+
+
+# ---- the verdict, from synthetic evaluate results ------------------------------------------------------
+def _results(specialist: int, smollm2: int, generalist: int = 40, items: int = 100, outcomes: bool = True) -> dict:
+    """evaluate's results for one choice set (mcq acc) of `items` items: each model right on its first
+    k items, so that the paired test sees exactly the differences of the counts."""
+    right = {"specialist": specialist, "smollm2": smollm2, "generalist": generalist}
+    per = {n: [1.0] * k + [0.0] * (items - k) for n, k in right.items()}
+    models = {"specialist": {"stage": "pretrain", "shape": {"params": 2_901_312}, "tokens": 2_187_264,
+                             "flops": 3.8e13, "train_time_s": 244.0},
+              "generalist": {"stage": "pretrain", "shape": {"params": 2_901_312}, "tokens": 2_187_264},
+              "smollm2": {"stage": None, "base": "smollm2-135m", "shape": {"params": 134_515_008},
+                          "pretrain_tokens": 2e12, "pretrain_flops": 1.6e21}}
+    return {"models": models, "headline": {"mcq": "acc"}, "bench_sizes": {"mcq": items, "qa": items},
+            "baselines": {"mcq": {"chance": 0.25, "items": items, "longest_option": 0.3}},
+            "benchmarks": {n: {"slmforge_mcq": {"acc": k / items}, "slmforge_qa": {"exact_match": 0.0 if n != "smollm2"
+                                                                                   else 0.02}}
+                           for n, k in right.items()},
+            "outcomes": {n: {"slmforge_mcq": {"acc": o}} for n, o in per.items()} if outcomes else {},
+            "scores": {}, "margins": {}, "domain_sources": [], "gate": None}
+
+
+def test_the_verdict_names_a_significant_win_with_its_margin_rivals_and_cost():
+    from slmforge.verdict import verdict
+
+    v = verdict(_results(specialist=80, smollm2=50))
+    assert v["outcome"] == "win" and v["best"] == "specialist" and v["rival"] == "smollm2" and v["p"] < 0.001
+    s = v["sentence"]
+    assert s.startswith("The best model on the domain is specialist: 0.800 on the choice sets' headline metrics "
+                        "(mcq acc over 100 items), +0.300 over the strongest generalist, smollm2 (0.500, the "
+                        "pretrained base smollm2-135m with 134.5M parameters), a significant gain (McNemar"), s
+    assert "specialist beats the same-size generalist (0.400): +0.400, p < 0.001" in s
+    assert "2.9M parameters (2.2% of smollm2's 134.5M), 2.2M training tokens, 3.8e13 FLOPs and 4.1 min of " \
+           "training (against smollm2's 2.0T tokens and 1.6e21 FLOPs of pretraining)." in s
+
+
+def test_a_gain_inside_the_noise_is_no_gain_and_a_loss_is_said():
+    from slmforge.verdict import verdict
+
+    tie = verdict(_results(specialist=52, smollm2=50))  # 2 items against 0: p = 0.5
+    assert tie["outcome"] == "tie" and tie["p"] == 0.5, tie
+    assert tie["sentence"].startswith("No model of this run is significantly better on the domain than the strongest "
+                                      "generalist, smollm2 (0.500"), tie["sentence"]
+    assert "+0.020: inside the noise (McNemar exact test on the same items, p = 0.5), so no gain" in tie["sentence"]
+    loss = verdict(_results(specialist=30, smollm2=70, generalist=20))
+    assert loss["outcome"] == "loss" and loss["diff"] == -0.4
+    assert loss["sentence"].startswith("The best model on the domain is the generalist smollm2 (0.700, ")
+    assert "the best of them, specialist, scores 0.300" in loss["sentence"] and "-0.400: significantly worse" in \
+        loss["sentence"] and "specialist beats the same-size generalist (0.200): +0.100, p = 0.002" in loss["sentence"]
+
+
+def test_missing_evaluate_data_gives_no_verdict_rather_than_a_guess():
+    from slmforge.verdict import verdict
+
+    assert verdict({})["outcome"] == "none" and verdict({})["sentence"].startswith("No verdict: evaluate recorded no")
+    alone = _results(specialist=80, smollm2=50)
+    for n in ("smollm2", "generalist"):
+        del alone["benchmarks"][n]
+    v = verdict(alone)
+    assert v["outcome"] == "none" and v["sentence"].startswith("No verdict against a generalist, because evaluate "
+                                                               "scored none") and "specialist, 0.800" in v["sentence"]
+    v = verdict(_results(specialist=80, smollm2=50, outcomes=False))
+    assert v["outcome"] == "untested" and "kept no per-item outcomes, so whether that is more than noise is " \
+        "unknown" in v["sentence"]
+
+
+def test_the_page_opens_with_the_verdict_and_run_lines_and_flags_a_zero(tmp_path):
+    from slmforge.stages.report import render_html, render_markdown
+    from slmforge.verdict import verdict
+
+    m = _results(specialist=52, smollm2=50)
+    doc = {"title": "t", "results": m, "verdict": verdict(m), "bench": {}, "samples": 0, "lineage": {},
+           "curate": {"splits": {}, "roles": {}, "filters": {}, "docs_in": 0},
+           "tokenizer": {"eval": {}, "domain_token_saving": 0.0},
+           "run": {"key": "abc123", "date": "2026-01-02 03:04:05 +0000", "evaluate": "def456", "evaluated": None,
+                   "recipe": "demo", "recipe_path": "/r/demo.yaml", "workdir": "/w"}}
+    md = render_markdown(doc)
+    assert md.split("\n")[2] == f"**{doc['verdict']['sentence']}**"
+    assert "- Run: report abc123, built 2026-01-02 03:04:05 +0000; scores from evaluate def456\n" in md
+    assert "- Recipe: demo (/r/demo.yaml)\n" in md and "- Exports: /w/export/latest once the export stage has run" \
+        " (it runs after the report); `slmforge path export --recipe /r/demo.yaml` prints the folder" in md
+    assert "| slmforge_qa · exact_match | 0.000 ⚠ | 0.020 | 0.000 ⚠ |  |" in md  # shown, flagged, not a dash
+    assert "- qa exact_match = 0.000 — for specialist, generalist: each model never produced an answer matching the " \
+           "reference on any of the 100 items (a measured zero, not a missing score)" in md
+    page = render_html(doc)
+    assert page.index("class='verdict'") < page.index("<th>Run</th>") < page.index("Quality gate" if m["gate"] else
+                                                                                    "<h2>Flags</h2>")
+    assert page.count("<td class='zero'") == 2 and "<code>slmforge path export --recipe /r/demo.yaml</code>" in page

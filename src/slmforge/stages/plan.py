@@ -43,7 +43,7 @@ from pydantic import Field, field_validator, model_validator
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
 from slmforge.config import StageConfig
 from slmforge.errors import UserError
-from slmforge.hardware import CPU, DEVICES, cpu_peak, probe_peak_flops
+from slmforge.hardware import CPU, DEVICES, cpu_peak, probe_peak_flops  # noqa: F401 (re-exported)
 from slmforge.records import read_documents
 
 NAME = "plan"

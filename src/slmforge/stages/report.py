@@ -10,19 +10,20 @@ references. Nothing is recomputed: a report is cheap to rebuild after a change o
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
+import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.charts import loss_curves, score_charts
 from slmforge.config import StageConfig
 from slmforge.console import info
 from slmforge.records import Benchmarks, set_of
-from slmforge.results import bench_rows, best_line, gate_lines, reference, set_tasks
+from slmforge.results import bench_rows, gate_lines, reference, set_tasks
+from slmforge.verdict import bpb_line, num, verdict
 
 NAME = "report"
 INPUTS = ("curate", "tokenizer", "bench", "evaluate")
@@ -33,27 +34,94 @@ class Config(StageConfig):
 
     title: str = Field("slmforge report", description="the page's title")
     samples: int = Field(3, ge=0, description="sample answers per generation task shown next to the references")
+    # the recipe the config was read from (its name and path, for the page's header): not in the cache key
+    _recipe: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _from_recipe(self, info: ValidationInfo):
+        ctx = info.context or {}
+        self._recipe = {"name": ctx.get("recipe_name"), "path": str(ctx["recipe_path"]) if ctx.get("recipe_path")
+                        else None}
+        return self
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {s: store.resolve(f"{s}:latest") for s in INPUTS}
-    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), force=force)
+    return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out, store.workdir), force=force)
 
 
-def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
+def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, workdir: Path) -> dict:
     ev = inputs["evaluate"]
     results = json.loads((ev.path / "results.json").read_text(encoding="utf-8"))
     bench = _bench_items(Benchmarks.of(inputs["bench"]))
+    final = out.with_name(out.name.removesuffix(".partial"))
+    said = verdict(results)
     doc = {"title": cfg.title, "curate": inputs["curate"].manifest["metrics"],
            "tokenizer": inputs["tokenizer"].manifest["metrics"], "results": results, "bench": bench,
            "samples": cfg.samples, "provenance": inputs["bench"].manifest["metrics"].get("independence", {}),
-           "lineage": {s: f"{a.stage}/{a.key}" for s, a in inputs.items()}}
+           "lineage": {s: f"{a.stage}/{a.key}" for s, a in inputs.items()}, "verdict": said,
+           "run": {"key": final.name, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "evaluate": ev.key,
+                   "evaluated": ev.manifest.get("started"), "recipe": cfg._recipe.get("name"),
+                   "recipe_path": cfg._recipe.get("path"), "workdir": str(workdir)}}
     (out / "report.html").write_text(render_html(doc), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
-    final = out.with_name(out.name.removesuffix(".partial"))
     info(f"  report · {final / 'report.html'}")
-    return {"html": "report.html", "markdown": "report.md",
-            "gate_passed": (results.get("gate") or {}).get("passed")}
+    return {"html": "report.html", "markdown": "report.md", "gate_passed": (results.get("gate") or {}).get("passed"),
+            "verdict": {k: said[k] for k in ("outcome", "best", "rival", "diff", "p") if k in said}}
+
+
+def run_lines(doc: dict) -> list[tuple[str, str]]:
+    """(label, text) of the page's header: run id, date, recipe, and where the exports will be."""
+    r = doc.get("run") or {}
+    if not r:
+        return []
+    recipe = r.get("recipe_path")
+    ev = f"; scores from evaluate {r['evaluate']}" + (f" (run {r['evaluated']})" if r.get("evaluated") else "")
+    export = Path(r["workdir"]) / "export" / "latest"
+    return [("Run", f"report {r['key']}, built {r['date']}{ev}"),
+            ("Recipe", f"{r['recipe']} ({recipe})" if recipe else "none recorded (built without a recipe file)"),
+            ("Workdir", r["workdir"]),
+            ("Exports", (f"{export} once the export stage has run (it runs after the report); "
+                         f"`slmforge path export --recipe {recipe or 'RECIPE'}` prints the folder"))]
+
+
+ZERO_MEANS = {"exact_match": "never produced an answer matching the reference",
+              "f1": "never produced an answer sharing a word with the reference",
+              "rouge": "never produced an answer sharing a word with the reference",
+              "judge": "never had an answer accepted by the judge", "acc": "never picked the right option"}
+
+
+def _meaning(metric: str) -> str | None:
+    return next((v for k, v in ZERO_MEANS.items() if metric.startswith(k)), None)
+
+
+class Zero(str):
+    """A table cell holding a score of exactly zero: drawn flagged."""
+
+
+def score_cell(v, metric: str) -> str:
+    """A score for a table: '-' when not scored, '0.000 ⚠' (flagged) when exactly zero."""
+    if v is None:
+        return "-"
+    return Zero("0.000 ⚠") if v == 0 and _meaning(metric) else f"{v:.3f}"
+
+
+def zero_scores(m: dict) -> list[str]:
+    """One line per (task, metric) on which some model scored exactly zero, naming the models and what
+    the zero means."""
+    lines = []
+    for t, k in bench_rows(m):
+        zero = [n for n, r in m["benchmarks"].items() if r.get(t, {}).get(k) == 0] if _meaning(k) else []
+        if not zero:
+            continue
+        items = m.get("bench_sizes", {}).get(set_of(t))
+        on = f" on any of the {items} items" if items else ""
+        if len(zero) > 1 and len(zero) == len(m["benchmarks"]):
+            said = f"every model: none of them ever {_meaning(k).removeprefix('never ')}{on}"
+        else:
+            said = f"{', '.join(zero)}: {'each' if len(zero) > 1 else 'the'} model {_meaning(k)}{on}"
+        lines.append(f"{set_of(t)} {k} = 0.000 — for {said} (a measured zero, not a missing score)")
+    return lines
 
 
 def _bench_items(bench: Benchmarks) -> dict[str, dict]:
@@ -62,94 +130,17 @@ def _bench_items(bench: Benchmarks) -> dict[str, dict]:
             if s in ("qa", "summarization") and (bench.task_dir / f"{s}.jsonl").is_file()}
 
 
-# ---- pictures ----------------------------------------------------------------------------------------
-def _png(fig) -> str:
-    """The figure as an embeddable PNG data URL; the figure is closed."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def loss_curves(models: dict) -> list[tuple[str, str]]:
-    """(title, PNG data URI) for the training loss and the per-source validation losses of every
-    pretrained model (its folder holds train_log.jsonl and val_log.jsonl)."""
-    plt = _plt()
-    # pretraining runs only (they keep val_log.jsonl): SFT and DPO losses are on other scales
-    logs = {n: Path(m["path"]) for n, m in models.items() if m.get("path") and (Path(m["path"]) / "val_log.jsonl").is_file()}
-    if not logs:
-        return []
-    pictures = []
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for name, p in logs.items():
-        rows = [json.loads(x) for x in (p / "train_log.jsonl").read_text().splitlines()]
-        kd = models[name].get("loss") == "kd"  # compress's distilled variants: their objective, not the LM loss
-        ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], label=name + (" (KD objective)" if kd
-                                                                                          else ""), lw=1)
-    ax.set(xlabel="training tokens (M)", ylabel="train loss (nats/token)", title="Training loss")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    pictures.append(("Training loss", _png(fig)))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for name, p in logs.items():
-        rows = [json.loads(x) for x in (p / "val_log.jsonl").read_text().splitlines()]
-        for source in [k for k in (rows[0] if rows else {}) if k not in ("step", "tokens")]:
-            ax.plot([r["tokens"] / 1e6 for r in rows], [r[source] for r in rows], marker=".", label=f"{name} · {source}")
-    ax.set(xlabel="training tokens (M)", ylabel="val loss (nats/token)", title="Validation loss per source")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    pictures.append(("Validation loss per source", _png(fig)))
-    return pictures
-
-
-def score_charts(m: dict) -> list[tuple[str, str]]:
-    """Bar charts: bits per byte per source, and the benchmark scores per task with chance marked."""
-    plt = _plt()
-    pictures = []
-    if m["scores"]:
-        names = list(m["scores"])
-        sources = list(next(iter(m["scores"].values())))
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        width = 0.8 / len(names)
-        for i, n in enumerate(names):
-            ax.bar([j + i * width for j in range(len(sources))], [m["scores"][n][s]["bpb"] for s in sources], width,
-                   label=n)
-        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(sources))], sources)
-        ax.set(ylabel="bits per byte (lower is better)", title="Test-split bits per byte")
-        ax.legend(fontsize=8)
-        pictures.append(("Bits per byte", _png(fig)))
-    if m["benchmarks"]:
-        names = list(m["benchmarks"])
-        rows = [(t, k) for t, k in bench_rows(m) if k in ("acc", "acc_norm", "acc_mutual_info", "exact_match", "f1",
-                                                            "rougeL")]
-        width = 0.8 / len(names)
-        fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(rows)), 3.4))
-        for i, n in enumerate(names):
-            ax.bar([j + i * width for j in range(len(rows))],
-                   [m["benchmarks"][n].get(t, {}).get(k) or 0 for t, k in rows], width, label=n)
-        ax.axhline(0.25, color="grey", ls="--", lw=1, label="chance (choice tasks)")
-        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))],
-                      [f"{set_of(t)}\n{k}" for t, k in rows], fontsize=7)
-        ax.set(ylabel="score (higher is better)", title="Domain benchmarks", ylim=(0, 1))
-        ax.legend(fontsize=7)
-        pictures.append(("Domain benchmarks", _png(fig)))
-    return pictures
-
-
 # ---- HTML --------------------------------------------------------------------------------------------
 def _table(head: list[str], rows: list[list]) -> str:
     e = html.escape
     return ("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in head) + "</tr>" +
-            "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+            "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows) + "</table>")
+
+
+def _td(c) -> str:
+    if isinstance(c, Zero):
+        return "<td class='zero' title='a measured zero: see Flags'>" + html.escape(str(c)) + "</td>"
+    return f"<td>{html.escape(str(c))}</td>"
 
 
 def data_rows(c: dict) -> tuple[list[list], list[list]]:
@@ -170,10 +161,15 @@ def model_rows(models: dict) -> list[list]:
     rows = []
     for n, mm in models.items():
         shape = mm.get("shape", {})
-        rows.append([n, mm.get("stage") or ("endpoint" if mm.get("endpoint") else "folder"),
-                     f"{shape['params'] / 1e6:.2f}M" if shape else "", f"{mm['tokens'] / 1e6:.2f}M" if mm.get("tokens") else "",
-                     f"{mm['domain_epochs']:.2f}" if "domain_epochs" in mm else "",
-                     f"{mm['flops']:.2e}" if "flops" in mm else "",
+        base = mm.get("stage") is None and isinstance(mm.get("base"), str)  # a pretrained base, as it is
+        tokens = f"{mm['tokens'] / 1e6:.2f}M" if mm.get("tokens") else \
+            f"{num(mm['pretrain_tokens'])} (its pretraining)" if mm.get("pretrain_tokens") else ""
+        flops = f"{mm['flops']:.2e}" if "flops" in mm else \
+            f"{mm['pretrain_flops']:.2e} (its pretraining)" if mm.get("pretrain_flops") else ""
+        rows.append([n, mm.get("stage") or ("endpoint" if mm.get("endpoint") else f"base {mm['base']}" if base
+                                            else "folder"),
+                     f"{shape['params'] / 1e6:.2f}M" if shape else "", tokens,
+                     f"{mm['domain_epochs']:.2f}" if "domain_epochs" in mm else "", flops,
                      f"{mm['train_time_s']:.0f}s" if mm.get("train_time_s") is not None else "",
                      f"{mm['tokens_per_s']:,.0f}" if mm.get("tokens_per_s") is not None else "",
                      f"{mm['mfu']:.1%}" if mm.get("mfu") else ""])
@@ -221,13 +217,18 @@ def gain_rows(m: dict) -> tuple[list[str], list[list]]:
     rows, prev = [], None
     for n in names:
         vals = [m["benchmarks"][n].get(tasks.get(s, ""), {}).get(k) for s, k in cols]
-        rows.append([n] + [("-" if v is None else f"{v:.3f}" + ("" if prev is None or prev[i] is None
-                                                                 else f" ({v - prev[i]:+.3f})"))
-                           for i, v in enumerate(vals)])
+        rows.append([n] + [_with_change(v, prev[i] if prev else None, k) for i, (v, (_, k)) in enumerate(zip(vals, cols))])
         prev = vals
     rows.append(["chance / best trivial rule"] + [reference(m, tasks[s], k) if s in m["headline"] else ""
                                                   for s, k in cols])
     return [f"{s} {k}" for s, k in cols], rows
+
+
+def _with_change(v, before, metric: str) -> str:
+    cell = score_cell(v, metric)
+    if v is None or before is None:
+        return cell
+    return (Zero if isinstance(cell, Zero) else str)(f"{cell} ({v - before:+.3f})")
 
 
 def answer_blocks(doc: dict) -> list[tuple[str, str, dict]]:
@@ -274,12 +275,27 @@ def provenance(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
     return ["set", "written by", "training data by", "same generator", "training prompts in its shape"], rows, notes
 
 
+EMPTY = {"models": {}, "scores": {}, "margins": {}, "benchmarks": {}, "headline": {}, "bench_sizes": {},
+         "baselines": {}}
+
+
+def _code(text: str) -> str:
+    """Escaped text with `quoted` spans as <code>."""
+    return "".join(f"<code>{html.escape(x)}</code>" if i % 2 else html.escape(x) for i, x in enumerate(text.split("`")))
+
+
 def render_html(doc: dict) -> str:
     e = html.escape
-    m = doc["results"]
-    parts = [f"<h1>{e(doc['title'])}</h1>"]
-    if best := best_line(m):
-        parts.append(f"<p><b>{e(best[0].upper() + best[1:])}</b></p>")
+    m = EMPTY | doc["results"]
+    said = doc["verdict"]
+    lead = said.get("lead") or said["sentence"]  # the sentence's main clause in bold, the rest after it
+    parts = [f"<h1>{e(doc['title'])}</h1>",
+             f"<p class='verdict'><b>{e(lead)}</b>{e(said['sentence'].removeprefix(lead))}</p>"]
+    if bpb := bpb_line(m):
+        parts.append(f"<p>{e(bpb)}</p>")
+    if head := run_lines(doc):
+        parts.append("<table class='run'>" + "".join(f"<tr><th>{e(k)}</th><td>{_code(v)}</td></tr>" for k, v in head)
+                     + "</table>")
     gate = m.get("gate")
     if gate:
         rows = [[c["set"], c["metric"], f"{c['a_score']:.3f} ± {c['ci95'][c['a']]:.3f}",
@@ -293,11 +309,13 @@ def render_html(doc: dict) -> str:
                      _table(["set", "metric", gate["specialist"], "strongest rival", "chance", "margin", "p",
                              "items", "verdict"], rows))
     flags = [f"{n}: {f}" for n, mm in m.get("models", {}).items() for f in mm.get("flags", [])]
+    flags += zero_scores(m)
     if flags:
         parts.append("<h2>Flags</h2><ul>" + "".join(f"<li>{e(f)}</li>" for f in flags) + "</ul>")
-    for title, uri in score_charts(m):
-        parts.append(f"<img alt='{e(title)}' src='{uri}'>")
-    if m["scores"]:
+    charts = score_charts(m)
+    if charts:
+        parts.append("<h2>Charts</h2>" + "".join(f"<h3>{e(t)}</h3><img alt='{e(t)}' src='{u}'>" for t, u in charts))
+    if m.get("scores"):
         sources = list(next(iter(m["scores"].values())))
         parts.append("<h2>Bits per byte on the test splits (lower is better)</h2>" + _table(
             ["model", *(f"{s} bpb / ppl" for s in sources)],
@@ -306,11 +324,11 @@ def render_html(doc: dict) -> str:
             f"<li><b>{e(s)}</b>: specialist {g['specialist_bpb']:.3f} vs generalist {g['generalist_bpb']:.3f} bits/byte: "
             f"{abs(g['relative']):.1%} {'better' if g['relative'] > 0 else 'worse'}</li>" for s, g in m["margins"].items())
             + "</ul>")
-    if m["benchmarks"]:
+    if m.get("benchmarks"):
         names = list(m["benchmarks"])
         parts.append("<h2>Domain benchmarks (lm-evaluation-harness)</h2>" + _table(
             ["task · metric", *names, "chance / best trivial rule"],
-            [[f"{t} · {k}", *(_fmt(m["benchmarks"][n].get(t, {}).get(k)) for n in names), reference(m, t, k)]
+            [[f"{t} · {k}", *(score_cell(m["benchmarks"][n].get(t, {}).get(k), k) for n in names), reference(m, t, k)]
              for t, k in bench_rows(m)]))
         parts.append("<p>Items per set: " + ", ".join(f"{k} {v}" for k, v in m["bench_sizes"].items()) +
                      ". Headline metric per choice set: " + ", ".join(f"{k} {v}" for k, v in m["headline"].items()) +
@@ -363,24 +381,26 @@ def render_html(doc: dict) -> str:
                                                               for o in outs) + "</div>" for p, outs in samples.items()))
     parts.append("<p class='p'>Built from " + ", ".join(f"{k} {v}" for k, v in doc["lineage"].items()) + ".</p>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(doc['title'])}</title>
-<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:6px 0}}
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+.verdict{{font-size:1.1em;border-left:5px solid #2a7;background:#f3faf6;padding:10px 14px}}
+table.run th{{text-align:left;background:#f6f6f6}}table.run td{{text-align:left}}
+td.zero{{background:#fde2df;color:#a01;font-weight:bold}}code{{background:#f2f2f2;padding:0 3px}}table{{border-collapse:collapse;margin:6px 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
 img{{max-width:100%}}.s{{border-left:3px solid #69c;padding-left:8px;margin:8px 0}}.p{{color:#555}}</style></head>
 <body>{''.join(parts)}</body></html>"""
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
 def render_markdown(doc: dict) -> str:
-    m = doc["results"]
-    lines = [f"# {doc['title']}", ""]
-    if best := best_line(m):
-        lines += [f"**{best[0].upper() + best[1:]}**", ""]
+    m = EMPTY | doc["results"]
+    lines = [f"# {doc['title']}", "", f"**{doc['verdict']['sentence']}**", ""]
+    if bpb := bpb_line(m):
+        lines += [bpb, ""]
+    if head := run_lines(doc):
+        lines += [f"- {k}: {v}" for k, v in head] + [""]
     if m.get("gate"):
         lines += ["## Quality gate", "", *gate_lines(m["gate"]), ""]
     flags = [f"- {n}: {f}" for n, mm in m.get("models", {}).items() for f in mm.get("flags", [])]
+    flags += [f"- {x}" for x in zero_scores(m)]
     if flags:
         lines += ["## Flags", "", *flags, ""]
     if m["scores"]:
@@ -394,7 +414,7 @@ def render_markdown(doc: dict) -> str:
         names = list(m["benchmarks"])
         lines += ["## Domain benchmarks", "", "| task · metric | " + " | ".join(names) + " | chance / trivial |",
                   "|---|" + "---|" * (len(names) + 1)]
-        lines += [f"| {t} · {k} | " + " | ".join(_fmt(m["benchmarks"][n].get(t, {}).get(k)) for n in names) +
+        lines += [f"| {t} · {k} | " + " | ".join(score_cell(m["benchmarks"][n].get(t, {}).get(k), k) for n in names) +
                   f" | {reference(m, t, k)} |" for t, k in bench_rows(m)]
         lines.append("")
         head, rows, notes = provenance(doc)
