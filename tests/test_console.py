@@ -61,6 +61,7 @@ def test_stage_output_sends_other_libraries_to_the_log(tmp_path, capfd):
             lib.warning("Both `max_new_tokens` and `max_length` seem to have been set.")
             os.write(2, b"from a forked worker\n")
             console.info("  evaluate · ours")
+            console.results.print("bits per byte table")
         console.info("after")
     finally:
         lib.removeHandler(handler)
@@ -69,6 +70,7 @@ def test_stage_output_sends_other_libraries_to_the_log(tmp_path, capfd):
     for noise in ("'loss': 1.23", "Running loglikelihood", "max_new_tokens", "from a forked worker"):
         assert noise in text and noise not in out + err
     assert "evaluate · ours" in err and "after" in err and "ours" not in text
+    assert "bits per byte table" in out and "table" not in text
     with console.stage_output(log):  # appended, with a header per build
         print("second")
     assert text in log.read_text() and log.read_text().count("====") == 4

@@ -22,13 +22,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 
-def _console() -> Console:
-    probe = Console(stderr=True)
+def _console(stderr: bool = True) -> Console:
+    probe = Console(stderr=stderr)
     width = None if probe.is_terminal else int(os.environ.get("COLUMNS") or 200)
-    return Console(stderr=True, highlight=False, width=width, soft_wrap=not probe.is_terminal)
+    return Console(stderr=stderr, highlight=False, width=width, soft_wrap=not probe.is_terminal)
 
 
 console = _console()
+results = _console(stderr=False)  # a stage's result tables, on stdout (evaluate's)
 
 
 def info(msg: str) -> None:
@@ -141,15 +142,11 @@ def stage_output(log: Path):
         with contextlib.suppress(Exception):
             stream.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    try:
-        on_fd2 = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):
-        on_fd2 = False
-    # our console goes where stderr went: a copy of fd 2, or the stream that stands in for it (pytest's
-    # capsys, a notebook), which the redirection does not touch
-    real_err = os.fdopen(os.dup(saved[2]), "w", buffering=1, encoding="utf-8", errors="replace") if on_fd2 \
-        else sys.stderr
-    old = sys.stdout, sys.stderr, console._file  # rich's own attribute: None means sys.stderr, looked up per write
+    # our consoles go where stdout/stderr went: a copy of fd 1/2, or the stream that stands in for it
+    # (pytest's capsys, a notebook), which the redirection does not touch
+    real_out, own_out = _real(sys.stdout, saved[1])
+    real_err, own_err = _real(sys.stderr, saved[2])
+    old = sys.stdout, sys.stderr, console._file, results._file  # rich's: None means sys.stderr/out, looked up per write
     quiet = _quiet_bars()
     try:
         with open(log, "a", encoding="utf-8") as f:
@@ -162,7 +159,7 @@ def stage_output(log: Path):
         sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(2), "wb"), encoding="utf-8", errors="replace",
                                       line_buffering=True)
         _repoint_log_handlers(old[0], old[1], sys.stdout, sys.stderr)
-        console.file = real_err
+        console.file, results.file = real_err, real_out
         stage_output.active = True
         yield
     finally:
@@ -174,15 +171,27 @@ def stage_output(log: Path):
         for fd, dup in saved.items():
             os.dup2(dup, fd)
             os.close(dup)
-        sys.stdout, sys.stderr, console._file = old
+        sys.stdout, sys.stderr, console._file, results._file = old
         _repoint_log_handlers(mine[0], mine[1], old[0], old[1])
         for stream in mine:
             with contextlib.suppress(Exception):
                 stream.close()
-        real_err.flush()
-        if on_fd2:
-            real_err.close()
+        for stream, own in ((real_out, own_out), (real_err, own_err)):
+            stream.flush()
+            if own:
+                stream.close()
         quiet()
+
+
+def _real(stream, saved_fd: int):
+    """(the stream our console should write to while fds 1/2 point at the log, whether we opened it)."""
+    try:
+        on_fd = stream.fileno() in (1, 2)
+    except (AttributeError, OSError, ValueError):
+        on_fd = False
+    if not on_fd:
+        return stream, False
+    return os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding="utf-8", errors="replace"), True
 
 
 def _repoint_log_handlers(out_from, err_from, out_to, err_to) -> None:

@@ -458,10 +458,9 @@ def flag_empty(benchmarks: dict, outcomes: dict, share: float) -> dict[str, list
 
 # ---- presentation ------------------------------------------------------------------------------------
 def print_results(m: dict, samples: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, width=160)  # results go to stdout
+    from slmforge.console import results as console  # results go to stdout
 
     if m["scores"]:
         t = Table(title="bits per byte on each test split (lower is better)")
