@@ -40,9 +40,9 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 
 
 def _latest(stage: str, workdir: Path = DEMO) -> Path:
-    d = workdir / stage
-    key = (d / "latest").read_text().strip()
-    return d / key
+    from slmforge.artifacts import ArtifactStore
+
+    return ArtifactStore(workdir).resolve(f"{stage}:latest").path  # a latest link, or an older text file
 
 
 def _write_jsonl(path: Path, texts) -> int:

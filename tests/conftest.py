@@ -46,7 +46,8 @@ def write_recipe(folder: Path, recipe: dict) -> Path:
 
 def stage_metrics(workdir: Path, stage: str) -> tuple[Path, dict]:
     """The one finished run of `stage` in workdir and its manifest's metrics."""
-    [run] = [p for p in (workdir / stage).iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    [run] = [p for p in (workdir / stage).iterdir()
+             if p.is_dir() and not p.is_symlink() and not p.name.endswith(".partial")]  # not the latest link
     return run, json.loads((run / "manifest.json").read_text())["metrics"]
 
 

@@ -126,3 +126,35 @@ def test_a_sigkilled_build_leaves_no_lock_even_when_a_forked_child_survives(tmp_
         assert (art.path / MANIFEST).is_file() and len(calls) == 1
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_latest_is_a_relative_symlink_and_older_workdirs_still_resolve(tmp_path):
+    import os
+    import shutil
+
+    store, calls = ArtifactStore(tmp_path / "w"), []
+    a = store.build("s", Cfg(), {}, build_counter(calls))
+    latest = store.stage_dir("s") / "latest"
+    assert latest.is_symlink() and os.readlink(latest) == a.key  # relative: the workdir can move
+    assert (latest / "payload.txt").read_text() == "x" * 10 and store.resolve("s:latest") == a
+    b = store.build("s", Cfg(size=2), {}, build_counter(calls))
+    assert os.readlink(latest) == b.key and store.latest_key("s") == b.key
+    assert sorted(p.name for p in store.stage_dir("s").iterdir()) == sorted([a.key, b.key, "latest", f".{a.key}.lock",
+                                                                             f".{b.key}.lock"])  # no temp left
+
+    moved = tmp_path / "moved"
+    shutil.move(store.workdir, moved)
+    assert ArtifactStore(moved).resolve("s:latest").path == moved / "s" / b.key
+
+    old = ArtifactStore(moved)  # a workdir made before the link: `latest` a text file holding the key
+    (moved / "s" / "latest").unlink()
+    (moved / "s" / "latest").write_text(a.key + "\n")
+    assert old.resolve("s:latest").key == a.key and old.latest_key("s") == a.key
+    old.build("s", Cfg(size=2), {}, build_counter(calls))  # cached, and the text file becomes a link
+    assert (moved / "s" / "latest").is_symlink() and old.resolve("s:latest").key == b.key and len(calls) == 2
+
+    copy = tmp_path / "copy"  # copied by following links: `latest` is a real folder, its manifest names the key
+    shutil.copytree(moved, copy)
+    assert not (copy / "s" / "latest").is_symlink() and ArtifactStore(copy).resolve("s:latest").key == b.key
+    ArtifactStore(copy).build("s", Cfg(), {}, build_counter(calls))
+    assert os.readlink(copy / "s" / "latest") == a.key and len(calls) == 2

@@ -1,9 +1,10 @@
 import subprocess
 import sys
 
+import pytest
+
 from slmforge.config import load_recipe
 from tests.conftest import slmforge
-
 
 HEAVY = ("torch", "transformers", "datatrove", "pydantic", "tokenizers")
 
@@ -81,3 +82,116 @@ def test_a_bad_section_is_reported_once_and_a_duplicate_section_is_an_error(tmp_
     (tmp_path / "d.yaml").write_text("name: x\ncurate: {}\ntokenizer: {vocab_size: 4096}\ncurate: {workers: 2}\n")
     r = slmforge("run", str(tmp_path / "d.yaml"))
     assert r.returncode == 2 and "`curate` appears twice in one mapping (lines 2 and 4)" in r.stderr, r.stderr
+
+
+def _ingest_recipe(tmp_path):
+    from tests.conftest import write_jsonl, write_recipe
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": f"Document {i} about VACUUM and indexes."}
+                                                 for i in range(3)])
+    return write_recipe(tmp_path / "r", {"name": "x", "workdir": str(tmp_path / "w"),
+                                         "ingest": {"sources": [{"name": "d", "role": "domain", "paths": [str(docs)]}]}})
+
+
+def test_recipe_positional_or_flag_force_and_the_path_verb(tmp_path, capsys):
+    """Every verb takes RECIPE or --recipe RECIPE; --force is a switch that re-runs what the verb runs;
+    `slmforge path STAGE` prints the folder `<stage>/latest` links to."""
+    from slmforge.cli import main
+
+    recipe = _ingest_recipe(tmp_path)
+    r = slmforge("ingest", str(recipe))
+    assert r.returncode == 0 and "▶ ingest" in r.stderr, r.stderr
+    r = slmforge("ingest", "--recipe", str(recipe))
+    assert r.returncode == 0 and "cached" in r.stderr and "▶ ingest" not in r.stderr, r.stderr
+    r = slmforge("ingest", str(recipe), "--recipe", str(recipe), "--force")
+    assert r.returncode == 0 and "▶ ingest" in r.stderr, r.stderr
+    r = slmforge("run", "--recipe", str(recipe), "--force")  # every stage it runs
+    assert r.returncode == 0 and "▶ ingest" in r.stderr and "ran ingest" in r.stderr, r.stderr
+    r = slmforge("run", str(recipe), "--force", "ingest")  # the old spelling still works, and says the new one
+    assert r.returncode == 0 and "▶ ingest" in r.stderr and "--force-stage ingest" in r.stderr, r.stderr
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    assert cli("status", "--recipe", str(recipe))[0] == 0
+    code, _, err = cli("ingest", str(recipe), "--recipe", str(tmp_path / "other.yaml"))
+    assert code == 2 and "two recipes given" in err
+    code, _, err = cli("ingest")
+    assert code == 2 and "needs a recipe: slmforge ingest RECIPE (or --recipe RECIPE)" in err
+    code, _, err = cli("run", str(recipe), "--force-stage", "curate")
+    assert code == 2 and "stage 'curate' is not in recipe" in err
+    [key] = [p.name for p in (tmp_path / "w" / "ingest").iterdir() if p.is_dir() and not p.is_symlink()]
+    for where in ([str(recipe)], ["--recipe", str(recipe)], [str(tmp_path / "w")], ["--workdir", str(tmp_path / "w")]):
+        code, out, err = cli("path", "ingest", *where)
+        assert code == 0 and out.strip() == str(tmp_path / "w" / "ingest" / key), (where, err)
+    code, _, err = cli("path", "curate", str(recipe))
+    assert code == 2 and "no completed curate run in" in err
+    with pytest.raises(SystemExit):
+        main(["path", "nope", str(recipe)])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_plan_help_lists_every_flag_and_takes_a_recipe_either_way(tmp_path):
+    import argparse
+
+    from slmforge.flags import add_flags
+    from slmforge.stages.plan import CliConfig
+
+    out = subprocess.run([sys.executable, "-m", "slmforge.cli", "plan", "--help"], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0
+    no_recipe = add_flags(argparse.ArgumentParser(), CliConfig).values()  # the flags `plan` without a recipe takes
+    wanted = ["RECIPE", "--recipe", "--force", "--set", "--json", *(f"--{k.replace('_', '-')}" for k in no_recipe)]
+    assert "--domain-tokens" in wanted and "--hours" in wanted
+    assert [f for f in wanted if f not in out.stdout] == []
+    r = slmforge("plan", str(tmp_path / "missing.yaml"), "--domain-tokens", "1e9")
+    assert r.returncode == 2 and "--domain-tokens is for `slmforge plan` without a recipe" in r.stderr
+    r = slmforge("plan", "--hours", "1", "--force")
+    assert r.returncode == 2 and "need a recipe" in r.stderr
+
+
+def _tiny_model(folder):
+    """A random 1-layer Llama with a byte-level BPE and the chat template, saved as slmforge saves models."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from slmforge.chat import BOS, EOS, PAD, SPECIAL_TOKENS, chat_template
+    from slmforge.modeling import llama_config, shape
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["SELECT * FROM pg_class WHERE relname = 'x';", "VACUUM runs on tables."] * 5,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    tok.chat_template = chat_template()
+    torch.manual_seed(0)
+    cfg = llama_config(shape(1, len(tok), aspect=32, head_dim=16, context=64), len(tok), tok.bos_token_id,
+                       tok.eos_token_id, tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_chat_prints_the_prompt_quoted_and_the_answer_on_its_own_lines(tmp_path, capsys, monkeypatch):
+    import io
+
+    from slmforge.cli import main
+    from slmforge.lm import generate
+    from slmforge.modeling import load_model
+
+    folder = _tiny_model(tmp_path / "m")
+    model, tok = load_model(folder)
+    two = "two\nlines"
+    answer = {p: generate(model, tok, p, 6).lstrip() for p in ("SELECT", "VACUUM", two)}
+    assert main(["chat", str(folder), "--prompt", "SELECT", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"> SELECT\n{answer['SELECT']}\n"
+    assert main(["chat", str(folder), "--prompt", "two\nlines", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"> two\n> lines\n{answer[two]}\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("SELECT\n\nVACUUM\n"))  # one prompt a line; blank lines skipped
+    assert main(["chat", str(folder), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"> SELECT\n{answer['SELECT']}\n\n> VACUUM\n{answer['VACUUM']}\n"

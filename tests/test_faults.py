@@ -43,7 +43,8 @@ def test_sigkill_at_a_random_moment_then_a_plain_restart(posttrained, tmp_path, 
     orig_run, orig = stage_metrics(work, stage)
     wall = json.loads((orig_run / "manifest.json").read_text())["wall_time_s"]
     copy = tmp_path / "w"
-    shutil.copytree(work, copy, ignore=lambda d, names: [stage] if os.path.samefile(d, work) else [])
+    shutil.copytree(work, copy, ignore=lambda d, names: [stage] if os.path.samefile(d, work) else [],
+                    symlinks=True)
     # evaluate scores the two pretrained models only (each model is scored on its own, so their scores must
     # equal the full run's): the same check at 2/5 of the cost
     sets = ("evaluate.models=[pretrain]",) if stage == "evaluate" else ()

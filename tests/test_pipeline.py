@@ -20,7 +20,10 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def stage_dirs(workdir: Path, stage: str) -> list[str]:
-    return sorted(p.name for p in (workdir / stage).iterdir() if p.is_dir()) if (workdir / stage).exists() else []
+    """The run folders of a stage (not its `latest` link)."""
+    if not (workdir / stage).exists():
+        return []
+    return sorted(p.name for p in (workdir / stage).iterdir() if p.is_dir() and not p.is_symlink())
 
 
 def test_run_cache_invalidate_and_status(tmp_path, small_corpus):
@@ -78,8 +81,8 @@ def test_kill_at_any_moment_then_resume(tmp_path, small_corpus):
     assert "incomplete" in st.stderr
     r = slmforge("run", str(rk))
     assert r.returncode == 0, r.stderr
-    [c] = [p for p in (clean / "curate").iterdir() if p.is_dir()]
-    [k] = [p for p in (killed / "curate").iterdir() if p.is_dir()]
+    [c] = [p for p in (clean / "curate").iterdir() if p.is_dir() and not p.is_symlink()]
+    [k] = [p for p in (killed / "curate").iterdir() if p.is_dir() and not p.is_symlink()]
     assert c.name == k.name
     assert rows(c) == rows(k) and rows(c)
     tok = lambda w: (next((w / "tokenizer").glob("*/tokenizer/tokenizer.json"))).read_text()

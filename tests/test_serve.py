@@ -25,7 +25,8 @@ KEY = "test-key-1"
 PG_PROMPT = "How do I create an index on a table with CREATE INDEX, and when does VACUUM run?"
 
 
-def _export_like(model_dir: Path, out: Path, name: str, domain: str, train: list[str], test: list[str]) -> Path:
+def _export_like(model_dir: Path, out: Path, name: str, domain: str, train: list[str], test: list[str],
+                 chat: bool = True) -> Path:
     """An export folder as stages/export.py writes it (the parts serve reads), built here by hand."""
     shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("snapshots", "*.jsonl"))
     (out / "domain").mkdir()
@@ -33,7 +34,7 @@ def _export_like(model_dir: Path, out: Path, name: str, domain: str, train: list
         (out / "domain" / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (out / "slmforge.json").write_text(json.dumps({
         "format": 1, "name": name, "domain": domain, "description": f"test {domain} model", "context": 64,
-        "chat": True, "router": {"train": "domain/train.jsonl", "test": "domain/test.jsonl"}}))
+        "chat": chat, "router": {"train": "domain/train.jsonl", "test": "domain/test.jsonl"}}))
     return out
 
 
@@ -75,7 +76,8 @@ def exports(pretrained, small_corpus, tmp_path_factory):
     pg, gen = _texts(small_corpus["domain"]), _texts(small_corpus["general"])
     root = tmp_path_factory.mktemp("serve-exports")
     return {"spec": _export_like(pre / "specialist", root / "spec", "spec", "pg", pg[:22], pg[22:]),
-            "gen": _export_like(pre / "generalist", root / "gen", "gen", "general", gen[:120], gen[120:]),
+            # the generalist as the export stage writes it: a chat template, but not post-trained to chat
+            "gen": _export_like(pre / "generalist", root / "gen", "gen", "general", gen[:120], gen[120:], chat=False),
             "pg_test": pg[22:], "gen_test": gen[120:]}
 
 
@@ -99,7 +101,11 @@ def test_models_listed_and_keys_required(live):
         with pytest.raises(openai.AuthenticationError) as e:
             live.client(key).models.list()
         assert e.value.code == "invalid_api_key"
-    assert httpx.get(live.url + "/").status_code == 200  # the page itself is public; its requests carry the key
+    page = httpx.get(live.url + "/")
+    assert page.status_code == 200 and 'id="key"' in page.text  # public; keys are on, so it has the key field
+    ext = {m.id: m.model_extra["slmforge"] for m in live.client().models.list().data}
+    assert ext["spec"]["chat"] is True and ext["gen"]["chat"] is False  # slmforge.json's, as the catalog records
+    assert ext["gen"]["chat_template"] is True
 
 
 def test_completion_usage_and_seeds(live, exports):
@@ -384,7 +390,13 @@ def test_serves_catalog_models_by_name(exports, tmp_path):
     catalog.add(exports["gen"])
     app = create_app(Config(catalog=str(catalog.path), max_tokens=2), log=lambda msg: None)  # all of them
     with TestClient(app) as c:
-        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["auto", "gen", "spec"]
+        listed = c.get("/v1/models").json()["data"]
+        assert [m["id"] for m in listed] == ["auto", "gen", "spec"]
+        for m in listed[1:]:  # one source of truth for `chat`: the catalog's (slmforge.json's), not the template
+            assert m["slmforge"]["chat"] is catalog.get(m["id"]).chat and m["slmforge"]["chat_template"] is True
+        assert [m["slmforge"]["chat"] for m in listed[1:]] == [False, True]
+        page = c.get("/").text  # no keys on this server: no key field on its chat page
+        assert 'id="key"' not in page and "API key" not in page and 'id="new"' in page
         assert c.get("/v1/router").json()["accuracy"]["domains"]["pg"]["n"] == 8  # router data via the catalog
         r = c.post("/v1/completions", json={"model": "auto", "prompt": exports["pg_test"][2][:60]}).json()
         assert r["model"] == "spec"
@@ -393,32 +405,58 @@ def test_serves_catalog_models_by_name(exports, tmp_path):
 
 
 def test_chat_page_in_chromium(live, exports):
+    """The page keeps the conversation and sends all of it; New chat forgets it; the key field is there and
+    shown with keys on, absent with keys off."""
     from playwright.sync_api import sync_playwright
 
-    # the answer is complete when Send is enabled again (send() disables it before its first await)
-    answered = ("document.getElementById('by').textContent.includes('answered by') && "
-                "!document.getElementById('send').disabled")
+    from slmforge.serve.app import chat_page
+
+    # an answer is complete (or has failed) when Send is enabled again (send() disables it before its first await)
+    answered = "n => !document.getElementById('send').disabled && (document.getElementById('error').textContent " \
+               "|| document.querySelectorAll('.turn.assistant .who').length === n && " \
+               "[...document.querySelectorAll('.who')].every(w => w.textContent !== '…'))"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page()
+            sent = []
+            page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith(
+                "/v1/chat/completions") else None)
             page.goto(live.url + "/")
+            assert page.is_visible("#key")
             page.fill("#key", KEY)
             page.dispatch_event("#key", "change")
             page.wait_for_selector("#model option[value=gen]", state="attached", timeout=10_000)
-            page.fill("#max_tokens", "6")
-            page.fill("#prompt", exports["pg_test"][0][:60])  # auto, streaming: routed to the pg specialist
+            assert "not chat-tuned" in page.text_content("#model option[value=gen]")
+            page.fill("#max_tokens", "3")  # the whole conversation has to fit the tiny models' 64 tokens
+            first = "The catalog pg_class"  # short: the tiny tokenizers spend many tokens on the chat markup
+            page.fill("#prompt", first)  # auto, streaming: routed to the pg specialist
             page.click("#send")
-            page.wait_for_function(answered, timeout=20_000)
-            assert page.text_content("#by").startswith("answered by spec (routed, confidence")
-            assert page.text_content("#answer").strip() and not page.text_content("#error")
-            page.select_option("#model", "gen")  # a chosen model, not streaming
+            page.wait_for_function(answered, arg=1, timeout=20_000)
+            whos = page.locator(".turn.assistant .who")
+            assert whos.nth(0).text_content().startswith("answered by spec (routed, confidence")
+            assert not page.text_content("#error")
+            reply = page.locator(".turn.assistant .text").nth(0).text_content()
+            assert reply.strip() and page.input_value("#prompt") == ""
+            page.select_option("#model", "gen")  # a chosen model, not streaming, the conversation goes on
             page.uncheck("#stream")
-            page.fill("#prompt", "What is a cynic?")
+            page.fill("#prompt", "A cynic?")
             page.click("#send")
-            page.wait_for_function(answered, timeout=20_000)
-            assert page.text_content("#by") == "answered by gen"
-            assert page.text_content("#answer").strip() and not page.text_content("#error")
+            page.wait_for_function(answered, arg=2, timeout=20_000)
+            assert not page.text_content("#error") and whos.nth(1).text_content() == "answered by gen"
+            assert page.locator(".turn.user").count() == 2
+            assert sent[1]["messages"] == [{"role": "user", "content": first},
+                                           {"role": "assistant", "content": reply if reply != "(empty answer)" else ""},
+                                           {"role": "user", "content": "A cynic?"}]
+            page.click("#new")
+            assert page.locator(".turn").count() == 0
+            page.fill("#prompt", "Hello")
+            page.click("#send")
+            page.wait_for_function(answered, arg=1, timeout=20_000)
+            assert not page.text_content("#error") and sent[2]["messages"] == [{"role": "user", "content": "Hello"}]
+
+            page.set_content(chat_page(keys=False))  # a server without keys: no key field at all
+            assert page.locator("#key").count() == 0 and "API key" not in page.content()
         finally:
             browser.close()
 
@@ -447,5 +485,9 @@ def test_helpers_and_config_errors(tmp_path):
     cfg = build_config(serve._recipe_section(str(recipe)))
     assert cfg.models == [str(tmp_path / "r" / "models" / "a"), "some-catalog-name"]
     assert cfg.port == 9000 and cfg.router.threshold == 0.7 and cfg.router.kind == "tfidf"
+    parser, flags = serve.build_parser()
+    for argv in ([str(recipe)], ["--recipe", str(recipe)], [str(recipe), "--port", "9001"]):  # RECIPE or --recipe
+        assert serve.config_from_args(parser.parse_args(argv), flags).port == (9001 if "--port" in argv else 9000)
+    assert serve.cli_main([str(recipe), "--recipe", str(tmp_path / "other.yaml")]) == 2
     assert serve.cli_main(["--dtype", "float64"]) == 2
     assert serve.cli_main(["--model", str(tmp_path / "nope/x")]) == 2

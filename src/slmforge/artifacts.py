@@ -6,7 +6,10 @@ Layout: `<workdir>/<stage>/<key>/` holds a stage's payload and `manifest.json`.
 - The payload is built in `<key>.partial/` (stages that checkpoint resume from it), renamed into
   place, and `manifest.json` is written last, atomically. A directory without a manifest is
   incomplete: it is resumed or redone, never read as done.
-- `<workdir>/<stage>/latest` names the key of the last completed run ("curate:latest").
+- `<workdir>/<stage>/latest` is a relative symlink to the last completed run's `<key>/` folder
+  ("curate:latest"; `slmforge path curate RECIPE` prints it). Workdirs made before it was a link hold
+  the key in a text file there, and a copy made by following links holds a real folder: both still
+  resolve.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmforge.console import info
+from slmforge.console import info, stage_output
 from slmforge.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LATEST = "latest"  # <stage>/latest: a symlink to the last completed <key>/
 _VERSIONED = ("slmforge", "datatrove", "tokenizers", "transformers", "torch", "pyarrow", "pydantic")
 
 
@@ -135,18 +139,33 @@ class ArtifactStore:
             raise UserError(f"{stage}:{key} is not complete (no {final / MANIFEST}); run the stage again") from None
         return Artifact(stage, key, final, manifest)
 
+    def latest_key(self, stage: str) -> str | None:
+        """The key that `<stage>/latest` names, or None if the stage never completed here. `latest` is a
+        symlink to `<key>/`; a text file holding the key (workdirs made before the link) and a real folder
+        (a copy of the workdir that followed the link: its manifest names the key) are read too."""
+        latest = self.stage_dir(stage) / LATEST
+        if latest.is_symlink():
+            return Path(os.readlink(latest)).name
+        if latest.is_file():
+            return latest.read_text(encoding="utf-8").strip() or None
+        if latest.is_dir():
+            try:
+                return json.loads((latest / MANIFEST).read_text(encoding="utf-8"))["key"]
+            except (OSError, ValueError, KeyError):
+                return None
+        return None
+
     def resolve(self, ref: str) -> Artifact:
         """'stage:latest' or 'stage:KEY' -> the completed Artifact."""
         stage, _, key = ref.partition(":")
-        key = key or "latest"
-        if key == "latest":
-            latest = self.stage_dir(stage) / "latest"
-            if not latest.is_file():
+        key = key or LATEST
+        if key == LATEST:
+            key = self.latest_key(stage)
+            if key is None:
                 raise UserError(
-                    f"{ref}: no completed {stage} run in {self.workdir}; run `slmforge {stage} --recipe RECIPE` "
+                    f"{ref}: no completed {stage} run in {self.workdir}; run `slmforge {stage} RECIPE` "
                     f"or `slmforge run RECIPE --until {stage}` first"
                 )
-            key = latest.read_text().strip()
         return self.load(stage, key)
 
     # ---- building -----------------------------------------------------------------------------
@@ -188,6 +207,10 @@ class ArtifactStore:
         except OSError as e:
             raise UserError(f"workdir {self.workdir}: cannot write {e.filename or folder} ({e.strerror or e}); set "
                             "`workdir:` in the recipe, or --set workdir=DIR, to a folder you can write") from None
+
+    def log_path(self, stage: str, rank: int = 0) -> Path:
+        """Where other libraries' output goes while `stage` builds (console.stage_output), appended."""
+        return self.workdir / "logs" / (f"{stage}.log" if rank == 0 else f"{stage}.rank{rank}.log")
 
     def _build_one(self, stage, cfg, inputs, builder, external, resumable, force) -> Artifact:
         key = self.key(stage, cfg.key_dict(), {k: a.key for k, a in inputs.items()}, external)
@@ -232,7 +255,8 @@ class ArtifactStore:
             partial.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         started = time.time()
-        metrics = builder(partial) or {}
+        with stage_output(self.log_path(stage, dist.rank())):
+            metrics = builder(partial) or {}
         dist.barrier()
         if dist.is_main():
             self._finish(stage, key, cfg, inputs, external, partial, metrics, started, resumed=False)
@@ -253,7 +277,8 @@ class ArtifactStore:
         info(f"[bold]▶ {stage}[/] ({key}){' resuming' if resumed else ''}")
         started = time.time()
         try:
-            metrics = builder(partial) or {}
+            with stage_output(self.log_path(stage)):
+                metrics = builder(partial) or {}
         except UserError:
             if not resumable:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -289,7 +314,16 @@ class ArtifactStore:
         return Artifact(stage, key, final, manifest)
 
     def _set_latest(self, stage: str, key: str) -> None:
-        latest = self.stage_dir(stage) / "latest"
-        tmp = latest.with_name(f".latest.tmp{os.getpid()}")
-        tmp.write_text(key + "\n")
+        """Point `<stage>/latest` at `<key>/`: a relative symlink made under a temp name, then renamed over
+        the old one (atomic: a reader sees the old link or the new one). On a filesystem without symlinks
+        the key is written as text, which `latest_key` reads too."""
+        latest = self.stage_dir(stage) / LATEST
+        tmp = latest.with_name(f".{LATEST}.tmp{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.symlink(key, tmp, target_is_directory=True)
+        except OSError:
+            tmp.write_text(key + "\n", encoding="utf-8")
+        if latest.is_dir() and not latest.is_symlink():  # a copy of a run, made by following the link
+            shutil.rmtree(latest)
         os.replace(tmp, latest)

@@ -32,11 +32,12 @@ def compressed(pretrained, tmp_path_factory):
     recipe, work, r = pretrained
     assert r.returncode == 0, r.stderr[-3000:]
     copy = tmp_path_factory.mktemp("compress") / "w"
-    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("compress"))
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("compress"), symlinks=True)
     r = slmforge("compress", "--recipe", str(recipe),
                  *_sets(copy, "compress.variants=[pruned, pruned-kd, pruned-lm, scratch-kd, scratch-lm]"))
     assert r.returncode == 0, r.stderr[-3000:]
-    [run] = [p for p in (copy / "compress").iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    [run] = [p for p in (copy / "compress").iterdir()
+             if p.is_dir() and not p.is_symlink() and not p.name.endswith(".partial")]
     return recipe, copy, run
 
 
@@ -53,7 +54,7 @@ def test_every_variant_is_a_smaller_llama_with_the_teachers_tokenizer(compressed
 
     _, work, run = compressed
     m = json.loads((run / "manifest.json").read_text())["metrics"]
-    teacher_dir = next(p for p in (work / "pretrain").iterdir() if p.is_dir()) / "specialist"
+    teacher_dir = next(p for p in (work / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()) / "specialist"
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), local_files_only=True).eval()
     t_params = sum(p.numel() for p in teacher.parameters())
     assert m["teacher"]["params"] == t_params and m["teacher"]["model"] == "specialist"
@@ -94,7 +95,7 @@ def test_bad_settings_name_the_key(pretrained, tmp_path):
 def test_sigkill_then_resume_gives_the_same_weights(compressed, tmp_path):
     recipe, work, run = compressed
     copy = tmp_path / "w"
-    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("compress"))
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("compress"), symlinks=True)
     args = [sys.executable, "-m", "slmforge.cli", "compress", "--recipe", str(recipe),
             *_sets(copy, "compress.variants=[pruned-kd]", "compress.checkpoint_every=2")]
     killed = False
@@ -111,6 +112,6 @@ def test_sigkill_then_resume_gives_the_same_weights(compressed, tmp_path):
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming at step" in r.stderr
-    [resumed] = [p for p in (copy / "compress").iterdir() if p.is_dir()]
+    [resumed] = [p for p in (copy / "compress").iterdir() if p.is_dir() and not p.is_symlink()]
     a, b = _weights(run / "pruned-kd"), _weights(resumed / "pruned-kd")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

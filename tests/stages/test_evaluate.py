@@ -60,7 +60,7 @@ def test_bfloat16_weights_score_with_float32_logits(tmp_path, small_corpus):
 
 
 def _manifest(workdir, stage):
-    [run] = [p for p in (workdir / stage).iterdir() if p.is_dir()]
+    [run] = [p for p in (workdir / stage).iterdir() if p.is_dir() and not p.is_symlink()]
     return run, json.loads((run / "manifest.json").read_text())["metrics"]
 
 
@@ -97,9 +97,9 @@ def test_every_model_is_scored_twice_the_same_and_snapshots_are_picked_on_the_de
     assert m2["scores"] == m["scores"] and m2["benchmarks"] == m["benchmarks"] and m2["selection"] == m["selection"]
     model_dir = next((workdir / "pretrain").glob("*/specialist"))
     out = slmforge("chat", str(model_dir), "--prompt", "SELECT", "--max-new-tokens", "5")
-    assert out.returncode == 0 and out.stdout.startswith("SELECT")
+    assert out.returncode == 0 and out.stdout.startswith("> SELECT\n")  # the prompt quoted, the answer below
     out = slmforge("chat", str(model_dir), "--prompt", "Hi", "--chat", "--sample", "--max-new-tokens", "5")
-    assert out.returncode == 0 and out.stdout.startswith("Hi")
+    assert out.returncode == 0 and out.stdout.startswith("> Hi\n")
 
 
 class OracleServer:

@@ -66,7 +66,8 @@ def test_reading_comprehension_texts_are_mixed_in_from_synth(trained, tmp_path):
     r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}", "--set", "reading=0.3",
                  "--set", "baseline=false", "--set", "synth.kinds=[qa, reading]")
     assert r.returncode == 0, r.stderr
-    [d] = [p for p in (work / "pretrain").iterdir() if (p / "manifest.json").is_file()]  # not the failed one
+    [d] = [p for p in (work / "pretrain").iterdir()
+           if (p / "manifest.json").is_file() and not p.is_symlink()]  # not the failed one, nor the latest link
     m = json.loads((d / "manifest.json").read_text())
     assert m["metrics"]["models"]["specialist"]["sources"][-1] == "reading" and "synth" in m["inputs"]
     syn = work / "synth" / m["inputs"]["synth"]
@@ -87,7 +88,8 @@ def trained(tmp_path_factory, small_corpus):
     recipe = write_recipe(tmp, small_recipe(small_corpus, tmp / "w", with_model=True))
     r = slmforge("run", str(recipe), "--until", "pretrain")
     assert r.returncode == 0, r.stderr
-    run_dir = next(p for p in (tmp / "w" / "pretrain").iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+    run_dir = next(p for p in (tmp / "w" / "pretrain").iterdir()
+                   if p.is_dir() and not p.is_symlink() and not p.name.endswith(".partial"))
     return recipe, run_dir
 
 
@@ -136,7 +138,7 @@ def test_sigkill_then_resume_gives_the_same_weights(trained, tmp_path):
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr
-    [resumed] = [p for p in (work / "pretrain").iterdir() if p.is_dir()]
+    [resumed] = [p for p in (work / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
     for name in ("specialist", "generalist"):
         a, b = _weights(run_dir / name), _weights(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -158,7 +160,7 @@ def test_two_processes_follow_the_one_process_loss_curve(trained, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     logs = []
     for w in (one, two):
-        [d] = [p for p in (w / "pretrain").iterdir() if p.is_dir()]
+        [d] = [p for p in (w / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
         assert json.loads((d / "manifest.json").read_text())["metrics"]["world_size"] == (1 if w == one else 2)
         logs.append([json.loads(x)["loss"] for x in (d / "specialist" / "train_log.jsonl").read_text().splitlines()])
     assert len(logs[0]) == len(logs[1])
@@ -171,7 +173,7 @@ def test_continued_pretraining_from_a_local_checkpoint(trained, tmp_path):
     r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}",
                  "--set", f"init_from={run_dir / 'specialist'}", "--set", "tokens=3k")
     assert r.returncode == 0, r.stderr
-    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir()]
+    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
     m = json.loads((d / "manifest.json").read_text())["metrics"]
     assert list(m["models"]) == ["specialist"]  # the starting checkpoint is the baseline
     start, after = _weights(run_dir / "specialist"), _weights(d / "specialist")
@@ -191,7 +193,7 @@ def test_dapt_from_a_base_by_name_lowers_its_domain_loss(trained, tmp_path, monk
     r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}", "--set", "init_from=tinybase",
                  "--set", "tokens=6k", "--set", "eval_every=2")
     assert r.returncode == 0, r.stderr
-    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir()]
+    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
     m = json.loads((d / "manifest.json").read_text())["metrics"]
     assert m["init_from"]["base"] == "tinybase" and m["init_from"]["pretrain_tokens"] == 1e6
     assert list(m["models"]) == ["specialist"]  # the base is the generalist baseline
@@ -224,7 +226,7 @@ def test_dapt_with_vocabulary_expansion_records_bytes_per_token(trained, tmp_pat
     r = slmforge("pretrain", "--recipe", str(recipe), "--set", f"workdir={work}", "--set", "init_from=tinybase",
                  "--set", "tokens=3k", "--set", "expand_vocab=30")
     assert r.returncode == 0, r.stderr
-    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir()]
+    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
     ev = json.loads((d / "manifest.json").read_text())["metrics"]["expand_vocab"]
     assert ev["chosen"] == 30 and ev["added"] >= 30
     assert ev["bytes_per_token"]["expanded"] > ev["bytes_per_token"]["base"]  # fewer tokens per domain byte

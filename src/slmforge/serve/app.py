@@ -4,6 +4,7 @@ models and registers the routes and the error handlers."""
 
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -68,7 +69,10 @@ async def list_models(request: Request):
              "slmforge": {"router": srv.router_report.get("kind"), "domains": srv.by_domain}}]
     for m in srv.models.values():
         data.append({"id": m.name, "object": "model", "created": srv.started, "owned_by": "slmforge",
-                     "slmforge": {"domain": m.domain, "context": m.context, "chat": m.chat,
+                     # chat: post-trained to chat, as the catalog says; chat_template: /v1/chat/completions
+                     # can format messages for it (a base model with one answers, as a continuation)
+                     "slmforge": {"domain": m.domain, "context": m.context, "chat": m.chat_tuned,
+                                  "chat_template": m.chat,
                                   "params": m.params, "fallback": m.name in srv.fallback_names,
                                   "description": m.description}})
     return {"object": "list", "data": data}
@@ -340,13 +344,19 @@ async def passthrough(r: httpx.Response, client: httpx.AsyncClient, ext: dict):
 
 # ---------------------------------------------------------------------------------------------------- app
 
+def chat_page(keys: bool) -> str:
+    """The chat page; its API-key field only when the server asks for keys."""
+    page = files("slmforge").joinpath("templates/chat.html").read_text(encoding="utf-8")
+    return page.replace("<!--KEYROW-->", "").replace("<!--/KEYROW-->", "") if keys else \
+        re.sub(r"<!--KEYROW-->.*?<!--/KEYROW-->\n?", "", page, flags=re.DOTALL)
+
+
 def create_app(cfg: Config, log=None) -> FastAPI:
     """The FastAPI app serving cfg's models (loads them and trains the router now)."""
     srv = Server(cfg, log)
     app = FastAPI(title="slmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
-    page = files("slmforge").joinpath("templates/chat.html").read_text(encoding="utf-8")
-    app.state.page = page.replace("__NEEDS_KEY__", "true" if srv.keys else "false")
+    app.state.page = chat_page(bool(srv.keys))
     for exc, handler in ((ApiError, api_error), (RequestValidationError, invalid_request), (Exception, crash),
                          (404, not_found)):
         app.add_exception_handler(exc, handler)

@@ -27,18 +27,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         prog="slmforge serve",
         description="Serve models over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
                     "/v1/models) with a chat page at /. model \"auto\" routes each prompt to a specialist.",
-        epilog="example: slmforge serve --model runs/demo/export/<key>/demo-dpo --port 8000",
+        epilog="examples: slmforge serve recipes/demo.yaml ; slmforge serve --model runs/demo/export/latest/demo-dpo "
+               "--port 8000",
     )
-    p.add_argument("--recipe", help="read settings from this recipe's serve: section (flags override it)")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="read settings from this recipe's serve: section (flags override it); or --recipe RECIPE")
+    p.add_argument("--recipe", dest="recipe_flag", metavar="RECIPE", help="the same as the RECIPE argument")
     flags = add_flags(p, Config, names=NAMES, metavars={"models": "NAME_OR_PATH"})
     return p, flags
 
 
 def config_from_args(args: argparse.Namespace, flags: dict[str, str]) -> Config:
     """The recipe's section (if --recipe), the given flags over it, validated as one Config."""
+    from slmforge.cli import recipe_arg
+
+    recipe = recipe_arg(args, "serve", required=False)
     given = collect(args, flags)
     fallback = given.pop("fallback", None)
-    section = merge(_recipe_section(args.recipe) if args.recipe else {}, given)
+    section = merge(_recipe_section(recipe) if recipe else {}, given)
     if fallback is not None:  # the fallback flags name one whole fallback: they replace the recipe's
         if "model" not in fallback:
             given_flags = ", ".join(NAMES[f"fallback.{k}"] for k in fallback)

@@ -18,12 +18,13 @@ class Served:
     model: Any
     tok: Any
     context: int
-    chat: bool
+    chat: bool  # the tokenizer has a chat template: /v1/chat/completions can format messages for it
     eos_ids: set[int]
     params: int
     description: str = ""
     router_data: dict | None = None  # {"train": Path, "test": Path}
     meta: dict = field(default_factory=dict)
+    chat_tuned: bool | None = None  # post-trained to chat: the catalog's `chat` (slmforge.json's); /v1/models says it
 
 
 def resolve(spec: str, catalog: str | None) -> dict:
@@ -39,7 +40,7 @@ def resolve(spec: str, catalog: str | None) -> dict:
         else:
             router = {k: (Path(e.path) / v) for k, v in (e.router or {}).items() if v}
             return {"name": e.name, "domain": e.domain or e.name, "path": Path(e.path),
-                    "description": e.description or "", "router": router or None}
+                    "description": e.description or "", "router": router or None, "chat": e.chat}
     if not p.is_dir():
         raise UserError(f"model {spec!r}: folder not found. Give an existing model folder or a catalog name")
     meta = read_meta(p)
@@ -47,8 +48,10 @@ def resolve(spec: str, catalog: str | None) -> dict:
     if router:
         router = {k: (p / v) for k, v in router.items() if v}
     name = meta.get("name") or p.resolve().name
+    chat = meta.get("chat")  # what `slmforge models add` would record: slmforge.json's, else the template's
     return {"name": name, "domain": meta.get("domain") or name, "path": p.resolve(),
-            "description": meta.get("description", ""), "router": router}
+            "description": meta.get("description", ""), "router": router,
+            "chat": bool(chat) if chat is not None else None}
 
 
 def catalog_names(catalog: str | None) -> list[str]:
@@ -78,7 +81,10 @@ def load_served(info: dict, dtype: str) -> Served:
             eos |= set(ids if isinstance(ids, list) else [ids])
     # EOS and chat.IM_END (slmforge.chat.stop_token_ids): an slmforge model's generation config has both already
     eos |= set(stop_token_ids(tok))
+    template = bool(getattr(tok, "chat_template", None))
+    tuned = info.get("chat")
     return Served(name=info["name"], domain=info["domain"], path=Path(info["path"]), model=model, tok=tok,
-                  context=context, chat=bool(getattr(tok, "chat_template", None)), eos_ids=eos, params=params,
-                  description=info.get("description", ""), router_data=info.get("router"))
+                  context=context, chat=template, eos_ids=eos, params=params,
+                  description=info.get("description", ""), router_data=info.get("router"),
+                  chat_tuned=template if tuned is None else bool(tuned))
 
