@@ -49,11 +49,10 @@ compress: setup
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
-# llama.cpp's Python binding, for export's GGUF check (greedy tokens equal to transformers'). PyPI has
-# only its source: the build takes 6-12 min on 2 cores, once (pip caches the wheel), so it is opt-in.
+# llama.cpp for export's GGUF check (greedy tokens equal to transformers'): xllamacpp's prebuilt wheel, part
+# of `setup` (the dev extra); this target installs it into a venv set up before it was.
 llama: setup
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF \
-	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	$(BIN)/python -c "import xllamacpp" 2>/dev/null || \
 	  $(BIN)/pip install -q --disable-pip-version-check -e ".[llama]"
 
 test: setup browser

@@ -7,8 +7,9 @@ f16-rounded weights, which is what the export stage's check requires to be exact
     .venv/bin/python benchmarks/gguf_verify.py                    # runs/demo's dpo model, 2 threads
     .venv/bin/python benchmarks/gguf_verify.py --model specialist --threads 2 --tokens 128
 
-Needs a finished `make demo` and llama-cpp-python (`pip install llama-cpp-python`). Prints a table and one
-JSON line.
+Needs a finished `make demo` and xllamacpp (llama.cpp's prebuilt binding; `make setup` installs it). llama.cpp
+runs in process through llama-server's completion code (slmforge.gguf.LlamaCpp), so its tokens/s include
+that code's per-request work. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -49,12 +50,18 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from llama_cpp import Llama
 
     from slmforge.artifacts import ArtifactStore
+    from slmforge.gguf import (
+        LlamaCpp,
+        hf_greedy,
+        llama_cpp_version,
+        reference_model,
+        verify_prompts,
+        write_gguf,
+    )
     from slmforge.modeling import load_model
     from slmforge.records import read_documents
-    from slmforge.gguf import hf_greedy, llama_greedy, reference_model, verify_prompts, write_gguf
 
     torch.set_num_threads(args.threads)
     store = ArtifactStore(Path(args.workdir))
@@ -88,10 +95,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for outtype in ("f32", "f16", "q8_0"):
             g = write_gguf(src, Path(tmp) / f"m.{outtype}.gguf", outtype, args.model)
-            llm = Llama(model_path=str(Path(tmp) / g["file"]), n_ctx=ctx, n_threads=args.threads,
-                        n_threads_batch=args.threads, logits_all=False, verbose=False)
-            out, tps = timed(lambda x, llm=llm: llama_greedy(llm, x, args.tokens), ids, args.tokens)
-            del llm
+            llm = LlamaCpp(Path(tmp) / g["file"], ctx, args.threads)
+            out, tps = timed(lambda x, llm=llm: llm.greedy(x, args.tokens), ids, args.tokens)
+            llm.close()
             row = {"engine": "llama.cpp", "weights": outtype, "tokens_per_s": round(tps, 1),
                    "agreement": prefix_agreement(ref, out), "file_mb": round(g["bytes"] / 2**20, 2)}
             if outtype == "f16":
@@ -99,7 +105,7 @@ def main() -> None:
             rows.append(row)
 
     print(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, context {ctx}), "
-          f"{args.threads} threads, {len(ids)} prompts x {args.tokens} greedy tokens")
+          f"{args.threads} threads, {len(ids)} prompts x {args.tokens} greedy tokens, {llama_cpp_version()}")
     print(f"{'engine':13s} {'weights':13s} {'tokens/s':>9s} {'agreement':>10s} {'file MB':>8s}")
     for r in rows:
         print(f"{r['engine']:13s} {r['weights']:13s} {r['tokens_per_s']:9.1f} {r['agreement']:10.3f} "

@@ -491,3 +491,31 @@ def test_helpers_and_config_errors(tmp_path):
     assert serve.cli_main([str(recipe), "--recipe", str(tmp_path / "other.yaml")]) == 2
     assert serve.cli_main(["--dtype", "float64"]) == 2
     assert serve.cli_main(["--model", str(tmp_path / "nope/x")]) == 2
+
+
+def test_a_chat_request_is_routed_only_to_models_with_a_chat_template(exports, tmp_path):
+    """A base model's export has no chat template: `auto` sends chat requests to a model that has one, and
+    completions still go to the base model's domain."""
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    base = tmp_path / "gen-base"
+    shutil.copytree(exports["gen"], base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_path = base / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(tok_cfg))
+    app = create_app(Config(models=[str(exports["spec"]), str(base)], max_tokens=2, router={"threshold": 0.0}),
+                     log=lambda msg: None)
+    with TestClient(app) as c:
+        general = exports["gen_test"][1][:60]
+        r = c.post("/v1/completions", json={"model": "auto", "prompt": general}).json()
+        assert r["model"] == "gen" and "chat_models_only" not in r["slmforge"]  # named by its slmforge.json
+        r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": general}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "spec" and r.json()["slmforge"]["chat_models_only"] is True
+        r = c.post("/v1/chat/completions", json={"model": "gen", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]

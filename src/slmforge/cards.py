@@ -1,6 +1,6 @@
 """What a person or a hub reads about an exported model: the Hugging Face model card (README.md with the
-Hub's YAML front matter and `model-index`), the flat scores of slmforge.json, and the Ollama Modelfile
-that sits beside a GGUF."""
+Hub's YAML front matter and `model-index`), the lm-eval commands that reproduce its scores, the flat
+scores of slmforge.json, and the Ollama Modelfile that sits beside a GGUF."""
 
 from __future__ import annotations
 
@@ -41,6 +41,27 @@ def model_index(name: str, results: dict, model: str, domain: str) -> list[dict]
                     "metrics": [{"type": "bpb", "value": sc["bpb"], "name": "bits per byte"},
                                 {"type": "perplexity", "value": sc["ppl"], "name": "perplexity"}]})
     return [{"name": name, "results": res}] if res else []
+
+
+def eval_commands(task_types: dict[str, str], cfg: dict, chat: bool) -> dict:
+    """How evaluate ran the benchmarks, as lm-eval commands to run from the export folder (its `eval/`
+    holds the tasks). `task_types` is {task: lm-eval output_type}, `cfg` evaluate's resolved config.
+    What evaluate does: lm-eval's HF model on the CPU (evaluate loads the weights on the CPU and hands
+    them over), weights in evaluate.dtype with log-probabilities in float32 (slmforge.lm.float_logits,
+    softmax_dtype here), the task YAMLs' own zero-shot prompts, all seeds 0, evaluate.batch_size,
+    evaluate.bench_limit items at most; a chat model's generation tasks through its chat template, its
+    choice tasks on raw text, like a base model's."""
+    dtype, batch, limit = cfg.get("dtype") or "float32", cfg.get("batch_size") or 8, cfg.get("bench_limit")
+    args = "pretrained=.,dtype=" + dtype + (",softmax_dtype=float32" if dtype != "float32" else "")
+    base = (f"lm-eval run --model hf --model_args {args} --device cpu --include_path eval --batch_size {batch} "
+            "--seed 0,0,0,0" + (f" --limit {limit}" if limit else ""))
+    choice = [t for t, kind in task_types.items() if kind != "generate_until"]
+    generation = [t for t, kind in task_types.items() if kind == "generate_until"]
+    parts = [(choice, False), (generation, True)] if chat else [(choice + generation, False)]
+    return {"include_path": "eval", "tasks": sorted(task_types), "chat_template": generation if chat else [],
+            "generation": generation, "limit": limit,
+            "commands": [f"{base} --tasks {' '.join(p)}" + (" --apply_chat_template" if c else "")
+                         for p, c in parts if p]}
 
 
 def model_card(doc: dict, results: dict, model: str, chain: list[TrainedModel], license: str | None = None) -> str:
@@ -88,21 +109,26 @@ def model_card(doc: dict, results: dict, model: str, chain: list[TrainedModel], 
                  f'tok = AutoTokenizer.from_pretrained("{name}")',
                  f'model = AutoModelForCausalLM.from_pretrained("{name}")']
     if doc["chat"]:
+        # the template writes BOS (slmforge.chat): apply_chat_template(tokenize=True) adds no second one
         run_lines += ['ids = tok.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True,',
                       '                              return_tensors="pt", return_dict=True)']
     else:
         run_lines += ['ids = tok("The ", return_tensors="pt")']
     run_lines += ["out = model.generate(**ids, max_new_tokens=64)",
                   'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
+    if doc["chat"]:
+        run_lines += [("The chat template (chat_template.jinja, also in tokenizer_config.json) is plain Jinja that "
+                      "MiniJinja-based servers and llama.cpp read, and it writes the BOS token itself: a server or "
+                      "script that renders it to text must tokenize that text without special tokens "
+                      "(add_special_tokens=False, as transformers' apply_chat_template, vLLM and llama.cpp do), "
+                      "or the prompt starts with two BOS tokens."), ""]
     if doc["gguf"]:
         run_lines += ["llama.cpp and Ollama:", "", "```sh",
                       f"llama-cli -m {doc['gguf']} -p \"...\" -n 64" + (" -cnv" if doc["chat"] else ""),
                       f"ollama create {name} -f Modelfile && ollama run {name}", "```", ""]
-        v = doc["gguf_verified"]
-        run_lines += [("The GGUF was checked with llama.cpp: greedy tokens equal transformers' on the same weights."
-                       if v else "The GGUF was not checked with llama.cpp (install llama-cpp-python to check it)."
-                       if v is None else "The GGUF's llama.cpp check did not pass; see slmforge.json."), ""]
+        run_lines += [_gguf_line(doc), ""]
     lines += run_lines
+    lines += _reproduce_lines(doc, results, model)
     lines += ["## Limitations", "",
               (f"A model this small ({doc['params'] / 1e6:.1f}M parameters, {doc['training_tokens']:,} training "
                f"tokens) knows the surface of its {domain} corpus, not the facts behind it: it produces "
@@ -137,6 +163,58 @@ def _score_lines(results: dict, model: str, doc: dict) -> list[str]:
         lines.append(f"| bits per byte · {source} | " + " | ".join(cells) + " |")
     if sel := results.get("selection", {}).get(model):
         lines += ["", f"Weights: the `{sel['chosen']}` checkpoint, chosen on the dev set by {sel['metric']}."]
+    return lines + [""]
+
+
+def _gguf_line(doc: dict) -> str:
+    """What the GGUF's llama.cpp check did, from slmforge.json's gguf_verified and gguf_check."""
+    v, c = doc["gguf_verified"], doc.get("gguf_check") or {}
+    if v is None:
+        return ("The GGUF was not checked with llama.cpp: export.verify was off or xllamacpp (llama.cpp's prebuilt "
+                "binding) was not installed when it was exported; `pip install xllamacpp` and export again to "
+                "check it.")
+    if not v:
+        return "The GGUF's llama.cpp check did not pass; see slmforge.json."
+    what = (f"its greedy tokens equal transformers' on the same weights ({c.get('tokens_per_prompt')} tokens per "
+            "prompt)" if c.get("exact") else f"{c.get('outtype')} weights differ from the HF ones by design: "
+            f"{c.get('agreement', 0):.0%} of transformers' greedy tokens agree")
+    return (f"The GGUF was checked with llama.cpp ({c.get('engine')}) when it was exported: {what}, its "
+            "tokenization equals the HF tokenizer's" + (", and llama.cpp renders and tokenizes the chat template "
+                                                       "to transformers' tokens" if doc["chat"] else "") + ".")
+
+
+def _reproduce_lines(doc: dict, results: dict, model: str) -> list[str]:
+    """## Reproducing the scores: the lm-eval commands (from slmforge.json's `eval`) and how each number is
+    scored; bits per byte, slmforge's own scorer, is described."""
+    ev = doc.get("eval")
+    if not ev:
+        return []
+    lines = ["## Reproducing the scores", "",
+             (f"The benchmark scores come from lm-evaluation-harness on the bench stage's test tasks, copied into "
+             f"`{ev['include_path']}/` (task YAML, JSONL data and `utils.py`). From this folder:"), "", "```sh"]
+    lines += ev["commands"] + ["```", ""]
+    lines += ["How each task is scored (zero-shot, the prompt of the task's YAML"
+              + (f", its first {ev['limit']} items" if ev.get("limit") else "") + "):", ""]
+    bench = results.get("benchmarks", {}).get(model, {})
+    choice = [t for t in ev["tasks"] if t not in ev["generation"]]
+    if choice:
+        lines.append(f"- {', '.join(f'`{t}`' for t in choice)} (choice): the log-likelihood of each option after the "
+                     "raw prompt (no chat template" + (", for this chat model too" if doc["chat"] else "") + "); acc "
+                     "picks the likeliest option, acc_norm the likeliest per character, acc_mutual_info the one whose "
+                     "likelihood the prompt raises most (log P(option | prompt) - log P(option)).")
+    for t in ev["tasks"]:
+        if t in choice:
+            continue
+        how = "through the chat template (`--apply_chat_template`)" if t in ev["chat_template"] else \
+            "on the raw prompt"
+        metrics = ", ".join(k for k, v in bench.get(t, {}).items() if k != "empty") or "see its YAML"
+        lines.append(f"- `{t}` ({SET_NAMES.get(set_of(t), set_of(t))}): a greedy answer {how}, up to the task's "
+                     f"stop sequence, scored by `eval/utils.py` against the reference ({metrics}).")
+    if results.get("scores", {}).get(model):
+        lines += [("- bits per byte: not an lm-eval task. slmforge's evaluate scores each source's test split "
+                  "(documents as BOS + tokens, in windows of the model's context up to 1024 tokens, BOS and EOS "
+                  "not scored): summed negative log-likelihood in bits over the text's UTF-8 bytes. The test "
+                  "split is not in this folder; `slmforge evaluate` in the run that made the model recomputes it.")]
     return lines + [""]
 
 

@@ -1,4 +1,21 @@
-"""Special tokens and the one ChatML chat template every tokenizer, trainer, exporter and server uses."""
+"""Special tokens, the one ChatML chat template every tokenizer, trainer, exporter and server uses, and
+the tokenizer_config.json that transformers 4 and 5 (and so vLLM, TGI) both load.
+
+BOS, one convention everywhere (tests/test_chat.py and the GGUF check hold it): the chat template writes
+`{{ bos_token }}` and the tokenizer's post-processor adds BOS to plain text, so a rendered chat is
+tokenized WITHOUT special tokens. That is what each path does: transformers' `apply_chat_template
+(tokenize=True)` (and so trl's SFT and DPO trainers, which train on exactly those ids), lm-eval's HF model
+(it adds no special tokens to a text that starts with BOS), vLLM's chat endpoint (add_special_tokens is
+false for chat), llama.cpp (it strips a leading BOS from the rendered template, then adds its own:
+tokenizer.ggml.add_bos_token in the GGUF) and `slmforge serve` (apply_chat_template(tokenize=False), then
+add_special_tokens=False). Plain text (a base model's prompt, lm-eval's choice tasks) gets BOS from the
+post-processor, and pretraining documents start with BOS (packing): every model sees exactly one BOS
+first, in training and at inference. The alternative, no BOS in the template, gives no BOS at all
+wherever the rendered chat is tokenized without special tokens (transformers, trl, vLLM) and one in
+llama.cpp: two token sequences for one conversation. Whoever renders the template to text and tokenizes
+it with special tokens (`tok(text)`, add_special_tokens=True) gets two BOS: tokenize it with
+add_special_tokens=False, as the model card says.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +71,33 @@ def strip_generation_marks(template: str) -> str:
     training (return_assistant_tokens_mask), and the Jinja engines of llama.cpp, llama-cpp-python and
     MiniJinja-based servers do not know the tag."""
     return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+
+
+def portable_tokenizer_config(cfg: dict, template: str | None, max_length: int | None) -> dict:
+    """tokenizer_config.json as transformers 4 and 5 both read it (so older vLLM and TGI builds too).
+
+    transformers 5 writes its extra special tokens as a list under `extra_special_tokens`, which 4.x reads
+    as a dict of named tokens (`.keys()` on a list: the load fails); the list goes under
+    `additional_special_tokens`, which 4.x reads as such and 5.x converts to `extra_special_tokens` on load
+    (tokenization_utils_base: "Convert deprecated additional_special_tokens"). The class is
+    PreTrainedTokenizerFast, which both load (5 maps it to TokenizersBackend). `template` is written
+    without {% generation %} marks (MiniJinja-based servers and llama.cpp reject the tag) and also into
+    the JSON, where 4.x readers and TGI look for it (chat_template.jinja beside it says the same);
+    None removes it. `max_length` is the model's context (None: the key is dropped, not 1e30)."""
+    out = {k: v for k, v in cfg.items() if k not in ("is_local", "local_files_only", "chat_template",
+                                                       "model_max_length")}
+    out["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = out.pop("extra_special_tokens", None)
+    if isinstance(extra, dict):  # named tokens: the same in 4.x and 5.x
+        out["extra_special_tokens"] = extra
+    elif extra:
+        have = [str(t) for t in out.get("additional_special_tokens") or []]
+        out["additional_special_tokens"] = have + [str(t) for t in extra if str(t) not in have]
+    if template:
+        out["chat_template"] = strip_generation_marks(template)
+    if max_length is not None:
+        out["model_max_length"] = int(max_length)
+    return out
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -4,8 +4,8 @@ file like transformers.
 GGUF is written with the `gguf` package's GGUFWriter, the way llama.cpp's convert_hf_to_gguf.py writes
 a Llama (architecture "llama", its tensor names from gguf's own HF-name map, q/k rows permuted for
 llama.cpp's RoPE layout, the byte-level BPE as tokenizer.ggml.model "gpt2" with pre-tokenizer
-"llama-bpe": our Split regex is Llama 3's). `verify_gguf` has llama.cpp (llama-cpp-python) load the file
-and greedy-decode a few prompts; its tokens must equal transformers' on the same weights (rounded to
+"llama-bpe": our Split regex is Llama 3's). `verify_gguf` has llama.cpp (xllamacpp's prebuilt wheel) load the
+file and greedy-decode a few prompts; its tokens must equal transformers' on the same weights (rounded to
 the GGUF's float type), and its tokenization must equal the HF tokenizer's.
 
 (This module is `slmforge.gguf`; `import gguf` in it is the PyPI package: imports are absolute.)
@@ -157,12 +157,82 @@ def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, description
 
 
 # ---- verification with llama.cpp -------------------------------------------------------------------
+# llama.cpp through xllamacpp (PyPI, MIT): a prebuilt CPU wheel of llama.cpp's own library and server code
+# (glibc 2.17+, no compiler, about 34 MB, installed with `make setup`). llama-cpp-python has no wheel on
+# PyPI (a 6-12 min source build) and llama-cpp-py-sync's wheels need glibc 2.38 (Debian 12 has 2.36).
+LLAMA_CPP_PACKAGE = "xllamacpp"
+
+
 def llama_cpp_available() -> bool:
     try:
-        import llama_cpp  # noqa: F401
+        import xllamacpp  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def llama_cpp_version() -> str:
+    """The binding's version; its last number is the llama.cpp build (b11549 for 2026.10.11549)."""
+    from importlib.metadata import version
+
+    return f"{LLAMA_CPP_PACKAGE} {version(LLAMA_CPP_PACKAGE)}"
+
+
+class LlamaCpp:
+    """One GGUF file in llama.cpp: greedy tokens, tokenization and chat-template rendering, each by
+    llama.cpp's own server code in this process (xllamacpp.Server). Its HTTP routes listen on a loopback
+    port behind a random API key for as long as the object lives; completions are called in process."""
+
+    def __init__(self, path: Path, context: int, threads: int | None = None):
+        import secrets
+
+        import xllamacpp
+
+        p = xllamacpp.CommonParams()
+        p.model.path = str(path)
+        p.n_ctx = context
+        p.n_parallel = 1
+        p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads or min(os.cpu_count() or 1, 4)
+        p.verbosity = -1  # llama.cpp's own log lines off
+        self._key = secrets.token_hex(16)
+        p.api_keys = [self._key]
+        self.server = xllamacpp.Server(p)
+
+    def _post(self, route: str, body: dict) -> dict:
+        import httpx
+
+        r = httpx.post(self.server.listening_address + route, json=body, timeout=120,
+                       headers={"Authorization": f"Bearer {self._key}"})
+        r.raise_for_status()
+        return r.json()
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's tokens for `text`: BOS as the GGUF's add_bos_token says, special tokens parsed."""
+        return self._post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """The prompt llama-server makes of `messages`: the GGUF's chat template rendered by llama.cpp's
+        Jinja engine (a leading BOS stripped), then tokenized with BOS and special tokens."""
+        return self.tokenize(self._post("/apply-template", {"messages": messages})["prompt"])
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        """n argmax tokens after `ids`. llama.cpp stops at an end-of-generation token (and ignore_eos works
+        by banning those tokens, which changes the argmax), so after a stop it is asked again with the stop
+        token appended, to compare n tokens as transformers' loop makes them."""
+        out: list[int] = []
+        while len(out) < n:
+            r = self.server.handle_completions({"prompt": ids + out, "n_predict": n - len(out), "temperature": 0,
+                                                "n_probs": 1, "cache_prompt": True})
+            if "error" in r:
+                raise RuntimeError(f"llama.cpp: {r['error']}")
+            got = [t["id"] for t in r["choices"][0]["logprobs"]["content"]]
+            if not got:
+                raise RuntimeError("llama.cpp returned no token")
+            out += got
+        return out[:n]
+
+    def close(self) -> None:
+        del self.server
 
 
 def reference_model(model_dir: Path, outtype: str):
@@ -200,26 +270,7 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list]:
     return out, logits
 
 
-def llama_logits(llm):
-    """The logits of the last evaluated token. (llama-cpp-python 0.3.x keeps `scores` only with logits_all=True;
-    llama_get_logits_ith is llama.cpp's own call for the last row.)"""
-    import llama_cpp
-    import numpy as np
-
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-
-
-def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
-    import numpy as np
-
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for i in range(n):
-        out.append(int(np.argmax(llama_logits(llm))))
-        if i + 1 < n:
-            llm.eval([out[-1]])
-    return out
+CHAT_CHECK = [{"role": "user", "content": "What does VACUUM do?"}]  # the chat turn both engines render
 
 
 def verify_prompts(tok, texts: list[str], chat: bool, k: int = 3) -> list[str]:
@@ -230,23 +281,22 @@ def verify_prompts(tok, texts: list[str], chat: bool, k: int = 3) -> list[str]:
         cut = t[:200]
         prompts.append(cut[: cut.rfind(" ")] if " " in cut[20:] else cut)
     if chat and tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": "What does VACUUM do?"}],
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(CHAT_CHECK, add_generation_prompt=True, tokenize=False)
         prompts.append(text.removeprefix(tok.bos_token or ""))  # the tokenizer adds BOS itself
     return prompts or ["The"]
 
 
 def verify_gguf(gguf_path: Path, model_dir: Path, outtype: str, prompts: list[str], context: int,
-                n_tokens: int = VERIFY_TOKENS, threads: int | None = None) -> dict:
-    """Greedy decoding with llama.cpp vs transformers on the same token ids, and tokenization of each prompt.
+                n_tokens: int = VERIFY_TOKENS, threads: int | None = None, chat: bool = False) -> dict:
+    """Greedy decoding with llama.cpp vs transformers on the same token ids, and tokenization of each prompt;
+    with `chat`, also the chat prompt llama.cpp renders from the GGUF's template against transformers'
+    apply_chat_template(tokenize=True) (one BOS in both: the convention in slmforge.chat).
 
     For f32/f16/bf16 the tokens must be equal (`passed`), except at a near tie: where the two first differ,
     if transformers' logits for the two tokens are within `tie_tolerance`, the rest of the sequence cannot
     be compared and the prompt counts as matching up to there (float rounding decides a tie, not a bug).
     For q8_0 the weights differ by design, so the agreement (matching prefix / tokens) is reported.
     """
-    from llama_cpp import Llama
-
     model, tok = reference_model(model_dir, outtype)
     # Logit gaps this small flip with accumulation order (llama.cpp's f16/bf16 matmuls also round the
     # activations). Measured on the demo's dpo model, 21 prompts x 16 tokens: f32 and f16 equal everywhere,
@@ -258,13 +308,16 @@ def verify_gguf(gguf_path: Path, model_dir: Path, outtype: str, prompts: list[st
     ids = [tok(p)["input_ids"] for p in prompts]
     ref = [hf_greedy(model, x[: max(1, context - n_tokens)], n_tokens) for x in ids]
     del model
-    llm = Llama(model_path=str(gguf_path), n_ctx=context, logits_all=False, verbose=False,
-                n_threads=threads or min(os.cpu_count() or 1, 4), seed=0)
+    hf_chat = None
+    if chat and tok.chat_template:
+        hf_chat = list(tok.apply_chat_template(CHAT_CHECK, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"])
+    llm = LlamaCpp(gguf_path, context, threads)
     rows = []
     for prompt, full, (want, logits) in zip(prompts, ids, ref):
         hf_ids = full[: max(1, context - n_tokens)]
-        ll_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-        got = llama_greedy(llm, hf_ids, n_tokens)
+        ll_ids = llm.tokenize(prompt)
+        got = llm.greedy(hf_ids, n_tokens)
         prefix = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), n_tokens)
         row = {"prompt": prompt[:120], "prompt_tokens": len(hf_ids), "tokenization_equal": ll_ids == full,
                "transformers": want, "llama_cpp": got, "matching_prefix": prefix}
@@ -273,19 +326,30 @@ def verify_gguf(gguf_path: Path, model_dir: Path, outtype: str, prompts: list[st
             row["first_difference"] = {"position": prefix, "logit_gap": round(gap, 6)}
             row["near_tie"] = tie_tolerance is not None and gap <= tie_tolerance
         rows.append(row)
-    del llm
+    chat_row = None
+    if hf_chat is not None:
+        ll_chat = llm.chat_tokens(CHAT_CHECK)
+        chat_row = {"messages": CHAT_CHECK, "transformers": hf_chat, "llama_cpp": ll_chat, "equal": ll_chat == hf_chat}
+    llm.close()
     agreement = sum(r["matching_prefix"] for r in rows) / (n_tokens * len(rows))
     tokens_ok = all(r["tokenization_equal"] for r in rows)
+    chat_ok = chat_row is None or chat_row["equal"]
     exact = tie_tolerance is not None
-    passed = tokens_ok and (all(r["matching_prefix"] == n_tokens or r.get("near_tie") for r in rows) if exact
-                            else True)
+    passed = tokens_ok and chat_ok and (all(r["matching_prefix"] == n_tokens or r.get("near_tie") for r in rows)
+                                        if exact else True)
     return {"outtype": outtype, "passed": passed, "exact": exact, "agreement": round(agreement, 4),
-            "tokenization_equal": tokens_ok, "tokens_per_prompt": n_tokens, "tie_tolerance": tie_tolerance,
-            "seconds": round(time.time() - started, 2), "prompts": rows}
+            "tokenization_equal": tokens_ok, "chat_template_equal": chat_row["equal"] if chat_row else None,
+            "tokens_per_prompt": n_tokens, "tie_tolerance": tie_tolerance, "engine": llama_cpp_version(),
+            "seconds": round(time.time() - started, 2), "prompts": rows, "chat": chat_row}
 
 
 def verification_error(path: Path, v: dict) -> str:
     """The UserError message for a failed `verify_gguf` report: the first prompt that failed, and why."""
+    if v.get("chat") and not v["chat"]["equal"]:
+        c = v["chat"]
+        return (f"{path}: llama.cpp renders and tokenizes the chat template to {c['llama_cpp']}, transformers to "
+                f"{c['transformers']} (a BOS more or less, or a template llama.cpp's Jinja reads differently); "
+                "please report it, or set export.verify: false to keep the file unchecked")
     for r in v["prompts"]:
         if not r["tokenization_equal"]:
             return (f"{path}: llama.cpp tokenizes the prompt {r['prompt'][:60]!r} differently from the HF "

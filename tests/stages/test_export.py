@@ -18,7 +18,7 @@ def exported(posttrained, tmp_path_factory):
 
     _, workdir = posttrained
     work = tmp_path_factory.mktemp("export") / "w"
-    shutil.copytree(workdir, work)
+    shutil.copytree(workdir, work, symlinks=True)
     store = ArtifactStore(work)
     cfg = export.Config.model_validate({"models": ["specialist", "dpo"], "gguf": "f16", "router_docs": 5},
                                        context={"recipe_name": "t"})
@@ -47,7 +47,60 @@ def test_the_hf_folder_loads_with_transformers_and_generates_like_the_source(exp
         assert _greedy(model, tok(prompt, return_tensors="pt")) == _greedy(source, stok(prompt, return_tensors="pt"))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
         stok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_the_tokenizer_files_are_what_transformers_4_and_minijinja_servers_read(exported):
+    """tokenizer_config.json against what transformers 4.x requires (4.57 loads these files: README), the
+    plain template rendered by MiniJinja (TGI's engine) to one BOS the way slmforge.chat says; a base
+    model gets no template."""
+    from minijinja import Environment
+    from transformers import AutoTokenizer
+
+    _, art, _ = exported
+    folder = art.path / "t-dpo"
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in cfg  # 4.x: a dict
+    assert cfg["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    assert type(cfg["model_max_length"]) is int and cfg["model_max_length"] == 64  # the model's context
+    assert not {"is_local", "local_files_only"} & set(cfg)
+    template = (folder / "chat_template.jinja").read_text()
+    assert cfg["chat_template"] == template and "generation %}" not in template and "[label] " in template
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    chat = [{"role": "user", "content": "What does VACUUM do?"}]
+    text = Environment().render_str(template, messages=chat, bos_token=cfg["bos_token"], add_generation_prompt=True)
+    assert text == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.bos_token_id) == 1 and ids == list(tok.apply_chat_template(
+        chat, add_generation_prompt=True, return_dict=True)["input_ids"])
+    base = json.loads((art.path / "t-specialist" / "tokenizer_config.json").read_text())
+    assert "chat_template" not in base and not (art.path / "t-specialist" / "chat_template.jinja").exists()
+    assert base["model_max_length"] == 64
+
+
+def test_the_card_gives_lm_eval_commands_that_load_from_the_folder(exported, monkeypatch):
+    """The card's commands name the bench's test tasks and `eval/` holds them, their data named relative
+    to the folder: lm-eval's TaskManager loads each from there with every item."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    store, art, _ = exported
+    bench = store.resolve("bench:latest").manifest["metrics"]
+    for name, chat in (("t-dpo", True), ("t-specialist", False)):
+        folder = art.path / name
+        ev = json.loads((folder / "slmforge.json").read_text())["eval"]
+        card = (folder / "README.md").read_text()
+        assert ev["include_path"] == "eval" and sorted(ev["tasks"]) == sorted(bench["tasks"])
+        named = set()
+        for cmd in ev["commands"]:
+            assert cmd in card and cmd.startswith("lm-eval run --model hf --model_args pretrained=.,dtype=")
+            assert "--include_path eval " in cmd and "--device cpu" in cmd and "--seed 0,0,0,0" in cmd
+            named |= set(cmd.split("--tasks ")[1].split(" --")[0].split())
+        assert named == set(bench["tasks"])
+        assert ("--apply_chat_template" in card) is chat and bool(ev["chat_template"]) is chat
+        assert ("through the chat template" in card) is chat and "## Reproducing the scores" in card
+        monkeypatch.chdir(folder)
+        tasks = get_task_dict(list(ev["tasks"]), TaskManager(include_path=ev["include_path"], include_defaults=False))
+        assert {t: len(list(tasks[t].test_docs())) for t in tasks} == \
+            {t: bench["sizes"][t.removeprefix("slmforge_")] for t in bench["tasks"]}
 
 
 def test_the_card_has_front_matter_and_scores_the_hub_reads(exported):
@@ -86,7 +139,8 @@ def test_slmforge_json_describes_the_export(exported):
         assert doc["scores"]["mcq/acc"] == results["benchmarks"][model]["slmforge_mcq"]["acc"]
         assert doc["scores"]["bpb/general"] == results["scores"][model]["general"]["bpb"]
         assert doc["gguf"] == f"{name}.f16.gguf" and (art.path / name / doc["gguf"]).is_file()
-        assert doc["gguf_verified"] is (True if llama_cpp_available() else None)
+        assert llama_cpp_available() and doc["gguf_verified"] is True  # xllamacpp comes with make setup
+        assert doc["gguf_check"]["engine"].startswith("xllamacpp ") and doc["gguf_check"]["exact"]
         assert doc["router"] == {"train": "domain/train.jsonl", "test": "domain/test.jsonl"}
         assert doc["lineage"]["model"] == model and doc["lineage"]["recipe"] == "t"
         assert set(doc["lineage"]["stages"]) >= {"ingest", "curate", "tokenizer", "pretrain", "evaluate"}
@@ -201,8 +255,8 @@ def test_a_recorded_base_reads_as_stage_key_and_model(tmp_path):
 
 
 def test_llama_cpp_decodes_the_gguf_like_transformers(exported, tmp_path):
-    """Opt-in (needs llama-cpp-python): f32 and f16 files give transformers' greedy tokens; q8_0 is reported."""
-    pytest.importorskip("llama_cpp")
+    """llama.cpp (xllamacpp): f32 and f16 files give transformers' greedy tokens and llama.cpp renders the
+    chat template to transformers' tokens (one BOS); q8_0 is reported."""
     from transformers import AutoTokenizer
 
     from slmforge.gguf import verify_gguf, verify_prompts, write_gguf
@@ -217,8 +271,9 @@ def test_llama_cpp_decodes_the_gguf_like_transformers(exported, tmp_path):
     report = {}
     for outtype in ("f32", "f16", "q8_0"):
         path = write_gguf(folder, tmp_path / f"m.{outtype}.gguf", outtype, "t")
-        v = verify_gguf(tmp_path / path["file"], folder, outtype, prompts, context=64)
-        assert v["tokenization_equal"], v
+        v = verify_gguf(tmp_path / path["file"], folder, outtype, prompts, context=64, chat=True)
+        assert v["tokenization_equal"] and v["chat_template_equal"], v
+        assert v["chat"]["llama_cpp"].count(tok.bos_token_id) == 1, v["chat"]
         if outtype != "q8_0":
             assert v["passed"] and v["exact"], v
             assert all(r["matching_prefix"] == 16 for r in v["prompts"]), v  # no near ties on these prompts
@@ -231,7 +286,7 @@ def test_slmforge_export_from_a_recipe(posttrained, tmp_path):
     from tests.conftest import slmforge
 
     recipe_path, workdir = posttrained
-    shutil.copytree(workdir, tmp_path / "w")
+    shutil.copytree(workdir, tmp_path / "w", symlinks=True)
     recipe = yaml.safe_load(recipe_path.read_text())
     recipe["workdir"] = str(tmp_path / "w")
     recipe["export"] = {"models": ["sft"], "gguf": "q8_0", "verify": False, "router_docs": 3,
@@ -240,7 +295,7 @@ def test_slmforge_export_from_a_recipe(posttrained, tmp_path):
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     r = slmforge("export", "--recipe", str(path))
     assert r.returncode == 0, r.stderr[-2000:]
-    folder = tmp_path / "w" / "export" / (tmp_path / "w" / "export" / "latest").read_text().strip() / "t-sft"
+    folder = tmp_path / "w" / "export" / "latest" / "t-sft"
     doc = json.loads((folder / "slmforge.json").read_text())
     assert doc["gguf"] == "t-sft.q8_0.gguf" and doc["gguf_verified"] is None and doc["lineage"]["recipe"] == "t"
     assert (folder / "t-sft.q8_0.gguf").stat().st_size < 0.5 * (folder / "model.safetensors").stat().st_size

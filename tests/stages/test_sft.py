@@ -106,7 +106,7 @@ def test_sft_resumes_after_sigkill(posttrained, tmp_path):
     import shutil
 
     recipe, work = posttrained  # its data stages and pretrained models, copied; sft itself runs anew
-    shutil.copytree(work, tmp_path / "w", ignore=lambda d, names: [n for n in names if n in ("sft", "dpo", "evaluate",
+    shutil.copytree(work, tmp_path / "w", symlinks=True, ignore=lambda d, names: [n for n in names if n in ("sft", "dpo", "evaluate",
                                                                                               "report", "export")])
     sets = [f"workdir={tmp_path / 'w'}", "sft.distill=false", "sft.epochs=6", "sft.save_steps=2"]
     args = [sys.executable, "-m", "slmforge.cli", "sft", "--recipe", str(recipe), *(x for s in sets for x in ("--set", s))]

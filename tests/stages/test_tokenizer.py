@@ -35,18 +35,26 @@ def test_loads_offline_with_autotokenizer_and_round_trips(tok_art):
         assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
 
 
-def test_chat_template_marks_assistant_tokens(tok_art):
+def test_chat_template_is_plain_chatml_and_sft_marks_assistant_tokens(tok_art):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tok_art.path / "tokenizer"), local_files_only=True)
+    from slmforge.chat import training_template
+
+    folder = tok_art.path / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == tok.chat_template and "generation %}" not in tok.chat_template  # servers read it
+    assert cfg["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"] and "extra_special_tokens" not in cfg
     chat = [{"role": "user", "content": "How do I list tables?"}, {"role": "assistant", "content": "Use \\dt."}]
     text = tok.apply_chat_template(chat, tokenize=False)
     assert text == "<s><|im_start|>user\nHow do I list tables?<|im_end|>\n<|im_start|>assistant\nUse \\dt.<|im_end|>\n"
     prompt = tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
+    tok.chat_template = training_template(tok)  # what sft trains with
     out = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     masked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert tok.decode(masked) == "Use \\dt.<|im_end|>"
+    assert out["input_ids"].count(tok.bos_token_id) == 1
 
 
 def test_domain_tokenizer_compresses_domain_text_better(tok_art):

@@ -238,7 +238,7 @@ async def handle(request: Request, schema, chat: bool):
         ext = {"routed": False, "fallback": False}
         name = req.model
         if name == "auto":
-            name, ext = srv.route(prompt_text(req))
+            name, ext = srv.route(prompt_text(req), chat=chat)
             if name is None:
                 return None, ext, None, None
         m = srv.model_for(name)

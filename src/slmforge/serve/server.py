@@ -148,15 +148,20 @@ class Server:
             return f"{self.fallback_remote.model} at {self.fallback_remote.base_url}"
         return self.fallback_local
 
-    def route(self, prompt: str) -> tuple[str | None, dict]:
-        """(local model name or None for the remote fallback, the `slmforge` extension record)."""
+    def route(self, prompt: str, chat: bool = False) -> tuple[str | None, dict]:
+        """(local model name or None for the remote fallback, the `slmforge` extension record). A chat
+        request goes only to models with a chat template (a base model's export has none): among them the
+        most likely domain, whose probability must still pass the threshold."""
         if self.router is None:
             name = next(iter(self.by_domain.values()), None) or self.fallback_local
             return name, {"routed": True, "confidence": 1.0, "candidates": {}, "fallback": False}
         scores = self.router.scores(prompt)
-        top = max(scores, key=scores.get)
+        usable = {d: p for d, p in scores.items() if not chat or self.models[self.by_domain[d]].chat} or scores
+        top = max(usable, key=usable.get)
         ext = {"routed": True, "router": self.router.kind, "confidence": round(scores[top], 4),
                "candidates": {self.by_domain[d]: round(p, 4) for d, p in scores.items()}, "fallback": False}
+        if len(usable) < len(scores):
+            ext["chat_models_only"] = True
         if scores[top] < self.cfg.router.threshold and (self.fallback_remote or self.fallback_local):
             ext["fallback"] = True
             return (self.fallback_local if self.fallback_local else None), ext

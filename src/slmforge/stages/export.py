@@ -6,6 +6,12 @@ llama.cpp and Ollama with a Modelfile beside it, samples of the model's domain f
 The weights exported are the ones evaluate scored: when evaluate picked a snapshot (evaluate.select),
 that snapshot; so the card's scores describe the exported weights.
 
+The tokenizer files load in transformers 4 and 5 (slmforge.chat.portable_tokenizer_config): a chat model
+carries its plain inference template (no {% generation %} marks) in chat_template.jinja and in
+tokenizer_config.json, a base model none; model_max_length is the model's context. `eval/` holds the
+bench stage's test tasks (YAML, JSONL, utils.py) with paths relative to the folder, so the lm-eval
+commands on the card reproduce its scores from there.
+
 The GGUF writer and its llama.cpp check live in slmforge.gguf; the model card and the Modelfile in
 slmforge.cards; the lineage (the models a model was trained from) is read by slmforge.records.
 """
@@ -26,11 +32,13 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
-from slmforge.cards import flat_scores, model_card, modelfile
+from slmforge.cards import eval_commands, flat_scores, model_card, modelfile
+from slmforge.chat import portable_tokenizer_config, strip_generation_marks
 from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.gguf import (
+    LLAMA_CPP_PACKAGE,
     VERIFY_TOKENS,
     llama_cpp_available,
     verification_error,
@@ -38,7 +46,7 @@ from slmforge.gguf import (
     verify_prompts,
     write_gguf,
 )
-from slmforge.records import Curated, Models, made_from, model_lineage
+from slmforge.records import Benchmarks, Curated, Models, made_from, model_lineage
 
 NAME = "export"
 INPUTS = ("curate", "evaluate")
@@ -64,8 +72,8 @@ class Config(StageConfig):
     license: str | None = Field(None, description="license id for the model card (e.g. apache-2.0); omitted if unset")
     gguf: Literal["f32", "f16", "bf16", "q8_0", "none"] = Field(
         "f16", description="GGUF weight type for llama.cpp / Ollama (q8_0: 8-bit), or none")
-    verify: bool = Field(True, description="check the GGUF with llama.cpp; without llama-cpp-python installed the "
-                                           "check is skipped and gguf_verified is null")
+    verify: bool = Field(True, description=f"check the GGUF with llama.cpp ({LLAMA_CPP_PACKAGE}, installed by make "
+                                           "setup); without it the check is skipped and gguf_verified is null")
     router_docs: int = Field(200, ge=0, description="documents per split in domain/train.jsonl and domain/test.jsonl")
     catalog: RecipePath | None = Field(None, description="a catalog file to add the exports to (replacing entries of the "
                                                   "same name), e.g. ../runs/catalog.db; none: do not add them")
@@ -165,24 +173,59 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 
-def _hf_folder(src: Path, dst: Path) -> None:
-    """The HF files of `src`, unchanged except: tokenizer_config.json names PreTrainedTokenizerFast (which
-    transformers 4 and 5 both load) without the local-loading flags, and config.json turns the KV cache on."""
+def _hf_folder(src: Path, dst: Path, chat: bool, context: int) -> None:
+    """The HF files of `src`, unchanged except: tokenizer_config.json as transformers 4 and 5 both read it,
+    with the model's context as model_max_length and, for a chat model, the inference template (also in
+    chat_template.jinja; a base model gets none, so no server offers it a chat route); config.json turns
+    the KV cache on."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in HF_FILES:
-        if (src / f).is_file():
+        if f != "chat_template.jinja" and (src / f).is_file():
             shutil.copy2(src / f, dst / f)
     missing = [f for f in HF_FILES[:5] if not (dst / f).is_file()]
     if missing:
         raise UserError(f"{src}: missing {', '.join(missing)}; re-run the stage that made this model")
     tc = json.loads((dst / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
-    for k in ("is_local", "local_files_only"):
-        tc.pop(k, None)
-    write_json_atomic(dst / "tokenizer_config.json", tc)
+    own = (src / "chat_template.jinja").read_text(encoding="utf-8") if (src / "chat_template.jinja").is_file() \
+        else tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
+    template = strip_generation_marks(own) if chat and own else None
+    if template:
+        (dst / "chat_template.jinja").write_text(template, encoding="utf-8")
+    write_json_atomic(dst / "tokenizer_config.json", portable_tokenizer_config(tc, template, context))
     c = json.loads((dst / "config.json").read_text(encoding="utf-8"))
     c["use_cache"] = True
     write_json_atomic(dst / "config.json", c)
+
+
+def _eval_folder(bench: Benchmarks, dst: Path) -> dict[str, str]:
+    """The bench stage's test tasks in dst/eval/: each YAML with its data file named relative to `dst`
+    (lm-eval reads it from the working directory: the card says to run from the folder), the JSONL, and
+    utils.py (the generation tasks' metrics). Returns {task: its lm-eval output_type}."""
+    ev = dst / "eval"
+    ev.mkdir(exist_ok=True)
+    shutil.copy2(bench.task_dir / "utils.py", ev / "utils.py")
+    types = {}
+    for set_name, task in bench.tasks.items():
+        data = json.dumps(f"eval/{set_name}.jsonl")
+        text, n = re.subn(r"(?m)^(    test: ).*$", lambda m, data=data: m.group(1) + data,
+                          (bench.task_dir / f"{task}.yaml").read_text(encoding="utf-8"))
+        if n != 1:
+            raise UserError(f"{bench.task_dir / f'{task}.yaml'}: no `data_files: test:` line; re-run `slmforge bench`")
+        (ev / f"{task}.yaml").write_text(text, encoding="utf-8")
+        shutil.copy2(bench.task_dir / f"{set_name}.jsonl", ev / f"{set_name}.jsonl")
+        kind = re.search(r"(?m)^output_type: (\w+)", text)
+        types[task] = kind.group(1) if kind else "multiple_choice"
+    return types
+
+
+def _bench_of(store: ArtifactStore, evaluate: Artifact) -> Benchmarks | None:
+    """The bench run evaluate scored with (its manifest's input), or None when it is gone."""
+    key = (evaluate.manifest.get("inputs") or {}).get("bench")
+    try:
+        return Benchmarks.of(store.resolve(f"bench:{key}")) if key else None
+    except UserError:
+        info(f"  export · the bench run bench:{key} that evaluate used is gone: no eval/ tasks in the exports")
+        return None
 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactStore) -> dict:
@@ -193,10 +236,11 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
     want_verify = cfg.verify and cfg.gguf != "none"
     can_verify = want_verify and llama_cpp_available()
     if want_verify and not can_verify:
-        info("  export · llama-cpp-python is not installed, so the GGUF files are not checked (gguf_verified: "
-             "null). To check them: `make llama` (pip install llama-cpp-python; it builds llama.cpp from source, "
-             "6-12 min on 2 cores), then "
-             "`slmforge export --recipe RECIPE --force`")
+        info(f"  export · {LLAMA_CPP_PACKAGE} (llama.cpp) is not installed, so the GGUF files are not checked "
+             f"(gguf_verified: null). To check them: `pip install {LLAMA_CPP_PACKAGE}` (a prebuilt wheel; `make "
+             "setup` installs it), then `slmforge export --recipe RECIPE --force`")
+    bench = _bench_of(store, evaluate)
+    eval_cfg = evaluate.manifest.get("config") or {}
     exports = {}
     for model in cfg.models:
         stage = MODELS[model]
@@ -219,12 +263,15 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
         sources = curated.general if model == "generalist" else curated.domain
         dst = out / name
         info(f"  export · {model} → {name} (from {src})")
-        _hf_folder(src, dst)
-        hf_cfg = json.loads((dst / "config.json").read_text(encoding="utf-8"))
-        context = hf_cfg["max_position_embeddings"]
-        chain = model_lineage(store, stage, art.key, model)
         meta = made.models[model]
         chat = bool(meta.get("chat"))
+        context = json.loads((src / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
+        _hf_folder(src, dst, chat, context)
+        hf_cfg = json.loads((dst / "config.json").read_text(encoding="utf-8"))
+        chain = model_lineage(store, stage, art.key, model)
+        evaluation = None
+        if scored and bench:
+            evaluation = eval_commands(_eval_folder(bench, dst), eval_cfg, chat)
 
         (dst / "domain").mkdir(exist_ok=True)
         router = None
@@ -251,7 +298,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
                                           curated.documents("test", s, columns=["text"])), 3))
                 info(f"  export · {name}: llama.cpp vs transformers, greedy, {VERIFY_TOKENS} tokens per prompt")
                 verification = verify_gguf(dst / gguf_file, dst, cfg.gguf, verify_prompts(tok, test_texts, chat),
-                                           context)
+                                           context, chat=chat)
                 verified = verification["passed"]
                 info(f"  export · {name}: {'[green]verified[/]' if verified else '[red]NOT verified[/]'} "
                      f"(agreement {verification['agreement']:.0%}, tokenization "
@@ -278,7 +325,11 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactS
                         "stages": made_from(store, lineage_start)},
             "scores": flat_scores(res, model),
             "training_tokens": sum(c.tokens for c in chain),
-            "gguf": gguf_file, "gguf_verified": verified, "router": router,
+            "gguf": gguf_file, "gguf_verified": verified,
+            "gguf_check": {k: verification["verification"][k] for k in ("engine", "outtype", "exact", "agreement",
+                                                                        "tokens_per_prompt")}
+            if verification and verification["verification"] else None,
+            "router": router, "eval": evaluation,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (dst / "README.md").write_text(model_card({**doc, "shape": shape}, res, model, chain, cfg.license),

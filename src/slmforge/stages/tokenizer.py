@@ -18,7 +18,17 @@ from pathlib import Path
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
-from slmforge.chat import BOS, EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, chat_template
+from slmforge.chat import (
+    BOS,
+    EOS,
+    IM_END,
+    IM_START,
+    PAD,
+    SPECIAL_TOKENS,
+    chat_template,
+    portable_tokenizer_config,
+    strip_generation_marks,
+)
 from slmforge.config import StageConfig
 from slmforge.console import console, info
 from slmforge.errors import UserError
@@ -33,7 +43,8 @@ SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-CHAT_TEMPLATE = chat_template()
+# The plain inference template: SFT builds the one with {% generation %} marks (chat.training_template)
+CHAT_TEMPLATE = strip_generation_marks(chat_template())
 
 
 class Config(StageConfig):
@@ -94,12 +105,12 @@ def save_hf(tok, out: Path) -> None:
     )
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(out))
-    # transformers 5 writes its own class name, which transformers 4 (and so older vLLM) cannot load;
-    # PreTrainedTokenizerFast loads the same files in both (transformers 5 maps it to TokenizersBackend).
+    # transformers 5 writes a config transformers 4 (and so older vLLM, TGI) cannot load: rewritten so
+    # that both do (chat.portable_tokenizer_config). No model_max_length: the context is the model's,
+    # which export writes.
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    write_json_atomic(cfg_path, cfg)
+    write_json_atomic(cfg_path, portable_tokenizer_config(cfg, CHAT_TEMPLATE, None))
 
 
 def measure(tok, texts: list[str]) -> dict:
