@@ -108,3 +108,10 @@ def test_stage_output_keeps_our_lines_on_a_stand_in_stderr(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "sft · ours" in err and "library noise" not in out + err
     assert "library noise" in (tmp_path / "x.log").read_text()
+
+
+def test_slow_items_show_seconds_per_item(monkeypatch):
+    bar = console.Bar("evaluate", 6, "models")
+    monkeypatch.setattr(console.time, "time", lambda: bar._t0 + 50.0)
+    bar.completed = 2
+    assert "25.0 s/model" in bar.line() and "models/s" not in bar.line()

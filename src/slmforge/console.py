@@ -115,8 +115,10 @@ class Bar:
             parts.append(f"{self.rate[0]:,.0f} {self.rate[1]}")
         elif elapsed > 0 and done > 0:
             r = done / elapsed
+            unit = self.unit or "items"
             parts.append(f"{r / 1e6:,.2f} MB/s" if self.unit == "bytes" else
-                         f"{r:,.{1 if r < 10 else 0}f} {self.unit or 'items'}/s")
+                         f"{1 / r:,.1f} s/{unit.removesuffix('s')}" if r < 1 else  # slow items: time per item
+                         f"{r:,.{1 if r < 10 else 0}f} {unit}/s")
         eta = (self.total - self.completed) * elapsed / done if self.total and done > 0 else None
         parts.append(f"{clock(elapsed)} elapsed" + (f", ETA {clock(eta)}" if eta is not None else ""))
         parts += [v for v in self.fields.values() if v]
