@@ -3,8 +3,9 @@ file like transformers.
 
 GGUF is written with the `gguf` package's GGUFWriter, the way llama.cpp's convert_hf_to_gguf.py writes
 a Llama (architecture "llama", its tensor names from gguf's own HF-name map, q/k rows permuted for
-llama.cpp's RoPE layout, the byte-level BPE as tokenizer.ggml.model "gpt2" with pre-tokenizer
-"llama-bpe": our Split regex is Llama 3's). `verify_gguf` has llama.cpp (xllamacpp's prebuilt wheel) load the
+llama.cpp's RoPE layout, the byte-level BPE as tokenizer.ggml.model "gpt2" with the pre-tokenizer
+llama.cpp runs the same way as tokenizer.json's: "llama-bpe" for our own tokenizers (their Split regex is
+Llama 3's), "gpt-2" for GPT-2's ByteLevel regex, SmolLM2's as transformers reads it from its GGUF). `verify_gguf` has llama.cpp (xllamacpp's prebuilt wheel) load the
 file and greedy-decode a few prompts; its tokens must equal transformers' on the same weights (rounded to
 the GGUF's float type), and its tokenization must equal the HF tokenizer's.
 
@@ -33,6 +34,30 @@ def _permute(w, n_head: int):
     """HF stores q/k rows as [all first halves | all second halves] per head (rotate_half RoPE); llama.cpp
     rotates adjacent pairs. Same permutation as convert_hf_to_gguf.py's LlamaModel.permute."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# Llama 3's pre-tokenizer regex: llama.cpp's "llama-bpe" (LLAMA_VOCAB_PRE_TYPE_LLAMA3) runs exactly this
+LLAMA_BPE_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def pre_tokenizer(tj: dict, where: Path) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre) for the pre-tokenizer of tokenizer.json `tj`, or a UserError:
+    a GGUF with the wrong one tokenizes differently from transformers (SmolLM2's "gpt-2" regex and
+    "llama-bpe" split "pg_foreign_table\n\nThe" differently)."""
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return "gpt-2"
+    if (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True)
+            and (steps[0].get("pattern") or {}).get("Regex") == LLAMA_BPE_SPLIT
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")):
+        return "llama-bpe"
+    raise UserError(f"{where}: GGUF export knows the pre-tokenizers of Llama 3 (our own tokenizers) and GPT-2 "
+                    f"(SmolLM2), not {json.dumps(pre)[:200]}; set export.gguf: none to export without GGUF")
 
 
 def _tokens(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int]]:
@@ -101,7 +126,8 @@ def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, description
 
     tokens, types = _tokens(model_dir, cfg["vocab_size"])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
+    w.add_tokenizer_pre(pre_tokenizer(json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")),
+                                      model_dir / "tokenizer.json"))
     w.add_token_list(tokens)
     w.add_token_types(types)
     # gguf's SpecialVocab reads the merges, bos/eos/pad ids and add_bos (from the post-processor); it logs a

@@ -281,6 +281,38 @@ def test_llama_cpp_decodes_the_gguf_like_transformers(exported, tmp_path):
     print("llama.cpp greedy agreement with transformers:", report)
 
 
+def test_the_gguf_pre_tokenizer_is_the_tokenizer_jsons(exported, tmp_path):
+    """A GPT-2 ByteLevel pre-tokenizer (SmolLM2's, as transformers reads its GGUF) is written as llama.cpp's
+    "gpt-2": llama.cpp then splits like transformers where "llama-bpe" would not ("_foreign", "\\n\\nThe");
+    an unknown pre-tokenizer is refused instead of written wrong."""
+    from tokenizers import Tokenizer
+
+    from slmforge.errors import UserError
+    from slmforge.gguf import LlamaCpp, pre_tokenizer, write_gguf
+
+    _, art, _ = exported
+    folder = tmp_path / "gpt2-pre"
+    shutil.copytree(art.path / "t-dpo", folder)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    assert pre_tokenizer(tj, folder) == "llama-bpe"
+    llama3 = Tokenizer.from_str(json.dumps(tj))
+    tj["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    gpt2 = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = "53.25. pg_foreign_table\n\nThe catalog's  rows:\t1234 dn't"
+    assert gpt2.encode(text).ids != llama3.encode(text).ids  # the two pre-tokenizers differ on this text
+    path = tmp_path / "m.gguf"
+    write_gguf(folder, path, "f32", "t")
+    cpp = LlamaCpp(path, context=64)
+    try:
+        assert cpp.tokenize(text) == gpt2.encode(text).ids
+    finally:
+        cpp.close()
+    tj["pre_tokenizer"] = {"type": "Whitespace"}
+    with pytest.raises(UserError, match="tokenizer.json: GGUF export knows the pre-tokenizers"):
+        pre_tokenizer(tj, folder / "tokenizer.json")
+
+
 def test_slmforge_export_from_a_recipe(posttrained, tmp_path):
     """The CLI verb on a copy of the post-trained run: names from the recipe, q8_0, one error for a bad model."""
     from tests.conftest import slmforge

@@ -32,6 +32,7 @@ from slmforge.chat import (
 from slmforge.config import StageConfig
 from slmforge.console import console, info
 from slmforge.errors import UserError
+from slmforge.gguf import LLAMA_BPE_SPLIT
 from slmforge.records import Curated
 
 NAME = "tokenizer"
@@ -39,10 +40,7 @@ INPUTS = ("curate",)
 
 # Llama 3's pre-tokenizer split (the cl100k pattern): digits in groups of at most 3, punctuation runs
 # kept apart from words, newlines split off. llama.cpp knows it as the "llama-bpe" pre-tokenizer.
-SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+SPLIT_PATTERN = LLAMA_BPE_SPLIT
 # The plain inference template: SFT builds the one with {% generation %} marks (chat.training_template)
 CHAT_TEMPLATE = strip_generation_marks(chat_template())
 
