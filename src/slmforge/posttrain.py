@@ -65,9 +65,13 @@ def fit(trainer, work: Path, label: str, has_eval: bool) -> dict:
 
     for cb in (PrinterCallback, ProgressCallback):  # their tqdm bar and printed log dicts: ours instead
         trainer.remove_callback(cb)
-    trainer.add_callback(progress_callback(label))
+    bar = progress_callback(label)
+    trainer.add_callback(bar)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=True if checkpoints else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=True if checkpoints else None)
+    finally:
+        bar.close()  # on_train_end is not called when training raises
     wall = time.time() - t0
     evals = trainer.evaluate() if has_eval else {}
     log = [r for r in trainer.state.log_history if "loss" in r]
@@ -102,6 +106,9 @@ def progress_callback(label: str):
                 self.bar.update(loss=f"loss {logs['loss']:.3f}")
 
         def on_train_end(self, args, state, control, **kw):
+            self.close()
+
+        def close(self):
             if self.bar is not None:
                 self.bar.__exit__(None, None, None)
                 self.bar = None

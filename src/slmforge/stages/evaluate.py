@@ -366,56 +366,55 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     samples: dict[str, list] = {}
     selection: dict[str, dict] = {}
     models: dict[str, dict] = {}
-    bar = progress("evaluate", len(entries), "models").__enter__()  # one line per model scored, off a terminal
-    for i, e in enumerate(entries):
-        bar.update(completed=i, model=f"now: {e.name}")
-        models[e.name] = {"stage": e.stage, "key": e.key, "path": str(e.path) if e.path else None,
-                          "endpoint": e.ref.base_url if e.ref and e.ref.base_url else None, **e.meta}
-        if e.path is None:  # an endpoint: the benchmarks only (bits per byte needs the weights)
-            ref = e.ref
-            run_tasks = tasks if ref.api == "completions" else gen_tasks
-            info(f"  evaluate · {e.name} ({ref.api} endpoint {ref.base_url}) on {', '.join(run_tasks)}")
-            benchmarks[e.name], answers[e.name], outcomes[e.name] = lm_eval_run(
-                endpoint_lm(ref), bench.task_dir, run_tasks, cfg.bench_limit, cfg.samples, chat=ref.api == "chat")
-            if ref.api == "chat":
-                models[e.name]["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
-            continue
-        path = e.path
-        if cfg.select and e.stage:
-            chosen = select_snapshot(e, cfg, bench)
-            if chosen:
-                selection[e.name] = chosen
-                path = Path(chosen["path"])
-        model, tok = float_logits(load_model(path, dtype=cfg.dtype))
-        context = min(model.config.max_position_embeddings, 1024)
-        scores[e.name] = {}
-        for source, t in texts.items():
-            info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
-            scores[e.name][source] = bits_per_byte(model, tok, t, context, cfg.batch_size)
-        info(f"  evaluate · {e.name} on the benchmark suite ({', '.join(tasks)})")
-        # Choice tasks compare log-likelihoods of continuations of the raw text, for every model alike;
-        # post-trained models (their stage says `chat`) get the generation tasks through their chat
-        # template, the way they are used. (Choice tasks through a chat template change what is compared:
-        # acc_mutual_info fell from 0.54 to 0.25 for the same SFT model on the demo.)
-        chat = bool(e.meta.get("chat"))
-        lm = hf_lm(model, tok, cfg.batch_size)
-        parts = [(tasks, False)] if not chat else [([t for t in tasks if t not in gen_tasks], False), (gen_tasks, True)]
-        benchmarks[e.name], answers[e.name], outcomes[e.name] = {}, {}, {}
-        for part, as_chat in parts:
-            if part:
-                r, a, o = lm_eval_run(lm, bench.task_dir, part, cfg.bench_limit, cfg.samples, chat=as_chat)
-                benchmarks[e.name].update(r)
-                answers[e.name].update(a)
-                outcomes[e.name].update(o)
-        if chat:
-            models[e.name]["note"] = "chat model: generation tasks through its chat template, choice tasks on raw text"
-        for source, t in texts.items():
-            for doc in t[: cfg.samples]:
-                prompt = _prompt(doc, cfg.prompt_chars)
-                samples.setdefault(f"{source}: {prompt}", []).append(
-                    {"model": e.name, "completion": generate(model, tok, prompt, cfg.sample_tokens)})
-    bar.update(completed=len(entries), model="")
-    bar.__exit__(None, None, None)
+    with progress("evaluate", len(entries), "models") as bar:  # one line per model scored, off a terminal
+        for i, e in enumerate(entries):
+            bar.update(completed=i, model=f"now: {e.name}")
+            models[e.name] = {"stage": e.stage, "key": e.key, "path": str(e.path) if e.path else None,
+                              "endpoint": e.ref.base_url if e.ref and e.ref.base_url else None, **e.meta}
+            if e.path is None:  # an endpoint: the benchmarks only (bits per byte needs the weights)
+                ref = e.ref
+                run_tasks = tasks if ref.api == "completions" else gen_tasks
+                info(f"  evaluate · {e.name} ({ref.api} endpoint {ref.base_url}) on {', '.join(run_tasks)}")
+                benchmarks[e.name], answers[e.name], outcomes[e.name] = lm_eval_run(
+                    endpoint_lm(ref), bench.task_dir, run_tasks, cfg.bench_limit, cfg.samples, chat=ref.api == "chat")
+                if ref.api == "chat":
+                    models[e.name]["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
+                continue
+            path = e.path
+            if cfg.select and e.stage:
+                chosen = select_snapshot(e, cfg, bench)
+                if chosen:
+                    selection[e.name] = chosen
+                    path = Path(chosen["path"])
+            model, tok = float_logits(load_model(path, dtype=cfg.dtype))
+            context = min(model.config.max_position_embeddings, 1024)
+            scores[e.name] = {}
+            for source, t in texts.items():
+                info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
+                scores[e.name][source] = bits_per_byte(model, tok, t, context, cfg.batch_size)
+            info(f"  evaluate · {e.name} on the benchmark suite ({', '.join(tasks)})")
+            # Choice tasks compare log-likelihoods of continuations of the raw text, for every model alike;
+            # post-trained models (their stage says `chat`) get the generation tasks through their chat
+            # template, the way they are used. (Choice tasks through a chat template change what is compared:
+            # acc_mutual_info fell from 0.54 to 0.25 for the same SFT model on the demo.)
+            chat = bool(e.meta.get("chat"))
+            lm = hf_lm(model, tok, cfg.batch_size)
+            parts = [(tasks, False)] if not chat else [([t for t in tasks if t not in gen_tasks], False), (gen_tasks, True)]
+            benchmarks[e.name], answers[e.name], outcomes[e.name] = {}, {}, {}
+            for part, as_chat in parts:
+                if part:
+                    r, a, o = lm_eval_run(lm, bench.task_dir, part, cfg.bench_limit, cfg.samples, chat=as_chat)
+                    benchmarks[e.name].update(r)
+                    answers[e.name].update(a)
+                    outcomes[e.name].update(o)
+            if chat:
+                models[e.name]["note"] = "chat model: generation tasks through its chat template, choice tasks on raw text"
+            for source, t in texts.items():
+                for doc in t[: cfg.samples]:
+                    prompt = _prompt(doc, cfg.prompt_chars)
+                    samples.setdefault(f"{source}: {prompt}", []).append(
+                        {"model": e.name, "completion": generate(model, tok, prompt, cfg.sample_tokens)})
+        bar.update(completed=len(entries), model="")
     judged = judge_qa(cfg.judge, bench, benchmarks, outcomes, cache) \
         if cfg.judge and "qa" in bench.tasks else None
     flags = flag_empty(benchmarks, outcomes, cfg.empty_share)
