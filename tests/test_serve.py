@@ -519,3 +519,77 @@ def test_a_chat_request_is_routed_only_to_models_with_a_chat_template(exports, t
         assert r.json()["model"] == "spec" and r.json()["slmforge"]["chat_models_only"] is True
         r = c.post("/v1/chat/completions", json={"model": "gen", "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+
+
+SCHEMA = {"type": "object", "properties": {"table": {"type": "string", "maxLength": 6},
+                                           "rows": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "vacuumed": {"type": "boolean"}},
+          "required": ["table", "rows", "vacuumed"], "additionalProperties": False}
+
+
+def test_structured_outputs_parse_and_validate(live):
+    """json_schema and json_object by constrained decoding: every sampled answer (streamed or not) parses
+    and validates; a schema that is not JSON Schema, or a type we do not know, is a 400 naming the field."""
+    import jsonschema
+
+    c = live.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "table", "schema": SCHEMA, "strict": True}}
+    msgs = [{"role": "user", "content": "Which table?"}]
+    for seed in range(6):
+        r = c.chat.completions.create(model="spec", messages=msgs, max_tokens=40, temperature=1.0, seed=seed,
+                                      response_format=fmt)
+        assert r.choices[0].finish_reason == "stop", r
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    chunks = list(c.chat.completions.create(model="spec", messages=msgs, max_tokens=40, temperature=1.0, seed=9,
+                                            response_format=fmt, stream=True))
+    jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)),
+                        SCHEMA)
+    r = c.chat.completions.create(model="spec", messages=msgs, max_tokens=40, temperature=0,
+                                  response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason != "stop" or isinstance(json.loads(r.choices[0].message.content), dict)
+    for bad, where in (({"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "objekt"}}},
+                        "response_format.json_schema.schema"),
+                       ({"type": "json_schema", "json_schema": {"name": "t"}}, "response_format.json_schema.schema"),
+                       ({"type": "yaml"}, "response_format")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="spec", messages=msgs, max_tokens=4, response_format=bad)
+        assert where in str(e.value), e.value
+
+
+def test_knowledge_mode_puts_the_specialists_passage_in_the_generalists_prompt(exports):
+    """slmforge.knowledge: the routed specialist writes a passage, the fallback endpoint (the fake OpenAI
+    server, which records what it gets) answers with it in its system message; `gen+spec` does the same
+    with a local generalist."""
+    from fastapi.testclient import TestClient
+
+    from tests.fake_openai import FakeServer
+
+    fake, seen = FakeServer(), []
+    answer = fake.answer
+    fake.answer = lambda path, body, auth: (seen.append(body), answer(path, body, auth))[1]
+    cfg = Config(models=[str(exports["spec"]), str(exports["gen"])], max_tokens=4, router={"eval_docs": 0},
+                 fallback={"base_url": fake.url, "model": "big-generalist"})
+    question = exports["pg_test"][0][:60]  # the router sends it to spec (test_auto_routes_by_domain)
+    try:
+        with TestClient(create_app(cfg, log=lambda msg: None)) as c:
+            r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": question}],
+                                                     "slmforge": {"knowledge": True, "passage_tokens": 12}}).json()
+            know = r["slmforge"]["knowledge"]
+            assert know["specialist"] == "spec" and 1 <= know["passage_tokens"] <= 12 and know["passage"].strip()
+            (sent,) = seen
+            assert sent["model"] == "big-generalist" and "slmforge" not in sent
+            assert sent["messages"][0]["role"] == "system" and know["passage"].strip() in sent["messages"][0]["content"]
+            assert sent["messages"][-1] == {"role": "user", "content": question}
+            assert json.loads(r["choices"][0]["message"]["content"]) == {"answer": question}  # the fake's answer
+            r = c.post("/v1/chat/completions", json={"model": "gen+spec", "max_tokens": 3,
+                                                     "slmforge": {"passage_tokens": 4},
+                                                     "messages": [{"role": "user", "content": "VACUUM?"}]}).json()
+            assert r.get("model") == "gen", r
+            assert r["slmforge"]["knowledge"]["specialist"] == "spec" and len(seen) == 1
+            bad = c.post("/v1/chat/completions", json={"model": "gen+nope", "messages": [{"role": "user", "content": "x"}]})
+            assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+            bad = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "x"}],
+                                                       "slmforge": {"knowledge": True, "passage_tokens": 0}})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "slmforge.passage_tokens"
+    finally:
+        fake.close()

@@ -17,11 +17,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from slmforge.serve import knowledge
 from slmforge.serve.config import Config
-from slmforge.serve.decode import GenResult, generate
-from slmforge.serve.limits import in_thread, take_slot
-from slmforge.serve.schemas import ApiError, ChatRequest, CompletionRequest, prompt_text, validation_message
+from slmforge.serve.decode import GenResult, Sequence
+from slmforge.serve.limits import in_batch, take_slot
+from slmforge.serve.schemas import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Message,
+    prompt_text,
+    validation_message,
+)
 from slmforge.serve.server import Server
+from slmforge.serve.structured import Grammar, grammar_for
 
 SSE = {"media_type": "text/event-stream"}
 
@@ -229,23 +238,40 @@ class Reply:
 
 
 async def handle(request: Request, schema, chat: bool):
-    """A completion: route `auto`, check the prompt against the model, take a slot, generate (or stream)."""
+    """A completion: route `auto`, check the prompt against the model, take a slot, generate (or stream).
+    In knowledge mode the specialist's passage is written first and the generalist answers with it."""
     srv = _server(request)
     body, req = await parse(srv, request, schema)
+    kplan = knowledge.plan(srv, req.model, req.slmforge) if chat else None
+    know = None
+    if kplan is not None:
+        know = await write_passage(srv, req, kplan)
+        messages = knowledge.with_background([x.model_dump(exclude_none=True) for x in req.messages],
+                                             know["specialist"], know["domain"], know["passage"])
+        body = {**{k: v for k, v in body.items() if k != "slmforge"}, "messages": messages}
+        req = req.model_copy(update={"messages": [Message.model_validate(x) for x in messages]})
 
     def prepare():
-        """Routing and tokenizing cost time on a long prompt: in a worker thread, not on the event loop."""
+        """Routing, tokenizing and compiling a schema cost time on a long prompt: in a worker thread, not on
+        the event loop."""
+        compiled, _ = grammar_for(req.response_format) if chat else (None, None)
         ext = {"routed": False, "fallback": False}
         name = req.model
-        if name == "auto":
+        if kplan is not None:
+            name = kplan.generalist
+            ext = {"routed": False, "fallback": name is None or name == srv.fallback_local, "knowledge": know}
+            if name is None:
+                return None, ext, None, None, None
+        elif name == "auto":
             name, ext = srv.route(prompt_text(req), chat=chat)
             if name is None:
-                return None, ext, None, None
+                return None, ext, None, None, None
         m = srv.model_for(name)
         ids = srv.chat_ids(m, req) if chat else srv.completion_ids(m, req)
-        return m, ext, ids, srv.budget(m, ids, req)
+        grammar = Grammar(srv.tokenizers.get(m), compiled) if compiled else None
+        return m, ext, ids, srv.budget(m, ids, req), grammar
 
-    m, ext, ids, max_tokens = await run_in_threadpool(prepare)
+    m, ext, ids, max_tokens, grammar = await run_in_threadpool(prepare)
     if m is None:
         return await forward(srv, body, chat, ext)
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -255,25 +281,47 @@ async def handle(request: Request, schema, chat: bool):
                   include_usage=bool(req.stream_options and req.stream_options.include_usage))
     stops = req.stops()
 
-    def work(cancel):
-        return generate(m, ids, max_tokens, temperature, top_p, req.seed, stops, reply.res, cancel)
+    seq = Sequence(m, ids, max_tokens, temperature, top_p, req.seed, stops, reply.res, grammar)
+    batcher = srv.batchers[m.name]
 
     headers = {"x-slmforge-model": m.name}
     if not req.stream:
         try:
-            text = "".join([p async for p in in_thread(work, srv.pool)])
+            text = "".join([p async for p in in_batch(batcher, seq)])
         finally:
             srv.slots.release()
         return JSONResponse(reply.body(text), headers=headers)
-    return StreamingResponse(events(srv, reply, work), **SSE, headers={**headers, "Cache-Control": "no-cache"})
+    return StreamingResponse(events(srv, reply, batcher, seq), **SSE, headers={**headers, "Cache-Control": "no-cache"})
 
 
-async def events(srv: Server, reply: Reply, work):
+async def write_passage(srv: Server, req: ChatRequest, kplan: knowledge.Plan) -> dict:
+    """Knowledge mode's first step: the specialist's greedy passage about the question (in a slot)."""
+    question = prompt_text(req)
+
+    def prepare():
+        name = kplan.specialist or srv.specialist_for(question)
+        m = srv.model_for(name)
+        ids = knowledge.passage_ids(srv, m, question)
+        tokens = min(kplan.passage_tokens, m.context // 2)
+        return m, ids[-(m.context - tokens):], tokens  # a long question keeps its end
+
+    m, ids, tokens = await run_in_threadpool(prepare)
+    res = GenResult()
+    await take_slot(srv.slots)
+    try:
+        seq = Sequence(m, ids, tokens, 0.0, 1.0, None, [], res)
+        passage = "".join([p async for p in in_batch(srv.batchers[m.name], seq)])
+    finally:
+        srv.slots.release()
+    return {"specialist": m.name, "domain": m.domain, "passage": passage, "passage_tokens": res.completion_tokens}
+
+
+async def events(srv: Server, reply: Reply, batcher, seq):
     """The server-sent events of a streamed completion; the slot is released when the stream ends."""
     try:
         if reply.chat:
             yield reply.chunk("", first=True)
-        async for piece in in_thread(work, srv.pool):
+        async for piece in in_batch(batcher, seq):
             yield reply.chunk(piece)
         yield reply.chunk(None, reply.res.finish_reason)
         if reply.include_usage:

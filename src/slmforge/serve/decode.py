@@ -1,5 +1,7 @@
-"""The decode loop: a model's completion of token ids, streamed piece by piece, with stop sequences,
-seeds and cancellation decided per token."""
+"""One completion's decoding, token by token: sampling (temperature, top-p, its own seeded generator, an
+optional grammar), stop sequences, streamed text pieces, token counts and the finish reason. `Sequence` is
+driven by the batcher (slmforge.serve.batch), which shares forward passes across requests; `generate` drives
+one alone, for warm-up and benchmarks."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from slmforge.serve.models import Served
-
 
 
 @dataclass
@@ -32,9 +33,89 @@ def _held_back(text: str, stops: list[str]) -> int:
     return max(hold, n)
 
 
+class Sequence:
+    """The state of one completion of `ids`: `choose(logits)` picks the next token, `push(token)` takes it
+    and returns the text that may be streamed now; `done` is set when it ends (res.finish_reason says why).
+    The sampling depends only on this sequence's logits and its own generator, so a seed gives the same text
+    whichever other requests share the batch."""
+
+    def __init__(self, m: Served, ids: list[int], max_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, stops: list[str], res: GenResult, grammar=None):
+        import torch
+
+        self.m, self.ids, self.max_tokens = m, ids, max_tokens
+        self.temperature, self.top_p, self.stops, self.res = temperature, top_p, stops, res
+        self.grammar = grammar  # a slmforge.serve.structured.Grammar, or None
+        self.gen = torch.Generator()
+        if seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        self.out: list[int] = []
+        self.sent = 0
+        self.done = max_tokens <= 0
+        res.prompt_tokens, res.completion_tokens, res.finish_reason = len(ids), 0, "length"
+
+    def choose(self, logits) -> int:
+        """The next token from this sequence's last logits (1-D, float)."""
+        import torch
+
+        if self.grammar is not None:
+            logits = self.grammar.mask(logits)
+        if self.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sp, 0) - sp < self.top_p  # the smallest prefix whose mass reaches top_p
+            sp = sp * keep
+            return int(si[torch.multinomial(sp / sp.sum(), 1, generator=self.gen)])
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def push(self, token: int) -> str:
+        """Take `token`; the text that can be streamed now ("" while a stop sequence may still begin)."""
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        if token in self.m.eos_ids:
+            self.res.completion_tokens = len(self.out) + 1
+            self.res.finish_reason, self.done = "stop", True
+            return self._rest()
+        self.out.append(token)
+        self.res.completion_tokens = len(self.out)
+        text = self.m.tok.decode(self.out, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.res.finish_reason, self.done = "stop", True
+            piece = text[self.sent:cut] if cut > self.sent else ""
+            self.sent = len(text)
+            return piece
+        if len(self.out) >= self.max_tokens:
+            self.done = True
+            return self._rest(text)
+        safe = len(text) - _held_back(text, self.stops)
+        if safe > self.sent:
+            piece, self.sent = text[self.sent:safe], safe
+            return piece
+        return ""
+
+    def _rest(self, text: str | None = None) -> str:
+        """What is left to stream when the sequence ends (an unfinished UTF-8 character dropped)."""
+        if text is None:
+            text = self.m.tok.decode(self.out, skip_special_tokens=True)
+        text = text.rstrip("\ufffd")
+        piece = text[self.sent:] if len(text) > self.sent else ""
+        self.sent = max(self.sent, len(text))
+        return piece
+
+    def cancel(self) -> None:
+        self.res.finish_reason, self.done = "cancelled", True
+
+
 def generate(m: Served, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
-             stops: list[str], res: GenResult, cancel: threading.Event | None = None) -> Iterator[str]:
-    """Text pieces of the completion of `ids`; `res` gets the token counts and the finish reason.
+             stops: list[str], res: GenResult, cancel: threading.Event | None = None,
+             grammar=None) -> Iterator[str]:
+    """Text pieces of the completion of `ids` decoded alone (batch 1) in the calling thread; `res` gets the
+    token counts and the finish reason.
 
     A bare decode loop over the model's forward with a KV cache rather than `model.generate`: it decides stop
     sequences, seeds and streaming per token without a streamer thread, and measured faster per token
@@ -43,53 +124,17 @@ def generate(m: Served, ids: list[int], max_tokens: int, temperature: float, top
     import torch
     from transformers import DynamicCache
 
-    res.prompt_tokens = len(ids)
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    seq = Sequence(m, ids, max_tokens, temperature, top_p, seed, stops, res, grammar)
     cache = DynamicCache()
     x = torch.tensor([ids], dtype=torch.long)
-    out: list[int] = []
-    sent = 0
-    res.finish_reason = "length"
     with torch.inference_mode():
-        for _ in range(max_tokens):
+        while not seq.done:
             if cancel is not None and cancel.is_set():
-                res.finish_reason = "cancelled"
+                seq.cancel()
                 return
             logits = m.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].float()
-            if temperature == 0:
-                nxt = int(torch.argmax(logits))
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                if top_p < 1.0:
-                    sp, si = torch.sort(probs, descending=True)
-                    keep = torch.cumsum(sp, 0) - sp < top_p  # the smallest prefix whose mass reaches top_p
-                    sp = sp * keep
-                    nxt = int(si[torch.multinomial(sp / sp.sum(), 1, generator=gen)])
-                else:
-                    nxt = int(torch.multinomial(probs, 1, generator=gen))
-            if nxt in m.eos_ids:
-                res.completion_tokens = len(out) + 1
-                res.finish_reason = "stop"
-                break
-            out.append(nxt)
-            res.completion_tokens = len(out)
-            text = m.tok.decode(out, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    yield text[sent:cut]
-                res.finish_reason = "stop"
-                return
-            safe = len(text) - _held_back(text, stops)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-            x = torch.tensor([[nxt]], dtype=torch.long)
-    text = m.tok.decode(out, skip_special_tokens=True).rstrip("\ufffd")
-    if len(text) > sent:
-        yield text[sent:]
-
+            token = seq.choose(logits)
+            piece = seq.push(token)
+            if piece:
+                yield piece
+            x = torch.tensor([[token]], dtype=torch.long)

@@ -1,5 +1,5 @@
 """Limits that keep the server up under load: generation slots with a bounded queue (429 beyond it), and the
-bridge that runs a generation on a pool thread and hands its pieces to the event loop."""
+bridge that hands a generation's pieces from the model's batch thread to the event loop."""
 
 import asyncio
 import threading
@@ -51,32 +51,27 @@ async def take_slot(slots: Slots) -> None:
                        type_="rate_limit_error", headers={"Retry-After": "1"}) from None
 
 
-async def in_thread(work, pool) -> AsyncIterator[str]:
-    """Run the generator function `work(cancel)` on the thread pool, yielding its items here as they come;
-    closing this iterator (client gone) sets `cancel` so that the thread stops at the next token.
+async def in_batch(batcher, seq) -> AsyncIterator[str]:
+    """The pieces of `seq` decoded by `batcher` (slmforge.serve.batch), here as they come; closing this
+    iterator (client gone) cancels the sequence, which leaves the batch at the next token."""
+    async for piece in bridge(lambda put, cancel: batcher.submit(seq, put, cancel)):
+        yield piece
 
-    A pool of long-lived threads, not a thread per request: on the demo model a fresh thread per request
-    added ~0.4 s to every request (torch's per-thread set-up), 470-930 ms for 8-64 tokens against 36-165 ms
-    with reused threads (/tmp/serve-dev/lat.py, 2 cores)."""
+
+async def bridge(start) -> AsyncIterator[str]:
+    """`start(put, cancel)` begins work on another thread that calls put("piece", text) per piece, then
+    put("end", None) or put("error", exception); the pieces are yielded here, on the event loop."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
 
-    def put(item):
+    def put(kind, value):
         try:
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            loop.call_soon_threadsafe(q.put_nowait, (kind, value))
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             cancel.set()
 
-    def run():
-        try:
-            for piece in work(cancel):
-                put(("piece", piece))
-            put(("end", None))
-        except BaseException as e:  # noqa: BLE001 - handed to the request, which answers with an error
-            put(("error", e))
-
-    pool.submit(run)
+    start(put, cancel)
     try:
         while True:
             kind, value = await q.get()
@@ -88,4 +83,3 @@ async def in_thread(work, pool) -> AsyncIterator[str]:
                 raise value
     finally:
         cancel.set()
-

@@ -87,12 +87,13 @@ class ChatRequest(Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict | None = None
+    slmforge: dict | None = None  # our extension: {knowledge: true, passage_tokens: N} (slmforge.serve.knowledge)
 
     @field_validator("response_format")
     @classmethod
     def _rf(cls, v):
-        if v and v.get("type") != "text":
-            raise ValueError("only response_format {\"type\": \"text\"} is supported")
+        if v and v.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format.type {v.get('type')!r}: use 'text', 'json_object' or 'json_schema'")
         return v
 
 

@@ -5,16 +5,17 @@ import hmac
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from slmforge.errors import UserError
 from slmforge.router import PROMPT_CUT
+from slmforge.serve.batch import Batcher
 from slmforge.serve.config import Config, FallbackConfig
-from slmforge.serve.decode import GenResult, generate
+from slmforge.serve.decode import GenResult, Sequence
 from slmforge.serve.limits import Slots
 from slmforge.serve.models import Served, catalog_names, load_served, resolve
 from slmforge.serve.schemas import ApiError, ChatRequest, CompletionRequest, Sampling
+from slmforge.serve.structured import Tokenizers
 
 
 class Server:
@@ -60,28 +61,29 @@ class Server:
                      f"{time.perf_counter() - t0:.1f} s")
         self.fallback_names = {i["name"] for i in infos if i.get("fallback")}
         self.slots = Slots(cfg.max_concurrency, cfg.max_queue, cfg.queue_timeout_s)
-        self.pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="slmforge-generate")
+        self.tokenizers = Tokenizers()  # llguidance's, for structured outputs
+        self.batchers = {name: Batcher(m.model, cfg.max_concurrency, name) for name, m in self.models.items()}
         self._warm_up()
         self.keys = {k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()}
         self._setup_router()
         self.started = int(time.time())
 
     def _warm_up(self) -> None:
-        """A short generation per model on every pool thread: the first requests of a fresh process ran up to
-        10x slower per token than later ones (torch's first calls at each sequence length, per thread)."""
-        barrier = threading.Barrier(self.cfg.max_concurrency)
-
-        def warm(m: Served):
-            barrier.wait(30)
-            ids = m.tok("The first request warms the model up.").input_ids[: m.context // 2]
-            for _ in generate(m, ids, min(32, m.context - len(ids)), 1.0, 1.0, 0, [], GenResult()):
-                pass
-
+        """Short generations per model at batch sizes 1 to max_concurrency: the first requests of a fresh
+        process ran up to 10x slower per token than later ones (torch's first calls at each shape)."""
         t0 = time.perf_counter()
-        for m in self.models.values():
-            for f in [self.pool.submit(warm, m) for _ in range(self.cfg.max_concurrency)]:
-                f.result()
-        self.log(f"warmed up {len(self.models)} model(s) on {self.cfg.max_concurrency} thread(s) in "
+        for name, m in self.models.items():
+            ids = m.tok("The first request warms the model up.").input_ids[: m.context // 2]
+            n = min(32, m.context - len(ids))
+            for batch in sorted({1, self.cfg.max_concurrency}):
+                done = threading.Semaphore(0)
+                for k in range(batch):
+                    seq = Sequence(m, ids, n - k % 4, 1.0, 1.0, k, [], GenResult())
+                    self.batchers[name].submit(seq, lambda kind, v: kind != "piece" and done.release(),
+                                               threading.Event())
+                for _ in range(batch):
+                    done.acquire(timeout=120)
+        self.log(f"warmed up {len(self.models)} model(s) at batch sizes up to {self.cfg.max_concurrency} in "
                  f"{time.perf_counter() - t0:.1f} s")
 
     # ---- routing
@@ -167,6 +169,17 @@ class Server:
             return (self.fallback_local if self.fallback_local else None), ext
         ext["fallback"] = self.by_domain[top] == self.fallback_local
         return self.by_domain[top], ext
+
+    def specialist_for(self, prompt: str) -> str:
+        """Knowledge mode's specialist for `prompt`: the router's most likely domain among the local models
+        that are not the fallback (whatever its confidence)."""
+        local = [n for n in self.models if n != self.fallback_local]
+        if not local:
+            raise ApiError(400, "knowledge mode: no specialist is served (only the fallback)", param="model")
+        if self.router is None:
+            return local[0]
+        scores = {d: p for d, p in self.router.scores(prompt).items() if self.by_domain[d] in local}
+        return self.by_domain[max(scores, key=scores.get)] if scores else local[0]
 
     # ---- requests
 
