@@ -12,7 +12,9 @@ and how often auto picked the model of the prompt's domain. The server's --max-q
 clients. Before the load, the decode speed of the specialist in each --dtype choice (float32, bfloat16,
 int8 dynamic quantization), serve's own decode loop against transformers' generate, in this process on
 --threads (default 2) torch threads: this picks serve's default dtype and justifies the loop.
-Prints tables and one JSON line.
+Then the batching table (serve's batcher against transformers' continuous batching and one-at-a-time
+decoding), the per-token cost of a JSON grammar, and after the load --structured json_schema requests,
+each parsed and validated. Prints tables and one JSON line.
 
     .venv/bin/python benchmarks/serve_load.py                     # ~2 minutes on 2 cores
     .venv/bin/python benchmarks/serve_load.py --levels 1 4 --requests 2   # quick check
@@ -149,6 +151,117 @@ def decode_speed(folder: Path, tokens: int, repeats: int, threads: int) -> dict:
     return best
 
 
+def batch_speed(folder: Path, prompts: list[str], tokens: int, threads: int) -> dict:
+    """Tokens per second decoding len(prompts) greedy sequences of `tokens` tokens at once: serve's batcher
+    (slmforge.serve.batch), transformers' continuous batching (`generate_batch`, paged SDPA) and serve's
+    loop one sequence at a time; each run twice, the second reported (the first pays torch's first calls)."""
+    import threading
+
+    import torch
+    from transformers import GenerationConfig
+
+    from slmforge.serve.batch import Batcher
+    from slmforge.serve.decode import GenResult, Sequence, generate
+    from slmforge.serve.models import load_served, resolve
+
+    torch.set_num_threads(threads)
+    m = load_served(resolve(str(folder), None), "float32")
+    m.eos_ids = set()  # every sequence runs all `tokens` steps
+    ids = [m.tok(p).input_ids[:64] for p in prompts]
+    batcher = Batcher(m.model, len(ids), "bench")
+
+    def ours():
+        done = threading.Semaphore(0)
+        for x in ids:
+            batcher.submit(Sequence(m, x, tokens, 0.0, 1.0, None, [], GenResult()),
+                           lambda kind, v: kind != "piece" and done.release(), threading.Event())
+        for _ in ids:
+            done.acquire()
+
+    def alone():
+        for x in ids:
+            for _ in generate(m, x, tokens, 0.0, 1.0, None, [], GenResult()):
+                pass
+
+    hf_model = None
+
+    def hf_batch():
+        nonlocal hf_model
+        if hf_model is None:
+            hf_model = load_served(resolve(str(folder), None), "float32").model
+            hf_model.set_attn_implementation("paged|sdpa")
+        gc = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1,
+                              pad_token_id=m.tok.pad_token_id or 0)
+        hf_model.generate_batch(inputs=ids, generation_config=gc)
+
+    out = {"sequences": len(ids), "tokens_each": tokens}
+    for name, fn in (("serve_batcher", ours), ("hf_generate_batch", hf_batch), ("serve_one_at_a_time", alone)):
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        out[name] = round(len(ids) * tokens / dt, 1)
+    return out
+
+
+def structured(url: str, model: str, n: int, max_tokens: int) -> dict:
+    """`n` chat requests with a json_schema response_format (sampled, seeds 0..n-1): how many parse and
+    validate, and the mean completion tokens."""
+    import jsonschema
+    import openai
+
+    schema = {"type": "object", "properties": {
+        "statement": {"enum": ["SELECT", "INSERT", "UPDATE", "DELETE", "CREATE INDEX", "VACUUM"]},
+        "table": {"type": "string", "maxLength": 24}, "rows": {"type": "integer", "minimum": 0},
+        "needs_superuser": {"type": "boolean"}},
+        "required": ["statement", "table", "rows", "needs_superuser"], "additionalProperties": False}
+    c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+    valid, tokens, errors = 0, 0, []
+    t0 = time.perf_counter()
+    for i in range(n):
+        r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Which statement "
+                                      "removes dead rows from the orders table?"}], max_tokens=max_tokens,
+                                      temperature=0.7, seed=i, response_format={"type": "json_schema", "json_schema": {
+                                          "name": "statement", "schema": schema, "strict": True}})
+        tokens += r.usage.completion_tokens
+        try:
+            jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError) as e:
+            errors.append(f"{r.choices[0].finish_reason}: {r.choices[0].message.content[:80]!r} ({e})"[:200])
+    return {"requests": n, "valid": valid, "mean_completion_tokens": round(tokens / n, 1),
+            "wall_s": round(time.perf_counter() - t0, 2), "errors": errors[:5]}
+
+
+def grammar_overhead(folder: Path, tokens: int, threads: int) -> dict:
+    """ms per token of one greedy sequence with and without a JSON grammar (json_object: every token may
+    stay allowed, so both decode `tokens` tokens), best of 3."""
+    import torch
+
+    from slmforge.serve.decode import GenResult, generate
+    from slmforge.serve.models import load_served, resolve
+    from slmforge.serve.structured import Grammar, Tokenizers, grammar_for
+
+    torch.set_num_threads(threads)
+    m = load_served(resolve(str(folder), None), "float32")
+    lltok = Tokenizers().get(m)
+    m.eos_ids = set()  # the plain run makes all `tokens`; the grammar's string is too long to end sooner
+    ids = m.tok("The SELECT statement retrieves rows from").input_ids
+    compiled, _ = grammar_for({"type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "object", "properties": {"text": {"type": "string", "minLength": 4 * tokens}},
+        "required": ["text"]}}})
+    best = {"plain": 1e9, "json_schema": 1e9}
+    for _ in range(3):
+        for name in best:
+            grammar = Grammar(lltok, compiled) if name != "plain" else None
+            res = GenResult()
+            t0 = time.perf_counter()
+            for _ in generate(m, ids, tokens, 0.0, 1.0, None, [], res, grammar=grammar):
+                pass
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1000 / max(res.completion_tokens, 1))
+    return {k: round(v, 3) for k, v in best.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=str(DEMO), help="a run's workdir with curate, pretrain (and dpo)")
@@ -156,8 +269,10 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level")
     p.add_argument("--requests", type=int, default=8, help="requests per client per level")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--max-concurrency", type=int, default=2, help="the server's generation slots")
-    p.add_argument("--max-queue", type=int, default=32, help="the server's queue (>= clients - slots)")
+    p.add_argument("--max-concurrency", type=int, default=16, help="the server's generation slots (batched)")
+    p.add_argument("--max-queue", type=int, default=64, help="the server's queue (>= clients - slots)")
+    p.add_argument("--structured", type=int, default=100, help="json_schema requests (0: skip)")
+    p.add_argument("--batch-sequences", type=int, default=16, help="sequences of the batching table (0: skip)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, help="the server's torch threads")
     p.add_argument("--decode-tokens", type=int, default=48, help="tokens per decode-speed measurement (0: skip)")
@@ -180,6 +295,17 @@ def main() -> None:
         print(f"{'dtype':<10} {'serve loop':>10} {'HF generate':>12}")
         for dt in ("float32", "bfloat16", "int8"):
             print(f"{dt:<10} {decode[dt + '/serve_loop']:>10} {decode[dt + '/hf_generate']:>12}")
+    batching = {}
+    if args.batch_sequences:  # before the server starts: both use the cores
+        batching = batch_speed(folders[0], [p for _, p in prompts[: args.batch_sequences]], args.max_tokens,
+                               args.threads or 2)
+        print(f"\n{args.batch_sequences} sequences x {args.max_tokens} greedy tokens at once, "
+              f"{metas[0]['name']}, tokens/s (second of two runs, {args.threads or 2} threads)")
+        for k in ("serve_batcher", "hf_generate_batch", "serve_one_at_a_time"):
+            print(f"{k:<22} {batching[k]:>8}")
+    overhead = grammar_overhead(folders[0], args.decode_tokens or 48, args.threads or 2)
+    print(f"\nstructured outputs, ms per token (greedy, best of 3): plain {overhead['plain']}, "
+          f"json_schema {overhead['json_schema']}")
     port = _free_port()
     t0 = time.perf_counter()
     proc = start_server(folders, port, args)
@@ -191,6 +317,7 @@ def main() -> None:
         for n in args.levels:
             results.append(run_level(url, n, args.requests, prompts, args.max_tokens))
             print(f"{n} clients: done", file=sys.stderr, flush=True)
+        schema = structured(url, metas[0]["name"], args.structured, args.max_tokens) if args.structured else {}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -204,10 +331,17 @@ def main() -> None:
     for r in results:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['failures']:>8} {r['p50_s']:>7} {r['p95_s']:>7} "
               f"{r['tokens_per_s']:>9} {r['routed_to_domain_model']:>9}")
+    if schema:
+        print(f"\njson_schema requests to {metas[0]['name']}: {schema['valid']}/{schema['requests']} parse and "
+              f"validate, {schema['mean_completion_tokens']} tokens each on average")
+        for e in schema["errors"]:
+            print("  ", e)
     print(json.dumps({"benchmark": "serve_load", "results": results, "decode_ms_per_token": decode,
+                      "batching_tokens_per_s": batching, "grammar_ms_per_token": overhead,
+                      "structured": schema,
                       "command": " ".join(shlex.quote(a) for a in sys.argv),
                       "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}))
-    if any(r["failures"] for r in results):
+    if any(r["failures"] for r in results) or (schema and schema["valid"] < schema["requests"]):
         raise SystemExit(1)
 
 

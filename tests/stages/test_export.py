@@ -77,6 +77,30 @@ def test_the_tokenizer_files_are_what_transformers_4_and_minijinja_servers_read(
     assert base["model_max_length"] == 64
 
 
+def test_the_folder_has_what_vllm_serve_loads(exported):
+    """`vllm serve FOLDER` reads what transformers reads, plus: config.json's `architectures` (its model
+    registry key; LlamaForCausalLM is supported), a dtype, the safetensors weights, generation_config.json's
+    EOS ids (its default stop tokens), and, for /v1/chat/completions, the tokenizer's chat template."""
+    from safetensors import safe_open
+
+    _, art, _ = exported
+    folder = art.path / "t-dpo"
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert (cfg.get("dtype") or cfg.get("torch_dtype")) in ("float32", "bfloat16", "float16")
+    assert cfg["max_position_embeddings"] == 64 and cfg["vocab_size"] >= len(json.loads(
+        (folder / "tokenizer.json").read_text())["model"]["vocab"])
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and all(n.startswith(("model.", "lm_head.")) for n in names)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    vocab = json.loads((folder / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    assert ids["<|im_end|>"] in eos and tok["chat_template"]
+
+
 def test_the_card_gives_lm_eval_commands_that_load_from_the_folder(exported, monkeypatch):
     """The card's commands name the bench's test tasks and `eval/` holds them, their data named relative
     to the folder: lm-eval's TaskManager loads each from there with every item."""

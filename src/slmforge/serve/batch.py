@@ -40,8 +40,8 @@ class Job:
 class Batcher:
     """The decode thread of one model; `submit` hands it a sequence, whose pieces come back through `emit`."""
 
-    def __init__(self, model, max_batch: int, name: str = ""):
-        self.model, self.max_batch = model, max_batch
+    def __init__(self, model, max_batch: int, name: str = "", threads: int | None = None):
+        self.model, self.max_batch, self.threads = model, max_batch, threads
         self.incoming: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.active: list[Job] = []
         self.cache = None  # a transformers DynamicCache of the batch, rows in self.active's order
@@ -60,6 +60,8 @@ class Batcher:
         import torch
 
         torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)  # OpenMP's thread count is this thread's own
         while True:
             new = [] if self.active else [self.incoming.get()]  # idle: wait for work
             while len(self.active) + len(new) < self.max_batch:

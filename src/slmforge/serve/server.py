@@ -22,13 +22,13 @@ class Server:
     """The loaded models, the router and the limits; slmforge.serve.app wires it to FastAPI routes."""
 
     def __init__(self, cfg: Config, log=None):
+        import torch
+
         from slmforge.console import info
 
         self.cfg = cfg
         self.log = log or info
         if cfg.threads:
-            import torch
-
             torch.set_num_threads(cfg.threads)
         specs = cfg.models or catalog_names(cfg.catalog)
         infos = [resolve(s, cfg.catalog) for s in specs]
@@ -62,7 +62,11 @@ class Server:
         self.fallback_names = {i["name"] for i in infos if i.get("fallback")}
         self.slots = Slots(cfg.max_concurrency, cfg.max_queue, cfg.queue_timeout_s)
         self.tokenizers = Tokenizers()  # llguidance's, for structured outputs
-        self.batchers = {name: Batcher(m.model, cfg.max_concurrency, name) for name, m in self.models.items()}
+        # each model's batch thread on its share of the cores: measured with the demo's two models on 2 cores
+        # (benchmarks/serve_load.py, 16 clients), 1 torch thread each gave 687-698 tokens/s against 524 with 2
+        # each (the two threads' OpenMP pools fighting for the cores) and 463-502 with one forward at a time
+        share = max(1, (cfg.threads or torch.get_num_threads()) // len(self.models))
+        self.batchers = {name: Batcher(m.model, cfg.max_concurrency, name, share) for name, m in self.models.items()}
         self._warm_up()
         self.keys = {k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()}
         self._setup_router()

@@ -76,7 +76,7 @@ class Tokenizers:
 
                 n_vocab = int(m.model.get_output_embeddings().weight.shape[0])
                 self._made[m.name] = llguidance.hf.from_tokenizer(m.tok, n_vocab=n_vocab,
-                                                                  eos_token=sorted(m.eos_ids))
+                                                                  eos_token=sorted(m.eos_ids) or None)
             return self._made[m.name]
 
 
