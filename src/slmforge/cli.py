@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("llama-server", help="serve an exported GGUF with llama.cpp's OpenAI-compatible server "
+                       "(the fastest CPU decoding; an endpoint for serve.fallback)")
+    p.add_argument("gguf", help="a .gguf file (export writes one per model folder)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--context", type=int, default=None, help="tokens per request (default: the model's)")
+    p.add_argument("--parallel", type=int, default=4, help="requests decoded together (continuous batching)")
+    p.add_argument("--alias", default=None, help="the model name clients send (default: the file's stem)")
+    p.add_argument("--threads", type=int, default=None)
+
     # Verbs with their own argument parsers (main() hands them the rest of the command line).
     sub.add_parser("models", help="the catalog of exported specialists: list, show, add, rm (see `slmforge models -h`)",
                    add_help=False)
@@ -300,6 +310,24 @@ def _chat(args) -> None:
             print()
 
 
+def _llama_server(args) -> None:
+    from pathlib import Path
+
+    import gguf as gguf_pkg
+
+    from slmforge.errors import UserError
+    from slmforge.gguf import llama_cpp_available, llama_server
+
+    path = Path(args.gguf).expanduser()
+    if not llama_cpp_available():
+        raise UserError("llama-server needs xllamacpp: `make llama` (or pip install -e .[llama])")
+    context = args.context
+    if context is None and path.is_file():
+        field = gguf_pkg.GGUFReader(str(path)).fields.get("llama.context_length")
+        context = int(field.contents()) if field is not None else 2048
+    llama_server(path, args.host, args.port, context or 2048, args.parallel, args.alias, args.threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["models"]:
@@ -334,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.verb == "path":
             _path(args)
+            return 0
+        if args.verb == "llama-server":
+            _llama_server(args)
             return 0
         from slmforge.config import load_recipe
         from slmforge.pipeline import print_status, run_recipe

@@ -261,6 +261,34 @@ class LlamaCpp:
         del self.server
 
 
+def llama_server(path: Path, host: str, port: int, context: int, parallel: int, alias: str | None,
+                 threads: int | None, info=print) -> None:
+    """llama.cpp's own OpenAI-compatible server (xllamacpp's, continuous batching over `parallel` slots)
+    for the GGUF at `path`, until interrupted: the fastest way to serve an export on a CPU, and an endpoint
+    for `serve.fallback` or knowledge mode."""
+    import xllamacpp
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such GGUF file (export writes <name>.<type>.gguf in each model folder)")
+    p = xllamacpp.CommonParams()
+    p.model.path = str(path)
+    p.hostnames, p.port = [host], port
+    p.n_ctx = context * parallel  # llama-server splits the context among its slots
+    p.n_parallel = parallel
+    p.cont_batching = True
+    p.model_alias = {alias or path.name.split(".")[0]}
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads or min(os.cpu_count() or 1, 4)
+    p.verbosity = -1
+    server = xllamacpp.Server(p)
+    info(f"llama.cpp server for {path.name} as model {next(iter(p.model_alias))!r} on "
+         f"{server.listening_address}/v1 ({parallel} slots of {context} tokens); Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        del server
+
+
 def reference_model(model_dir: Path, outtype: str):
     """The HF model with its matrices rounded to the GGUF's float type and back (norms stay float32,
     as in the GGUF), so that f16/bf16 files are compared with the weights they actually hold."""

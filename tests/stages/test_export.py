@@ -363,3 +363,43 @@ def test_slmforge_export_from_a_recipe(posttrained, tmp_path):
     bad = slmforge("export", "--recipe", str(path), "--set", "export.models=[specialst]")
     assert bad.returncode == 2
     assert bad.stderr.count("export.models: ") == 1 and "'specialst'" in bad.stderr, bad.stderr
+
+
+def test_slmforge_llama_server_serves_the_gguf_over_the_openai_api(exported, tmp_path):
+    """`slmforge llama-server FILE`: llama.cpp's server (xllamacpp) answers the official client under the
+    file's model name, as serve.fallback would call it; a missing file exits 2 naming it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    _, art, _ = exported
+    gguf_file = art.path / "t-dpo" / "t-dpo.f16.gguf"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "slmforge.cli", "llama-server", str(gguf_file), "--port",
+                             str(port), "--parallel", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["t-dpo"]
+        r = c.chat.completions.create(model="t-dpo", messages=[{"role": "user", "content": "What does VACUUM do?"}],
+                                      max_tokens=8, temperature=0)
+        assert 1 <= r.usage.completion_tokens <= 8 and r.choices[0].message.content is not None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = subprocess.run([sys.executable, "-m", "slmforge.cli", "llama-server", str(tmp_path / "nope.gguf")],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "nope.gguf: no such GGUF file" in bad.stderr
