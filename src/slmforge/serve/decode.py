@@ -65,12 +65,16 @@ class Sequence:
         if self.temperature == 0:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / self.temperature, dim=-1)
+        order = None
         if self.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sp, 0) - sp < self.top_p  # the smallest prefix whose mass reaches top_p
-            sp = sp * keep
-            return int(si[torch.multinomial(sp / sp.sum(), 1, generator=self.gen)])
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+            probs, order = torch.sort(probs, descending=True)
+            probs = probs * (torch.cumsum(probs, 0) - probs < self.top_p)  # the smallest prefix reaching top_p
+        # inverse-CDF sampling with this sequence's generator: torch.multinomial took 0.18 ms per call over
+        # the demo's 8192-token vocabulary, a quarter of a batched decode step (cProfile, 8 sequences)
+        cdf = torch.cumsum(probs, 0)
+        u = torch.rand((), generator=self.gen, dtype=cdf.dtype) * cdf[-1]
+        i = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
+        return int(order[i]) if order is not None else i
 
     def push(self, token: int) -> str:
         """Take `token`; the text that can be streamed now ("" while a stop sequence may still begin)."""
