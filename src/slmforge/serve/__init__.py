@@ -17,9 +17,15 @@ events in the OpenAI wire format), GET /v1/router (routing report), GET /health,
   naming the model (formatting a conversation plainly would give text the model never saw in training);
   /v1/completions still works for it.
 
+- Requests to one model share its forward passes (continuous batching, batch); response_format json_object
+  and json_schema are enforced by constrained decoding (structured); `slmforge: {knowledge: true}` or a
+  model named `<generalist>+<specialist>` has the specialist write a passage the generalist answers with
+  (knowledge).
+
 Modules: config (the recipe's `serve:` section), models (catalog names and folders -> loaded models),
-decode (the decode loop), schemas (OpenAI request bodies and error bodies), limits (generation slots and
-the thread bridge), server (the models, the router and the request checks), app (the FastAPI routes),
-cli (`slmforge serve`). Nothing is imported here, so that `slmforge.serve.config` loads without torch
+decode (one sequence's sampling, stops and pieces), batch (the per-model decode thread), structured
+(grammars), knowledge (knowledge mode), schemas (OpenAI request bodies and error bodies), limits
+(generation slots and the bridge to the event loop), server (the models, the router and the request
+checks), app (the FastAPI routes), cli (`slmforge serve`). Nothing is imported here, so that `slmforge.serve.config` loads without torch
 or FastAPI.
 """
