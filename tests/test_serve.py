@@ -593,3 +593,51 @@ def test_knowledge_mode_puts_the_specialists_passage_in_the_generalists_prompt(e
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "slmforge.passage_tokens"
     finally:
         fake.close()
+
+
+def test_a_catalog_endpoint_is_served_through_its_server(live, exports, tmp_path):
+    """`slmforge models add FOLDER --endpoint URL`: the folder gives the tokenizer, card and router data, the
+    endpoint (here the first server's `spec`, as vLLM or `slmforge llama-server` would serve it) generates;
+    named and auto requests go there, streamed too; an old catalog file gains the column."""
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    from slmforge.catalog import Catalog, cli_main
+
+    path = tmp_path / "catalog.db"
+    assert cli_main(["--catalog", str(path), "add", str(exports["spec"]), "--name", "spec-remote", "--endpoint",
+                     live.url + "/v1", "--endpoint-model", "spec", "--api-key-env", "SLMFORGE_TEST_EP_KEY"]) == 0
+    assert cli_main(["--catalog", str(path), "add", str(exports["gen"]), "--endpoint-model", "x"]) == 2
+    catalog = Catalog(path)
+    catalog.add(exports["gen"])
+    assert catalog.get("spec-remote").endpoint == {"base_url": live.url + "/v1", "model": "spec",
+                                                   "api_key_env": "SLMFORGE_TEST_EP_KEY"}
+    os.environ["SLMFORGE_TEST_EP_KEY"] = KEY
+    try:
+        with TestClient(create_app(Config(catalog=str(path), max_tokens=4), log=lambda msg: None)) as c:
+            listed = {m["id"]: m["slmforge"] for m in c.get("/v1/models").json()["data"]}
+            assert listed["spec-remote"]["endpoint"] == live.url + "/v1" and listed["gen"]["endpoint"] is None
+            msgs = [{"role": "user", "content": exports["pg_test"][0][:60]}]
+            direct = live.client().chat.completions.create(model="spec", messages=msgs, max_tokens=4, temperature=0)
+            r = c.post("/v1/chat/completions", json={"model": "auto", "messages": msgs, "max_tokens": 4,
+                                                     "temperature": 0}).json()
+            assert r["choices"][0]["message"]["content"] == direct.choices[0].message.content
+            assert r["slmforge"]["routed"] and r["slmforge"]["endpoint"] == live.url + "/v1"
+            with c.stream("POST", "/v1/completions", json={"model": "spec-remote", "prompt": "The catalog",
+                                                           "max_tokens": 3, "stream": True}) as s:
+                lines = [x for x in s.iter_lines() if x.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["slmforge"]["endpoint"]
+            too_long = c.post("/v1/completions", json={"model": "spec-remote", "prompt": "x " * 200})
+            assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        del os.environ["SLMFORGE_TEST_EP_KEY"]
+    old = tmp_path / "old.db"  # a catalog written before endpoints existed
+    with sqlite3.connect(old) as db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); INSERT INTO meta VALUES ('schema', '1');"
+            "CREATE TABLE models (name TEXT PRIMARY KEY, domain TEXT NOT NULL, description TEXT NOT NULL, params "
+            "INTEGER NOT NULL, context INTEGER NOT NULL, chat INTEGER NOT NULL, tokenizer TEXT NOT NULL, path TEXT "
+            "NOT NULL, lineage TEXT NOT NULL, scores TEXT NOT NULL, gguf TEXT, router TEXT, created TEXT NOT NULL);")
+    assert Catalog(old).list() == []
+    assert Catalog(old).add(exports["gen"]).endpoint is None and Catalog(old).get("gen").endpoint is None

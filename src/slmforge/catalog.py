@@ -38,8 +38,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RESERVED = frozenset({"auto"})  # `model: "auto"` asks the server's router
 SCHEMA_VERSION = 1
 _COLUMNS = ("name", "domain", "description", "params", "context", "chat", "tokenizer", "path", "lineage", "scores",
-            "gguf", "router", "created")
-_JSON = ("tokenizer", "lineage", "scores", "router")
+            "gguf", "router", "created", "endpoint")
+_JSON = ("tokenizer", "lineage", "scores", "router", "endpoint")
 
 
 def default_path() -> Path:
@@ -63,6 +63,9 @@ class Entry:
     gguf: str | None
     router: dict | None
     created: str
+    # where the model is served instead of loading the folder's weights (vLLM, `slmforge llama-server`):
+    # {base_url, model, api_key_env}; the folder still gives the tokenizer, the card and the router's data
+    endpoint: dict | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -88,13 +91,13 @@ class Catalog:
         if not self.path.is_file():
             return []
         with closing(self._connect(readonly=True)) as db:
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM models ORDER BY name").fetchall()
+            rows = db.execute(f"SELECT {_select(db)} FROM models ORDER BY name").fetchall()
         return [_entry(r) for r in rows]
 
     def get(self, name: str) -> Entry:
         if self.path.is_file():
             with closing(self._connect(readonly=True)) as db:
-                row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM models WHERE name = ?", (name,)).fetchone()
+                row = db.execute(f"SELECT {_select(db)} FROM models WHERE name = ?", (name,)).fetchone()
             if row:
                 return _entry(row)
         names = [e.name for e in self.list()]
@@ -103,10 +106,18 @@ class Catalog:
 
     # -- writing -------------------------------------------------------------------------------------
     def add(self, folder: str | Path, name: str | None = None, domain: str | None = None,
-            description: str | None = None, replace: bool = False) -> Entry:
-        """Validate `folder` (see the module docstring) and index it under `name`."""
+            description: str | None = None, replace: bool = False, endpoint: dict | None = None) -> Entry:
+        """Validate `folder` (see the module docstring) and index it under `name`; with `endpoint`
+        ({base_url, model, api_key_env}) the server forwards its requests there instead of loading it."""
         if name is not None:
             check_name(name, "model name")  # before the slower folder checks
+        if endpoint is not None:
+            url = endpoint.get("base_url") or ""
+            if not url.startswith(("http://", "https://")):
+                raise UserError(f"--endpoint {url!r}: give the OpenAI-compatible base URL, e.g. "
+                                "http://127.0.0.1:8001/v1")
+            endpoint = {"base_url": url.rstrip("/"), "model": endpoint.get("model"),
+                        "api_key_env": endpoint.get("api_key_env")}
         folder = Path(folder).expanduser().resolve()
         meta = validate_folder(folder)
         name = check_name(name if name is not None else meta.get("name") or folder.name.lower(), "model name")
@@ -118,7 +129,8 @@ class Catalog:
             params=int(meta["params"]), context=int(meta["context"]), chat=bool(meta["chat"]),
             tokenizer=meta.get("tokenizer") or {}, path=folder, lineage=meta.get("lineage") or {},
             scores=meta.get("scores") or {}, gguf=meta.get("gguf"), router=meta.get("router"),
-            created=meta.get("created") or _now())
+            created=meta.get("created") or _now(),
+            endpoint={**endpoint, "model": endpoint["model"] or name} if endpoint else None)
         row = _row(entry)
         with self._write() as db:
             old = db.execute("SELECT path FROM models WHERE name = ?", (name,)).fetchone()
@@ -151,7 +163,9 @@ class Catalog:
                     "CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, domain TEXT NOT NULL, "
                     "description TEXT NOT NULL, params INTEGER NOT NULL, context INTEGER NOT NULL, "
                     "chat INTEGER NOT NULL, tokenizer TEXT NOT NULL, path TEXT NOT NULL, lineage TEXT NOT NULL, "
-                    "scores TEXT NOT NULL, gguf TEXT, router TEXT, created TEXT NOT NULL);")
+                    "scores TEXT NOT NULL, gguf TEXT, router TEXT, created TEXT NOT NULL, endpoint TEXT);")
+                if "endpoint" not in _columns(db):  # a catalog from before endpoints: the column is added
+                    db.execute("ALTER TABLE models ADD COLUMN endpoint TEXT")
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         except sqlite3.DatabaseError as e:
@@ -173,6 +187,16 @@ class Catalog:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in db.execute("PRAGMA table_info(models)")}
+
+
+def _select(db: sqlite3.Connection) -> str:
+    """The SELECT list of _COLUMNS; NULL for a column an older catalog file does not have yet."""
+    have = _columns(db)
+    return ", ".join(c if c in have else f"NULL AS {c}" for c in _COLUMNS)
 
 
 def _now() -> str:
@@ -314,7 +338,8 @@ def _print_table(entries: list[Entry], catalog: Catalog) -> None:
     for col in ("name", "domain", "params", "context", "chat", "gguf", "scores", "path"):
         t.add_column(col)
     for e in entries:
-        path = str(e.path) + ("" if e.path.is_dir() else "  [red](missing)[/red]")
+        path = str(e.path) + ("" if e.path.is_dir() else "  [red](missing)[/red]") + (
+            f"  (served by {e.endpoint['base_url']})" if e.endpoint else "")
         t.add_row(e.name, e.domain, _fmt_params(e.params), str(e.context), "yes" if e.chat else "no",
                   "yes" if e.gguf else "no", _headline(e), path)
     out.print(t)
@@ -339,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--domain", help="the model's domain (needed when the folder has no slmforge.json)")
     s.add_argument("--description")
     s.add_argument("--replace", action="store_true", help="re-point an existing name at this folder")
+    s.add_argument("--endpoint", help="an OpenAI-compatible base URL that serves this model (vllm serve FOLDER, "
+                   "slmforge llama-server FILE.gguf): slmforge serve forwards its requests there")
+    s.add_argument("--endpoint-model", help="the model name at the endpoint (default: the catalog name)")
+    s.add_argument("--api-key-env", help="environment variable with the endpoint's API key")
     s = add_parser("rm", help="remove a model from the catalog (its folder is left alone)")
     s.add_argument("name")
     return p
@@ -360,9 +389,15 @@ def cli_main(argv: list[str]) -> int:
             if not e.path.is_dir():
                 print(f"warning: {e.path} no longer exists; `slmforge models rm {e.name}`", file=sys.stderr)
         elif args.action == "add":
+            if not args.endpoint and (args.endpoint_model or args.api_key_env):
+                raise UserError("--endpoint-model and --api-key-env describe an --endpoint; give --endpoint URL")
+            endpoint = {"base_url": args.endpoint, "model": args.endpoint_model,
+                        "api_key_env": args.api_key_env} if args.endpoint else None
             e = cat.add(args.folder, name=args.name, domain=args.domain, description=args.description,
-                        replace=args.replace)
-            print(f"added {e.name} ({e.domain}, {_fmt_params(e.params)}) -> {e.path} to {cat.path}", file=sys.stderr)
+                        replace=args.replace, endpoint=endpoint)
+            via = f", served by {e.endpoint['base_url']} as {e.endpoint['model']!r}" if e.endpoint else ""
+            print(f"added {e.name} ({e.domain}, {_fmt_params(e.params)}) -> {e.path}{via} to {cat.path}",
+                  file=sys.stderr)
         elif args.action == "rm":
             e = cat.remove(args.name)
             print(f"removed {e.name} from {cat.path} (folder {e.path} kept)", file=sys.stderr)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from slmforge.serve import knowledge
-from slmforge.serve.config import Config
+from slmforge.serve.config import Config, FallbackConfig
 from slmforge.serve.decode import GenResult, Sequence
 from slmforge.serve.limits import in_batch, take_slot
 from slmforge.serve.schemas import (
@@ -83,6 +83,7 @@ async def list_models(request: Request):
                      "slmforge": {"domain": m.domain, "context": m.context, "chat": m.chat_tuned,
                                   "chat_template": m.chat,
                                   "params": m.params, "fallback": m.name in srv.fallback_names,
+                                  "endpoint": m.endpoint["base_url"] if m.endpoint else None,
                                   "description": m.description}})
     return {"object": "list", "data": data}
 
@@ -268,12 +269,15 @@ async def handle(request: Request, schema, chat: bool):
                 return None, ext, None, None, None
         m = srv.model_for(name)
         ids = srv.chat_ids(m, req) if chat else srv.completion_ids(m, req)
-        grammar = Grammar(srv.tokenizers.get(m), compiled) if compiled else None
-        return m, ext, ids, srv.budget(m, ids, req), grammar
+        budget = srv.budget(m, ids, req)
+        grammar = Grammar(srv.tokenizers.get(m), compiled) if compiled and m.model is not None else None
+        return m, ext, ids, budget, grammar
 
     m, ext, ids, max_tokens, grammar = await run_in_threadpool(prepare)
     if m is None:
         return await forward(srv, body, chat, ext)
+    if m.endpoint:  # a catalog endpoint (vLLM, llama.cpp): it generates, structured outputs included
+        return await forward(srv, body, chat, ext, FallbackConfig(**m.endpoint))
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     await take_slot(srv.slots)
@@ -301,6 +305,9 @@ async def write_passage(srv: Server, req: ChatRequest, kplan: knowledge.Plan) ->
     def prepare():
         name = kplan.specialist or srv.specialist_for(question)
         m = srv.model_for(name)
+        if m.model is None:
+            raise ApiError(400, f"knowledge mode: the specialist '{m.name}' is served by an endpoint; name a "
+                           "local specialist as '<generalist>+<specialist>'", param="model")
         ids = knowledge.passage_ids(srv, m, question)
         tokens = min(kplan.passage_tokens, m.context // 2)
         return m, ids[-(m.context - tokens):], tokens  # a long question keeps its end
@@ -335,10 +342,10 @@ async def events(srv: Server, reply: Reply, batcher, seq):
 
 # -------------------------------------------------------------------------------------------- fallback
 
-async def forward(srv: Server, body: dict, chat: bool, ext: dict):
-    """The request, with the fallback's model name, to the fallback endpoint; its answer (or stream) back,
-    with the `slmforge` extension record added."""
-    fb = srv.fallback_remote
+async def forward(srv: Server, body: dict, chat: bool, ext: dict, fb: FallbackConfig | None = None):
+    """The request, with the endpoint's model name, to `fb` (default: the fallback endpoint); its answer (or
+    stream) back, with the `slmforge` extension record added."""
+    fb = fb or srv.fallback_remote
     assert fb is not None
     url = f"{fb.base_url}/{'chat/completions' if chat else 'completions'}"
     key = os.environ.get(fb.api_key_env, "") if fb.api_key_env else ""

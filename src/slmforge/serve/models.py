@@ -25,6 +25,7 @@ class Served:
     router_data: dict | None = None  # {"train": Path, "test": Path}
     meta: dict = field(default_factory=dict)
     chat_tuned: bool | None = None  # post-trained to chat: the catalog's `chat` (slmforge.json's); /v1/models says it
+    endpoint: dict | None = None  # {base_url, model, api_key_env}: served there, `model` is None here
 
 
 def resolve(spec: str, catalog: str | None) -> dict:
@@ -40,7 +41,8 @@ def resolve(spec: str, catalog: str | None) -> dict:
         else:
             router = {k: (Path(e.path) / v) for k, v in (e.router or {}).items() if v}
             return {"name": e.name, "domain": e.domain or e.name, "path": Path(e.path),
-                    "description": e.description or "", "router": router or None, "chat": e.chat}
+                    "description": e.description or "", "router": router or None, "chat": e.chat,
+                    "endpoint": e.endpoint, "params": e.params}
     if not p.is_dir():
         raise UserError(f"model {spec!r}: folder not found. Give an existing model folder or a catalog name")
     meta = read_meta(p)
@@ -63,19 +65,32 @@ def catalog_names(catalog: str | None) -> list[str]:
 
 
 def load_served(info: dict, dtype: str) -> Served:
+    """The model of `info` loaded; for a catalog endpoint, its tokenizer and config only (the endpoint
+    generates; the tokenizer checks chat templates and context lengths, as for a local model)."""
     import torch
 
     from slmforge.modeling import load_model
 
-    model, tok = load_model(info["path"], dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    model.eval()
-    params = sum(p.numel() for p in model.parameters())
-    if dtype == "int8":
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    cfg = model.config
+    if info.get("endpoint"):
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        model, tok = None, AutoTokenizer.from_pretrained(str(info["path"]), local_files_only=True)
+        cfg = AutoConfig.from_pretrained(str(info["path"]), local_files_only=True)
+        try:
+            gen = GenerationConfig.from_pretrained(str(info["path"]), local_files_only=True)
+        except OSError:
+            gen = None
+        params = int(info.get("params") or 0)
+    else:
+        model, tok = load_model(info["path"], dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        model.eval()
+        params = sum(p.numel() for p in model.parameters())
+        if dtype == "int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        cfg, gen = model.config, getattr(model, "generation_config", None)
     context = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 2048
     eos = set()
-    for src in (getattr(model, "generation_config", None), cfg):
+    for src in (gen, cfg):
         ids = getattr(src, "eos_token_id", None) if src is not None else None
         if ids is not None:
             eos |= set(ids if isinstance(ids, list) else [ids])
@@ -86,5 +101,5 @@ def load_served(info: dict, dtype: str) -> Served:
     return Served(name=info["name"], domain=info["domain"], path=Path(info["path"]), model=model, tok=tok,
                   context=context, chat=template, eos_ids=eos, params=params,
                   description=info.get("description", ""), router_data=info.get("router"),
-                  chat_tuned=template if tuned is None else bool(tuned))
+                  chat_tuned=template if tuned is None else bool(tuned), endpoint=info.get("endpoint"))
 

@@ -56,8 +56,9 @@ class Server:
             t0 = time.perf_counter()
             self.models[i["name"]] = load_served(i, cfg.dtype)
             m = self.models[i["name"]]
+            where = f"served by {m.endpoint['base_url']} as {m.endpoint['model']!r}" if m.endpoint else cfg.dtype
             self.log(f"loaded {m.name} (domain {m.domain}, {m.params / 1e6:.2f}M params, context {m.context}, "
-                     f"{cfg.dtype}, chat template: {'yes' if m.chat else 'no'}) from {m.path} in "
+                     f"{where}, chat template: {'yes' if m.chat else 'no'}) from {m.path} in "
                      f"{time.perf_counter() - t0:.1f} s")
         self.fallback_names = {i["name"] for i in infos if i.get("fallback")}
         self.slots = Slots(cfg.max_concurrency, cfg.max_queue, cfg.queue_timeout_s)
@@ -65,8 +66,9 @@ class Server:
         # each model's batch thread on its share of the cores: measured with the demo's two models on 2 cores
         # (benchmarks/serve_load.py, 16 clients), 1 torch thread each gave 687-698 tokens/s against 524 with 2
         # each (the two threads' OpenMP pools fighting for the cores) and 463-502 with one forward at a time
-        share = max(1, (cfg.threads or torch.get_num_threads()) // len(self.models))
-        self.batchers = {name: Batcher(m.model, cfg.max_concurrency, name, share) for name, m in self.models.items()}
+        local = {name: m for name, m in self.models.items() if m.model is not None}  # not catalog endpoints
+        share = max(1, (cfg.threads or torch.get_num_threads()) // max(1, len(local)))
+        self.batchers = {name: Batcher(m.model, cfg.max_concurrency, name, share) for name, m in local.items()}
         self._warm_up()
         self.keys = {k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()}
         self._setup_router()
@@ -76,7 +78,8 @@ class Server:
         """Short generations per model at batch sizes 1 to max_concurrency: the first requests of a fresh
         process ran up to 10x slower per token than later ones (torch's first calls at each shape)."""
         t0 = time.perf_counter()
-        for name, m in self.models.items():
+        for name in self.batchers:
+            m = self.models[name]
             ids = m.tok("The first request warms the model up.").input_ids[: m.context // 2]
             n = min(32, m.context - len(ids))
             for batch in sorted({1, self.cfg.max_concurrency}):
@@ -87,7 +90,7 @@ class Server:
                                                threading.Event())
                 for _ in range(batch):
                     done.acquire(timeout=120)
-        self.log(f"warmed up {len(self.models)} model(s) at batch sizes up to {self.cfg.max_concurrency} in "
+        self.log(f"warmed up {len(self.batchers)} model(s) at batch sizes up to {self.cfg.max_concurrency} in "
                  f"{time.perf_counter() - t0:.1f} s")
 
     # ---- routing
@@ -132,6 +135,10 @@ class Server:
             self.router = make_router("tfidf", train=train)
             n_eval = self.cfg.router.eval_docs
         else:
+            remote = [m.name for m in served.values() if m.model is None]
+            if remote:
+                raise UserError(f"router.kind bpb scores each model's weights; {', '.join(remote)} is served by "
+                                "an endpoint: use router.kind tfidf")
             self.router = make_router("bpb", models={d: (m.model, m.tok, m.context) for d, m in served.items()})
             n_eval = min(30, self.cfg.router.eval_docs)
         test = {}
@@ -177,7 +184,7 @@ class Server:
     def specialist_for(self, prompt: str) -> str:
         """Knowledge mode's specialist for `prompt`: the router's most likely domain among the local models
         that are not the fallback (whatever its confidence)."""
-        local = [n for n in self.models if n != self.fallback_local]
+        local = [n for n, m in self.models.items() if n != self.fallback_local and m.model is not None]
         if not local:
             raise ApiError(400, "knowledge mode: no specialist is served (only the fallback)", param="model")
         if self.router is None:
