@@ -74,7 +74,7 @@ def test_serve_flags_come_from_its_config():
     dtype = _action(p, "--dtype")
     assert tuple(dtype.choices) == DTYPES and str(Config.model_fields["dtype"].default) in dtype.help
     assert _action(p, "--router").choices == ["tfidf", "bpb"]
-    assert _action(p, "--max-queue").type is int and "(default: 32)" in _action(p, "--max-queue").help
+    assert _action(p, "--max-queue").type is int and "(default: 64)" in _action(p, "--max-queue").help
     for flag in ("--recipe", "--catalog", "--model", "--host", "--port", "--fallback-url", "--fallback-model",
                  "--fallback-key-env", "--threshold", "--router", "--max-concurrency", "--max-queue",
                  "--max-tokens", "--dtype", "--api-keys-env", "--threads"):
