@@ -247,7 +247,7 @@ def grammar_overhead(folder: Path, tokens: int, threads: int) -> dict:
     lltok = Tokenizers().get(m)
     m.eos_ids = set()  # the plain run makes all `tokens`; the grammar's string is too long to end sooner
     ids = m.tok("The SELECT statement retrieves rows from").input_ids
-    compiled, _ = grammar_for({"type": "json_schema", "json_schema": {"name": "t", "schema": {
+    compiled = grammar_for({"type": "json_schema", "json_schema": {"name": "t", "schema": {
         "type": "object", "properties": {"text": {"type": "string", "minLength": 4 * tokens}},
         "required": ["text"]}}})
     best = {"plain": 1e9, "json_schema": 1e9}

@@ -313,19 +313,10 @@ def _chat(args) -> None:
 def _llama_server(args) -> None:
     from pathlib import Path
 
-    import gguf as gguf_pkg
+    from slmforge.gguf import llama_server
 
-    from slmforge.errors import UserError
-    from slmforge.gguf import llama_cpp_available, llama_server
-
-    path = Path(args.gguf).expanduser()
-    if not llama_cpp_available():
-        raise UserError("llama-server needs xllamacpp: `make llama` (or pip install -e .[llama])")
-    context = args.context
-    if context is None and path.is_file():
-        field = gguf_pkg.GGUFReader(str(path)).fields.get("llama.context_length")
-        context = int(field.contents()) if field is not None else 2048
-    llama_server(path, args.host, args.port, context or 2048, args.parallel, args.alias, args.threads)
+    llama_server(Path(args.gguf).expanduser(), args.host, args.port, args.context, args.parallel, args.alias,
+                 args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,6 +204,20 @@ def llama_cpp_version() -> str:
     return f"{LLAMA_CPP_PACKAGE} {version(LLAMA_CPP_PACKAGE)}"
 
 
+def _server_params(path: Path, context: int, parallel: int, threads: int | None):
+    """xllamacpp's CommonParams for the GGUF at `path`: `parallel` slots over `context` tokens in all,
+    `threads` CPU threads (default: up to 4), llama.cpp's own log lines off."""
+    import xllamacpp
+
+    p = xllamacpp.CommonParams()
+    p.model.path = str(path)
+    p.n_ctx = context
+    p.n_parallel = parallel
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads or min(os.cpu_count() or 1, 4)
+    p.verbosity = -1
+    return p
+
+
 class LlamaCpp:
     """One GGUF file in llama.cpp: greedy tokens, tokenization and chat-template rendering, each by
     llama.cpp's own server code in this process (xllamacpp.Server). Its HTTP routes listen on a loopback
@@ -214,12 +228,7 @@ class LlamaCpp:
 
         import xllamacpp
 
-        p = xllamacpp.CommonParams()
-        p.model.path = str(path)
-        p.n_ctx = context
-        p.n_parallel = 1
-        p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads or min(os.cpu_count() or 1, 4)
-        p.verbosity = -1  # llama.cpp's own log lines off
+        p = _server_params(path, context, 1, threads)
         self._key = secrets.token_hex(16)
         p.api_keys = [self._key]
         self.server = xllamacpp.Server(p)
@@ -261,24 +270,26 @@ class LlamaCpp:
         del self.server
 
 
-def llama_server(path: Path, host: str, port: int, context: int, parallel: int, alias: str | None,
+def llama_server(path: Path, host: str, port: int, context: int | None, parallel: int, alias: str | None,
                  threads: int | None, info=print) -> None:
-    """llama.cpp's own OpenAI-compatible server (xllamacpp's, continuous batching over `parallel` slots)
-    for the GGUF at `path`, until interrupted: the fastest way to serve an export on a CPU, and an endpoint
-    for `serve.fallback` or knowledge mode."""
+    """llama.cpp's own OpenAI-compatible server (xllamacpp's, continuous batching over `parallel` slots of
+    `context` tokens, default the GGUF's context length) for the GGUF at `path`, until interrupted: the
+    fastest way to serve an export on a CPU, and an endpoint for the catalog or `serve.fallback`."""
+    import gguf
+
+    if not llama_cpp_available():
+        raise UserError("llama-server needs xllamacpp: `make llama` (or pip install -e .[llama])")
     import xllamacpp
 
     if not path.is_file():
         raise UserError(f"{path}: no such GGUF file (export writes <name>.<type>.gguf in each model folder)")
-    p = xllamacpp.CommonParams()
-    p.model.path = str(path)
+    if context is None:
+        field = gguf.GGUFReader(str(path)).fields.get("llama.context_length")
+        context = int(field.contents()) if field is not None else 2048
+    p = _server_params(path, context * parallel, parallel, threads)  # llama-server splits n_ctx among slots
     p.hostnames, p.port = [host], port
-    p.n_ctx = context * parallel  # llama-server splits the context among its slots
-    p.n_parallel = parallel
     p.cont_batching = True
     p.model_alias = {alias or path.name.split(".")[0]}
-    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads or min(os.cpu_count() or 1, 4)
-    p.verbosity = -1
     server = xllamacpp.Server(p)
     info(f"llama.cpp server for {path.name} as model {next(iter(p.model_alias))!r} on "
          f"{server.listening_address}/v1 ({parallel} slots of {context} tokens); Ctrl-C stops it")

@@ -244,6 +244,8 @@ async def handle(request: Request, schema, chat: bool):
     srv = _server(request)
     body, req = await parse(srv, request, schema)
     kplan = knowledge.plan(srv, req.model, req.slmforge) if chat else None
+    # a bad schema is refused before any model runs (knowledge mode's passage included)
+    compiled = await run_in_threadpool(grammar_for, req.response_format) if chat and req.response_format else None
     know = None
     if kplan is not None:
         know = await write_passage(srv, req, kplan)
@@ -253,9 +255,7 @@ async def handle(request: Request, schema, chat: bool):
         req = req.model_copy(update={"messages": [Message.model_validate(x) for x in messages]})
 
     def prepare():
-        """Routing, tokenizing and compiling a schema cost time on a long prompt: in a worker thread, not on
-        the event loop."""
-        compiled, _ = grammar_for(req.response_format) if chat else (None, None)
+        """Routing and tokenizing cost time on a long prompt: in a worker thread, not on the event loop."""
         ext = {"routed": False, "fallback": False}
         name = req.model
         if kplan is not None:

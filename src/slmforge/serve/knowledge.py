@@ -72,9 +72,7 @@ def passage_ids(srv, m, question: str) -> list[int]:
     """The specialist's prompt: the question in its chat template when it was post-trained to chat, else
     the question as text to continue (a pretrained specialist writes on from it)."""
     if m.chat_tuned and m.chat:
-        text = m.tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
-        return m.tok(text, add_special_tokens=False).input_ids
+        return srv.template_ids(m, [{"role": "user", "content": question}])
     return m.tok(question.rstrip() + "\n").input_ids
 
 

@@ -209,10 +209,14 @@ class Server:
         return self.models[name]
 
     def chat_ids(self, m: Served, req: ChatRequest) -> list[int]:
+        msgs = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in req.messages]
+        return self.template_ids(m, msgs)
+
+    def template_ids(self, m: Served, msgs: list[dict]) -> list[int]:
+        """The prompt ids of `msgs` ({role, content}) in m's chat template, ready for the assistant's turn."""
         if not m.chat:
             raise ApiError(400, f"model '{m.name}' has no chat template; use /v1/completions with it",
                            param="model", code="chat_not_supported")
-        msgs = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in req.messages]
         try:
             text = m.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # noqa: BLE001 - a template may raise on roles it does not support

@@ -18,11 +18,11 @@ from slmforge.serve.schemas import ApiError
 JSON_OPTIONS = {"whitespace_flexible": False}  # llguidance's JSON compiler: "," and ":" with no spaces
 
 
-def grammar_for(response_format: dict | None) -> tuple[str | None, dict | None]:
-    """(llguidance grammar, the JSON schema) for a request's response_format; (None, None) for plain text;
-    ApiError 400 naming the field when the schema is not a valid JSON Schema."""
+def grammar_for(response_format: dict | None) -> str | None:
+    """The llguidance grammar for a request's response_format; None for plain text; ApiError 400 naming the
+    field when the schema is not a valid JSON Schema."""
     if not response_format or response_format.get("type") == "text":
-        return None, None
+        return None
     import llguidance
 
     kind = response_format.get("type")
@@ -46,7 +46,7 @@ def grammar_for(response_format: dict | None) -> tuple[str | None, dict | None]:
     if problem:
         raise ApiError(400, f"response_format.json_schema.schema: this schema cannot be enforced: {problem}",
                        param="response_format.json_schema.schema")
-    return grammar, schema
+    return grammar
 
 
 def _check_schema(schema: dict) -> None:
