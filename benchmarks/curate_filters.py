@@ -54,10 +54,10 @@ def load_docs(paths: list[str], text_field: str, limit: int | None) -> list[tupl
 def build_filters() -> dict[str, dict]:
     from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
 
+    from slmforge.curation.steps import C4DocumentRules
     from slmforge.stages import curate
 
     cfg = curate.Config()
-    C4DocumentRules = curate._build_steps()[0]
     rep = cfg.gopher_repetition.kwargs()
     rep = {**rep, "top_n_grams": tuple(map(tuple, rep["top_n_grams"])),
            "dup_n_grams": tuple(map(tuple, rep["dup_n_grams"]))}

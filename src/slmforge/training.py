@@ -68,7 +68,7 @@ class TrainConfig(StageConfig):
     """The loop's settings: budget, batch, optimiser, schedule, precision, checkpoints and logging (the
     Configs of pretrain and compress extend it)."""
 
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every_min", "tensorboard", "log_every"})
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every_min", "tensorboard", "log_every", "parallel"})
 
     tokens: int | str | None = Field(None, description="training budget in tokens, e.g. 2M or 200000 (or give minutes)")
     minutes: float | None = Field(None, gt=0, description="training budget in minutes (the step count is fixed after "
@@ -85,6 +85,10 @@ class TrainConfig(StageConfig):
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where supported")
     compile: bool = Field(False, description="torch.compile the model (20-40 s to start, ~1.3x after)")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes (torchrun, accelerate launch): ddp keeps a whole copy of the "
+                           "model, gradients and optimizer state on each; fsdp shards all three over the "
+                           "processes (FSDP2, one unit per decoder layer), for models that do not fit one device")
     mixture: Mixture = Field(default_factory=Mixture)
     eval_every: int = Field(50, ge=1, description="steps between validation losses (per source)")
     eval_tokens: int = Field(32768, ge=16, description="validation tokens per source")

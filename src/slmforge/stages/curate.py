@@ -2,34 +2,33 @@
 
 Quality filters (Gopher repetition, Gopher quality, C4's document rules) with thresholds tuned for
 technical documentation, PII redaction, exact dedup and MinHash near-dedup (datatrove's blocks,
-run by its LocalPipelineExecutor), then a deterministic train/val/test split by a hash of each id.
+run by datatrove's local, Ray or Slurm executor: slmforge.curation), then a deterministic
+train/val/test split by a hash of each id.
 Output: `data/<split>/<source>/*.parquet` (records.DOCUMENT_SCHEMA), `audit/<step>.jsonl` (a sample
 of what each step dropped, for review), and per-step drop counts in the manifest.
 
-For corpora too big for one machine, the same blocks run on datatrove's SlurmPipelineExecutor or
-RayPipelineExecutor: see the README ("Curating a large corpus").
+For corpora too big for one machine, `executor: ray` or `executor: slurm` runs the same blocks on a
+cluster, with the same output (README: "Scale-out").
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import random
-import re
 import shutil
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.children import die_with_parent
 from slmforge.config import StageConfig
 from slmforge.console import info
+from slmforge.curation import split_of  # noqa: F401 (curate.split_of: the split of one id)
 from slmforge.errors import UserError
 
 NAME = "curate"
@@ -110,10 +109,44 @@ class MinHash(_Section):
     hashes_per_bucket: int = Field(8, ge=1)
 
 
-class Config(StageConfig):
-    """Filters, dedup, PII and the split. Each filter section can be turned off with `enabled: false`."""
+class Ray(BaseModel):
+    """executor: ray. Every node needs this slmforge installed and the workdir on a shared filesystem."""
 
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"workers"})
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    address: str | None = Field(None, description="a running cluster (auto, or ray://HOST:10001); none: start a "
+                                                  "Ray instance on this machine with `workers` CPUs")
+    cpus_per_task: int = Field(1, ge=1, description="CPUs Ray reserves per datatrove task")
+    mem_per_cpu_gb: float = Field(2, gt=0, description="memory Ray reserves per CPU of a task")
+
+
+class Slurm(BaseModel):
+    """executor: slurm. Run curate on a login node: it submits one job array per step (each after the one
+    before) and waits. The workdir must be on a filesystem the compute nodes share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    partition: str | None = Field(None, description="sbatch --partition (required)")
+    time: str = Field("4:00:00", description="sbatch --time of each job array")
+    cpus_per_task: int = Field(1, ge=1, description="sbatch --cpus-per-task")
+    mem_per_cpu_gb: float = Field(2, gt=0, description="sbatch --mem-per-cpu, in GB")
+    qos: str | None = Field(None, description="sbatch --qos")
+    job_name: str = Field("slmforge-curate", description="job names are this, then -<step>")
+    logs: str | None = Field(None, description="folder for Slurm's own job logs (default: beside datatrove's, "
+                                               "in the run's work/logs/<step>/slurm_logs)")
+    env_command: str | None = Field(None, description="shell line each job runs first (default: activate this "
+                                                      "virtual environment)")
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description="more sbatch options, e.g. {account: "
+                                                                          "proj1}")
+    mail_type: str = Field("NONE", description="sbatch --mail-type (with mail_user)")
+    mail_user: str | None = Field(None, description="sbatch --mail-user")
+    submit: bool = Field(True, description="false: write the job scripts and stop, without submitting (to review)")
+    poll_s: float = Field(30, gt=0, description="seconds between squeue checks while waiting")
+
+
+class Config(StageConfig):
+    """Filters, dedup, PII and the split. Each filter section can be turned off with `enabled: false`.
+    Where it runs (executor, ray, slurm, workers) is not part of the cache key: the output is the same."""
+
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"workers", "executor", "ray", "slurm"})
 
     gopher_repetition: GopherRepetition = Field(default_factory=GopherRepetition)
     gopher_quality: GopherQuality = Field(default_factory=GopherQuality)
@@ -125,175 +158,25 @@ class Config(StageConfig):
     test_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents (by id hash) for test")
     split_salt: str = Field("slmforge", description="changes which documents land in which split")
     audit_sample: int = Field(20, ge=0, description="dropped documents kept per step for review")
-    workers: int = Field(2, ge=1, description="parallel datatrove worker processes (not part of the cache key)")
+    workers: int = Field(2, ge=1, description="datatrove tasks at once: local worker processes, Ray tasks, or the "
+                                              "Slurm job arrays' limit")
+    executor: Literal["local", "ray", "slurm"] = Field("local", description="where datatrove runs: this machine's "
+                                                                             "processes, a Ray cluster, or Slurm")
+    ray: Ray = Field(default_factory=Ray)
+    slurm: Slurm = Field(default_factory=Slurm)
 
     @model_validator(mode="after")
     def _fractions(self):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1 so that train is not empty")
+        if self.executor == "slurm" and not self.slurm.partition:
+            raise ValueError("executor: slurm needs slurm.partition (the sbatch partition to submit to)")
         return self
-
-
-def split_of(doc_id: str, val_fraction: float, test_fraction: float, salt: str = "slmforge") -> str:
-    """Deterministic split of one document: the same id always lands in the same split."""
-    h = int.from_bytes(hashlib.sha256(f"{salt}\0{doc_id}".encode()).digest()[:8], "big") / 2**64
-    if h < val_fraction:
-        return "val"
-    if h < val_fraction + test_fraction:
-        return "test"
-    return "train"
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {"ingest": store.resolve("ingest:latest")}
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs["ingest"], out), resumable=True, force=force)
-
-
-# ---- datatrove steps of our own ---------------------------------------------------------------------
-_PHONE = (r"(?<![\w.+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w.-])"
-          r"|(?<![\w.+/-])\+\d{1,3}(?:[ .-]\d{2,5}){2,4}(?![\w.-])")
-_SECRETS = [
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
-    r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}\b",  # GitHub tokens
-    r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}",  # OpenAI / Anthropic style keys
-    r"\bxox[abposr]-[A-Za-z0-9-]{10,}",  # Slack tokens
-    r"\bAIza[0-9A-Za-z_-]{35}\b",  # Google API keys
-    r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}",  # JSON web tokens
-    r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]+?-----END (?:[A-Z]+ )?PRIVATE KEY-----",
-]
-_ASSIGNED_SECRET = re.compile(
-    r"(?i)\b((?:api|secret|access|auth|client|private)[_-]?(?:key|token|secret))(\s*[:=]\s*[\"']?)"
-    r"([A-Za-z0-9_\-/+=.]{16,})")
-
-
-_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\.?\d|/)")  # not a CIDR network
-_NUMBERING = re.compile(r"(?i)(?:section|sect\.|table|figure|fig\.|example|chapter|appendix|part|step|version|v)\s*$")
-
-
-def _ip_replacement(m: re.Match, text: str) -> str | None:
-    """A documentation address for a public IPv4 address; None (keep) for private ones and numbering."""
-    import ipaddress
-
-    before = text[max(0, m.start() - 12): m.start()]
-    if _NUMBERING.search(before):
-        return None
-    line_start = text.rfind("\n", 0, m.start()) + 1
-    if not text[line_start:m.start()].strip() and text[m.end(): m.end() + 2] in (". ", ".\n"):
-        return None  # "24.2.2.1. Standard Collations": a numbered heading
-    try:
-        if not ipaddress.ip_address(m.group(0)).is_global:
-            return None
-    except ValueError:
-        return None
-    return "192.0.2.1"  # TEST-NET-1 (RFC 5737), reserved for documentation
-
-
-def _doc_bytes(doc) -> bytes:
-    # bytes, not str: datatrove's default xxhash signature function only takes bytes
-    return doc.text.encode("utf-8")
-
-
-def _build_steps():
-    """The datatrove classes we extend; imported lazily (datatrove loads spacy)."""
-    from datatrove.pipeline.base import PipelineStep
-    from datatrove.pipeline.filters import C4QualityFilter
-    from datatrove.pipeline.formatters.base import BaseFormatter
-    from datatrove.pipeline.formatters.pii import PIIFormatter
-
-    class C4DocumentRules(C4QualityFilter):
-        """C4's document-level verdicts without its line rewriting (which strips code indentation)."""
-
-        name = "⛰ C4 document rules"
-
-        def filter(self, doc):
-            text = doc.text
-            result = super().filter(doc)
-            doc.text = text
-            return result
-
-    class RedactPII(BaseFormatter):
-        """E-mail addresses (datatrove's pattern), public IPv4 addresses, phone numbers and secrets.
-
-        datatrove's own IP replacer rewrites every public-looking dotted quad; on the PostgreSQL manual
-        that is 316 section numbers ("see Section 55.2.2.1") and one real example address. Here a
-        quad preceded by Section/Table/Figure/... or numbering a heading is left alone."""
-
-        name = "📞 PII redaction"
-
-        def __init__(self, pii: PII):
-            super().__init__()
-            self.rules = []  # (kind, regex, function(match, text) -> replacement or None to keep)
-            if pii.emails:
-                email = PIIFormatter().emails_replacer.regex
-                self.rules.append(("email", email, lambda m, t: "email@example.com"))
-            if pii.ips:
-                self.rules.append(("ip", _IPV4, _ip_replacement))
-            if pii.phones:
-                self.rules.append(("phone", re.compile(_PHONE), lambda m, t: "555-0100"))
-            if pii.secrets:
-                self.rules.append(("secret", re.compile("|".join(_SECRETS)), lambda m, t: "<REDACTED_SECRET>"))
-                self.rules.append(("secret", _ASSIGNED_SECRET, lambda m, t: m.group(1) + m.group(2) + "<REDACTED_SECRET>"))
-
-        def format(self, text: str) -> str:
-            for kind, regex, replace in self.rules:
-                count = 0
-
-                def sub(m, _text=text, _replace=replace):
-                    nonlocal count
-                    new = _replace(m, _text)
-                    if new is None:
-                        return m.group(0)
-                    count += 1
-                    return new
-
-                text = regex.sub(sub, text)
-                if count:
-                    self.stat_update(f"redacted_{kind}", value=count)
-            return text
-
-    class AssignSplit(PipelineStep):
-        """Sets metadata['split'] from a hash of the id."""
-
-        name = "🔀 train/val/test split"
-        type = "🔀 - SPLIT"
-
-        def __init__(self, val: float, test: float, salt: str):
-            super().__init__()
-            self.val, self.test, self.salt = val, test, salt
-
-        def run(self, data, rank: int = 0, world_size: int = 1):
-            for doc in data:
-                doc.metadata["split"] = split_of(doc.id, self.val, self.test, self.salt)
-                self.stat_update(doc.metadata["split"])
-                yield doc
-
-    class CountProgress(PipelineStep):
-        """Adds each document to counters shared with the parent process, which draws the progress bar."""
-
-        name = "📊 progress"
-        type = "📊 - PROGRESS"
-
-        def run(self, data, rank: int = 0, world_size: int = 1):
-            docs, chars = _SHARED["docs"], _SHARED["chars"]
-            for doc in data:
-                with docs.get_lock():
-                    docs.value += 1
-                with chars.get_lock():
-                    chars.value += len(doc.text)
-                yield doc
-
-    return C4DocumentRules, RedactPII, AssignSplit, CountProgress
-
-
-# Counters for the progress bar, set before datatrove forks its workers (which inherit them: shared
-# memory cannot be pickled into a worker, only inherited).
-_SHARED: dict = {}
-
-
-def _row_adapter(self, doc) -> dict:
-    md = doc.metadata
-    return {"id": doc.id, "source": md.get("source", ""), "title": md.get("title") or "", "text": doc.text,
-            "meta": md.get("meta") or "{}"}
 
 
 def _quiet_logger() -> None:
@@ -319,7 +202,6 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     import datatrove.executor.base as dt_base
     import datatrove.utils.logging as dt_logging
     import pyarrow as pa
-    from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.exact_dedup import (
         ExactDedupConfig,
         ExactDedupFilter,
@@ -337,9 +219,18 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
+    from slmforge import curation
+    from slmforge.curation.steps import (
+        SHARED,
+        AssignSplit,
+        C4DocumentRules,
+        CountProgress,
+        RedactPII,
+        doc_bytes,
+        row_adapter,
+    )
     from slmforge.records import DOCUMENT_SCHEMA
 
-    C4DocumentRules, RedactPII, AssignSplit, CountProgress = _build_steps()
     dt_base.add_task_logger = _quiet_task_logger
     dt_logging.setup_default_logger = _quiet_logger
     _quiet_logger()
@@ -356,18 +247,16 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
         return JsonlWriter(str(rejected / step), output_filename="${rank}.jsonl.gz")
 
     def parquet(folder: Path, filename: str):
-        return ParquetWriter(str(folder), output_filename=filename, adapter=_row_adapter, schema=DOCUMENT_SCHEMA,
+        return ParquetWriter(str(folder), output_filename=filename, adapter=row_adapter, schema=DOCUMENT_SCHEMA,
                              compression="zstd")
 
-    def execute(name: str, pipeline: list, n_tasks: int) -> None:
-        info(f"  curate · {name}")
-        # fork: workers inherit the quiet logger and the progress counters, and skip re-importing spacy
-        with die_with_parent():  # no orphaned manager or worker outlives a killed curate
-            LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(cfg.workers, n_tasks), start_method="fork",
-                                  logging_dir=str(work / "logs" / name)).run()
-
     # 1. filters + PII, written once; exact-dedup signatures computed on the way out
-    steps: list = [reader(ingest.path / "data"), CountProgress()]
+    local = cfg.executor == "local"
+    if local:  # counters for the progress bar, shared with forked workers (a cluster's bar counts tasks)
+        import multiprocessing as mp
+
+        SHARED.update(docs=mp.Value("q", 0), chars=mp.Value("q", 0))
+    steps: list = [reader(ingest.path / "data")] + ([CountProgress()] if local else [])
     if cfg.gopher_repetition.enabled:
         kw = cfg.gopher_repetition.kwargs()
         kw = {**kw, "top_n_grams": tuple(map(tuple, kw["top_n_grams"])), "dup_n_grams": tuple(map(tuple, kw["dup_n_grams"]))}
@@ -381,15 +270,15 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
             **cfg.c4.kwargs()))
     steps.append(RedactPII(cfg.pii))
     steps.append(parquet(filtered, "${rank}.parquet"))
-    exact_cfg = ExactDedupConfig(content_getter=_doc_bytes)
+    exact_cfg = ExactDedupConfig(content_getter=doc_bytes)
     if cfg.exact_dedup:
         steps.append(ExactDedupSignature(str(work / "exact_sigs"), config=exact_cfg))
-    with _progress_bar(ingest.manifest["metrics"], tasks, cfg.workers):
-        execute("1-filter", steps, tasks)
+    jobs = [curation.Job("1-filter", steps, tasks)]
 
     # 2. exact duplicates
     if cfg.exact_dedup:
-        execute("2-exact-find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact_cfg)], 1)
+        jobs.append(curation.Job("2-exact-find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"),
+                                                                  config=exact_cfg)], 1))
 
     def deduped() -> list:
         s = [reader(filtered)]
@@ -401,16 +290,28 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     final: list = deduped()
     if cfg.minhash.enabled:
         mh = MinhashConfig(**cfg.minhash.kwargs())
-        execute("3-minhash-signatures", deduped() + [MinhashDedupSignature(str(work / "mh_sigs"), config=mh)], tasks)
-        execute("4-minhash-buckets", [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=mh)],
-                mh.num_buckets)
-        execute("5-minhash-cluster", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=mh)], 1)
+        jobs += [curation.Job("3-minhash-signatures", deduped() + [MinhashDedupSignature(str(work / "mh_sigs"), config=mh)],
+                              tasks),
+                 curation.Job("4-minhash-buckets", [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"),
+                                                                        config=mh)], mh.num_buckets),
+                 curation.Job("5-minhash-cluster", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"),
+                                                                        config=mh)], 1)]
         final.append(MinhashDedupFilter(str(work / "mh_remove"), exclusion_writer=excluded("minhash")))
 
     # 4. split and write
     final += [AssignSplit(cfg.val_fraction, cfg.test_fraction, cfg.split_salt),
               parquet(out / "data", "${split}/${source}/part-${rank}.parquet")]
-    execute("6-split", final, tasks)
+    jobs.append(curation.Job("6-split", final, tasks))
+
+    logs = work / "logs"
+    if local:
+        with _progress_bar(ingest.manifest["metrics"], tasks, cfg.workers):
+            curation.run_local(jobs[:1], logs, cfg.workers)
+        curation.run_local(jobs[1:], logs, cfg.workers)
+    elif cfg.executor == "ray":
+        curation.run_ray(jobs, logs, cfg.workers, cfg.ray)
+    else:
+        curation.run_slurm(jobs, logs, cfg.workers, cfg.slurm, work / "slurm_jobs.json")
 
     metrics = _collect(cfg, work, out)
     if rejected.exists():  # gone only if a resumed run already sampled it and cleaned up
@@ -447,12 +348,11 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
 @contextlib.contextmanager
 def _progress_bar(ingest_metrics: dict, tasks: int, workers: int):
     """Documents, MB/s and ETA of the filter step, polled from the counters the workers update."""
-    import multiprocessing as mp
     import threading
 
     from slmforge.console import progress
+    from slmforge.curation.steps import SHARED as _SHARED
 
-    _SHARED.update(docs=mp.Value("q", 0), chars=mp.Value("q", 0))
     total_docs = ingest_metrics["docs"]
     stop = threading.Event()
     with progress(f"curate · filter ({tasks} tasks, {workers} workers)", ingest_metrics["chars"], "chars") as bar:

@@ -1,0 +1,218 @@
+"""Curate's datatrove jobs on an executor: local (forked worker processes), Ray or Slurm.
+
+A job is one datatrove pipeline run over `tasks` ranks (curate has up to six: filter, exact-dedup find,
+MinHash signatures, buckets, clusters, split). Whatever the executor, job N starts after job N-1 has
+finished, and each writes datatrove's usual layout under `logs/<job>/` (completions/, stats/, logs/,
+stats.json), so curate reads the same files afterwards and the output does not depend on where it ran.
+
+- local: datatrove's LocalPipelineExecutor, `workers` forked processes.
+- ray: RayPipelineExecutor on a running cluster (`address`) or on a Ray instance started here with
+  `workers` CPUs; `workers` tasks at once. The steps travel by cloudpickle, by import path for ours
+  (slmforge.curation.steps), so every Ray node needs the same slmforge installed and the workdir on a
+  shared filesystem.
+- slurm: SlurmPipelineExecutor; one job array per job, each depending (afterok) on the one before,
+  submitted with `sbatch` from here, then waited for (squeue). Datatrove writes each job's sbatch
+  script to `logs/<job>/launch_script.slurm` and the pickled pipeline next to it. With `submit: false`
+  the scripts are written and nothing is submitted. The submitted ids are kept in `slurm_jobs.json`, so
+  a curate restarted while its jobs run waits for them instead of submitting them twice.
+Tasks that completed are skipped when a failed run is started again (datatrove's completions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmforge.console import info, progress
+from slmforge.errors import UserError
+
+
+def split_of(doc_id: str, val_fraction: float, test_fraction: float, salt: str = "slmforge") -> str:
+    """Deterministic split of one document: the same id always lands in the same split."""
+    h = int.from_bytes(hashlib.sha256(f"{salt}\0{doc_id}".encode()).digest()[:8], "big") / 2**64
+    if h < val_fraction:
+        return "val"
+    if h < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+@dataclass
+class Job:
+    name: str
+    pipeline: list
+    tasks: int
+
+
+def done_tasks(folder: Path) -> int:
+    """Tasks of a job that completed (datatrove's completion markers)."""
+    return len(list((folder / "completions").glob("*"))) if (folder / "completions").is_dir() else 0
+
+
+@contextlib.contextmanager
+def watch(job: Job, folder: Path, where: str):
+    """A progress bar of the job's completed tasks, polled from its completion markers."""
+    stop = threading.Event()
+    with progress(f"curate · {job.name} on {where}", job.tasks, "tasks", completed=done_tasks(folder)) as bar:
+        def poll():
+            while not stop.wait(1.0):
+                bar.update(completed=done_tasks(folder))
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            bar.update(completed=done_tasks(folder))
+
+
+def _incomplete(job: Job, folder: Path, where: str) -> None:
+    n = done_tasks(folder)
+    if n < job.tasks:
+        raise UserError(f"curate · {job.name}: {job.tasks - n} of {job.tasks} {where} tasks failed; datatrove's logs "
+                        f"are in {folder / 'logs'}. Run curate again to retry them (completed tasks are kept).")
+
+
+def run_local(jobs: list[Job], logs: Path, workers: int) -> None:
+    from datatrove.executor import LocalPipelineExecutor
+
+    from slmforge.children import die_with_parent
+
+    for job in jobs:
+        info(f"  curate · {job.name}")
+        # fork: workers inherit the quiet logger and the progress counters, and skip re-importing spacy
+        with die_with_parent():  # no orphaned manager or worker outlives a killed curate
+            LocalPipelineExecutor(job.pipeline, tasks=job.tasks, workers=min(workers, job.tasks), start_method="fork",
+                                  logging_dir=str(logs / job.name)).run()
+
+
+def run_ray(jobs: list[Job], logs: Path, workers: int, cfg) -> None:
+    """`cfg`: curate's ray section (address, cpus_per_task, mem_per_cpu_gb)."""
+    import ray
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    started = not ray.is_initialized()
+    if started:
+        where = cfg.address or f"a local Ray instance with {workers} CPUs"
+        info(f"  curate · connecting to {where}")
+        try:
+            # workers' output stays in datatrove's task logs: Ray would print every worker's lines here
+            ray.init(address=cfg.address, num_cpus=None if cfg.address else workers * cfg.cpus_per_task,
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"curate.ray.address: cannot reach the Ray cluster {cfg.address!r} ({e}). Start it "
+                            f"(`ray start --head`) or give its address (ray://HOST:10001, or auto)") from e
+    try:
+        for job in jobs:
+            folder = logs / job.name
+            ex = RayPipelineExecutor(job.pipeline, tasks=job.tasks, workers=min(workers, job.tasks),
+                                     logging_dir=str(folder), cpus_per_task=cfg.cpus_per_task,
+                                     mem_per_cpu_gb=cfg.mem_per_cpu_gb)
+            with watch(job, folder, "Ray"):
+                ex.run()
+            _incomplete(job, folder, "Ray")
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _default_env_command() -> str:
+    """Activate the virtual environment this process runs in (datatrove's `launch_pickled_pipeline` and
+    `merge_stats` commands live in its bin/), when it is one."""
+    return f"source {sys.prefix}/bin/activate" if sys.prefix != sys.base_prefix else ""
+
+
+def _slurm_executors(jobs: list[Job], logs: Path, workers: int, cfg) -> list:
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    executors, previous = [], None
+    for job in jobs:
+        folder = logs / job.name
+        ex = SlurmPipelineExecutor(
+            job.pipeline, tasks=job.tasks, workers=workers, time=cfg.time, partition=cfg.partition,
+            cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb, qos=cfg.qos,
+            job_name=f"{cfg.job_name}-{job.name}", env_command=cfg.env_command or _default_env_command(),
+            sbatch_args=dict(cfg.sbatch_args), logging_dir=str(folder), depends=previous,
+            slurm_logs_folder=str(Path(cfg.logs) / job.name if cfg.logs else folder / "slurm_logs"),
+            mail_type=cfg.mail_type, mail_user=cfg.mail_user)
+        executors.append(ex)
+        previous = ex
+    return executors
+
+
+@contextlib.contextmanager
+def _recording_sbatch(submit: bool, record: list):
+    """datatrove submits through datatrove.executor.slurm.launch_slurm_job (sbatch); within this block each
+    call is recorded (script, sbatch arguments, job id), and with submit=False nothing is submitted."""
+    import datatrove.executor.slurm as dt_slurm
+
+    original = dt_slurm.launch_slurm_job
+
+    def launch(contents: str, retriever, *args) -> str:
+        job_id = original(contents, retriever, *args) if submit else f"not-submitted-{len(record) + 1}"
+        record.append({"job_id": str(job_id), "sbatch_args": list(args), "script": contents})
+        return job_id
+
+    dt_slurm.launch_slurm_job = launch
+    try:
+        yield
+    finally:
+        dt_slurm.launch_slurm_job = original
+
+
+def _queued(ids: set[str]) -> set[str]:
+    """Which of the job ids squeue still lists (pending or running; array tasks as ID_N)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-u", os.environ.get("USER", "")], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise UserError(f"curate.executor: slurm: squeue failed ({e}); run curate where Slurm's commands work") from e
+    return {line.strip().split("_")[0] for line in out.splitlines()} & ids
+
+
+def run_slurm(jobs: list[Job], logs: Path, workers: int, cfg, record_file: Path) -> None:
+    """Submit every job (or only write the scripts), then wait until the last one's stats are merged."""
+    def finished() -> bool:
+        return all((logs / j.name / "stats.json").is_file() for j in jobs)
+
+    if finished():
+        return
+    pending: set[str] = set()
+    if record_file.is_file():  # a curate restarted while its jobs run: wait for those, do not submit again
+        pending = _queued({r["job_id"] for r in json.loads(record_file.read_text())["submitted"]}) if cfg.submit else set()
+    if not pending:
+        record: list[dict] = []
+        with _recording_sbatch(cfg.submit, record):
+            _slurm_executors(jobs, logs, workers, cfg)[-1].run()  # launches the chain, each after the one before
+        tmp = record_file.with_name(record_file.name + ".tmp")
+        tmp.write_text(json.dumps({"submitted": record if cfg.submit else [], "written": record}, indent=1))
+        os.replace(tmp, record_file)
+        if not cfg.submit:
+            scripts = ", ".join(str(logs / j.name / "launch_script.slurm") for j in jobs)
+            raise UserError(f"curate.slurm.submit is false: nothing was submitted. The job scripts are {scripts}; "
+                            f"their sbatch arguments (dependencies) are in {record_file}. Set curate.slurm.submit: "
+                            "true to submit them.")
+        pending = {r["job_id"] for r in record}
+        info(f"  curate · submitted {len(record)} Slurm jobs: {', '.join(sorted(pending))}")
+    for job in jobs:
+        folder = logs / job.name
+        with watch(job, folder, "Slurm"):
+            while not (folder / "stats.json").is_file():
+                if not _queued(pending):
+                    time.sleep(5)  # a job that just ended may still be writing its stats
+                    if (folder / "stats.json").is_file():
+                        break
+                    _incomplete(job, folder, "Slurm")
+                    raise UserError(f"curate · {job.name}: the Slurm jobs ended before its statistics were merged; "
+                                    f"see {cfg.logs or folder / 'slurm_logs'}. Run curate again to resubmit.")
+                time.sleep(cfg.poll_s)
