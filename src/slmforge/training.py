@@ -15,7 +15,10 @@ checkpoints with exact resume, validation losses, progress and accelerate (DDP) 
   checkpoint holds weights, optimizer, cursors and logs; a run killed at any moment and restarted
   ends with the same weights as one that never stopped.
 - Scale-out: run under `accelerate launch` (launch/*.yaml) or torchrun; every process draws the
-  same global batch and trains on its share, so 2 processes follow the 1-process loss curve.
+  same global batch and trains on its share, so 2 processes follow the 1-process loss curve. `parallel:
+  ddp` (accelerate's DDP) keeps a whole model and optimizer on each process; `parallel: fsdp` shards
+  weights, gradients and optimizer state with FSDP2 (`fully_shard`, one unit per decoder layer) and
+  checkpoints sharded (torch.distributed.checkpoint), while the finished model is gathered whole.
 - The loss: next-token cross-entropy, or any `loss(logits, window)` a caller passes (compress's
   distillation loss), summed over the window's predicted tokens.
 
@@ -169,6 +172,8 @@ class Loop:
     peak_flops: float
     stage: str = "pretrain"  # what the progress and log lines are prefixed with
     loss: Callable | None = None  # loss(logits, window) summed over the window's tokens; None: cross-entropy
+    sharded: bool = False  # FSDP2: parameters are DTensor shards, checkpoints a torch.distributed.checkpoint folder
+    model_cls: type | None = None  # the model's class before fully_shard, to rebuild it whole for saving
 
     @property
     def tokens_per_step(self) -> int:
@@ -192,30 +197,67 @@ def setup(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler, va
         AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
                       log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out / "tensorboard"))
+    sharded = world > 1 and (cfg.parallel == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+    model_cls = type(model)
+    if sharded:
+        fsdp(model, acc.device)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
                             fused=True)  # fused AdamW runs on CPU too (torch >= 2.4) and on GPUs
-    model, opt = acc.prepare(model, opt)
+    if not sharded:
+        model, opt = acc.prepare(model, opt)
     fwd = torch.compile(model) if cfg.compile else model
     if cfg.tensorboard:
         acc.init_trackers(name)
     return Loop(name=name, cfg=cfg, acc=acc, model=model, fwd=fwd, opt=opt, sampler=sampler, val=val, shape=shape_,
                 seq=seq, n_seq=n_seq, per_rank=per_rank, n_micro=math.ceil(per_rank / cfg.micro_batch),
-                ckpt=out / f"{name}.ckpt.pt", peak_flops=peak_flops, stage=stage, loss=loss)
+                ckpt=out / f"{name}.ckpt.pt", peak_flops=peak_flops, stage=stage, loss=loss, sharded=sharded,
+                model_cls=model_cls)
+
+
+def fsdp(model, device) -> None:
+    """Shard `model` in place over all processes with FSDP2: each decoder layer (the classes transformers
+    names in `_no_split_modules`) is one unit, gathered for its forward and backward only, and the root
+    holds the embeddings, final norm and head. Parameters stay float32 and bf16 autocast does the casting,
+    as in DDP and one process, so the three follow one loss curve (a MixedPrecisionPolicy with bf16
+    parameters would halve the all-gather bytes, and put the norms' weights in bf16)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init()
+    mesh = init_device_mesh(device.type, (dist.world_size(),))
+    model.to(device)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def sharded_dir(ckpt: Path) -> Path:
+    """Where an FSDP run's checkpoint lives: a torch.distributed.checkpoint folder beside `ckpt`."""
+    return ckpt.with_suffix(".dcp")
 
 
 def load_checkpoint(loop: Loop, total_steps: int | None) -> LoopState:
-    """Restore weights, optimizer, sampler cursors and the loop state from loop.ckpt if there is one."""
+    """Restore weights, optimizer, sampler cursors and the loop state from loop.ckpt (or the sharded
+    folder) if there is one."""
     import torch
 
+    if loop.sharded:
+        return _load_sharded(loop, total_steps)
     if not loop.ckpt.is_file():
         return LoopState(total_steps=total_steps)
     saved = torch.load(loop.ckpt, map_location="cpu", weights_only=False)
     loop.acc.unwrap_model(loop.model).load_state_dict(saved["model"])
     loop.opt.load_state_dict(saved["optimizer"])
+    return _resumed(loop, saved)
+
+
+def _resumed(loop: Loop, saved: dict) -> LoopState:
     loop.sampler.load(saved["sampler"])
     state = LoopState(**saved["state"])
     info(f"  {loop.stage} · {loop.name}: resuming at step {state.step}")
@@ -223,13 +265,86 @@ def load_checkpoint(loop: Loop, total_steps: int | None) -> LoopState:
 
 
 def save_checkpoint(loop: Loop, state: LoopState) -> None:
-    """Weights, optimizer, sampler cursors and the loop state to loop.ckpt (temp file, then rename)."""
+    """Weights, optimizer, sampler cursors and the loop state (temp file, then rename). Called on every
+    process: the main one writes the one file; under FSDP each writes its own shards."""
     import torch
 
-    tmp = loop.ckpt.with_name(loop.ckpt.name + ".tmp")
-    torch.save({"model": loop.acc.unwrap_model(loop.model).state_dict(), "optimizer": loop.opt.state_dict(),
-                "sampler": loop.sampler.state(), "state": asdict(state)}, tmp)
-    os.replace(tmp, loop.ckpt)
+    if loop.sharded:
+        return _save_sharded(loop, state)
+    if dist.is_main():
+        tmp = loop.ckpt.with_name(loop.ckpt.name + ".tmp")
+        torch.save({"model": loop.acc.unwrap_model(loop.model).state_dict(), "optimizer": loop.opt.state_dict(),
+                    "sampler": loop.sampler.state(), "state": asdict(state)}, tmp)
+        os.replace(tmp, loop.ckpt)
+    dist.barrier()
+
+
+def _sharded_state(loop: Loop) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(loop.model), "optimizer": get_optimizer_state_dict(loop.model, loop.opt)}
+
+
+def _save_sharded(loop: Loop, state: LoopState) -> None:
+    """torch.distributed.checkpoint: each process writes its shards of the weights and optimizer state
+    into a temp folder, the main process adds the sampler cursors and loop state, then swaps the folder
+    in (the previous one is kept as .old until the new one is in place). Before the first step (the
+    checkpoint that pins a minutes budget's step count) only the loop state is saved: asking for the
+    optimizer's state dict would initialise it with a zero-gradient step, and AdamW's step count would
+    then be one ahead of a run that never checkpointed at step 0."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    final = sharded_dir(loop.ckpt)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if state.step:
+        dcp.save(_sharded_state(loop), checkpoint_id=str(tmp))
+    if dist.is_main():
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({"sampler": loop.sampler.state(), "state": asdict(state)}, tmp / "loop.pt")
+        if final.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _load_sharded(loop: Loop, total_steps: int | None) -> LoopState:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    final = sharded_dir(loop.ckpt)
+    old = final.with_name(final.name + ".old")  # a run killed between the two renames
+    src = final if (final / "loop.pt").is_file() else old if (old / "loop.pt").is_file() else None
+    if src is None:
+        return LoopState(total_steps=total_steps)
+    if (src / ".metadata").is_file():  # weights and optimizer were saved (any checkpoint after step 0)
+        saved = _sharded_state(loop)  # the shapes and placements to load into
+        dcp.load(saved, checkpoint_id=str(src))
+        set_model_state_dict(loop.model, saved["model"])
+        set_optimizer_state_dict(loop.model, loop.opt, saved["optimizer"])
+    return _resumed(loop, torch.load(src / "loop.pt", map_location="cpu", weights_only=False))
+
+
+def full_model(loop: Loop):
+    """The trained model, whole, on the main process (None on the others): under FSDP its shards are
+    gathered (a collective: every process calls this) into a fresh copy of the model's class."""
+    if not loop.sharded:
+        return loop.acc.unwrap_model(loop.model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(loop.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_main():
+        return None
+    model = loop.model_cls(loop.model.config)
+    model.load_state_dict(full)
+    model.generation_config = loop.model.generation_config
+    return model
 
 
 def evaluate(loop: Loop) -> dict[str, float]:
@@ -265,7 +380,10 @@ def train_step(loop: Loop, step: int, total: int) -> tuple[float, float, float]:
     loss_sum = 0.0
     for i in range(loop.n_micro):
         mb = torch.as_tensor(batch[i * mb_size:(i + 1) * mb_size]).to(acc.device)
-        ctx = acc.no_sync(loop.model) if i < loop.n_micro - 1 else contextlib.nullcontext()
+        # DDP all-reduces the gradients once per step; FSDP reduce-scatters every micro-batch, so that only
+        # gradient shards are kept between them (skipping it would hold whole unsharded gradients)
+        last = i == loop.n_micro - 1
+        ctx = contextlib.nullcontext() if last or loop.sharded else acc.no_sync(loop.model)
         with ctx, acc.autocast():
             logits = loop.fwd(input_ids=mb[:, :-1]).logits
             if loop.loss is None:
@@ -275,7 +393,10 @@ def train_step(loop: Loop, step: int, total: int) -> tuple[float, float, float]:
             loss = loss / (loop.per_rank * loop.seq)
         acc.backward(loss)
         loss_sum += loss.item()
-    gnorm = acc.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip)
+    if loop.sharded:  # the norm over every process's shards (a DTensor)
+        gnorm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip).full_tensor()
+    else:
+        gnorm = acc.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip)
     loop.opt.step()
     loop.opt.zero_grad(set_to_none=True)
     return dist.mean(loss_sum), float(gnorm), p
@@ -286,7 +407,7 @@ def calibrate(loop: Loop) -> int:
     then restore it, so the schedule knows its length from step 0 and the run stays reproducible."""
     import copy
 
-    raw = loop.acc.unwrap_model(loop.model)
+    raw = loop.acc.unwrap_model(loop.model)  # under FSDP its state dict holds this process's shards
     saved = copy.deepcopy(raw.state_dict()), copy.deepcopy(loop.opt.state_dict()), loop.sampler.state()
     train_step(loop, 0, 100)
     t0 = time.perf_counter()
@@ -317,15 +438,16 @@ def take_snapshot(loop: Loop, state: LoopState, snapshot) -> None:
     cfg = loop.cfg
     every = max(1, state.total_steps // (cfg.snapshots + 1))
     if snapshot and cfg.snapshots and state.step % every == 0 and state.step // every <= cfg.snapshots:
-        dist.on_main(snapshot, loop.acc.unwrap_model(loop.model), state.step)
+        dist.on_main(snapshot, full_model(loop), state.step)
 
 
 def summary(loop: Loop, state: LoopState) -> dict:
-    """The run's metrics and logs, and the trained (unwrapped) model."""
+    """The run's metrics and logs, and the trained model (whole, on the main process; None elsewhere
+    under FSDP). Every process calls it."""
     wall = state.elapsed
     tokens = state.step * loop.tokens_per_step
     tps = tokens / wall if wall else 0.0
-    return {"model": loop.acc.unwrap_model(loop.model), "steps": state.step, "tokens": tokens,
+    return {"model": full_model(loop), "steps": state.step, "tokens": tokens,
             "train_time_s": round(wall, 1), "tokens_per_s": round(tps, 1),
             "mfu": round(m, 4) if (m := mfu(loop, tps)) is not None else None,
             "final_loss": state.log[-1]["loss"], "val": state.val[-1] if state.val else {},
@@ -345,7 +467,7 @@ def train_one(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler
     loop.model.train()
     if state.total_steps is None:
         state.total_steps = calibrate(loop)
-        dist.on_main(save_checkpoint, loop, state)  # pins the step count: a resumed run follows the same schedule
+        save_checkpoint(loop, state)  # pins the step count: a resumed run follows the same schedule
     total = state.total_steps
     last_ckpt = time.time()
     t_run = time.time() - state.elapsed
@@ -380,7 +502,7 @@ def train_one(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler
             due = (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or \
                 time.time() - last_ckpt > cfg.checkpoint_every_min * 60
             if dist.broadcast_int(int(due)):  # the main process's clock decides, or ranks could part at the barrier
-                dist.on_main(save_checkpoint, loop, state)
+                save_checkpoint(loop, state)
                 last_ckpt = time.time()
     if cfg.tensorboard:
         loop.acc.end_training()
@@ -423,4 +545,5 @@ def save_model(model, tokenizer, shape_: dict, result: dict, out: Path, name: st
             f.writelines(json.dumps(row) + "\n" for row in rows)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ckpt.unlink(missing_ok=True)
+    shutil.rmtree(sharded_dir(ckpt), ignore_errors=True)
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -6,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -144,27 +146,98 @@ def test_sigkill_then_resume_gives_the_same_weights(trained, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_follow_the_one_process_loss_curve(trained, tmp_path):
-    recipe, _ = trained
-    sets = ["--set", "pretrain.precision=fp32", "--set", "pretrain.baseline=false"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    r = slmforge("run", str(recipe), "--until", "pretrain", "--set", f"workdir={one}", *sets)
-    assert r.returncode == 0, r.stderr
-    r = slmforge("run", str(recipe), "--until", "tokenizer", "--set", f"workdir={two}", *sets)
-    assert r.returncode == 0, r.stderr
+FP32 = ["--set", "pretrain.precision=fp32", "--set", "pretrain.baseline=false"]
+
+
+def _launch(recipe, work, port: int, *sets, popen: bool = False):
+    """`slmforge pretrain` in 2 CPU processes (accelerate launch, gloo), one thread each."""
+    args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"),
+            "--main_process_port", str(port), "-m", "slmforge.cli", "pretrain", "--recipe", str(recipe),
+            "--set", f"workdir={work}", *FP32, *sets]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                        str(REPO / "launch" / "cpu_ddp.yaml"), "--main_process_port", "29531", "-m", "slmforge.cli",
-                        "pretrain", "--recipe", str(recipe), "--set", f"workdir={two}", *sets],
-                       capture_output=True, text=True, env=env, timeout=300)
+    if popen:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _run_dir(work):
+    [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
+    return d
+
+
+def _losses(work) -> list[float]:
+    return [json.loads(x)["loss"] for x in (_run_dir(work) / "specialist" / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(trained, tmp_path_factory):
+    """The specialist in fp32 in one process: the curve that 2 processes must follow."""
+    recipe, _ = trained
+    one = tmp_path_factory.mktemp("one")
+    r = slmforge("run", str(recipe), "--until", "pretrain", "--set", f"workdir={one}", *FP32)
+    assert r.returncode == 0, r.stderr
+    return one
+
+
+def test_two_processes_follow_the_one_process_loss_curve(trained, one_process, tmp_path):
+    recipe, _ = trained
+    two = tmp_path / "two"
+    r = slmforge("run", str(recipe), "--until", "tokenizer", "--set", f"workdir={two}", *FP32)
+    assert r.returncode == 0, r.stderr
+    r = _launch(recipe, two, 29531)
     assert r.returncode == 0, r.stderr[-3000:]
-    logs = []
-    for w in (one, two):
-        [d] = [p for p in (w / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
-        assert json.loads((d / "manifest.json").read_text())["metrics"]["world_size"] == (1 if w == one else 2)
-        logs.append([json.loads(x)["loss"] for x in (d / "specialist" / "train_log.jsonl").read_text().splitlines()])
-    assert len(logs[0]) == len(logs[1])
-    assert np.allclose(logs[0], logs[1], atol=2e-3), (logs[0], logs[1])
+    for w, world in ((one_process, 1), (two, 2)):
+        assert json.loads((_run_dir(w) / "manifest.json").read_text())["metrics"]["world_size"] == world
+    one_log, two_log = _losses(one_process), _losses(two)
+    assert len(one_log) == len(two_log)
+    assert np.allclose(one_log, two_log, atol=2e-3), (one_log, two_log)
+
+
+def test_fsdp_in_two_processes_follows_one_process_saves_whole_weights_and_resumes_exactly(
+        trained, one_process, tmp_path):
+    """FSDP2 over gloo: the loss curve of 1 process; a saved model that from_pretrained loads, whole (the
+    shards gathered: the 1-process model's shapes and, to float error, its weights); sharded checkpoints
+    (one file per process); and a SIGKILL of both processes, then a plain restart, ends with the
+    weights of the run that never stopped."""
+    from transformers import AutoModelForCausalLM
+
+    recipe, _ = trained
+    fsdp = ["--set", "pretrain.parallel=fsdp", "--set", "pretrain.checkpoint_every=3"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for w in (whole, killed):
+        r = slmforge("run", str(recipe), "--until", "tokenizer", "--set", f"workdir={w}", *FP32)
+        assert r.returncode == 0, r.stderr
+    r = _launch(recipe, whole, 29541, *fsdp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((_run_dir(whole) / "manifest.json").read_text())["metrics"]["world_size"] == 2
+    assert np.allclose(_losses(one_process), _losses(whole), atol=2e-3), (_losses(one_process), _losses(whole))
+    model = AutoModelForCausalLM.from_pretrained(str(_run_dir(whole) / "specialist"), local_files_only=True)
+    a, b = _weights(_run_dir(one_process) / "specialist"), _weights(_run_dir(whole) / "specialist")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for k, v in a.items() if k != "lm_head.weight")
+
+    seen = set()
+    proc = _launch(recipe, killed, 29551, *fsdp, popen=True)
+    deadline = time.time() + 200
+    while proc.poll() is None and time.time() < deadline and not seen:
+        for meta in killed.glob("pretrain/*.partial/specialist.ckpt.dcp/.metadata"):
+            seen = {p.name for p in meta.parent.iterdir()}
+        time.sleep(0.02)
+    # the launcher starts each worker in a session of its own: kill the whole tree, as a dying machine would
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+    assert {"__0_0.distcp", "__1_0.distcp", "loop.pt"} <= seen, f"no sharded checkpoint before the run ended: {seen}"
+    assert not list(killed.glob("pretrain/*/manifest.json"))
+    r = _launch(recipe, killed, 29561, *fsdp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming at step" in r.stderr
+    a, b = _weights(_run_dir(whole) / "specialist"), _weights(_run_dir(killed) / "specialist")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(killed.glob("pretrain/*/specialist.ckpt*"))  # the checkpoint goes with the finished model
 
 
 def test_continued_pretraining_from_a_local_checkpoint(trained, tmp_path):
