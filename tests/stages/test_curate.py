@@ -4,6 +4,7 @@ import pytest
 
 from slmforge.artifacts import ArtifactStore
 from slmforge.config import load_recipe
+from slmforge.errors import UserError
 from slmforge.records import read_documents
 from slmforge.stages import curate, ingest
 from slmforge.stages.curate import split_of
@@ -186,3 +187,143 @@ def test_sigkill_mid_curate_leaves_no_orphan_and_a_restart_finishes(curated, tmp
     ids = sorted(d["id"] for s in ("train", "val", "test") for d in read_documents(done / "data" / s))
     want = sorted(d["id"] for s in ("train", "val", "test") for d in read_documents(art.path / "data" / s))
     assert ids == want
+
+
+def _executor_recipe(small_corpus, tmp_path, **curate_keys):
+    """The small corpus (2 sources: 2 tasks per step) with 2 MinHash buckets (2 tasks) and 2 workers."""
+    from tests.conftest import small_recipe
+
+    recipe = small_recipe(small_corpus, tmp_path / "w")
+    recipe["curate"].update({"workers": 2, "minhash": {"num_buckets": 2}, **curate_keys})
+    return load_recipe(write_recipe(tmp_path, recipe)).stages
+
+
+def _rows(art) -> dict:
+    """Every output file's rows, by path under data/."""
+    import pyarrow.parquet as pq
+
+    return {str(p.relative_to(art.path / "data")): pq.read_table(p).to_pylist()
+            for p in sorted((art.path / "data").glob("*/*/*.parquet"))}
+
+
+@pytest.mark.slow
+def test_curate_on_a_local_ray_instance_gives_the_local_executors_output(small_corpus, tmp_path):
+    ray = pytest.importorskip("ray")
+    cfg = _executor_recipe(small_corpus, tmp_path)
+    local_store, ray_store = ArtifactStore(tmp_path / "local"), ArtifactStore(tmp_path / "ray")
+    local = curate.run(cfg["curate"], local_store, {"ingest": ingest.run(cfg["ingest"], local_store)})
+    on_ray = cfg["curate"].model_copy(update={"executor": "ray"})
+    art = curate.run(on_ray, ray_store, {"ingest": ingest.run(cfg["ingest"], ray_store)})
+    assert not ray.is_initialized()  # the instance curate started is shut down
+    assert art.key == local.key  # where it ran is not part of the cache key
+    logs = art.path / "work" / "logs"
+    ray_ex = json.loads((logs / "1-filter" / "executor.json").read_text())  # datatrove's record of its executor
+    local_ex = json.loads((local.path / "work" / "logs" / "1-filter" / "executor.json").read_text())
+    assert "mem_per_cpu_gb" in ray_ex and "start_method" not in ray_ex and "start_method" in local_ex
+    rows = _rows(art)
+    assert len(rows) >= 4 and rows == _rows(local)
+    for key in ("filters", "splits", "pii_redacted", "docs_in"):
+        assert art.manifest["metrics"][key] == local.manifest["metrics"][key], key
+    assert (art.path / "audit").is_dir() and sorted(p.name for p in (art.path / "audit").iterdir()) == \
+        sorted(p.name for p in (local.path / "audit").iterdir())
+
+
+def test_slurm_job_scripts_are_written_without_submitting(small_corpus, tmp_path):
+    """submit: false writes datatrove's sbatch scripts for every step, chained by afterok dependencies,
+    and a pickled pipeline that a Slurm task would run (run here for the filter step's task 0)."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _executor_recipe(small_corpus, tmp_path, executor="slurm", slurm={
+        "partition": "cpu", "time": "1:30:00", "cpus_per_task": 2, "qos": "high", "sbatch_args": {"account": "p1"},
+        "env_command": "source /shared/venv/bin/activate", "submit": False})
+    store = ArtifactStore(tmp_path / "w")
+    ing = ingest.run(cfg["ingest"], store)
+    with pytest.raises(UserError, match="curate.slurm.submit is false: nothing was submitted") as e:
+        curate.run(cfg["curate"], store, {"ingest": ing})
+    [partial] = (tmp_path / "w" / "curate").glob("*.partial")
+    logs = partial / "work" / "logs"
+    steps = ["1-filter", "2-exact-find", "3-minhash-signatures", "4-minhash-buckets", "5-minhash-cluster", "6-split"]
+    assert sorted(p.name for p in logs.iterdir()) == steps
+    assert str(logs / "1-filter" / "launch_script.slurm") in str(e.value)
+    record = json.loads((partial / "work" / "slurm_jobs.json").read_text())
+    assert record["submitted"] == [] and len(record["written"]) == 2 * len(steps)  # each step + its stats merge
+    arrays = [r for r in record["written"] if "launch_pickled_pipeline" in r["script"]]
+    tasks = [2, 1, 2, 2, 1, 2]  # 2 sources, 1 exact-dedup finder, 2 MinHash buckets, 1 clusterer
+    for i, (step, r, n) in enumerate(zip(steps, arrays, tasks)):
+        script = (logs / step / "launch_script.slurm").read_text()
+        assert script == r["script"]
+        for line in ("#SBATCH --partition=cpu", "#SBATCH --time=1:30:00", "#SBATCH --cpus-per-task=2",
+                     "#SBATCH --qos=high", "#SBATCH --account=p1", f"#SBATCH --job-name=slmforge-curate-{step}",
+                     f"#SBATCH --array=0-{n - 1}%2", "source /shared/venv/bin/activate",
+                     f"launch_pickled_pipeline {logs / step / 'executor.pik'}"):
+            assert line in script, (step, line)
+        previous = arrays[i - 1]["job_id"] if i else None
+        assert (f"--dependency=afterok:{previous}" in r["sbatch_args"]) == bool(previous), (step, r["sbatch_args"])
+        assert json.loads((logs / step / "ranks_to_run.json").read_text()) == list(range(n))
+    # what a Slurm task runs: the pickled filter step, as array task 0 on node1 (datatrove asks Slurm's
+    # scontrol to expand the node list, here a one-line stand-in)
+    bin_dir = os.path.dirname(sys.executable)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\necho node1\n")
+    (fake / "scontrol").chmod(0o755)
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="0", SLURM_NODELIST="node1", PATH=f"{fake}:{os.environ['PATH']}")
+    r = subprocess.run([os.path.join(bin_dir, "launch_pickled_pipeline"), str(logs / "1-filter" / "executor.pik")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (logs / "1-filter" / "completions" / "00000").is_file()
+    assert list((partial / "work" / "filtered").glob("*.parquet"))
+
+
+SBATCH = '''#!{python}
+"""sbatch, as a stand-in for a Slurm cluster: runs every task of the job array at once, in order (the
+jobs arrive in dependency order), the way a compute node would run the script."""
+import os, re, subprocess, sys
+script = sys.argv[-1]
+m = re.search(r"--array=0-(\\d+)", open(script).read())
+ids = os.path.join(os.path.dirname(sys.argv[0]), "ids")
+job_id = str(len(open(ids).read().split()) + 1 if os.path.exists(ids) else 1)
+open(ids, "a").write(job_id + "\\n")
+for i in range(int(m.group(1)) + 1 if m else 1):
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(i), SLURM_NODELIST="node1", SLURM_JOB_ID=job_id)
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True)
+print("Submitted batch job " + job_id)
+'''
+SRUN = '''#!{python}
+"""srun -l -n 1 CMD...: runs CMD."""
+import subprocess, sys
+args = sys.argv[1:]
+while args[0].startswith("-"):
+    args = args[2:] if args[0] == "-n" else args[1:]
+sys.exit(subprocess.run(args).returncode)
+'''
+
+
+def test_curate_submitted_to_slurm_waits_for_the_jobs_and_gives_the_local_output(small_corpus, tmp_path, monkeypatch):
+    """The submit path end to end, with sbatch/srun/squeue/scontrol as stand-ins that run each job's
+    script on this machine: datatrove's scripts, pickled pipelines and stats merge, then curate's wait."""
+    import os
+    import sys
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("sbatch", SBATCH), ("srun", SRUN), ("squeue", "#!/bin/sh\n"),
+                       ("scontrol", "#!/bin/sh\necho node1\n")):
+        (fake / name).write_text(text.replace("{python}", sys.executable))
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    keys = {"exact_dedup": False, "minhash": {"enabled": False}}
+    cfg = _executor_recipe(small_corpus, tmp_path, **keys)
+    local_store, slurm_store = ArtifactStore(tmp_path / "local"), ArtifactStore(tmp_path / "slurm")
+    local = curate.run(cfg["curate"], local_store, {"ingest": ingest.run(cfg["ingest"], local_store)})
+    on_slurm = cfg["curate"].model_copy(update={"executor": "slurm", "slurm": curate.Slurm(partition="cpu", poll_s=1)})
+    art = curate.run(on_slurm, slurm_store, {"ingest": ingest.run(cfg["ingest"], slurm_store)})
+    assert (fake / "ids").read_text().split() == ["1", "2", "3", "4"]  # filter, its stats merge, split, its merge
+    record = json.loads((art.path / "work" / "slurm_jobs.json").read_text())
+    assert [r["job_id"] for r in record["submitted"]] == ["1", "2", "3", "4"]
+    assert "--dependency=afterok:1" in record["submitted"][2]["sbatch_args"]
+    assert _rows(art) == _rows(local) and len(_rows(art)) >= 4
+    for key in ("filters", "splits", "pii_redacted"):
+        assert art.manifest["metrics"][key] == local.manifest["metrics"][key], key
