@@ -115,3 +115,29 @@ def test_sigkill_then_resume_gives_the_same_weights(compressed, tmp_path):
     [resumed] = [p for p in (copy / "compress").iterdir() if p.is_dir() and not p.is_symlink()]
     a, b = _weights(run / "pruned-kd"), _weights(resumed / "pruned-kd")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distillation_under_fsdp_in_two_processes_saves_the_one_process_student(compressed, tmp_path):
+    """compress shares pretrain's loop: under FSDP (2 CPU processes) the pruned student, distilled from
+    its whole teacher, is saved whole and matches the 1-process student to float error."""
+    from tests.conftest import REPO
+
+    recipe, work, _ = compressed
+    runs = {}
+    for name in ("one", "two"):
+        copy = tmp_path / name
+        shutil.copytree(work, copy, ignore=shutil.ignore_patterns("compress"), symlinks=True)
+        args = ["-m", "slmforge.cli", "compress", "--recipe", str(recipe),
+                *_sets(copy, "compress.variants=[pruned-kd]", "compress.precision=fp32", "compress.parallel=fsdp")]
+        if name == "two":
+            args = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"),
+                    "--main_process_port", "29571", *args]
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        [runs[name]] = [p for p in (copy / "compress").iterdir() if p.is_dir() and not p.is_symlink()]
+    m = json.loads((runs["two"] / "manifest.json").read_text())["metrics"]
+    assert m["world_size"] == 2
+    a, b = _weights(runs["one"] / "pruned-kd"), _weights(runs["two"] / "pruned-kd")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
