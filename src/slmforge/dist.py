@@ -33,13 +33,24 @@ def init() -> None:
         td.init_process_group(backend=backend)
 
 
+_WAIT: dict = {}
+
+
 def barrier() -> None:
+    """Every process waits until all get here. It runs on a gloo group of its own with a week's timeout,
+    because here the other ranks wait while the main process works alone (a whole stage such as curate,
+    tokenizing a corpus, saving a model), and the default group's timeout (NCCL: 10 minutes) is meant
+    for collectives that take seconds."""
     if world_size() == 1:
         return
+    from datetime import timedelta
+
     import torch.distributed as td
 
     init()
-    td.barrier()
+    if "group" not in _WAIT:  # created by every rank at its first barrier, so in the same order everywhere
+        _WAIT["group"] = td.new_group(backend="gloo", timeout=timedelta(days=7))
+    td.barrier(group=_WAIT["group"])
 
 
 def on_main(fn, *args, **kwargs):

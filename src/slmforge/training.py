@@ -357,7 +357,7 @@ def evaluate(loop: Loop) -> dict[str, float]:
     with loop.acc.autocast():
         for source, arr in loop.val.items():
             n = min(len(arr) - 1, cfg.eval_tokens) // seq
-            if n == 0:
+            if n <= 0:  # fewer than seq + 1 tokens (an empty split: -1)
                 continue
             w = torch.as_tensor(np.asarray(arr[: n * seq + 1], dtype=np.int64))
             total = nll(loop.fwd, w[:-1].view(n, seq), w[1:].view(n, seq), cfg.micro_batch, loop.acc.device)

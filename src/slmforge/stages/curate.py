@@ -26,7 +26,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import StageConfig
+from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.curation import split_of  # noqa: F401 (curate.split_of: the split of one id)
 from slmforge.errors import UserError
@@ -130,7 +130,8 @@ class Slurm(BaseModel):
     mem_per_cpu_gb: float = Field(2, gt=0, description="sbatch --mem-per-cpu, in GB")
     qos: str | None = Field(None, description="sbatch --qos")
     job_name: str = Field("slmforge-curate", description="job names are this, then -<step>")
-    logs: str | None = Field(None, description="folder for Slurm's own job logs (default: beside datatrove's, "
+    logs: RecipePath | None = Field(None, description="folder for Slurm's own job logs, relative to the recipe "
+                                                      "(default: beside datatrove's, "
                                                "in the run's work/logs/<step>/slurm_logs)")
     env_command: str | None = Field(None, description="shell line each job runs first (default: activate this "
                                                       "virtual environment)")
