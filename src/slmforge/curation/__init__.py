@@ -58,22 +58,30 @@ def done_tasks(folder: Path) -> int:
 
 
 @contextlib.contextmanager
+def polling(update, every: float):
+    """Call `update()` every `every` seconds in a thread while the block runs, and once after it."""
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(every):
+            update()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        update()
+
+
+@contextlib.contextmanager
 def watch(job: Job, folder: Path, where: str):
     """A progress bar of the job's completed tasks, polled from its completion markers."""
-    stop = threading.Event()
     with progress(f"curate · {job.name} on {where}", job.tasks, "tasks", completed=done_tasks(folder)) as bar:
-        def poll():
-            while not stop.wait(1.0):
-                bar.update(completed=done_tasks(folder))
-
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
-        try:
+        with polling(lambda: bar.update(completed=done_tasks(folder)), 1.0):
             yield
-        finally:
-            stop.set()
-            thread.join()
-            bar.update(completed=done_tasks(folder))
 
 
 def _incomplete(job: Job, folder: Path, where: str) -> None:

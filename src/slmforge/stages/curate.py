@@ -349,28 +349,16 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
 @contextlib.contextmanager
 def _progress_bar(ingest_metrics: dict, tasks: int, workers: int):
     """Documents, MB/s and ETA of the filter step, polled from the counters the workers update."""
-    import threading
-
     from slmforge.console import progress
-    from slmforge.curation.steps import SHARED as _SHARED
+    from slmforge.curation import polling
+    from slmforge.curation.steps import SHARED
 
     total_docs = ingest_metrics["docs"]
-    stop = threading.Event()
     with progress(f"curate · filter ({tasks} tasks, {workers} workers)", ingest_metrics["chars"], "chars") as bar:
         bar.update(items=f"0/{total_docs} docs")
-
-        def poll():
-            while not stop.wait(0.5):
-                bar.update(completed=_SHARED["chars"].value, items=f"{_SHARED['docs'].value}/{total_docs} docs")
-
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
-        try:
+        with polling(lambda: bar.update(completed=SHARED["chars"].value,
+                                        items=f"{SHARED['docs'].value}/{total_docs} docs"), 0.5):
             yield
-        finally:
-            stop.set()
-            thread.join()
-            bar.update(completed=_SHARED["chars"].value, items=f"{_SHARED['docs'].value}/{total_docs} docs")
 
 
 def _collect(cfg: Config, work: Path, out: Path) -> dict:
