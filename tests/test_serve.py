@@ -5,10 +5,8 @@ as its fallback endpoint, and the chat page in headless Chromium."""
 import json
 import os
 import shutil
-import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -19,52 +17,10 @@ from slmforge.serve import cli as serve
 from slmforge.serve.app import create_app
 from slmforge.serve.config import Config, build_config
 from slmforge.serve.decode import _held_back
+from tests.serve_helpers import KEY, Live, export_like, raw_post, texts_of
 
 KEY_ENV = "SLMFORGE_TEST_SERVE_KEYS"
-KEY = "test-key-1"
 PG_PROMPT = "How do I create an index on a table with CREATE INDEX, and when does VACUUM run?"
-
-
-def _export_like(model_dir: Path, out: Path, name: str, domain: str, train: list[str], test: list[str],
-                 chat: bool = True) -> Path:
-    """An export folder as stages/export.py writes it (the parts serve reads), built here by hand."""
-    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("snapshots", "*.jsonl"))
-    (out / "domain").mkdir()
-    for split, texts in (("train", train), ("test", test)):
-        (out / "domain" / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    (out / "slmforge.json").write_text(json.dumps({
-        "format": 1, "name": name, "domain": domain, "description": f"test {domain} model", "context": 64,
-        "chat": chat, "router": {"train": "domain/train.jsonl", "test": "domain/test.jsonl"}}))
-    return out
-
-
-class Live:
-    """create_app's app under uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def client(self, key: str | None = KEY, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, **kw)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def _texts(path: Path) -> list[str]:
-    return [json.loads(x)["text"] for x in path.read_text().splitlines() if x.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +29,11 @@ def exports(pretrained, small_corpus, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-2000:]
     pre = next(m.parent for m in sorted((workdir / "pretrain").glob("*/manifest.json"))
                if (m.parent / "generalist").is_dir())
-    pg, gen = _texts(small_corpus["domain"]), _texts(small_corpus["general"])
+    pg, gen = texts_of(small_corpus["domain"]), texts_of(small_corpus["general"])
     root = tmp_path_factory.mktemp("serve-exports")
-    return {"spec": _export_like(pre / "specialist", root / "spec", "spec", "pg", pg[:22], pg[22:]),
+    return {"spec": export_like(pre / "specialist", root / "spec", "spec", "pg", pg[:22], pg[22:]),
             # the generalist as the export stage writes it: a chat template, but not post-trained to chat
-            "gen": _export_like(pre / "generalist", root / "gen", "gen", "general", gen[:120], gen[120:], chat=False),
+            "gen": export_like(pre / "generalist", root / "gen", "gen", "general", gen[:120], gen[120:], chat=False),
             "pg_test": pg[22:], "gen_test": gen[120:]}
 
 
@@ -205,23 +161,6 @@ def test_hostile_bodies_get_4xx_and_never_reach_the_model(live):
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
 
 
-def _raw_post(url: str, head: bytes, parts: list[bytes], pause: float = 0.0, read: bool = True) -> bytes:
-    """A hand-written HTTP/1.1 POST over a socket: the body in parts with pauses (a slow client), or cut
-    short and closed (an aborted upload, read=False)."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as s:
-        s.sendall(head)
-        for p in parts:
-            s.sendall(p)
-            time.sleep(pause)
-        if not read:
-            return b""
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-        return data
-
-
 def test_request_fuzzer_gets_openai_errors_and_health_stays_fast(live):
     """Malformed and hostile bodies, slow and aborted clients: every reply is a 200 or a 4xx with an OpenAI
     error body, and /health answers throughout (each poll timed from another thread)."""
@@ -261,7 +200,7 @@ def test_request_fuzzer_gets_openai_errors_and_health_stays_fast(live):
         body = b'{"model": "spec", "prompt": "ok", "max_tokens": 2}'
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: "
                 f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        slow = _raw_post(url, head, [body[i:i + 8] for i in range(0, len(body), 8)], pause=0.1)
+        slow = raw_post(url, head, [body[i:i + 8] for i in range(0, len(body), 8)], pause=0.1)
         assert slow.startswith(b"HTTP/1.1 ") and slow.split()[1] in (b"200", b"429"), slow[:200]
         big_head = head.replace(f"Content-Length: {len(body)}".encode(), b"Content-Length: 100000")
         import logging
@@ -271,7 +210,7 @@ def test_request_fuzzer_gets_openai_errors_and_health_stays_fast(live):
         catch.emit = logged.append
         logging.getLogger("uvicorn.error").addHandler(catch)
         try:
-            _raw_post(url, big_head, [body[:20]], read=False)  # the client hangs up mid-upload
+            raw_post(url, big_head, [body[:20]], read=False)  # the client hangs up mid-upload
             time.sleep(0.5)
         finally:
             logging.getLogger("uvicorn.error").removeHandler(catch)

@@ -209,7 +209,8 @@ def _rows(art) -> dict:
 @pytest.mark.slow
 def test_curate_on_a_local_ray_instance_gives_the_local_executors_output(small_corpus, tmp_path):
     ray = pytest.importorskip("ray")
-    cfg = _executor_recipe(small_corpus, tmp_path)
+    # MinHash off: Ray starts an actor per task (~2.5 s each here), and the Slurm tests cover every step
+    cfg = _executor_recipe(small_corpus, tmp_path, minhash={"enabled": False})
     local_store, ray_store = ArtifactStore(tmp_path / "local"), ArtifactStore(tmp_path / "ray")
     local = curate.run(cfg["curate"], local_store, {"ingest": ingest.run(cfg["ingest"], local_store)})
     on_ray = cfg["curate"].model_copy(update={"executor": "ray"})
