@@ -131,8 +131,7 @@ class Slurm(BaseModel):
     qos: str | None = Field(None, description="sbatch --qos")
     job_name: str = Field("slmforge-curate", description="job names are this, then -<step>")
     logs: RecipePath | None = Field(None, description="folder for Slurm's own job logs, relative to the recipe "
-                                                      "(default: beside datatrove's, "
-                                               "in the run's work/logs/<step>/slurm_logs)")
+                                                      "(default: the run's work/logs/<step>/slurm_logs)")
     env_command: str | None = Field(None, description="shell line each job runs first (default: activate this "
                                                       "virtual environment)")
     sbatch_args: dict[str, str] = Field(default_factory=dict, description="more sbatch options, e.g. {account: "
