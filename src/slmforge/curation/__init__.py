@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmforge.artifacts import write_json_atomic
 from slmforge.console import info, progress
 from slmforge.errors import UserError
 
@@ -140,22 +141,26 @@ def _default_env_command() -> str:
     return f"source {sys.prefix}/bin/activate" if sys.prefix != sys.base_prefix else ""
 
 
-def _slurm_executors(jobs: list[Job], logs: Path, workers: int, cfg) -> list:
+def _slurm_logs(cfg, folder: Path, job: Job) -> Path:
+    """Where Slurm writes a job's own logs: cfg.logs/<job>, or beside datatrove's."""
+    return Path(cfg.logs) / job.name if cfg.logs else folder / "slurm_logs"
+
+
+def _slurm_chain(jobs: list[Job], logs: Path, workers: int, cfg):
+    """The jobs as SlurmPipelineExecutors, each depending on the one before; returns the last one, whose
+    run() launches the whole chain."""
     from datatrove.executor.slurm import SlurmPipelineExecutor
 
-    executors, previous = [], None
+    previous = None
     for job in jobs:
         folder = logs / job.name
-        ex = SlurmPipelineExecutor(
+        previous = SlurmPipelineExecutor(
             job.pipeline, tasks=job.tasks, workers=workers, time=cfg.time, partition=cfg.partition,
             cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb, qos=cfg.qos,
             job_name=f"{cfg.job_name}-{job.name}", env_command=cfg.env_command or _default_env_command(),
             sbatch_args=dict(cfg.sbatch_args), logging_dir=str(folder), depends=previous,
-            slurm_logs_folder=str(Path(cfg.logs) / job.name if cfg.logs else folder / "slurm_logs"),
-            mail_type=cfg.mail_type, mail_user=cfg.mail_user)
-        executors.append(ex)
-        previous = ex
-    return executors
+            slurm_logs_folder=str(_slurm_logs(cfg, folder, job)), mail_type=cfg.mail_type, mail_user=cfg.mail_user)
+    return previous
 
 
 @contextlib.contextmanager
@@ -190,10 +195,7 @@ def _queued(ids: set[str]) -> set[str]:
 
 def run_slurm(jobs: list[Job], logs: Path, workers: int, cfg, record_file: Path) -> None:
     """Submit every job (or only write the scripts), then wait until the last one's stats are merged."""
-    def finished() -> bool:
-        return all((logs / j.name / "stats.json").is_file() for j in jobs)
-
-    if finished():
+    if all((logs / j.name / "stats.json").is_file() for j in jobs):
         return
     pending: set[str] = set()
     if record_file.is_file():  # a curate restarted while its jobs run: wait for those, do not submit again
@@ -201,10 +203,8 @@ def run_slurm(jobs: list[Job], logs: Path, workers: int, cfg, record_file: Path)
     if not pending:
         record: list[dict] = []
         with _recording_sbatch(cfg.submit, record):
-            _slurm_executors(jobs, logs, workers, cfg)[-1].run()  # launches the chain, each after the one before
-        tmp = record_file.with_name(record_file.name + ".tmp")
-        tmp.write_text(json.dumps({"submitted": record if cfg.submit else [], "written": record}, indent=1))
-        os.replace(tmp, record_file)
+            _slurm_chain(jobs, logs, workers, cfg).run()
+        write_json_atomic(record_file, {"submitted": record if cfg.submit else [], "written": record})
         if not cfg.submit:
             scripts = ", ".join(str(logs / j.name / "launch_script.slurm") for j in jobs)
             raise UserError(f"curate.slurm.submit is false: nothing was submitted. The job scripts are {scripts}; "
@@ -222,5 +222,5 @@ def run_slurm(jobs: list[Job], logs: Path, workers: int, cfg, record_file: Path)
                         break
                     _incomplete(job, folder, "Slurm")
                     raise UserError(f"curate · {job.name}: the Slurm jobs ended before its statistics were merged; "
-                                    f"see {cfg.logs or folder / 'slurm_logs'}. Run curate again to resubmit.")
+                                    f"see {_slurm_logs(cfg, folder, job)}. Run curate again to resubmit.")
                 time.sleep(cfg.poll_s)

@@ -221,7 +221,6 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
 
     from slmforge import curation
     from slmforge.curation.steps import (
-        SHARED,
         AssignSplit,
         C4DocumentRules,
         CountProgress,
@@ -251,11 +250,7 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
                              compression="zstd")
 
     # 1. filters + PII, written once; exact-dedup signatures computed on the way out
-    local = cfg.executor == "local"
-    if local:  # counters for the progress bar, shared with forked workers (a cluster's bar counts tasks)
-        import multiprocessing as mp
-
-        SHARED.update(docs=mp.Value("q", 0), chars=mp.Value("q", 0))
+    local = cfg.executor == "local"  # a document counter for the bar (a cluster's bar counts tasks)
     steps: list = [reader(ingest.path / "data")] + ([CountProgress()] if local else [])
     if cfg.gopher_repetition.enabled:
         kw = cfg.gopher_repetition.kwargs()
@@ -347,10 +342,15 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
 
 @contextlib.contextmanager
 def _progress_bar(ingest_metrics: dict, tasks: int, workers: int):
-    """Documents, MB/s and ETA of the filter step, polled from the counters the workers update."""
+    """Documents, MB/s and ETA of the filter step, polled from the counters the workers update (set
+    here, before datatrove forks them)."""
+    import multiprocessing as mp
+
     from slmforge.console import progress
     from slmforge.curation import polling
     from slmforge.curation.steps import SHARED
+
+    SHARED.update(docs=mp.Value("q", 0), chars=mp.Value("q", 0))
 
     total_docs = ingest_metrics["docs"]
     with progress(f"curate · filter ({tasks} tasks, {workers} workers)", ingest_metrics["chars"], "chars") as bar:
