@@ -2,8 +2,8 @@
 ("it is possible to build on top of an existing generalist model after expanding its vocabulary, but it's
 yet to be seen whether this is more or less effective than training from scratch").
 
-Reads finished runs (default: the demo, recipes/dapt.yaml and recipes/dapt-expand.yaml, as `make compare`
-leaves them) and puts every model their evaluate stages scored in one table: bits per byte on each test
+Reads finished runs (default: the demo, which is the DAPT of SmolLM2 with its control `recovered`, then
+recipes/scratch.yaml and recipes/dapt-expand.yaml, as `make compare` leaves them) and puts every model their evaluate stages scored in one table: bits per byte on each test
 split, the benchmarks' headline metrics, and the FLOPs each model cost to train, 6·N·D (N parameters, D
 training tokens) summed over its lineage (pretrain as its manifest records it, then SFT and DPO), with a
 base's own pretraining (6·N·D) apart.
@@ -11,8 +11,8 @@ The runs must share their benchmark sets (the same bench key) so that every mode
 items; then each choice-set headline is tested pairwise (McNemar exact on the same items) against the
 strongest other model, and a margin with p >= 0.05 reads "not shown".
 
-    .venv/bin/python benchmarks/compare.py                          # runs/demo runs/dapt runs/dapt-expand
-    .venv/bin/python benchmarks/compare.py runs/demo runs/dapt --json out.json
+    .venv/bin/python benchmarks/compare.py                          # runs/demo runs/scratch runs/dapt-expand
+    .venv/bin/python benchmarks/compare.py runs/demo runs/scratch --json out.json
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def describe(name: str, meta: dict, t: dict) -> str:
         return f"{meta['base']} as it is"
     if not meta.get("stage"):
         return f"the folder {meta.get('path')}"
+    if (meta.get("control") or {}).get("base"):
+        return f"{meta['control']['base']} continued on general text only (the control, the same tokens)"
     post = {"sft": " → SFT", "sft-rationale": " → SFT (rationales)", "dpo": " → SFT → DPO"}.get(name, "")
     return t["route"] + (" generalist" if name == "generalist" else "") + post
 
@@ -160,7 +162,7 @@ def table(g: dict, tests: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("workdirs", nargs="*", default=["runs/demo", "runs/dapt", "runs/dapt-expand"])
+    p.add_argument("workdirs", nargs="*", default=["runs/demo", "runs/scratch", "runs/dapt-expand"])
     p.add_argument("--json", help="also write every figure to this file")
     args = p.parse_args()
     runs = [load_run(Path(w)) for w in args.workdirs]

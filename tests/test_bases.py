@@ -92,3 +92,18 @@ def test_base_cli_lists_builtins_and_exits_2_on_bad_input(tmp_path, capsys):
     assert "smollm2-135m" in capsys.readouterr().out
     assert bases.cli_main(["--cache", str(tmp_path), "add", "x"]) == 2
     assert "give PATH" in capsys.readouterr().err
+
+
+def test_a_quantized_gguf_base_says_it_is_a_dequantized_copy(tiny_hf, tmp_path):
+    """base.json's `quantized` is the GGUF's own weight type: what the report says of the base."""
+    from slmforge.gguf import write_gguf
+
+    for kind, want in (("f32", None), ("q8_0", "Q8_0")):
+        path = tmp_path / f"tiny-{kind}.gguf"
+        write_gguf(tiny_hf, path, kind, "tiny")
+        assert bases.gguf_weight_type(path) == want
+    b = bases.add("tiny-q8", tmp_path / "tiny-q8_0.gguf", cache=tmp_path / "cache")
+    assert b.quantized == "Q8_0" and b.weights == "a dequantized Q8_0 copy"
+    assert json.loads((b.path / "base.json").read_text())["quantized"] == "Q8_0"
+    assert bases.add("tiny-hf", tiny_hf, cache=tmp_path / "cache").quantized is None
+    assert bases.gguf_weight_type(bases.builtin_file("smollm2-135m")) == "Q4_1"  # the built-in SmolLM2

@@ -115,3 +115,33 @@ def test_slow_items_show_seconds_per_item(monkeypatch):
     monkeypatch.setattr(console.time, "time", lambda: bar._t0 + 50.0)
     bar.completed = 2
     assert "25.0 s/model" in bar.line() and "models/s" not in bar.line()
+
+
+def test_a_silent_bar_still_prints_a_line_every_heartbeat(capsys, monkeypatch):
+    """A training step longer than the heartbeat (a 135M DAPT step of 8 x 1024 tokens took ~30 s) still
+    gets a line with the elapsed time, from the bar's own thread."""
+    import time
+
+    monkeypatch.setenv("SLMFORGE_PROGRESS_SECONDS", "3600")
+    monkeypatch.setenv("SLMFORGE_HEARTBEAT_SECONDS", "1")
+    with console.progress("pretrain · specialist", 10, "steps") as bar:
+        bar.update(completed=1, tokens="0.01M tokens", memory="RSS 1.0 GB")
+        time.sleep(3.5)  # one step that takes long
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pretrain")]
+    assert len(lines) >= 3, lines  # heartbeats, then the last line
+    assert all("1/10 steps (10%)" in x and "RSS 1.0 GB" in x for x in lines)
+    assert lines[0] != lines[-1]  # the elapsed time moves
+
+
+def test_the_memory_estimate_names_the_knobs_that_bring_it_down():
+    shape = {"depth": 30, "hidden_size": 576}
+    big = hardware.training_memory(134_515_008, shape, 49152, 8, 1024, False)
+    small = hardware.training_memory(134_515_008, shape, 49152, 2, 1024, False)
+    ckpt = hardware.training_memory(134_515_008, shape, 49152, 8, 1024, True)
+    assert 13e9 < big["total"] < 16e9  # SmolLM2 at 8 x 1024 held 14-17 GB
+    assert small["total"] < big["total"] / 2 and ckpt["activations"] < big["activations"] / 10
+    said = hardware.memory_advice(big, 8, 1024, False, available=16 * 2**30)
+    assert said and "micro_batch (now 8" in said and "gradient_checkpointing: true" in said and "context (now 1024)" \
+        in said and "logits 6.4" in said
+    assert hardware.memory_advice(small, 2, 1024, False, available=24 * 2**30) is None
+    assert "gradient_checkpointing" not in hardware.memory_advice(ckpt, 8, 1024, True, available=2**30)

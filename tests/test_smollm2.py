@@ -61,9 +61,11 @@ def dapt(smollm2, pretrained, tmp_path_factory):
 
 def test_dapt_continues_from_the_base_at_the_recipes_context(smollm2, dapt):
     pm = dapt[2].manifest["metrics"]
-    assert pm["init_from"]["base"] == "smollm2-135m" and list(pm["models"]) == ["specialist"]
-    spec = pm["models"]["specialist"]
+    assert pm["init_from"]["base"] == "smollm2-135m" and list(pm["models"]) == ["specialist", "recovered"]
+    assert pm["init_from"]["quantized"] == "Q4_1"  # the built-in base is a 4-bit copy, and says so
+    spec, rec = pm["models"]["specialist"], pm["models"]["recovered"]
     assert spec["steps"] == 4 and spec["shape"]["params"] == smollm2.params and spec["shape"]["context"] == 128
+    assert rec["steps"] == 4 and rec["control"]["quantized"] == "Q4_1" and rec["domain_epochs"] == 0
 
 
 def test_a_dapt_model_is_post_trained_exported_and_served(smollm2, dapt, benched, tmp_path):

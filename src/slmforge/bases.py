@@ -33,7 +33,7 @@ from slmforge.errors import UserError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 META = "base.json"
-FORMAT = 2  # base.json's layout and the conversion; a built-in base of an older format is converted again
+FORMAT = 3  # base.json's layout (3: `quantized`) and the conversion; a built-in base of an older format is converted again
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ class Base:
     pretrain_flops: float | None
     chat_template: bool
     added: str
+    quantized: str | None = None  # the GGUF's weight type when it was quantized (e.g. Q4_1): dequantized to float32
+
+    @property
+    def weights(self) -> str:
+        """'a dequantized Q4_1 copy' or 'full-precision weights': what the rivals' lines say of this base."""
+        return f"a dequantized {self.quantized} copy" if self.quantized else "full-precision weights"
 
     def to_json(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
@@ -116,6 +122,21 @@ def card_tokens(folder: Path) -> float | None:
     if not m:
         return None
     return float(m.group(1)) * (1e12 if m.group(2).lower() in ("t", "trillion") else 1e9)
+
+
+def gguf_weight_type(path: Path) -> str | None:
+    """The weight type a GGUF file declares (`general.file_type`: Q4_1, Q8_0, ...), or None for float weights
+    (F32, F16, BF16) or when the file does not say."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return None
+    try:
+        name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return None
+    return None if name in ("ALL_F32", "F16", "BF16") else name
 
 
 def _load_gguf(path: Path):
@@ -168,10 +189,10 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
         if [k for k in missing if "rotary" not in k] or unexpected:
             raise UserError(f"{src}: the GGUF's tensors do not fit {type(model).__name__} "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model, hashed = fresh, [src]
+        model, hashed, quantized = fresh, [src], gguf_weight_type(src)
     else:
         model, tok = load_model(src)  # offline, safetensors only, no remote code
-        hashed = sorted(src.glob("*.safetensors"))
+        hashed, quantized = sorted(src.glob("*.safetensors")), None
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -191,7 +212,7 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
                 vocab_size=int(c.vocab_size), pretrain_tokens=tokens,
                 pretrain_flops=6 * params * tokens if tokens else None,
                 chat_template=bool(getattr(tok, "chat_template", None)),
-                added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), quantized=quantized)
     (tmp / META).write_text(json.dumps({**base.to_json(), "format": FORMAT}, indent=2), encoding="utf-8")
     if dst.exists():
         shutil.rmtree(dst)

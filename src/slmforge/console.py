@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def interval() -> float:
         return 5.0
 
 
+def heartbeat() -> float:
+    """The longest a bar stays silent (`SLMFORGE_HEARTBEAT_SECONDS`, default 30): a step or item that takes
+    longer still gets a line with the time elapsed, so a slow run never looks hung."""
+    try:
+        return max(1.0, float(os.environ.get("SLMFORGE_HEARTBEAT_SECONDS", "30")))
+    except ValueError:
+        return 30.0
+
+
 def clock(seconds: float) -> str:
     """1:05, 1:02:03."""
     s = int(max(0, seconds))
@@ -60,7 +70,8 @@ class Bar:
     """One stage's progress: `update(completed=, advance=, **fields)`; the line shows the description,
     done/total and percent, the rate (per second of this bar's life, or `rate=(value, unit)` given by the
     caller, e.g. training tokens/s measured the way the stage's summary measures them), elapsed time, ETA,
-    then `fields` in order (loss, items, ...). Rendered as a rich bar on a terminal, else as plain lines."""
+    then `fields` in order (loss, items, ...). Rendered as a rich bar on a terminal, else as plain lines;
+    a thread renders it again whenever it has been silent for heartbeat() seconds."""
 
     def __init__(self, description: str, total: float | None, unit: str = "", completed: float = 0):
         self.description, self.total, self.unit = description, total, unit
@@ -71,6 +82,22 @@ class Bar:
         self._last_line = 0.0
         self._live: Progress | None = None
         self._task = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def _emit(self) -> None:
+        with self._lock:
+            self._last_line = time.time()
+            if self._live is not None:
+                self._live.update(self._task, completed=self.completed, line=self.line())
+            else:
+                console.print(f"{self.description} · {self.line()}", markup=False)
+
+    def _beat(self) -> None:
+        quiet = heartbeat()
+        while not self._stop.wait(1.0):
+            if time.time() - self._last_line >= quiet:
+                self._emit()
 
     def __enter__(self) -> Bar:
         if console.is_terminal:
@@ -80,9 +107,11 @@ class Bar:
             self._task = self._live.add_task(self.description, total=self.total, completed=self.completed,
                                               line=self.line())
         self._last_line = time.time()
+        threading.Thread(target=self._beat, daemon=True, name=f"progress: {self.description}").start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
         if self._live is not None:
             self._live.update(self._task, completed=self.completed, line=self.line())
             self._live.stop()
@@ -95,11 +124,8 @@ class Bar:
         if rate is not None:
             self.rate = rate
         self.fields.update({k: str(v) for k, v in fields.items()})
-        if self._live is not None:
-            self._live.update(self._task, completed=self.completed, line=self.line())
-        elif time.time() - self._last_line >= interval():
-            self._last_line = time.time()
-            console.print(f"{self.description} · {self.line()}", markup=False)
+        if self._live is not None or time.time() - self._last_line >= interval():
+            self._emit()
 
     def line(self) -> str:
         elapsed = time.time() - self._t0

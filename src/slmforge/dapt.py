@@ -18,7 +18,7 @@ def init_source(init_from: str) -> tuple[Path, dict]:
         return Path(init_from), {"path": init_from}
     b = bases.get(name)
     return b.path, {"base": b.name, "sha256": b.sha256, "params": b.params, "pretrain_tokens": b.pretrain_tokens,
-                    "pretrain_flops": b.pretrain_flops}
+                    "pretrain_flops": b.pretrain_flops, "quantized": b.quantized}
 
 
 def expand_vocabulary(model, tokenizer, domain_tokenizer: Path, train: list[str], val: list[str], n: int):

@@ -143,3 +143,44 @@ def plausible_mfu(flops_per_s: float, peak: float) -> float | None:
 def flops_per_token(shape_: dict, seq: int) -> float:
     """6N for the weights (the tied LM head included) + 12 * layers * width * seq for attention (PaLM)."""
     return 6 * shape_["params"] + 12 * shape_["depth"] * shape_["hidden_size"] * seq
+
+
+def training_memory(params: int, shape_: dict, vocab: int, micro_batch: int, seq: int, checkpointing: bool) -> dict:
+    """Estimated peak bytes of one training process, by part: float32 weights, gradients and AdamW's two
+    moments (16 bytes a parameter) and autocast's bf16 copies (2); activations, about 34 bytes per token,
+    layer and unit of width (Korthikanti et al. 2022, attention scores not stored: SDPA), or only each
+    layer's input with gradient checkpointing; the logits of a micro-batch over the whole vocabulary (bf16,
+    their float32 copy, its log-softmax and gradients: 16 bytes each); 1 GB for the runtime. Checked on
+    SmolLM2-135M: 8 x 1024 tokens per micro-batch held 14-17 GB, this says 14.7."""
+    tokens = micro_batch * seq
+    layers, width = shape_["depth"], shape_["hidden_size"]
+    act = tokens * layers * width * (2 if checkpointing else 34) + (tokens * width * 34 if checkpointing else 0)
+    parts = {"weights, gradients, AdamW": 18 * params, "activations": act, "logits": 16 * tokens * vocab,
+             "runtime": 1 << 30}
+    return {**parts, "total": sum(parts.values())}
+
+
+def memory_advice(est: dict, micro_batch: int, seq: int, checkpointing: bool, available: int) -> str | None:
+    """A warning when the estimate passes 80% of `available` bytes, naming the knobs that bring it down
+    (None when it fits)."""
+    if est["total"] < 0.8 * available:
+        return None
+    gb = {k: f"{v / 1e9:.1f}" for k, v in est.items()}
+    knobs = [f"micro_batch (now {micro_batch}: activations and logits scale with it; the step's batch_tokens stay "
+             "the same, in more forward passes)"]
+    if not checkpointing:
+        knobs.append("gradient_checkpointing: true (activations to about 1/17, ~30% more compute)")
+    knobs.append(f"model.context (now {seq})")
+    return (f"training may need about {gb['total']} GB (weights, gradients and AdamW {gb['weights, gradients, AdamW']}, "
+            f"activations {gb['activations']}, logits {gb['logits']}) and {available / 1e9:.1f} GB is available; "
+            "lower " + ", or ".join(knobs))
+
+
+def memory_in_use() -> str:
+    """'RSS 6.1 GB' (this process), or on a GPU the most torch has allocated: for progress lines."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.max_memory_allocated() / 1e9:.1f} GB"
+    return f"RSS {psutil.Process().memory_info().rss / 1e9:.1f} GB"

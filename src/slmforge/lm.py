@@ -4,22 +4,36 @@ pretrain, evaluate, the router, post-training and export share."""
 from __future__ import annotations
 
 
-def nll(forward, x, y, batch_size: int, device=None) -> float:
+def nll(forward, x, y, batch_size: int, device=None, chunk: int = 2048) -> float:
     """Summed next-token negative log-likelihood in nats of targets `y` (-100 = not scored) given
     inputs `x` (both [n, seq] int64), `batch_size` rows per forward pass. `forward` is the model, or
-    what accelerate/torch.compile made of it; logits are cast to float32 before the loss."""
+    what accelerate/DDP made of it; logits are cast to float32 before the loss. The LM head and the loss
+    run on `chunk` tokens at a time, so a batch's logits over the whole vocabulary never exist at once:
+    SmolLM2's 49,152-token head made them 1.6 GB in float32 for 8 x 1024 tokens, and bits per byte on
+    2 x 100 kB took 34 s with them, 26 s in chunks (2 AMX cores, same figures to 4 digits;
+    benchmarks/evaluate_speed.py)."""
     import torch
     import torch.nn.functional as F
 
+    model = getattr(forward, "module", forward)  # a DDP wrapper's model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    plain = head is not None and hasattr(model, "get_decoder") and not any(
+        getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
             if device is not None:
                 xb, yb = xb.to(device), yb.to(device)
-            logits = forward(input_ids=xb).logits.float()
-            total += F.cross_entropy(logits.flatten(0, 1), yb.flatten(), ignore_index=-100,
-                                     reduction="sum").item()
+            if not plain:
+                logits = forward(input_ids=xb, use_cache=False).logits.float()
+                total += F.cross_entropy(logits.flatten(0, 1), yb.flatten(), ignore_index=-100, reduction="sum").item()
+                continue
+            h = model.get_decoder()(input_ids=xb, use_cache=False).last_hidden_state.flatten(0, 1)
+            yb = yb.flatten()
+            for j in range(0, len(h), chunk):
+                logits = head(h[j:j + chunk]).float()
+                total += F.cross_entropy(logits, yb[j:j + chunk], ignore_index=-100, reduction="sum").item()
     return total
 
 

@@ -24,7 +24,7 @@ def rivals(m: dict) -> list[str]:
     if m.get("gate"):
         return [r for r in m["gate"]["rivals"] if r in models]
     return [n for n, mm in models.items()
-            if n == "generalist" or (mm.get("stage") is None and isinstance(mm.get("base"), str))]
+            if n == "generalist" or mm.get("control") or (mm.get("stage") is None and isinstance(mm.get("base"), str))]
 
 
 def domain_scores(m: dict) -> tuple[dict[str, tuple[str, str]], dict[str, dict]]:
@@ -95,6 +95,12 @@ def describe(m: dict, n: str, best: str | None = None, score: float | None = Non
     bits = [f"{score:.3f}"] if score is not None else []
     if mm.get("stage") is None and isinstance(mm.get("base"), str):
         bits.append(f"the pretrained base {mm['base']} with {size}" if mm["base"] != n else size)
+        if mm.get("quantized"):
+            bits.append(f"as a dequantized {mm['quantized']} copy")
+    elif (mm.get("control") or {}).get("base"):
+        c = mm["control"]
+        bits.append(f"{c['base']} continued on general text only for the specialist's {num(c['tokens'])} tokens "
+                    f"and schedule" + (f", from a dequantized {c['quantized']} copy" if c.get("quantized") else ""))
     elif best and p and p == _params(m, best):
         if n != "generalist":
             bits.append("the same size")

@@ -40,6 +40,35 @@ def test_bits_per_byte_matches_a_hand_computation(tmp_path, small_corpus):
     assert bits_per_byte(model, tok, texts, context=32, batch_size=1)["bpb"] == r["bpb"]  # windows don't matter here
 
 
+def test_the_chunked_head_gives_the_full_logits_loss():
+    """lm.nll runs the LM head and the loss on a few tokens at a time: the same sum as the whole batch's
+    logits, with -100 targets skipped."""
+    import torch.nn.functional as F
+
+    from slmforge.lm import nll
+
+    torch.manual_seed(0)
+    model = _tiny_model(300).eval()
+    x = torch.randint(0, 300, (5, 24))
+    y = torch.randint(0, 300, (5, 24))
+    y[1, :5] = -100
+    with torch.no_grad():
+        full = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                               reduction="sum").item()
+    for batch, chunk in ((2, 7), (5, 10_000), (1, 1)):
+        assert nll(model, x, y, batch, chunk=chunk) == pytest.approx(full, rel=1e-5)
+
+
+def test_dtype_auto_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    from slmforge import hardware
+    from slmforge.stages.evaluate import weights_dtype
+
+    monkeypatch.setattr(hardware, "use_bf16", lambda precision: True)
+    assert weights_dtype("auto") == "bfloat16" and weights_dtype("float32") == "float32"
+    monkeypatch.setattr(hardware, "use_bf16", lambda precision: False)  # AVX2 only: bf16 would be emulated
+    assert weights_dtype("auto") == "float32" and weights_dtype("bfloat16") == "bfloat16"
+
+
 def test_bfloat16_weights_score_with_float32_logits(tmp_path, small_corpus):
     from transformers import AutoTokenizer
 

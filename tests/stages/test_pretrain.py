@@ -248,7 +248,7 @@ def test_continued_pretraining_from_a_local_checkpoint(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
     m = json.loads((d / "manifest.json").read_text())["metrics"]
-    assert list(m["models"]) == ["specialist"]  # the starting checkpoint is the baseline
+    assert list(m["models"]) == ["specialist", "recovered"]  # the control: the same start on general text
     start, after = _weights(run_dir / "specialist"), _weights(d / "specialist")
     assert any(not torch.equal(start[k], after[k]) for k in start)
     log = [json.loads(x) for x in (d / "specialist" / "train_log.jsonl").read_text().splitlines()]
@@ -256,7 +256,7 @@ def test_continued_pretraining_from_a_local_checkpoint(trained, tmp_path):
     assert log[0]["loss"] < first[0]["loss"] - 0.3  # it starts from the trained weights, not from scratch
 
 
-def test_dapt_from_a_base_by_name_lowers_its_domain_loss(trained, tmp_path, monkeypatch):
+def test_dapt_from_a_base_by_name_lowers_its_domain_loss_beside_a_general_text_control(trained, tmp_path, monkeypatch):
     from slmforge import bases
 
     recipe, run_dir = trained
@@ -269,11 +269,27 @@ def test_dapt_from_a_base_by_name_lowers_its_domain_loss(trained, tmp_path, monk
     [d] = [p for p in (work / "pretrain").iterdir() if p.is_dir() and not p.is_symlink()]
     m = json.loads((d / "manifest.json").read_text())["metrics"]
     assert m["init_from"]["base"] == "tinybase" and m["init_from"]["pretrain_tokens"] == 1e6
-    assert list(m["models"]) == ["specialist"]  # the base is the generalist baseline
+    assert list(m["models"]) == ["specialist", "recovered"]
     assert m["models"]["specialist"]["shape"]["context"] == 64  # model.context, within the base's context
     val = [json.loads(x) for x in (d / "specialist" / "val_log.jsonl").read_text().splitlines()]
     domain = next(s for s in val[0] if s not in ("step", "tokens", "general", "general2"))
     assert val[-1][domain] < val[0][domain]
+
+    # the control `recovered`: the same base, tokens, steps and learning rates, general text only
+    spec, rec = m["models"]["specialist"], m["models"]["recovered"]
+    assert rec["control"] == {"of": "specialist", "text": "general", "tokens": spec["tokens"], "steps": spec["steps"],
+                              "base": "tinybase", "quantized": None}
+    assert rec["tokens"] == spec["tokens"] and rec["steps"] == spec["steps"]
+    assert set(rec["sources"]) == {"general", "general2"} and rec["domain_epochs"] == 0
+    logs = {n: [json.loads(x) for x in (d / n / "train_log.jsonl").read_text().splitlines()] for n in ("specialist", "recovered")}
+    assert [r["lr"] for r in logs["recovered"]] == [r["lr"] for r in logs["specialist"]]
+    assert [r["tokens"] for r in logs["recovered"]] == [r["tokens"] for r in logs["specialist"]]
+    assert {r["domain_fraction"] for r in logs["recovered"]} == {0.0}
+    assert max(r["domain_fraction"] for r in logs["specialist"]) > 0.5
+    start = _weights(tmp_path / "bases" / "tinybase")
+    assert _weights(d / "recovered").keys() == start.keys()  # continued from the base, its own tokenizer
+    rec_val = [json.loads(x) for x in (d / "recovered" / "val_log.jsonl").read_text().splitlines()]
+    assert val[-1][domain] < rec_val[-1][domain]  # the domain text lowers the domain loss more than training does
 
 
 def test_init_from_is_a_folder_relative_to_the_recipe_or_a_base_name(trained, tmp_path):

@@ -131,6 +131,29 @@ def test_a_gain_inside_the_noise_is_no_gain_and_a_loss_is_said():
         loss["sentence"] and "specialist beats the same-size generalist (0.200): +0.100, p = 0.002" in loss["sentence"]
 
 
+def test_a_dapt_verdict_names_the_recovered_control_and_the_4_bit_base():
+    """DAPT: the rivals are the base as it is and `recovered` (the base continued on general text for the
+    specialist's tokens); the strongest one leads the sentence, and the base is named as a 4-bit copy."""
+    from slmforge.verdict import verdict
+
+    r = _results(specialist=75, smollm2=40, generalist=60)
+    r["models"]["recovered"] = {**r["models"].pop("generalist"), "shape": {"params": 134_515_008},
+                                "control": {"of": "specialist", "text": "general", "tokens": 102_400, "steps": 25,
+                                            "base": "smollm2-135m", "quantized": "Q4_1"}}
+    r["models"]["specialist"]["shape"] = {"params": 134_515_008}
+    r["models"]["smollm2"]["quantized"] = "Q4_1"
+    for k in ("benchmarks", "outcomes"):
+        r[k]["recovered"] = r[k].pop("generalist")
+    v = verdict(r)
+    assert v["rival"] == "recovered" and v["outcome"] == "win", v
+    assert v["sentence"].startswith(
+        "The best model on the domain is specialist: 0.750 on the choice sets' headline metrics (mcq acc over 100 "
+        "items), +0.150 over the strongest generalist, recovered (0.600, smollm2-135m continued on general text only "
+        "for the specialist's 102.4k tokens and schedule, from a dequantized Q4_1 copy), a significant gain"), v
+    assert "specialist beats smollm2 (0.400, the pretrained base smollm2-135m with 134.5M parameters, as a " \
+           "dequantized Q4_1 copy): +0.350" in v["sentence"]
+
+
 def test_missing_evaluate_data_gives_no_verdict_rather_than_a_guess():
     from slmforge.verdict import verdict
 

@@ -83,10 +83,13 @@ class Config(StageConfig):
                                description="pick each stage model's snapshot on the dev sets by this metric "
                                            "(mcq/acc, ...) or by `headline` (each set's headline metric)")
     max_bytes: int = Field(400_000, ge=1000, description="test-split bytes scored per source (first documents by id)")
-    batch_size: int = Field(8, ge=1)
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="weights while scoring; bfloat16 halves the time of a 135M model on a CPU with "
-                               "AVX-512-BF16 (logits are still scored in float32)")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass: bits per byte and the choice tasks")
+    generation_batch: int = Field(32, ge=1, description="answers generated together (qa, summarization): a decode "
+                                                        "step costs about the same for 8 or 32 sequences on a CPU")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weights while scoring (logits are scored in float32 either way); auto: bfloat16 where "
+                            "the hardware runs it natively (AVX-512-BF16, AMX, recent GPUs), else float32: emulated "
+                            "bf16 on an AVX2-only CPU ran several times slower than float32")
     samples: int = Field(3, ge=0, description="greedy samples per source, and sample answers per generation task")
     sample_tokens: int = Field(40, ge=1, description="tokens generated per sample")
     prompt_chars: int = Field(160, ge=10, description="characters of a test document used as the prompt")
@@ -183,6 +186,13 @@ class Entry:
     stage: str | None = None
     key: str | None = None
     meta: dict = field(default_factory=dict)
+
+
+def weights_dtype(dtype: str) -> str:
+    """evaluate.dtype resolved: auto is bfloat16 where hardware.use_bf16 says the hardware has it, else float32."""
+    from slmforge.hardware import use_bf16
+
+    return ("bfloat16" if use_bf16("auto") else "float32") if dtype == "auto" else dtype
 
 
 def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: int = 8) -> dict:
@@ -298,7 +308,7 @@ def _entries(cfg: Config, inputs: dict[str, Artifact]) -> list[Entry]:
             b = bases.get(ref.base)  # a built-in base is converted on first use
             entries.append(Entry(ref.name, path=b.path, ref=ref, meta={
                 "base": b.name, "shape": {"params": b.params}, "context": b.context, "license": b.license,
-                "pretrain_tokens": b.pretrain_tokens, "pretrain_flops": b.pretrain_flops,
+                "pretrain_tokens": b.pretrain_tokens, "pretrain_flops": b.pretrain_flops, "quantized": b.quantized,
                 "chat": b.chat_template if ref.chat is None else ref.chat}))
         else:
             entries.append(Entry(ref.name, path=Path(ref.path) if ref.path else None, ref=ref,
@@ -331,7 +341,7 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
     scores = {}
     for p in [*snaps, e.path]:
         label = "final" if p == e.path else p.name
-        model, tok = float_logits(load_model(p, dtype=cfg.dtype))
+        model, tok = float_logits(load_model(p, dtype=weights_dtype(cfg.dtype)))
         r, _, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.task_dir, [dev[s] for s in wanted], None)
         vals = []
         for s, metric in wanted.items():
@@ -386,7 +396,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
                 if chosen:
                     selection[e.name] = chosen
                     path = Path(chosen["path"])
-            model, tok = float_logits(load_model(path, dtype=cfg.dtype))
+            model, tok = float_logits(load_model(path, dtype=weights_dtype(cfg.dtype)))
             context = min(model.config.max_position_embeddings, 1024)
             scores[e.name] = {}
             for source, t in texts.items():
@@ -398,12 +408,13 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
             # template, the way they are used. (Choice tasks through a chat template change what is compared:
             # acc_mutual_info fell from 0.54 to 0.25 for the same SFT model on the demo.)
             chat = bool(e.meta.get("chat"))
-            lm = hf_lm(model, tok, cfg.batch_size)
-            parts = [(tasks, False)] if not chat else [([t for t in tasks if t not in gen_tasks], False), (gen_tasks, True)]
+            parts = [([t for t in tasks if t not in gen_tasks], False, cfg.batch_size),
+                     (gen_tasks, chat, cfg.generation_batch)]
             benchmarks[e.name], answers[e.name], outcomes[e.name] = {}, {}, {}
-            for part, as_chat in parts:
+            for part, as_chat, batch in parts:
                 if part:
-                    r, a, o = lm_eval_run(lm, bench.task_dir, part, cfg.bench_limit, cfg.samples, chat=as_chat)
+                    r, a, o = lm_eval_run(hf_lm(model, tok, batch), bench.task_dir, part, cfg.bench_limit, cfg.samples,
+                                          chat=as_chat)
                     benchmarks[e.name].update(r)
                     answers[e.name].update(a)
                     outcomes[e.name].update(o)
@@ -420,18 +431,21 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     flags = flag_empty(benchmarks, outcomes, cfg.empty_share)
     for name, lines in flags.items():
         models[name]["flags"] = lines
+    controls = [e.name for e in entries if e.meta.get("control") or e.name == "generalist"]
     rivals = cfg.rivals if cfg.rivals is not None else \
-        [e.name for e in entries if e.name == "generalist" or (e.ref is not None and e.ref.base)]
+        controls + [e.name for e in entries if e.ref is not None and e.ref.base]
     domain, general = curated.domain, curated.general
     margins = {}
-    if "specialist" in scores and "generalist" in scores:
+    control = next((c for c in controls if c in scores), None)
+    if "specialist" in scores and control:  # the domain effect: the specialist against its general-text twin
         for s in domain + general:
-            sp, ge = scores["specialist"][s]["bpb"], scores["generalist"][s]["bpb"]
-            margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "relative": round(1 - sp / ge, 4)}
+            sp, ge = scores["specialist"][s]["bpb"], scores[control][s]["bpb"]
+            margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "control": control,
+                          "relative": round(1 - sp / ge, 4)}
     metrics = {"models": models, "scores": scores, "margins": margins, "domain_sources": domain,
                "general_sources": general, "benchmarks": benchmarks, "headline": bench.headline,
                "gate": quality_gate(benchmarks, outcomes, bench, "specialist", rivals), "selection": selection,
-               "baselines": bench.baselines, "bench_sizes": bench.sizes,
+               "baselines": bench.baselines, "bench_sizes": bench.sizes, "dtype": weights_dtype(cfg.dtype),
                **({"judge": judged} if judged else {})}
     (out / "results.json").write_text(json.dumps(metrics | {"samples": samples, "answers": answers,
                                                             "outcomes": outcomes}, indent=2, ensure_ascii=False),
@@ -472,7 +486,7 @@ def print_results(m: dict, samples: dict) -> None:
         console.print(t)
     for s, g in m["margins"].items():
         better = "better" if g["relative"] > 0 else "worse"
-        console.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than the generalist "
+        console.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than {g.get('control', 'generalist')} "
                       f"({g['specialist_bpb']:.3f} vs {g['generalist_bpb']:.3f} bits/byte)")
     if m["benchmarks"]:
         b = Table(title="domain benchmarks (lm-evaluation-harness)")

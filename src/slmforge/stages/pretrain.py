@@ -7,8 +7,12 @@
   visited in a fresh random order every epoch.
 - From scratch (a model of `model:`'s size for the stage's tokenizer), or continued (DAPT) from a
   pretrained base (`init_from`), optionally with domain tokens added to its vocabulary.
-The generalist baseline: the same shape and the same number of tokens, trained on the general
-sources with the general tokenizer. Output: `<run>/specialist/` and `<run>/generalist/` (HF folders).
+The control (`baseline: true`), the model the specialist must beat to show a domain effect: from scratch,
+the generalist (the same shape and number of tokens, trained on the general sources with the general
+tokenizer); in DAPT, `recovered` (the same base continued for the same tokens and schedule on the general
+sources only: any full-precision training of a quantized base recovers some of its error on every kind
+of text, so only a gain over this twin is the domain's). Output: `<run>/specialist/` and
+`<run>/generalist/` or `<run>/recovered/` (HF folders).
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ class Config(TrainConfig):
                                                    "train split), each starting as the mean of its pieces")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                                             "memory, ~30% more compute): for large bases")
-    baseline: bool = Field(True, description="also train a generalist of the same size on the general sources")
+    baseline: bool = Field(True, description="also train the control on the general sources for the same tokens and "
+                                             "schedule: a same-size generalist from scratch, or with init_from the "
+                                             "base continued on general text (`recovered`)")
     reading: float = Field(0.0, ge=0, lt=1, description="share of the specialist's domain sequences from the synth "
                                                         "stage's reading-comprehension texts (synth.kinds: [reading])")
 
@@ -103,11 +109,12 @@ def reading_texts(synth: Artifact) -> list[str]:
 
 
 def _model_and_tokenizer(cfg: Config, name: str, tok_art: Artifact, tok_dir: str, init: Path | None):
-    """The specialist continues from the folder `init` (cfg.init_from's) when given, at model.context or
-    else the base's context up to 1024 tokens; else a fresh model for the stage's tokenizer."""
+    """With `init` (cfg.init_from's folder) the specialist and its control continue from it, at model.context
+    or else the base's context up to 1024 tokens; else a fresh model for the stage's tokenizer (the
+    generalist's: the general tokenizer)."""
     from transformers import AutoTokenizer
 
-    if init is not None and name == "specialist":
+    if init is not None:  # the specialist, or its control `recovered`
         model, tokenizer = load_model(init)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -131,8 +138,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     torch.manual_seed(cfg.seed)
 
     plans = [("specialist", list(curated.roles), "tokenizer")]
-    if cfg.baseline and general and not cfg.init_from:
-        plans.append(("generalist", general, "general_tokenizer"))
+    if cfg.baseline and general:
+        plans.append(("recovered", general, None) if cfg.init_from else ("generalist", general, "general_tokenizer"))
     metrics: dict = {"bf16": bf16, "peak_flops": peak, "world_size": dist.world_size(), "models": {}}
     init = None
     if cfg.init_from:  # evaluate compares the DAPT specialist with this base (its generalist baseline)
@@ -171,17 +178,21 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
              f"{shape_['hidden_size']}, heads {shape_['num_attention_heads']}/{shape_['num_key_value_heads']} kv, "
              f"ffn {shape_['intermediate_size']}, context {shape_['context']}; "
              f"{'bf16 autocast' if bf16 else 'fp32'}; {unique / 1e6:.2f}M train tokens")
-        cfg_m = cfg.model_copy(update={"mixture": Mixture(schedule="constant", domain_fraction=0.0)}) \
-            if name == "generalist" else cfg
+        control = name != "specialist"  # the same steps, batch and learning rates, general text only
+        cfg_m = cfg.model_copy(update={"mixture": Mixture(schedule="constant", domain_fraction=0.0)}) if control else cfg
         snapshot = partial(save_snapshot, tokenizer=tokenizer, root=out / name / "snapshots")
         result = train_one(name, cfg_m, model, shape_, sampler, val, out, total_steps, peak, bf16, snapshot)
         tokens_budget = tokens_budget or result["tokens"]
         data = {"sources": ", ".join(sources), "tokenizer": tok_dir if not cfg.init_from else cfg.init_from,
-                **({"continued from": cfg.init_from} if cfg.init_from and name == "specialist" else {}),
+                **({"continued from": cfg.init_from} if cfg.init_from else {}),
                 "unique train tokens": unique, "epochs over the domain": result["domain_epochs"]}
         m = {k: v for k, v in result.items() if k not in ("model", "log", "val_log")}
         m.update(shape=shape_, sources=sources, unique_train_tokens=int(unique),
                  flops=6 * shape_["params"] * result["tokens"])
+        if control:  # what evaluate's gate and the report say of it
+            m["control"] = {"of": "specialist", "text": "general", "tokens": result["tokens"], "steps": result["steps"],
+                            **({"base": metrics["init_from"].get("base") or cfg.init_from,
+                                "quantized": metrics["init_from"].get("quantized")} if cfg.init_from else {})}
         dist.on_main(save_model, result["model"], tokenizer, shape_, result, final_dir, name, data, m,
                      out / f"{name}.ckpt.pt")
         metrics["models"][name] = m
