@@ -9,15 +9,19 @@ def nll(forward, x, y, batch_size: int, device=None, chunk: int = 2048) -> float
     inputs `x` (both [n, seq] int64), `batch_size` rows per forward pass. `forward` is the model, or
     what accelerate/DDP made of it; logits are cast to float32 before the loss. The LM head and the loss
     run on `chunk` tokens at a time, so a batch's logits over the whole vocabulary never exist at once:
-    SmolLM2's 49,152-token head made them 1.6 GB in float32 for 8 x 1024 tokens, and bits per byte on
-    2 x 100 kB took 34 s with them, 26 s in chunks (2 AMX cores, same figures to 4 digits;
-    benchmarks/evaluate_speed.py)."""
+    SmolLM2's 49,152-token head made them 1.6 GB in float32 for 8 x 1024 tokens (evaluate's wall time
+    with and without this, and its identical bits per byte: benchmarks/evaluate_speed.py)."""
     import torch
     import torch.nn.functional as F
 
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
     model = getattr(forward, "module", forward)  # a DDP wrapper's model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    plain = head is not None and hasattr(model, "get_decoder") and not any(
+    # FSDP gathers a layer's shards in the root module's forward: calling the decoder alone would see them
+    # sharded, so a sharded model takes the whole forward pass.
+    sharded = isinstance(forward, FullyShardedDataParallel | FSDPModule) or isinstance(model, FSDPModule)
+    plain = head is not None and hasattr(model, "get_decoder") and not sharded and not any(
         getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
     total = 0.0
     with torch.no_grad():
