@@ -486,7 +486,9 @@ def print_results(m: dict, samples: dict) -> None:
         console.print(t)
     for s, g in m["margins"].items():
         better = "better" if g["relative"] > 0 else "worse"
-        console.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than {g.get('control', 'generalist')} "
+        rival = g.get("control", "generalist")
+        rival = "the generalist" if rival == "generalist" else f"the control {rival}"
+        console.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than {rival} "
                       f"({g['specialist_bpb']:.3f} vs {g['generalist_bpb']:.3f} bits/byte)")
     if m["benchmarks"]:
         b = Table(title="domain benchmarks (lm-evaluation-harness)")
