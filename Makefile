@@ -41,7 +41,7 @@ compare: demo
 
 # DAPT(SmolLM2) pruned to a quarter of its parameters and distilled, beside the pruned model trained with
 # the LM loss only and a scratch model of the same shape (recipes/compress.yaml, sharing runs/dapt with
-# `make compare`); benchmarks/compress.py prints the table the README quotes. Not part of the demo.
+# recipes/dapt.yaml); benchmarks/compress.py prints the table the README quotes. Not part of the demo.
 compress: setup
 	$(BIN)/slmforge run recipes/compress.yaml
 	$(BIN)/python benchmarks/compress.py --skip-throughput --json runs/compress.json

@@ -40,7 +40,8 @@ def trained(store, meta: dict) -> dict:
         if pre.get("expand_vocab"):
             route += f" + {pre['expand_vocab']['chosen']:,} domain tokens"
     return {"flops": flops, "unknown": unknown, "route": route, "params": (chain[-1].meta.get("shape") or {}).get("params") if chain
-            else None, "tokens": {m.stage: m.tokens for m in chain}}
+            else None, "tokens": {m.stage: m.tokens for m in chain},
+            "base_flops": (pre.get("init_from") or {}).get("pretrain_flops")}
 
 
 def load_run(workdir: Path) -> dict:
@@ -100,7 +101,7 @@ def gather(runs: list[dict]) -> dict:
                    "summarization rougeL": bench.get(tasks.get("summarization", ""), {}).get("rougeL")},
                 "outcomes": {s: outcomes.get(tasks[s], {}).get(k) for s, k in head.items() if s in tasks},
                 "train_flops": tr["flops"], "train_tokens": tr["tokens"], "flops_unknown_for": tr["unknown"],
-                "base_pretrain_flops": meta.get("pretrain_flops")})
+                "base_pretrain_flops": meta.get("pretrain_flops") or tr.get("base_flops")})
     return {"rows": rows, "headline": head, "domain": runs[0]["results"]["domain_sources"],
             "general": runs[0]["results"]["general_sources"]}
 

@@ -1,6 +1,6 @@
 import pytest
 
-from slmforge.stats import compare, mcnemar, paired_bootstrap
+from slmforge.stats import compare, mcnemar, paired_bootstrap, paired_docs
 
 
 def test_mcnemar_counts_only_disagreements_and_matches_the_binomial():
@@ -29,3 +29,19 @@ def test_the_bootstrap_takes_graded_scores():
     r = compare(a, b)
     assert r["test"] == "paired bootstrap" and r["verdict"] == "passed" and r["p_value"] < 0.01
     assert paired_bootstrap([0.5, 0.6], [0.5, 0.6])["p_value"] == 1.0
+
+
+def test_the_per_document_test_matches_scipy_and_says_which_model_is_lower():
+    from scipy.stats import wilcoxon
+
+    a = [0.90, 1.10, 0.80, 1.00, 0.95, 1.20, 0.85, 1.05, 0.70, 0.99]
+    b = [x + d for x, d in zip(a, [0.05, 0.04, 0.06, 0.03, 0.05, 0.07, -0.01, 0.05, 0.04, 0.06])]
+    r = paired_docs(a, b)
+    assert (r["a_lower"], r["b_lower"], r["items"]) == (9, 1, 10)
+    assert r["p_value"] == pytest.approx(wilcoxon(a, b).pvalue, rel=1e-5) and r["p_value"] < 0.05
+    assert r["verdict"] == "passed" and paired_docs(b, a)["verdict"] == "failed"
+    assert paired_docs(a, a)["verdict"] == "not shown" and paired_docs(a, a)["p_value"] == 1.0
+    near = [x + d for x, d in zip(a, [0.01, -0.01, 0.02, -0.02, 0.01, -0.01, 0.0, 0.01, -0.01, 0.0])]
+    assert paired_docs(a, near)["verdict"] == "not shown"
+    with pytest.raises(ValueError, match="same, non-empty documents"):
+        paired_docs([1.0], [1.0, 2.0])

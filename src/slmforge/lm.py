@@ -4,13 +4,14 @@ pretrain, evaluate, the router, post-training and export share."""
 from __future__ import annotations
 
 
-def nll(forward, x, y, batch_size: int, device=None, chunk: int = 2048) -> float:
+def nll(forward, x, y, batch_size: int, device=None, chunk: int = 2048, per_token: list | None = None) -> float:
     """Summed next-token negative log-likelihood in nats of targets `y` (-100 = not scored) given
     inputs `x` (both [n, seq] int64), `batch_size` rows per forward pass. `forward` is the model, or
     what accelerate/DDP made of it; logits are cast to float32 before the loss. The LM head and the loss
     run on `chunk` tokens at a time, so a batch's logits over the whole vocabulary never exist at once:
     SmolLM2's 49,152-token head made them 1.6 GB in float32 for 8 x 1024 tokens (evaluate's wall time
-    with and without this, and its identical bits per byte: benchmarks/evaluate_speed.py)."""
+    with and without this, and its identical bits per byte: benchmarks/evaluate_speed.py). With a list as
+    `per_token`, each batch's per-token losses (float32 [rows, seq], 0 where not scored) are appended."""
     import torch
     import torch.nn.functional as F
 
@@ -31,13 +32,15 @@ def nll(forward, x, y, batch_size: int, device=None, chunk: int = 2048) -> float
                 xb, yb = xb.to(device), yb.to(device)
             if not plain:
                 logits = forward(input_ids=xb, use_cache=False).logits.float()
-                total += F.cross_entropy(logits.flatten(0, 1), yb.flatten(), ignore_index=-100, reduction="sum").item()
-                continue
-            h = model.get_decoder()(input_ids=xb, use_cache=False).last_hidden_state.flatten(0, 1)
-            yb = yb.flatten()
-            for j in range(0, len(h), chunk):
-                logits = head(h[j:j + chunk]).float()
-                total += F.cross_entropy(logits, yb[j:j + chunk], ignore_index=-100, reduction="sum").item()
+                losses = [F.cross_entropy(logits.flatten(0, 1), yb.flatten(), ignore_index=-100, reduction="none")]
+            else:
+                h = model.get_decoder()(input_ids=xb, use_cache=False).last_hidden_state.flatten(0, 1)
+                flat = yb.flatten()
+                losses = [F.cross_entropy(head(h[j:j + chunk]).float(), flat[j:j + chunk], ignore_index=-100,
+                                          reduction="none") for j in range(0, len(h), chunk)]
+            total += sum(v.sum().item() for v in losses)
+            if per_token is not None:
+                per_token.append(torch.cat(losses).view(yb.shape).cpu())
     return total
 
 

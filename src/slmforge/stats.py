@@ -48,3 +48,21 @@ def compare(a: list[float], b: list[float]) -> dict:
     diff = (sum(a) - sum(b)) / max(len(a), 1)
     r["verdict"] = "not shown" if r["p_value"] >= ALPHA or diff == 0 else ("passed" if diff > 0 else "failed")
     return r
+
+
+def paired_docs(a: list[float], b: list[float]) -> dict:
+    """Two models' bits per byte on the same documents (lower is better): Wilcoxon's signed-rank test on
+    the per-document differences (scipy; two-sided), with how many documents each model was lower on and
+    the verdict for "a is lower than b". Documents, not windows or tokens, are the unit: they are what was
+    sampled, and two tokenizers cut the same text into different windows."""
+    from scipy.stats import wilcoxon
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired test needs the same, non-empty documents: {len(a)} vs {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    a_lower, b_lower = sum(1 for x in d if x < 0), sum(1 for x in d if x > 0)
+    p = 1.0 if a_lower + b_lower == 0 else float(wilcoxon(a, b, alternative="two-sided").pvalue)
+    mean = sum(d) / len(d)
+    verdict = "not shown" if p >= ALPHA or mean == 0 else ("passed" if mean < 0 else "failed")
+    return {"test": "Wilcoxon signed-rank (two-sided), per document", "p_value": float(f"{p:.6g}"),
+            "a_lower": a_lower, "b_lower": b_lower, "items": len(a), "verdict": verdict}

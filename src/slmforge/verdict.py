@@ -15,7 +15,7 @@ next to the generalist's.
 from __future__ import annotations
 
 from slmforge.results import set_tasks
-from slmforge.stats import ALPHA, compare
+from slmforge.stats import ALPHA, compare, paired_docs
 
 
 def rivals(m: dict) -> list[str]:
@@ -234,12 +234,31 @@ def verdict(m: dict) -> dict:
 
 
 def bpb_line(m: dict) -> str:
-    """Every model's bits per byte on the domain's test text, best first ('' without them)."""
+    """Every model's bits per byte on the domain's test text, best first, then the best model this run
+    trained against the generalist lowest there, paired on the same documents (stats.paired_docs; its
+    p-value times the number of trained models, as in the verdict) ('' without scores)."""
     dom = m.get("domain_sources") or []
-    bpb = {n: sum(per[s]["bpb"] for s in dom) / len(dom) for n, per in (m.get("scores") or {}).items()
+    scores = m.get("scores") or {}
+    bpb = {n: sum(per[s]["bpb"] for s in dom) / len(dom) for n, per in scores.items()
            if dom and all(s in per for s in dom)}
     if not bpb:
         return ""
-    return (f"Bits per byte on the domain's test text ({', '.join(dom)}; lower is better; one figure per model, no "
-            "significance test): " + ", ".join(f"{n} {bpb[n]:.3f}" for n in sorted(bpb, key=lambda n: (bpb[n], n)))
-            + ".")
+    line = (f"Bits per byte on the domain's test text ({', '.join(dom)}; lower is better): "
+            + ", ".join(f"{n} {bpb[n]:.3f}" for n in sorted(bpb, key=lambda n: (bpb[n], n))) + ".")
+    riv = [n for n in rivals(m) if n in bpb]
+    own = [n for n, mm in (m.get("models") or {}).items() if mm.get("stage") and n not in riv and n in bpb]
+    docs = {n: [d for s in dom for d in scores[n][s].get("docs") or []] for n in bpb}
+    if not riv or not own:
+        return line
+    best, rival = min(own, key=lambda n: (bpb[n], n)), min(riv, key=lambda n: (bpb[n], n))
+    if not docs[best] or len(docs[best]) != len(docs[rival]):
+        return line + f" No paired test of {best} against {rival}: evaluate kept no per-document scores."
+    t = paired_docs(docs[best], docs[rival])
+    p = min(1.0, t["p_value"] * len(own))
+    p_text = "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+    word = {"passed": "a significant gain", "failed": "a significant loss"}.get(t["verdict"], "no significant difference")
+    if t["verdict"] != "not shown" and p >= ALPHA:
+        word = "no significant difference"
+    return (line + f" {best} against the lowest generalist, {rival}: lower on {t['a_lower']} of {t['items']} "
+            f"documents, {word} (Wilcoxon signed-rank test on the per-document bits per byte, {p_text}"
+            + (f", Bonferroni-corrected for picking the best of {len(own)} models" if len(own) > 1 else "") + ").")

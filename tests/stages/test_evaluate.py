@@ -38,6 +38,26 @@ def test_bits_per_byte_matches_a_hand_computation(tmp_path, small_corpus):
     assert math.isclose(r["bpb"], n_tokens * math.log2(len(tok)) / n_bytes, rel_tol=1e-3)
     assert math.isclose(r["ppl"], len(tok), rel_tol=1e-3)
     assert bits_per_byte(model, tok, texts, context=32, batch_size=1)["bpb"] == r["bpb"]  # windows don't matter here
+    # each text's own bits per byte: its tokens at log2(V) bits over its bytes, whichever windows hold them
+    for t, got in zip(texts, r["docs"]):
+        n = len(tok(t, add_special_tokens=False)["input_ids"])
+        assert math.isclose(got, n * math.log2(len(tok)) / len(t.encode()), rel_tol=1e-3)
+
+
+def test_per_document_bits_add_up_to_the_total(tmp_path, small_corpus):
+    """A trained-looking (random) model: the per-document figures, weighted by bytes, give bits per byte."""
+    from transformers import AutoTokenizer
+
+    from slmforge.stages.tokenizer import save_hf, train_bpe
+
+    texts = [json.loads(x)["text"][:700] for x in small_corpus["domain"].read_text().splitlines()[:6]]
+    save_hf(train_bpe(iter(texts), 400), tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    r = bits_per_byte(_tiny_model(len(tok)), tok, texts, context=48, batch_size=4)
+    sizes = [len(t.encode()) for t in texts]
+    assert len(r["docs"]) == len(texts) and len(set(r["docs"])) == len(texts)
+    assert math.isclose(sum(d * n for d, n in zip(r["docs"], sizes)) / sum(sizes), r["bpb"], rel_tol=1e-3)
 
 
 def test_the_chunked_head_gives_the_full_logits_loss():

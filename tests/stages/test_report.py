@@ -154,6 +154,32 @@ def test_a_dapt_verdict_names_the_recovered_control_and_the_4_bit_base():
            "dequantized Q4_1 copy): +0.350" in v["sentence"]
 
 
+def test_the_bits_per_byte_line_tests_the_best_model_against_the_lowest_generalist_per_document():
+    from scipy.stats import wilcoxon
+
+    from slmforge.verdict import bpb_line
+
+    r = _results(specialist=75, smollm2=40, generalist=60)
+    r["models"]["dpo"] = {"stage": "dpo", "shape": {"params": 2_901_312}}
+    spec = [0.80, 0.95, 0.70, 1.10, 0.85, 0.90, 0.75, 1.00]
+    docs = {"specialist": spec, "generalist": [x + 0.05 for x in spec[:-1]] + [0.98],
+            "smollm2": [x + 0.10 for x in spec], "dpo": [x + 0.02 for x in spec]}
+    r["domain_sources"] = ["pg"]
+    r["scores"] = {n: {"pg": {"bpb": round(sum(d) / len(d), 4), "docs": d}} for n, d in docs.items()}
+    line = bpb_line(r)
+    assert line.startswith("Bits per byte on the domain's test text (pg; lower is better): specialist 0.881, "
+                           "dpo 0.901, generalist 0.922, smollm2 0.981."), line
+    p = 2 * wilcoxon(docs["specialist"], docs["generalist"]).pvalue  # best of 2 trained models
+    assert f"specialist against the lowest generalist, generalist: lower on 7 of 8 documents, a significant gain " \
+           f"(Wilcoxon signed-rank test on the per-document bits per byte, p = {p:.2g}, Bonferroni-corrected for " \
+           "picking the best of 2 models)." in line, line
+    docs["generalist"] = [x + d for x, d in zip(spec, (0.01, -0.01, 0.02, -0.02, 0.01, -0.01, 0.0, 0.005))]
+    r["scores"]["generalist"]["pg"] = {"bpb": 0.882, "docs": docs["generalist"]}
+    assert "no significant difference" in bpb_line(r)
+    del r["scores"]["generalist"]["pg"]["docs"]
+    assert "No paired test of specialist against generalist: evaluate kept no per-document scores." in bpb_line(r)
+
+
 def test_missing_evaluate_data_gives_no_verdict_rather_than_a_guess():
     from slmforge.verdict import verdict
 

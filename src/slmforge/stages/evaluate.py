@@ -38,6 +38,7 @@ from slmforge.judge import JudgeConfig
 from slmforge.lm import float_logits, generate, nll
 from slmforge.records import MODEL_STAGES, Benchmarks, Curated, Models, set_of
 from slmforge.results import bench_rows, best_line, gate_lines, reference
+from slmforge.stats import paired_docs
 
 NAME = "evaluate"
 INPUTS = ("curate", "bench")
@@ -196,14 +197,17 @@ def weights_dtype(dtype: str) -> str:
 
 
 def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: int = 8) -> dict:
-    """Summed NLL over the texts' tokens in bits / their UTF-8 bytes, and token-level perplexity."""
+    """Summed NLL over the texts' tokens in bits / their UTF-8 bytes, token-level perplexity, and each
+    text's own bits per byte (`docs`, in order: what evaluate's paired test between models compares)."""
     import numpy as np
     import torch
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     stream: list[int] = []
-    for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+    doc_of: list[int] = []  # the text each stream position belongs to
+    for i, e in enumerate(tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)):
         stream += [bos, *e.ids, eos]
+        doc_of += [i] * (len(e.ids) + 2)
     arr = np.asarray(stream, dtype=np.int64)
     n_win = math.ceil((len(arr) - 1) / context)
     pad = n_win * context + 1 - len(arr)
@@ -213,10 +217,15 @@ def bits_per_byte(model, tokenizer, texts: list[str], context: int, batch_size: 
     y = torch.where((y == bos) | (y == eos), torch.full_like(y, -100), y)
     n_tok = int((y != -100).sum())
     model.eval()
-    total = nll(model, x, y, batch_size, model.device)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    losses: list = []
+    total = nll(model, x, y, batch_size, model.device, per_token=losses)
+    per_target = torch.cat(losses).flatten()[:len(arr) - 1 - pad].double().numpy()  # target i is stream[i + 1]
+    doc_bits = np.bincount(np.asarray(doc_of[1:]), weights=per_target, minlength=len(texts)) / math.log(2)
+    doc_bytes = [len(t.encode("utf-8")) for t in texts]
+    n_bytes = sum(doc_bytes)
     return {"bpb": round(total / math.log(2) / n_bytes, 4), "ppl": round(math.exp(total / max(n_tok, 1)), 3),
-            "tokens": n_tok, "bytes": n_bytes}
+            "tokens": n_tok, "bytes": n_bytes,
+            "docs": [round(float(b) / max(n, 1), 5) for b, n in zip(doc_bits, doc_bytes)]}
 
 
 def lm_eval_run(lm, tasks_dir: Path, tasks: list[str], limit: int | None, samples: int = 0,
@@ -442,6 +451,9 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
             sp, ge = scores["specialist"][s]["bpb"], scores[control][s]["bpb"]
             margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "control": control,
                           "relative": round(1 - sp / ge, 4)}
+            a, b = scores["specialist"][s].get("docs"), scores[control][s].get("docs")
+            if a and b and len(a) == len(b):  # the same documents, so a paired test
+                margins[s]["test"] = paired_docs(a, b)
     metrics = {"models": models, "scores": scores, "margins": margins, "domain_sources": domain,
                "general_sources": general, "benchmarks": benchmarks, "headline": bench.headline,
                "gate": quality_gate(benchmarks, outcomes, bench, "specialist", rivals), "selection": selection,
@@ -488,8 +500,11 @@ def print_results(m: dict, samples: dict) -> None:
         better = "better" if g["relative"] > 0 else "worse"
         rival = g.get("control", "generalist")
         rival = "the generalist" if rival == "generalist" else f"the control {rival}"
+        t = g.get("test")
+        test = f"; lower on {t['a_lower']} of {t['items']} documents, Wilcoxon p = {t['p_value']:.2g}: " \
+               f"{t['verdict']}" if t else ""
         console.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than {rival} "
-                      f"({g['specialist_bpb']:.3f} vs {g['generalist_bpb']:.3f} bits/byte)")
+                      f"({g['specialist_bpb']:.3f} vs {g['generalist_bpb']:.3f} bits/byte{test})")
     if m["benchmarks"]:
         b = Table(title="domain benchmarks (lm-evaluation-harness)")
         b.add_column("task · metric")
