@@ -18,7 +18,7 @@ def test_off_terminal_progress_is_plain_lines_with_rate_and_eta(capsys, monkeypa
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("pretrain")]
     assert "\r" not in err and "\x1b" not in err
-    assert len(lines) == 5  # one per update (interval 0) and the last one
+    assert len(lines) == 4  # one per update (interval 0); the closing line would repeat the last: not printed
     assert lines[1] == lines[1].strip() and "2/4 steps (50%)" in lines[1] and "1,234 tok/s" in lines[1]
     assert "ETA" in lines[1] and "loss 3.000" in lines[1]
     assert "4/4 steps (100%)" in lines[-1] and "loss 1.000" in lines[-1]

@@ -91,7 +91,13 @@ class Bar:
             if self._live is not None:
                 self._live.update(self._task, completed=self.completed, line=self.line())
             else:
-                console.print(f"{self.description} · {self.line()}", markup=False)
+                self._print()
+
+    def _print(self) -> None:
+        text = f"{self.description} · {self.line()}"
+        if text != getattr(self, "_printed", None):  # the closing line, when the last update said it already
+            console.print(text, markup=False)
+            self._printed = text
 
     def _beat(self) -> None:
         quiet = heartbeat()
@@ -116,7 +122,8 @@ class Bar:
             self._live.update(self._task, completed=self.completed, line=self.line())
             self._live.stop()
         else:
-            console.print(f"{self.description} · {self.line()}", markup=False)
+            with self._lock:
+                self._print()
 
     def update(self, completed: float | None = None, advance: float = 0, rate: tuple[float, str] | None = None,
                **fields) -> None:
