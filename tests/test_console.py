@@ -113,7 +113,7 @@ def test_stage_output_keeps_our_lines_on_a_stand_in_stderr(tmp_path, capsys):
 def test_slow_items_show_seconds_per_item(monkeypatch):
     bar = console.Bar("evaluate", 6, "models")
     monkeypatch.setattr(console.time, "time", lambda: bar._t0 + 50.0)
-    bar.completed = 2
+    bar.update(completed=2)
     assert "25.0 s/model" in bar.line() and "models/s" not in bar.line()
 
 
@@ -145,3 +145,19 @@ def test_the_memory_estimate_names_the_knobs_that_bring_it_down():
         in said and "logits 6.4" in said
     assert hardware.memory_advice(small, 2, 1024, False, available=24 * 2**30) is None
     assert "gradient_checkpointing" not in hardware.memory_advice(ckpt, 8, 1024, True, available=2**30)
+
+
+def test_a_heartbeat_inside_a_slow_item_keeps_the_rate_and_counts_the_eta_down(monkeypatch):
+    """evaluate: 1 of 4 models done in 100 s, then 60 s into the second: the rate stays 100 s per model
+    (not 160) and the ETA is 300 - 60 = 240 s (not 480)."""
+    now = [1000.0]
+    monkeypatch.setattr(console.time, "time", lambda: now[0])
+    bar = console.Bar("evaluate", 4, "models")
+    now[0] += 100
+    bar.update(completed=1)
+    assert "100.0 s/model" in bar.line() and "ETA 5:00" in bar.line()
+    now[0] += 60
+    line = bar.line()
+    assert "100.0 s/model" in line and "2:40 elapsed, ETA 4:00" in line, line
+    now[0] += 400  # slower than the rate so far: the ETA stops at 0 rather than going negative
+    assert "ETA 0:00" in bar.line()

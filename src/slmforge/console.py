@@ -78,7 +78,7 @@ class Bar:
         self.completed = self._start = completed
         self.fields: dict[str, str] = {}
         self.rate: tuple[float, str] | None = None
-        self._t0 = time.time()
+        self._t0 = self._t_done = time.time()  # _t_done: when `completed` last moved
         self._last_line = 0.0
         self._live: Progress | None = None
         self._task = None
@@ -127,7 +127,10 @@ class Bar:
 
     def update(self, completed: float | None = None, advance: float = 0, rate: tuple[float, str] | None = None,
                **fields) -> None:
+        before = self.completed
         self.completed = (self.completed if completed is None else completed) + advance
+        if self.completed != before:
+            self._t_done = time.time()
         if rate is not None:
             self.rate = rate
         self.fields.update({k: str(v) for k, v in fields.items()})
@@ -135,7 +138,11 @@ class Bar:
             self._emit()
 
     def line(self) -> str:
-        elapsed = time.time() - self._t0
+        # the rate and ETA count the time up to the last completed item, so that a heartbeat in the
+        # middle of a slow item neither inflates the rate nor pushes the ETA out; the ETA then subtracts
+        # the time already spent on the current item
+        now = time.time()
+        elapsed, working = now - self._t0, self._t_done - self._t0
         done = self.completed - self._start
         parts = []
         if self.total:
@@ -146,13 +153,14 @@ class Bar:
             parts.append(f"{_amount(self.completed, self.unit)} {self.unit}".strip())
         if self.rate is not None:
             parts.append(f"{self.rate[0]:,.0f} {self.rate[1]}")
-        elif elapsed > 0 and done > 0:
-            r = done / elapsed
+        elif working > 0 and done > 0:
+            r = done / working
             unit = self.unit or "items"
             parts.append(f"{r / 1e6:,.2f} MB/s" if self.unit == "bytes" else
                          f"{1 / r:,.1f} s/{unit.removesuffix('s')}" if r < 1 else  # slow items: time per item
                          f"{r:,.{1 if r < 10 else 0}f} {unit}/s")
-        eta = (self.total - self.completed) * elapsed / done if self.total and done > 0 else None
+        eta = max(0.0, (self.total - self.completed) * working / done - (now - self._t_done)) \
+            if self.total and done > 0 and working > 0 else None
         parts.append(f"{clock(elapsed)} elapsed" + (f", ETA {clock(eta)}" if eta is not None else ""))
         parts += [v for v in self.fields.values() if v]
         return " · ".join(parts)
