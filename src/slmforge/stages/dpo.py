@@ -182,6 +182,11 @@ def _print(m: dict) -> None:
     from slmforge.console import console
 
     if m:
-        console.print(f"dpo: {m['steps']} steps, loss {m['first_loss']} → {m['final_loss']}, eval loss "
-                      f"{m['eval_loss']}, eval reward accuracy {m['eval_reward_accuracy']}, "
+        console.print(f"dpo: {m['steps']} steps, loss {_f(m['first_loss'])} → {_f(m['final_loss'])}, eval loss "
+                      f"{_f(m['eval_loss'])}, eval reward accuracy {m['eval_reward_accuracy']}, "
                       f"params changed {m['params_changed']}, {m['train_time_s']:.0f}s")
+
+
+def _f(x) -> str:
+    """A loss for the summary: 3 decimals, or - when there is none."""
+    return "-" if x is None else f"{x:.3f}"

@@ -308,6 +308,11 @@ def _print(models: dict) -> None:
         t.add_column(col)
     for n, m in models.items():
         t.add_row(n, str(m["data"]["domain_examples"] + m["data"]["general_examples"]), str(m["steps"]),
-                  f"{m['first_loss']} → {m['final_loss']}", str(m["eval_loss"]), m["params_changed"],
+                  f"{_f(m['first_loss'])} → {_f(m['final_loss'])}", _f(m["eval_loss"]), m["params_changed"],
                   f"{m['tokens_per_s'] or 0:,.0f}", f"{m['train_time_s']:.0f}s")
     console.print(t)
+
+
+def _f(x) -> str:
+    """A loss for the summary: 3 decimals, or - when there is none."""
+    return "-" if x is None else f"{x:.3f}"
