@@ -87,3 +87,31 @@ def test_kill_at_any_moment_then_resume(tmp_path, small_corpus):
     assert rows(c) == rows(k) and rows(c)
     tok = lambda w: (next((w / "tokenizer").glob("*/tokenizer/tokenizer.json"))).read_text()
     assert tok(clean) == tok(killed)
+
+
+def test_a_forced_stage_rebuilds_what_reads_it(tmp_path, monkeypatch):
+    """`run --force-stage evaluate` keeps evaluate's key, so report's key does not change either: report
+    must be rebuilt all the same (it showed the old scores), while a stage that does not read evaluate
+    (export, here reading only dpo) stays cached."""
+    from types import SimpleNamespace
+
+    from slmforge import pipeline
+    from slmforge.artifacts import Artifact
+    from slmforge.config import Recipe
+
+    graph = {"dpo": (), "evaluate": ("dpo",), "report": ("evaluate",), "export": ("dpo",)}
+    built: list[tuple[str, bool]] = []
+
+    def module(stage):
+        def run(cfg, store, inputs, force):
+            built.append((stage, force))
+            if force:
+                store.last_built = (stage, "k")
+            return Artifact(stage=stage, key="k", path=tmp_path / stage, manifest={})
+        return SimpleNamespace(run=run)
+
+    monkeypatch.setattr(pipeline, "stage_module", module)
+    monkeypatch.setattr(pipeline, "stage_inputs", lambda stage, cfg: graph[stage])
+    recipe = Recipe(path=tmp_path / "r.yaml", name="r", workdir=tmp_path / "w", stages={s: None for s in graph})
+    pipeline.run_recipe(recipe, force=("evaluate",))
+    assert built == [("dpo", False), ("evaluate", True), ("report", True), ("export", False)]

@@ -38,7 +38,8 @@ def plan(recipe: Recipe) -> list[StagePlan]:
 def run_recipe(recipe: Recipe, until: str | None = None, only: str | None = None,
                force: tuple[str, ...] = ()) -> dict[str, Artifact]:
     """Run the recipe's stages in order, up to `until` (inclusive); `only` runs one stage, running
-    the stages it needs first if they are not cached. `force` re-runs the named stages."""
+    the stages it needs first if they are not cached. `force` re-runs the named stages, and then every
+    later stage that reads one of them (a forced stage keeps its key, so theirs would not change)."""
     names = list(recipe.stages)
     if not names:
         raise UserError(f"recipe {recipe.path} has no stage to run, only {', '.join(recipe.services)} "
@@ -59,13 +60,17 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: str | None = None
     artifacts: dict[str, Artifact] = {}
     ran = []
     started = time.time()
+    forced: set[str] = set()  # stages rebuilt under the key they had: what reads them must rebuild too
     for stage in wanted:
         mod = stage_module(stage)
         inputs = {d: artifacts[d] for d in stage_inputs(stage, recipe.stages[stage])}
-        art = mod.run(recipe.stages[stage], store, inputs=inputs, force=stage in force)
+        again = stage in force or bool(forced & set(inputs))
+        art = mod.run(recipe.stages[stage], store, inputs=inputs, force=again)
         artifacts[stage] = art
         if store.last_built == (stage, art.key):
             ran.append(stage)
+            if again:
+                forced.add(stage)
     if ran:
         info(f"[bold green]done[/]: ran {', '.join(ran)} in {time.time() - started:.1f}s; outputs in {recipe.workdir}")
     else:

@@ -57,11 +57,13 @@ class Curated:
     """The curate stage's output: `data/<split>/<source>/*.parquet`, and each source's role."""
 
     path: Path
-    roles: dict[str, str]  # source -> "domain" | "general", in recipe order
+    roles: dict[str, str]  # source -> "domain" | "general": domain sources first, each group by name
 
     @classmethod
     def of(cls, art: Artifact) -> Curated:
-        return cls(art.path, dict(art.manifest["metrics"]["roles"]))
+        # the same order whether the manifest was just made or read back (written with sorted keys)
+        roles = art.manifest["metrics"]["roles"]
+        return cls(art.path, dict(sorted(roles.items(), key=lambda kv: (kv[1] != "domain", kv[0]))))
 
     @property
     def domain(self) -> list[str]:
@@ -148,7 +150,10 @@ class Models:
     @classmethod
     def of(cls, art: Artifact) -> Models:
         m = art.manifest["metrics"]
-        return cls(art.stage, art.key, art.path, dict(m.get("models", {})), m.get("init_from"))
+        # the trained models first, then the controls (`recovered`, `generalist`), each group by name: the
+        # same order whether the manifest was just made or read back (written with sorted keys)
+        models = dict(sorted(m.get("models", {}).items(), key=lambda kv: (bool(kv[1].get("control")), kv[0])))
+        return cls(art.stage, art.key, art.path, models, m.get("init_from"))
 
     def folder(self, name: str) -> Path:
         return self.path / name
