@@ -88,7 +88,7 @@ class TrainConfig(StageConfig):
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where supported")
     compile: bool = Field(False, description="torch.compile each decoder layer (about 10 s to start for a 135M "
-                                             "model, 1.25x after on a CPU: training.compile_blocks)")
+                                             "model, about 1.4x after on a CPU: training.compile_blocks)")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes (torchrun, accelerate launch): ddp keeps a whole copy of the "
                            "model, gradients and optimizer state on each; fsdp shards all three over the "
@@ -221,9 +221,9 @@ def setup(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler, va
 
 def compile_blocks(model) -> int:
     """torch.compile each decoder layer in place (regional compilation); returns how many. The layers share
-    one compiled graph, so SmolLM2-135M's 30 compile in about 10 s where the whole model took 90 s, for the
-    same speed (4 x 512 tokens per micro-batch, 2 cores with AMX: 608 tok/s regional, 600 whole, 488 eager;
-    benchmarks/dapt_speed.py). The LM head and loss stay eager."""
+    one compiled graph, so SmolLM2-135M's 30 compile in about 10 s, where compiling the whole model took
+    about 90 s in a probe for no more speed (4 x 512 tokens per micro-batch, 2 cores with AMX: 655 tok/s
+    regional against 463 eager in benchmarks/dapt_speed.py). The LM head and loss stay eager."""
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     for layer in layers:
