@@ -49,6 +49,42 @@ def hash_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+WHOLE_FILE_MAX = 16 << 20  # files up to this size are hashed whole in a fingerprint
+
+
+def _safetensors_header(path: Path) -> str:
+    """A hash of a safetensors file's header (8-byte little-endian length, then JSON: names, shapes,
+    dtypes and offsets of every tensor)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return hashlib.blake2b(f.read(min(n, 100 << 20)), digest_size=16).hexdigest()
+
+
+def _file_print(path: Path) -> str:
+    st = path.stat()
+    if st.st_size <= WHOLE_FILE_MAX:
+        return hash_file(path)  # configs, tokenizers, templates, seeds, small models: exact
+    head = _safetensors_header(path) if path.suffix == ".safetensors" else ""
+    # large weights: reading 270 MB to 1.7 GB on every `slmforge status` is too slow, so size, mtime and
+    # the header stand in (a copy without `cp -p` or a `touch` re-runs what reads it: safe, not stale)
+    return f"{st.st_size}:{st.st_mtime_ns}:{head}"
+
+
+def fingerprint(path: str | Path | None) -> str | dict | None:
+    """A local input's identity for a cache key, so that editing it re-runs what reads it: a file's print
+    (the whole file's hash up to WHOLE_FILE_MAX, else size, mtime and a safetensors header), or
+    {name: print} over a folder's top-level files (what from_pretrained reads; hidden files and
+    subfolders such as snapshots/ are left out); "missing" when it is not there."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        return "missing"
+    if p.is_file():
+        return _file_print(p)
+    return {f.name: _file_print(f) for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")}
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp file beside `path`, fsync, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -74,11 +74,15 @@ class TeacherConfig(StageConfig):
         return d
 
     def external(self) -> dict:
-        """The identity of a base named as hf_model (bases.fingerprint), for the stage's cache key."""
+        """The identity of the hf teacher, for the stage's cache key: a named base's (bases.fingerprint), a
+        folder's files (artifacts.fingerprint)."""
         from slmforge import bases
+        from slmforge.artifacts import fingerprint
 
-        name = bases.base_name(self.hf_model) if self.teacher == "hf" else None
-        return {"hf_model": bases.fingerprint(name)} if name else {}
+        if self.teacher != "hf" or not self.hf_model:
+            return {}
+        name = bases.base_name(self.hf_model)
+        return {"hf_model": bases.fingerprint(name) if name else fingerprint(self.hf_model)}
 
     def model_teacher(self, cache: Path):
         from slmforge import bases

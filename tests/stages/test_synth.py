@@ -208,7 +208,13 @@ def test_hf_teacher_is_a_base_name_or_a_folder_relative_to_the_recipe(tmp_path, 
     stages = load_recipe(write_recipe(tmp_path, recipe)).stages
     assert stages["synth"].hf_model == "tiny-teacher" and stages["bench"].hf_model == str(tmp_path / "m")
     assert synth.external(stages["synth"]) == {"hf_model": bases.fingerprint("tiny-teacher")}
-    assert bench.external(stages["bench"]) == {}  # a folder's teacher cache is keyed by its files
+    from slmforge.artifacts import fingerprint
+
+    before = bench.external(stages["bench"])
+    assert before == {"hf_model": fingerprint(tmp_path / "m")} and "model.safetensors" in before["hf_model"]
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+    assert bench.external(stages["bench"]) != before  # an edited teacher folder re-runs bench
     assert bases.locate(stages["synth"].hf_model) == bases.get("tiny-teacher").path
 
 

@@ -99,7 +99,8 @@ class Config(TeacherConfig):
 
 
 def external(cfg: Config) -> dict:
-    """A base named as the teacher (hf_model), by its identity, so that replacing it re-runs this stage."""
+    """The teacher's identity (hf_model: a base or a folder), so that replacing or editing it re-runs this
+    stage."""
     return cfg.external()
 
 

@@ -104,11 +104,15 @@ def needs(cfg: Config) -> tuple[str, ...]:
 
 
 def external(cfg: Config) -> dict:
-    """The identity of a base named as the teacher, so that replacing the base re-runs compress."""
+    """The identity of the teacher when it is not pretrain's model: a named base's (bases.fingerprint), a
+    folder's files (artifacts.fingerprint), so that replacing or editing it re-runs compress."""
     from slmforge import bases
+    from slmforge.artifacts import fingerprint
 
-    name = base_name(cfg.teacher) if cfg.teacher != "pretrain" else None
-    return {"teacher": bases.fingerprint(name)} if name else {}
+    if cfg.teacher == "pretrain":
+        return {}
+    name = base_name(cfg.teacher)
+    return {"teacher": bases.fingerprint(name) if name else fingerprint(cfg.teacher)}
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:

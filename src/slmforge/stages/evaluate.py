@@ -134,10 +134,22 @@ class Config(StageConfig):
 
 
 def external(cfg: Config) -> dict:
-    """Each named base's identity (bases.fingerprint), so that replacing a base re-runs evaluate."""
+    """Each named base's identity (bases.fingerprint), each local model and tokenizer folder's files
+    (artifacts.fingerprint), so that replacing or editing one re-runs evaluate."""
     from slmforge import bases
+    from slmforge.artifacts import fingerprint
 
-    return {m.base: bases.fingerprint(m.base) for m in cfg.models if isinstance(m, ModelRef) and m.base}
+    out: dict = {}
+    for m in cfg.models:
+        if not isinstance(m, ModelRef):
+            continue
+        if m.base:
+            out[m.base] = bases.fingerprint(m.base)
+        if m.path:
+            out[m.name] = fingerprint(m.path)
+        if m.tokenizer:
+            out[f"{m.name}.tokenizer"] = fingerprint(m.tokenizer)
+    return out
 
 
 def judge_qa(cfg: JudgeConfig, bench: Benchmarks, benchmarks: dict, outcomes: dict, cache: Path) -> dict:

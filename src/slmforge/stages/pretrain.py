@@ -80,12 +80,15 @@ class Config(TrainConfig):
 
 
 def external(cfg: Config) -> dict:
-    """The identity of a base named in init_from (bases.fingerprint), so that replacing the base re-runs
-    pretrain."""
+    """The identity of init_from: a named base's (bases.fingerprint), a folder's files
+    (artifacts.fingerprint), so that replacing or editing it re-runs pretrain."""
     from slmforge import bases
+    from slmforge.artifacts import fingerprint
 
+    if not cfg.init_from:
+        return {}
     name = base_name(cfg.init_from)
-    return {"init_from": bases.fingerprint(name)} if name else {}
+    return {"init_from": bases.fingerprint(name) if name else fingerprint(cfg.init_from)}
 
 
 def needs(cfg: Config) -> tuple[str, ...]:

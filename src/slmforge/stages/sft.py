@@ -96,10 +96,19 @@ class Config(PostTrainConfig):
     lora: Lora | None = Field(None, description="train LoRA adapters instead of all weights")
 
 
+def external(cfg: Config) -> dict:
+    """The contents of general_data and of a base that is a local folder, so that editing either re-runs sft."""
+    from slmforge.artifacts import fingerprint
+
+    folder = Path(cfg.base)
+    return ({"general_data": fingerprint(cfg.general_data)} if cfg.general_data else {}) \
+        | ({"base": fingerprint(folder)} if (folder / "config.json").is_file() else {})
+
+
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
     inputs = inputs or {s: store.resolve(f"{s}:latest") for s in INPUTS}
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out), resumable=True, force=force,
-                       distributed=True)
+                       distributed=True, external=external(cfg))
 
 
 # ---- data -------------------------------------------------------------------------------------------

@@ -108,8 +108,12 @@ class Config(TeacherConfig):
 
 
 def external(cfg: Config) -> dict:
-    """A base named as the teacher (hf_model), by its identity, so that replacing it re-runs this stage."""
-    return cfg.external()
+    """The teacher's identity (hf_model: a base or a folder), and the contents of the seeds and template
+    files, so that replacing or editing any of them re-runs this stage."""
+    from slmforge.artifacts import fingerprint
+
+    return cfg.external() | ({"seeds": fingerprint(cfg.seeds)} if cfg.seeds else {}) \
+        | ({"templates": {k: fingerprint(p) for k, p in cfg.templates.items()}} if cfg.templates else {})
 
 
 def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = None, force: bool = False) -> Artifact:
