@@ -136,7 +136,10 @@ def _model_pipeline(tmp_path_factory, small_corpus, upto: str) -> tuple[Path, Pa
                 tmp = done.with_suffix(".tmp")  # read without the lock: written whole, then renamed
                 tmp.write_text(json.dumps({"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}))
                 tmp.replace(done)
-    return path, root / "w", subprocess.CompletedProcess(["slmforge", upto], **json.loads(done.read_text()))
+    result = subprocess.CompletedProcess(["slmforge", upto], **json.loads(done.read_text()))
+    # a failed shared run fails every test that uses it, here, with its own error
+    assert result.returncode == 0, f"slmforge {upto} on the shared tiny recipe failed:\n{result.stderr[-3000:]}"
+    return path, root / "w", result
 
 
 @pytest.fixture(scope="session")

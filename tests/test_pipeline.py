@@ -27,8 +27,14 @@ def stage_dirs(workdir: Path, stage: str) -> list[str]:
 
 
 def test_run_cache_invalidate_and_status(tmp_path, small_corpus):
+    import shutil
+
+    # a private copy of the corpus: this test edits a file, and other tests' recipes read the shared one
+    shared = small_corpus["domain"].parent.parent
+    shutil.copytree(shared, tmp_path / "corpus")
+    corpus = {k: tmp_path / "corpus" / p.relative_to(shared) for k, p in small_corpus.items()}
     work = tmp_path / "w"
-    recipe = write_recipe(tmp_path, small_recipe(small_corpus, work))
+    recipe = write_recipe(tmp_path, small_recipe(corpus, work))
     r = slmforge("run", str(recipe), "--until", "curate")
     assert r.returncode == 0, r.stderr
     assert stage_dirs(work, "tokenizer") == []
@@ -40,10 +46,10 @@ def test_run_cache_invalidate_and_status(tmp_path, small_corpus):
     assert r.returncode == 0, r.stderr
     assert "ran tokenizer" in r.stderr and "cached" in r.stderr
 
-    t = time.time()
+    built = {s: stage_dirs(work, s) for s in ("ingest", "curate", "tokenizer")}
     r = slmforge("run", str(recipe))
-    assert r.returncode == 0 and "nothing to do" in r.stderr
-    assert time.time() - t < 20
+    assert r.returncode == 0 and "nothing to do" in r.stderr and "done: ran" not in r.stderr, r.stderr
+    assert {s: stage_dirs(work, s) for s in built} == built and not list(work.glob("*/*.partial"))
 
     # changing only the tokenizer section re-runs the tokenizer, not ingest or curate
     before = {s: stage_dirs(work, s) for s in ("ingest", "curate", "tokenizer")}
@@ -55,7 +61,7 @@ def test_run_cache_invalidate_and_status(tmp_path, small_corpus):
     assert len(after["tokenizer"]) == 2
 
     # editing an input file re-runs everything after it
-    with open(small_corpus["general2"], "a") as f:
+    with open(corpus["general2"], "a") as f:
         f.write('{"id": "extra", "text": "An extra general document about ships, whales and the sea, long enough to be kept by the quality filters of the curation stage. It has several sentences. It is plain prose. Nothing more."}\n')
     st = slmforge("status", str(recipe))
     assert st.stderr.count("not run") == 3

@@ -123,7 +123,10 @@ def test_every_model_is_scored_twice_the_same_and_snapshots_are_picked_on_the_de
     tasks = {"slmforge_mcq", "slmforge_completion", "slmforge_qa", "slmforge_summarization"}
     assert set(m["benchmarks"]["specialist"]) == tasks and set(m["benchmarks"]["generalist"]) == tasks
     assert {"acc", "acc_norm", "acc_mutual_info"} <= set(m["benchmarks"]["specialist"]["slmforge_completion"])
-    assert 0 <= m["benchmarks"]["specialist"]["slmforge_mcq"]["acc"] <= 1
+    # the score is the mean of the per-item outcomes kept beside it: every item scored once, right or wrong
+    per = json.loads((run / "results.json").read_text())["outcomes"]["specialist"]["slmforge_mcq"]["acc"]
+    assert len(per) == m["bench_sizes"]["mcq"] and set(per) <= {0.0, 1.0}
+    assert m["benchmarks"]["specialist"]["slmforge_mcq"]["acc"] == round(sum(per) / len(per), 4)
     # two snapshots and the final weights, scored on the dev set built from the val split
     for name in ("specialist", "generalist"):
         sel = m["selection"][name]
