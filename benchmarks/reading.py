@@ -79,7 +79,7 @@ def main() -> int:
         ob = mixed["outcomes"]["specialist"][task][metric]
         test = compare(ob, oa)
         rows.append({"what": f"{set_of(task)} · {metric}", "raw text": a, f"reading {args.share}": b,
-                     "test": f"{test['verdict']} (p={test['p_value']:.3g}, {len(oa)} items)"})
+                     "test": f"{test['verdict']} (p{'≤' if test.get('at_floor') else '='}{test['p_value']:.3g}, {len(oa)} items)"})
     tokens = {s: r["models"]["specialist"].get("tokens") for s, r in results.items()}
     out = {"share": args.share, "tokens": tokens, "rows": rows,
            "command": f".venv/bin/python benchmarks/reading.py --share {args.share}"}

@@ -33,7 +33,7 @@ def gate_lines(gate: dict | None) -> list[str]:
     for c in gate["checks"]:
         lines.append(f"  {c['set']} {c['metric']}: {c['a']} {c['a_score']:.3f} ±{c['ci95'][c['a']]:.3f}, {c['b']} "
                      f"{c['b_score']:.3f} ±{c['ci95'][c['b']]:.3f}, margin {c['margin']:+.3f}, chance {c['chance']:.2f}, "
-                     f"{c['test']} p = {c['p_value']:.3g}" + (f" ({c['a_only']} vs {c['b_only']} of {c['items']} "
+                     f"{c['test']} p {'≤' if c.get('at_floor') else '='} {c['p_value']:.3g}" + (f" ({c['a_only']} vs {c['b_only']} of {c['items']} "
                                                              "items right for one model only)" if "a_only" in c else "")
                      + f": {c['verdict']}")
     return lines

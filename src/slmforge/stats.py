@@ -37,7 +37,9 @@ def paired_bootstrap(a: list[float], b: list[float], iters: int = 10_000, seed: 
     if all(x == 0 for x in d):
         return {"test": "paired bootstrap", "p_value": 1.0, "items": n}
     other = sum(1 for _ in range(iters) if (sum(d[rng.randrange(n)] for _ in range(n)) / n > 0) != (mean > 0))
-    return {"test": "paired bootstrap", "p_value": round(min(1.0, 2 * (other + 1) / (iters + 1)), 6), "items": n}
+    # with no resample on the other side the p-value is the floor 2 / (iters + 1): "p <= floor", not "p ="
+    return {"test": "paired bootstrap", "p_value": round(min(1.0, 2 * (other + 1) / (iters + 1)), 6), "items": n,
+            "at_floor": other == 0}
 
 
 def compare(a: list[float], b: list[float]) -> dict:

@@ -402,9 +402,8 @@ class OpenAITeacher(_Teacher):
 def json_start(schema: dict | None) -> str:
     """The start of the JSON reply a schema asks for, `{"<first key>": ` (and `"` for a string, `["` for a
     list of strings), written into the reply before the model continues it ("prefilling"). A small model
-    asked for JSON often writes prose instead: on a prompt asking for an exam question and its answer,
-    SmolLM2-135M returned parseable JSON for 0 of 16 test chunks without it (greedy or sampled) and for 7
-    of 16 with it; on synth's qa prompt 15 of 32 either way (benchmarks/synth_throughput.py)."""
+    asked for JSON often writes prose instead (how often SmolLM2's replies parse on synth's qa prompt:
+    benchmarks/synth_throughput.py, its `parsed` column)."""
     props = (schema or {}).get("properties") or {}
     if not props:
         return ""

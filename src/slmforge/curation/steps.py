@@ -92,8 +92,8 @@ class C4DocumentRules(C4QualityFilter):
 class RedactPII(BaseFormatter):
     """E-mail addresses (datatrove's pattern), public IPv4 addresses, phone numbers and secrets.
 
-    datatrove's own IP replacer rewrites every public-looking dotted quad; on the PostgreSQL manual
-    that is 316 section numbers ("see Section 55.2.2.1") and one real example address. Here a
+    datatrove's own IP replacer rewrites every public-looking dotted quad, the PostgreSQL manual's
+    section numbers included ("see Section 55.2.2.1"). Here a
     quad preceded by Section/Table/Figure/... or numbering a heading is left alone. `pii` is curate's
     PII section (emails, ips, phones, secrets: booleans)."""
 

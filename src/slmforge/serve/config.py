@@ -8,15 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from slmforge.config import RecipePath, StageConfig, resolve_path, validate
 from slmforge.router import DEFAULT_KIND
 
-# Decode speed, ms per token: serve's loop (slmforge.serve.decode.generate) vs transformers' generate, on the
-# demo DPO model (2.9M params, vocab 8192, 3 layers), 2 torch threads, 64 greedy tokens
-# (benchmarks/serve_load.py):
-#   idle machine, best of 3:        float32 2.27 vs 2.80; bfloat16 2.29 vs 2.53; int8 1.55 vs 1.95
-#   beside other work, best of 5:   float32 1.57 vs 2.06; bfloat16 2.08 vs 2.64; int8 1.65 vs 2.06
-# int8 (dynamic quantization of the Linear layers) kept the bits per byte (1.9701 vs 1.9716 on 30 held-out
-# docs) but its greedy continuations differ from float32's (benchmarks/gguf_verify.py: 13% of 128 tokens
-# equal), and its speed-up did not hold on the busy machine; float32 stays the default: exact, and int8 goes
-# through torch.ao.quantization, which torch deprecates. bfloat16 is never faster on this CPU.
+# float32 is the default: exact, and int8 goes through torch.ao.quantization, which torch deprecates. Decode
+# speed per weight type against transformers' generate, and int8's greedy agreement with float32: the README
+# ("Decoding one sequence": benchmarks/serve_load.py; "CPU speed by weight type": benchmarks/gguf_verify.py).
 DEFAULT_DTYPE = "float32"
 DTYPES = ("float32", "bfloat16", "int8")
 

@@ -123,7 +123,7 @@ def generate(m: Served, ids: list[int], max_tokens: int, temperature: float, top
 
     A bare decode loop over the model's forward with a KV cache rather than `model.generate`: it decides stop
     sequences, seeds and streaming per token without a streamer thread, and measured faster per token
-    (see the numbers at slmforge.serve.config.DEFAULT_DTYPE: 1.57 vs 2.06 ms/token on the demo model, 2 threads).
+    (benchmarks/serve_load.py's decode-speed table; the figures are in the README).
     """
     import torch
     from transformers import DynamicCache

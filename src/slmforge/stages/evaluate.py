@@ -84,6 +84,8 @@ class Config(StageConfig):
                                description="pick each stage model's snapshot on the dev sets by this metric "
                                            "(mcq/acc, ...) or by `headline` (each set's headline metric)")
     max_bytes: int = Field(400_000, ge=1000, description="test-split bytes scored per source (first documents by id)")
+    max_context: int = Field(1024, ge=16, description="bits per byte: windows of each model's own context, at most "
+                                                      "this many tokens (SmolLM2's 8192 is scored at 1024)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass: bits per byte and the choice tasks")
     generation_batch: int = Field(32, ge=1, description="answers generated together (qa, summarization): a decode "
                                                         "step costs about the same for 8 or 32 sequences on a CPU")
@@ -418,7 +420,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
                     selection[e.name] = chosen
                     path = Path(chosen["path"])
             model, tok = float_logits(load_model(path, dtype=weights_dtype(cfg.dtype)))
-            context = min(model.config.max_position_embeddings, 1024)
+            context = min(model.config.max_position_embeddings, cfg.max_context)
+            models[e.name]["context"] = context
             scores[e.name] = {}
             for source, t in texts.items():
                 info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
