@@ -67,9 +67,13 @@ def agreement(verdicts: list[bool | None], f1s: list[float]) -> dict:
     n = len(pairs)
     if not n:
         return {"items": 0, "unparsed": len(verdicts)}
+    from sklearn.metrics import cohen_kappa_score
+
     agree = sum(a == b for a, b in pairs) / n
     pj, pf = sum(a for a, _ in pairs) / n, sum(b for _, b in pairs) / n
-    expected = pj * pf + (1 - pj) * (1 - pf)
-    kappa = (agree - expected) / (1 - expected) if expected < 1 else 1.0
+    judge, f1 = [a for a, _ in pairs], [b for _, b in pairs]
+    # both graders giving one same verdict on every item: chance agreement is 1 and kappa undefined
+    # (scikit-learn returns nan); they agree on everything, so 1
+    kappa = 1.0 if len(set(judge) | set(f1)) == 1 else float(cohen_kappa_score(judge, f1))
     return {"items": n, "unparsed": len(verdicts) - n, "judge_correct": round(pj, 4), "f1_correct": round(pf, 4),
             "agreement": round(agree, 4), "kappa": round(kappa, 4)}
