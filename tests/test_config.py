@@ -166,3 +166,47 @@ def _template_line(text: str, key: str) -> str:
         end = next((i for i in range(start + 1, len(lines)) if re.match(r"[A-Za-z_]", lines[i])), len(lines))
         lines = lines[start + 1:end]
     return next(ln for ln in lines if re.match(rf"\s*(\w+: \{{.*)?\b{leaf}:", ln.partition("#")[0]))
+
+
+def test_device_is_recipe_wide_overridable_per_stage_and_cuda_without_a_gpu_is_a_clear_error(tmp_path, small_corpus,
+                                                                                               monkeypatch):
+    import torch
+
+    from slmforge import hardware
+
+    recipe = small_recipe(small_corpus, tmp_path / "w", with_model=True)
+    recipe["device"] = "cuda:1"
+    recipe["evaluate"]["device"] = "cpu"
+    stages = load_recipe(write_recipe(tmp_path, recipe)).stages
+    assert stages["evaluate"].device == "cpu" and stages["synth"].device == "cuda:1"  # its own, else the recipe's
+    # where a model runs is not part of what a stage makes
+    assert "device" not in stages["evaluate"].key_dict() and "device" not in stages["synth"].key_dict()
+    recipe["device"] = "gpu"
+    with pytest.raises(UserError, match="device: 'gpu'; expected auto, cpu, cuda or cuda:N"):
+        load_recipe(write_recipe(tmp_path, recipe))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.resolve_device("auto") == "cpu" and hardware.resolve_device("cpu") == "cpu"
+    with pytest.raises(UserError, match=r"evaluate.device: 'cuda', but no GPU is visible .*set evaluate.device: auto"):
+        hardware.resolve_device("cuda", "evaluate.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert hardware.resolve_device("auto") == "cuda" and hardware.resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(UserError, match="only 1 GPU"):
+        hardware.resolve_device("cuda:1")
+
+
+def test_a_model_loaded_for_evaluate_lands_on_the_configured_device(tmp_path):
+    """On a CPU machine the only device to prove it on is the CPU (a GPU run is the device script's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmforge.modeling import load_model
+    from slmforge.stages.tokenizer import save_hf, train_bpe
+
+    save_hf(train_bpe(iter(["select from a table"] * 20), vocab_size=300, min_frequency=1), tmp_path / "m")
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    model, _ = load_model(tmp_path / "m", device="cpu")
+    assert model.device.type == "cpu"
+    with pytest.raises((RuntimeError, AssertionError), match="(?i)cuda|torch not compiled"):
+        load_model(tmp_path / "m", device="cuda")  # asked for a GPU this build or machine lacks: no silent CPU

@@ -18,11 +18,14 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from slmforge.errors import UserError
+from slmforge.hardware import DEVICE_PATTERN
 from slmforge.stages import SERVICES, STAGES
 
 TOP_LEVEL = {
     "name": "a short name for this run (letters, digits, '-', '_')",
     "workdir": "where stage outputs go, relative to the recipe file (default: runs/<name>)",
+    "device": "auto | cpu | cuda | cuda:N: where models run in every stage with a `device` setting (evaluate, "
+              "synth's and bench's hf teacher, dpo's on-policy answers) unless its section sets its own",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -154,6 +157,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
     if not isinstance(name, str) or not _NAME_RE.match(name):
         problems.append(f"name: {name!r} must be letters, digits, '-', '_' or '.'")
         name = "recipe"
+    if "device" in raw and not (isinstance(raw["device"], str) and re.match(DEVICE_PATTERN, raw["device"])):
+        problems.append(f"device: {raw['device']!r}; expected auto, cpu, cuda or cuda:N")
     workdir = raw.get("workdir", f"runs/{name}")
     if not isinstance(workdir, str) or not workdir:
         problems.append(f"workdir: expected a path, got {workdir!r}")
@@ -170,6 +175,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
             problems.append(f"{stage}: expected a mapping of settings, got {section!r}")
             continue
         cfg_cls = stage_module(stage).Config
+        if "device" in raw and "device" in cfg_cls.model_fields and "device" not in section:
+            section = {**section, "device": raw["device"]}  # the recipe-wide device, unless the stage sets one
         try:
             (stages if stage in STAGES else services)[stage] = cfg_cls.model_validate(section, context=context)
         except ValidationError as e:

@@ -24,6 +24,28 @@ DEVICES: dict[str, float] = {
 CPU = "cpu"  # not a table entry: measured on this machine by probe_peak_flops()
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # what a `device:` setting may say
+
+
+def resolve_device(spec: str, key: str = "device") -> str:
+    """A `device:` setting made concrete: auto is cuda where a GPU is visible, else cpu; cuda[:N] must
+    name a visible GPU, else a UserError naming `key` (the CLI's exit 2)."""
+    import torch
+
+    from slmforge.errors import UserError
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(spec.split(":")[1]) if ":" in spec else 0
+        if idx >= n:
+            seen = "no GPU is visible" if n == 0 else f"only {n} GPU(s) are visible"
+            raise UserError(f"{key}: {spec!r}, but {seen} (CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); set {key}: auto or cpu")
+    return spec
+
+
 def use_bf16(precision: str) -> bool:
     """`precision` is auto | bf16 | fp32; auto means bf16 where the hardware runs it natively."""
     import torch

@@ -112,8 +112,9 @@ def build_model(size: ModelSize, tokenizer, seed: int = 0):
     return model, s
 
 
-def load_model(path: str | Path, dtype=None):
-    """A local HF checkpoint and its tokenizer: offline, safetensors only, no remote code."""
+def load_model(path: str | Path, dtype=None, device: str | None = None):
+    """A local HF checkpoint and its tokenizer: offline, safetensors only, no remote code; on `device`
+    (a torch device string, e.g. from hardware.resolve_device) when given, else where transformers puts it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -128,6 +129,8 @@ def load_model(path: str | Path, dtype=None):
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
                                                  use_safetensors=True, dtype=dtype)
+    if device is not None:
+        model = model.to(device)
     return model, tok
 
 

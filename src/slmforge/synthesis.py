@@ -24,6 +24,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from slmforge.config import StageConfig
 from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, content_words, heading_of, reading_text
+from slmforge.hardware import DEVICE_PATTERN, resolve_device
 from slmforge.records import Curated
 from slmforge.teacher import OpenAIConfig
 
@@ -49,6 +50,7 @@ class TeacherConfig(StageConfig):
     hf_batch: int = Field(16, ge=1, description="teacher: hf: prompts per generate() call (left-padded, KV cache; "
                                                 "sampled replies depend on it, so it is part of the cache key)")
     hf_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="teacher: hf: weights while generating")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="teacher: hf: where it runs; " + "auto: the GPU where one is visible, else the CPU; cpu; cuda or cuda:N (an error without that GPU)")
     seed: int = Field(0, description="chunk selection, extractive choices and the model teacher's sampling")
 
     @field_validator("hf_model")
@@ -69,6 +71,7 @@ class TeacherConfig(StageConfig):
     def key_dict(self) -> dict[str, Any]:
         """Where the servers are and how hard they are pushed does not change the replies."""
         d = super().key_dict()
+        d.pop("device", None)  # where the teacher runs, not what it is asked
         if d.get("openai"):
             d["openai"] = {k: v for k, v in d["openai"].items() if k not in OpenAIConfig.NOT_IN_KEY}
         return d
@@ -90,7 +93,7 @@ class TeacherConfig(StageConfig):
 
         if self.teacher == "hf":
             return T.HFTeacher(bases.locate(self.hf_model), cache, max_batch=self.hf_batch, dtype=self.hf_dtype,
-                               seed=self.seed)
+                               seed=self.seed, device=resolve_device(self.device, "device"))
         return T.OpenAITeacher(self.openai, cache)
 
 

@@ -418,12 +418,13 @@ class HFTeacher(_Teacher):
     name = "hf"
 
     def __init__(self, model_dir: str | Path, cache_dir: Path, max_batch: int = 16, dtype: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, device: str | None = None):
         from slmforge.chat import stop_token_ids
         from slmforge.modeling import load_model
 
         model_dir = Path(model_dir).resolve()
-        self.model, self.tokenizer = load_model(model_dir, dtype=dtype)  # offline, safetensors, no remote code
+        # offline, safetensors, no remote code; on `device` (hardware.resolve_device's answer) when given
+        self.model, self.tokenizer = load_model(model_dir, dtype=dtype, device=device)
         self.model.eval()
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"{model_dir}: the tokenizer has no chat template; use an instruct/chat model")

@@ -120,6 +120,7 @@ def test_every_model_is_scored_twice_the_same_and_snapshots_are_picked_on_the_de
     assert "domain benchmarks (lm-evaluation-harness)" in r.stdout and "quality gate" in r.stdout
     run, m = _manifest(workdir, "evaluate")
     assert set(m["scores"]) == {"specialist", "generalist"} and set(m["scores"]["specialist"]) == {"pg", "general"}
+    assert {m["models"][n]["device"] for n in m["scores"]} == {"cpu"}  # device: auto, on a machine without a GPU
     tasks = {"slmforge_mcq", "slmforge_completion", "slmforge_qa", "slmforge_summarization"}
     assert set(m["benchmarks"]["specialist"]) == tasks and set(m["benchmarks"]["generalist"]) == tasks
     assert {"acc", "acc_norm", "acc_mutual_info"} <= set(m["benchmarks"]["specialist"]["slmforge_completion"])

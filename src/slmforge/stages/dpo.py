@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.console import info
 from slmforge.errors import UserError
+from slmforge.hardware import DEVICE_PATTERN, resolve_device
 from slmforge.posttrain import (
     PostTrainConfig,
     finish,
@@ -58,6 +59,10 @@ class Config(PostTrainConfig):
     min_grounded: float = Field(0.6, ge=0, le=1, description="on-policy: an answer with a smaller share of its "
                                                               "words in the source chunk becomes `rejected`")
     answer_tokens: int = Field(48, ge=4, description="on-policy: tokens per sampled answer")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="on-policy: where the SFT model answers: auto "
+                                                                     "(the GPU where one is visible), cpu, cuda[:N]")
+
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"device"})  # where the answers are made, not what they are
     batch_size: int = Field(16, ge=1, description="pairs per step per process")
 
 
@@ -137,7 +142,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     synth = Synthesized.of(inputs["synth"])
     items = synth.items
     pairs = synth_pairs(items)
-    model, tok = load_model(base)
+    # trl moves the model to the accelerator for training itself; the on-policy answers come first
+    model, tok = load_model(base, device=resolve_device(cfg.device, "dpo.device") if cfg.on_policy else None)
     stats: dict = {"synth_pairs": len(pairs)}
     if cfg.on_policy:
         cached = out / "on_policy.jsonl"

@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +34,7 @@ from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info, progress
 from slmforge.errors import UserError
 from slmforge.gate import quality_gate
+from slmforge.hardware import DEVICE_PATTERN, resolve_device
 from slmforge.judge import JudgeConfig
 from slmforge.lm import float_logits, generate, nll
 from slmforge.records import MODEL_STAGES, Benchmarks, Curated, Models, set_of
@@ -77,6 +78,8 @@ class ModelRef(BaseModel):
 class Config(StageConfig):
     """Which models, which text to score, and how many samples to show."""
 
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"device"})  # where the models run, not what is scored
+
     models: list[str | ModelRef] = Field(
         default_factory=lambda: ["pretrain"],
         description="stage names (pretrain, sft, dpo), or {name, path} / {name, base_url, ...} entries")
@@ -84,6 +87,7 @@ class Config(StageConfig):
                                description="pick each stage model's snapshot on the dev sets by this metric "
                                            "(mcq/acc, ...) or by `headline` (each set's headline metric)")
     max_bytes: int = Field(400_000, ge=1000, description="test-split bytes scored per source (first documents by id)")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto: the GPU where one is visible, else the CPU; cpu; cuda or cuda:N (an error without that GPU)")
     max_context: int = Field(1024, ge=16, description="bits per byte: windows of each model's own context, at most "
                                                       "this many tokens (SmolLM2's 8192 is scored at 1024)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass: bits per byte and the choice tasks")
@@ -364,7 +368,8 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
     scores = {}
     for p in [*snaps, e.path]:
         label = "final" if p == e.path else p.name
-        model, tok = float_logits(load_model(p, dtype=weights_dtype(cfg.dtype)))
+        model, tok = float_logits(load_model(p, dtype=weights_dtype(cfg.dtype),
+                                             device=resolve_device(cfg.device, "evaluate.device")))
         r, _, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.task_dir, [dev[s] for s in wanted], None)
         vals = []
         for s, metric in wanted.items():
@@ -419,9 +424,10 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
                 if chosen:
                     selection[e.name] = chosen
                     path = Path(chosen["path"])
-            model, tok = float_logits(load_model(path, dtype=weights_dtype(cfg.dtype)))
+            model, tok = float_logits(load_model(path, dtype=weights_dtype(cfg.dtype),
+                                                       device=resolve_device(cfg.device, "evaluate.device")))
             context = min(model.config.max_position_embeddings, cfg.max_context)
-            models[e.name]["context"] = context
+            models[e.name].update(context=context, device=str(model.device))
             scores[e.name] = {}
             for source, t in texts.items():
                 info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
