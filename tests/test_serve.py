@@ -400,6 +400,20 @@ def test_chat_page_in_chromium(live, exports):
             browser.close()
 
 
+def test_serve_loads_on_its_device_and_a_missing_gpu_is_a_clear_error(exports, monkeypatch):
+    import torch
+
+    app = create_app(Config(models=[str(exports["spec"])], device="cpu"), log=lambda msg: None)
+    assert [m.model.device.type for m in app.state.server.models.values()] == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"serve.device: 'cuda', but no GPU is visible"):
+        create_app(Config(models=[str(exports["spec"])], device="cuda"), log=lambda msg: None)
+    with pytest.raises(UserError, match="int8 .* CPU only"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        create_app(Config(models=[str(exports["spec"])], device="cuda", dtype="int8"), log=lambda msg: None)
+
+
 def test_loads_only_safetensors(exports, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(exports["spec"], folder)

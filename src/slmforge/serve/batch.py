@@ -95,8 +95,10 @@ class Batcher:
             job.emit("end", None)
             return
         cache = DynamicCache()
-        out = self.model(input_ids=torch.tensor([seq.ids], dtype=torch.long), past_key_values=cache, use_cache=True)
-        if not self._take(job, out.logits[0, -1].float()):
+        dev = self.model.device
+        out = self.model(input_ids=torch.tensor([seq.ids], dtype=torch.long, device=dev), past_key_values=cache,
+                         use_cache=True)
+        if not self._take(job, out.logits[0, -1].float().cpu()):  # sampling and grammars run on the CPU
             return
         job.length = len(seq.ids)
         self._join(job, cache)
@@ -125,7 +127,7 @@ class Batcher:
 
         n = job.length
         if self.cache is None:
-            self.cache, self.mask, self.active = cache, torch.ones(1, n, dtype=torch.long), [job]
+            self.cache, self.mask, self.active = cache, torch.ones(1, n, dtype=torch.long, device=self.model.device), [job]
             return
         total = self.mask.shape[1]
         width = max(total, n)
@@ -134,7 +136,9 @@ class Batcher:
                                    F.pad(theirs.keys, (0, 0, width - n, 0))])
             mine.values = torch.cat([F.pad(mine.values, (0, 0, width - total, 0)),
                                      F.pad(theirs.values, (0, 0, width - n, 0))])
-        row = torch.cat([torch.zeros(1, width - n, dtype=torch.long), torch.ones(1, n, dtype=torch.long)], 1)
+        dev = self.model.device
+        row = torch.cat([torch.zeros(1, width - n, dtype=torch.long, device=dev),
+                         torch.ones(1, n, dtype=torch.long, device=dev)], 1)
         self.mask = torch.cat([F.pad(self.mask, (width - total, 0)), row])
         self.active.append(job)
 
@@ -153,13 +157,14 @@ class Batcher:
         if not self.active:
             return
         total = self.mask.shape[1]
-        self.mask = torch.cat([self.mask, torch.ones(len(self.active), 1, dtype=torch.long)], 1)
-        out = self.model(input_ids=torch.tensor([[j.last] for j in self.active], dtype=torch.long),
+        dev = self.model.device
+        self.mask = torch.cat([self.mask, torch.ones(len(self.active), 1, dtype=torch.long, device=dev)], 1)
+        out = self.model(input_ids=torch.tensor([[j.last] for j in self.active], dtype=torch.long, device=dev),
                          attention_mask=self.mask,
-                         position_ids=torch.tensor([[j.length] for j in self.active], dtype=torch.long),
-                         cache_position=torch.tensor([total], dtype=torch.long),
+                         position_ids=torch.tensor([[j.length] for j in self.active], dtype=torch.long, device=dev),
+                         cache_position=torch.tensor([total], dtype=torch.long, device=dev),
                          past_key_values=self.cache, use_cache=True)
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float().cpu()  # sampling and grammars run on the CPU
         self.steps += 1
         self.batched_tokens += len(self.active)
         keep = []
@@ -179,7 +184,7 @@ class Batcher:
         if not rows:
             self.cache, self.mask = None, None
             return
-        idx = torch.tensor(rows, dtype=torch.long)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask.index_select(0, idx)
         first = int(self.mask.argmax(1).min())  # the earliest real token of any remaining row
         self.mask = self.mask[:, first:]

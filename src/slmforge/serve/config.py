@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmforge.config import RecipePath, StageConfig, resolve_path, validate
+from slmforge.hardware import DEVICE_PATTERN
 from slmforge.router import DEFAULT_KIND
 
 # float32 is the default: exact, and int8 goes through torch.ao.quantization, which torch deprecates. Decode
@@ -68,6 +69,8 @@ class Config(StageConfig):
     fallback_timeout_s: float = Field(120.0, gt=0, description="timeout of a request to the fallback endpoint")
     dtype: Literal["float32", "bfloat16", "int8"] = Field(DEFAULT_DTYPE, description="weights in memory; int8 = "
                                                           "dynamic quantization of the Linear layers")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="where the local models run: auto (the GPU "
+                        "where one is visible, else the CPU), cpu, cuda, cuda:N; int8 is CPU only")
     max_tokens: int = Field(128, ge=1, description="completion length when a request gives no max_tokens")
     max_body_kb: int = Field(1024, ge=1, description="largest request body; a larger one is refused with 413 "
                                                      "before it is parsed")

@@ -130,15 +130,15 @@ def generate(m: Served, ids: list[int], max_tokens: int, temperature: float, top
 
     seq = Sequence(m, ids, max_tokens, temperature, top_p, seed, stops, res, grammar)
     cache = DynamicCache()
-    x = torch.tensor([ids], dtype=torch.long)
+    x = torch.tensor([ids], dtype=torch.long, device=m.model.device)
     with torch.inference_mode():
         while not seq.done:
             if cancel is not None and cancel.is_set():
                 seq.cancel()
                 return
-            logits = m.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].float()
+            logits = m.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].float().cpu()
             token = seq.choose(logits)
             piece = seq.push(token)
             if piece:
                 yield piece
-            x = torch.tensor([[token]], dtype=torch.long)
+            x = torch.tensor([[token]], dtype=torch.long, device=m.model.device)

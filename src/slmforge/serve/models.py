@@ -64,7 +64,7 @@ def catalog_names(catalog: str | None) -> list[str]:
     return names
 
 
-def load_served(info: dict, dtype: str) -> Served:
+def load_served(info: dict, dtype: str, device: str = "cpu") -> Served:
     """The model of `info` loaded; for a catalog endpoint, its tokenizer and config only (the endpoint
     generates; the tokenizer checks chat templates and context lengths, as for a local model)."""
     import torch
@@ -82,7 +82,8 @@ def load_served(info: dict, dtype: str) -> Served:
             gen = None
         params = int(info.get("params") or 0)
     else:
-        model, tok = load_model(info["path"], dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        model, tok = load_model(info["path"], dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+                                device=device)
         model.eval()
         params = sum(p.numel() for p in model.parameters())
         if dtype == "int8":

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from slmforge.errors import UserError
+from slmforge.hardware import resolve_device
 from slmforge.router import PROMPT_CUT
 from slmforge.serve.batch import Batcher
 from slmforge.serve.config import Config, FallbackConfig
@@ -52,9 +53,13 @@ class Server:
         if "auto" in names:
             raise UserError("models: 'auto' is reserved for routing; rename that model")
         self.models: dict[str, Served] = {}
+        device = resolve_device(cfg.device, "serve.device")
+        if cfg.dtype == "int8" and device != "cpu":
+            raise UserError(f"serve.dtype: int8 (dynamic quantization) runs on the CPU only, and serve.device is "
+                            f"{device}; use float32 or bfloat16 there, or device: cpu")
         for i in infos:
             t0 = time.perf_counter()
-            self.models[i["name"]] = load_served(i, cfg.dtype)
+            self.models[i["name"]] = load_served(i, cfg.dtype, device)
             m = self.models[i["name"]]
             where = f"served by {m.endpoint['base_url']} as {m.endpoint['model']!r}" if m.endpoint else cfg.dtype
             self.log(f"loaded {m.name} (domain {m.domain}, {m.params / 1e6:.2f}M params, context {m.context}, "
