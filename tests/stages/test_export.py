@@ -394,9 +394,14 @@ def test_slmforge_llama_server_serves_the_gguf_over_the_openai_api(exported, tmp
                 time.sleep(0.2)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["t-dpo"]
-        r = c.chat.completions.create(model="t-dpo", messages=[{"role": "user", "content": "What does VACUUM do?"}],
-                                      max_tokens=8, temperature=0)
-        assert 1 <= r.usage.completion_tokens <= 8 and r.choices[0].message.content is not None
+        msgs = [{"role": "user", "content": "What does VACUUM do?"}]
+        r = c.chat.completions.create(model="t-dpo", messages=msgs, max_tokens=8, temperature=0)
+        from slmforge.lm import generate
+        from slmforge.modeling import load_model
+
+        model, tok = load_model(art.path / "t-dpo")  # transformers' greedy answer on the same chat prompt
+        assert 1 <= r.usage.completion_tokens <= 8
+        assert r.choices[0].message.content == generate(model, tok, msgs, 8), r.choices[0].message.content
     finally:
         proc.terminate()
         proc.wait(30)
