@@ -18,8 +18,9 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from slmforge.errors import UserError
-from slmforge.hardware import DEVICE_PATTERN
 from slmforge.stages import SERVICES, STAGES
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # what a `device:` setting may say; hardware.resolve_device makes it concrete
 
 TOP_LEVEL = {
     "name": "a short name for this run (letters, digits, '-', '_')",

@@ -24,9 +24,6 @@ DEVICES: dict[str, float] = {
 CPU = "cpu"  # not a table entry: measured on this machine by probe_peak_flops()
 
 
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # what a `device:` setting may say
-
-
 def resolve_device(spec: str, key: str = "device") -> str:
     """A `device:` setting made concrete: auto is cuda where a GPU is visible, else cpu; cuda[:N] must
     name a visible GPU, else a UserError naming `key` (the CLI's exit 2)."""

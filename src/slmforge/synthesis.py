@@ -21,10 +21,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from slmforge.config import StageConfig
+from slmforge.config import DEVICE_PATTERN, StageConfig
 from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, content_words, heading_of, reading_text
-from slmforge.hardware import DEVICE_PATTERN, resolve_device
+from slmforge.hardware import resolve_device
 from slmforge.records import Curated
 from slmforge.teacher import OpenAIConfig
 

@@ -5,8 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slmforge.config import RecipePath, StageConfig, resolve_path, validate
-from slmforge.hardware import DEVICE_PATTERN
+from slmforge.config import DEVICE_PATTERN, RecipePath, StageConfig, resolve_path, validate
 from slmforge.router import DEFAULT_KIND
 
 # float32 is the default: exact, and int8 goes through torch.ao.quantization, which torch deprecates. Decode

@@ -22,9 +22,10 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.config import DEVICE_PATTERN
 from slmforge.console import info
 from slmforge.errors import UserError
-from slmforge.hardware import DEVICE_PATTERN, resolve_device
+from slmforge.hardware import resolve_device
 from slmforge.posttrain import (
     PostTrainConfig,
     finish,

@@ -30,11 +30,11 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import RecipePath, StageConfig
+from slmforge.config import DEVICE_PATTERN, RecipePath, StageConfig
 from slmforge.console import info, progress
 from slmforge.errors import UserError
 from slmforge.gate import quality_gate
-from slmforge.hardware import DEVICE_PATTERN, resolve_device
+from slmforge.hardware import resolve_device
 from slmforge.judge import JudgeConfig
 from slmforge.lm import float_logits, generate, nll
 from slmforge.records import MODEL_STAGES, Benchmarks, Curated, Models, set_of
