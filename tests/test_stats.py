@@ -1,6 +1,6 @@
 import pytest
 
-from slmforge.stats import compare, mcnemar, paired_bootstrap, paired_docs
+from slmforge.stats import compare, mcnemar, paired_docs, paired_permutation, widest_interval
 
 
 def test_mcnemar_counts_only_disagreements_and_matches_the_binomial():
@@ -23,12 +23,23 @@ def test_a_tie_or_a_small_margin_is_not_shown():
         mcnemar([1, 0], [1])
 
 
-def test_the_bootstrap_takes_graded_scores():
+def test_the_permutation_test_takes_graded_scores():
     a = [0.9, 0.8, 0.7, 0.95, 0.85] * 8
     b = [0.2, 0.3, 0.1, 0.25, 0.15] * 8
     r = compare(a, b)
-    assert r["test"] == "paired bootstrap" and r["verdict"] == "passed" and r["p_value"] < 0.01
-    assert paired_bootstrap([0.5, 0.6], [0.5, 0.6])["p_value"] == 1.0
+    # every resample's mean difference is smaller than the observed one: p sits at the Monte Carlo floor
+    assert r["test"] == "paired permutation" and r["verdict"] == "passed" and r["at_floor"]
+    assert r["p_value"] == pytest.approx(2 / 10_001, rel=1e-6)
+    assert paired_permutation([0.5, 0.6], [0.5, 0.6])["p_value"] == 1.0
+
+
+def test_the_permutation_test_is_exact_on_few_items():
+    # 4 items: all 16 sign flips enumerated. Differences +0.1, +0.2, +0.3, -0.05 (mean 0.1375); flips whose
+    # |mean| >= 0.1375: the observed one, all-positive (0.1625) and their mirror images -> 4 of 16
+    a, b = [0.6, 0.7, 0.8, 0.45], [0.5, 0.5, 0.5, 0.5]
+    r = paired_permutation(a, b)
+    assert r["p_value"] == pytest.approx(4 / 16) and not r["at_floor"]
+    assert compare(a, b)["verdict"] == "not shown"
 
 
 def test_the_per_document_test_matches_scipy_and_says_which_model_is_lower():
@@ -45,3 +56,10 @@ def test_the_per_document_test_matches_scipy_and_says_which_model_is_lower():
     assert paired_docs(a, near)["verdict"] == "not shown"
     with pytest.raises(ValueError, match="same, non-empty documents"):
         paired_docs([1.0], [1.0, 2.0])
+
+
+def test_the_widest_interval_is_wilsons_at_one_half():
+    # Wilson at p = 1/2: half-width z / (2 sqrt(n + z^2)) (z = 1.959964); on 340 items 0.0528
+    z = 1.959964
+    for n in (20, 340):
+        assert widest_interval(n) == pytest.approx(z / (2 * (n + z * z) ** 0.5), rel=1e-5)

@@ -48,7 +48,8 @@ def test_parse_json_reply():
     assert parse_json_reply('{"n": true}', {"properties": {"n": {"type": "integer"}}}) == (None, "schema")
 
 
-def test_every_fault_is_retried_then_succeeds_in_order(server, tmp_path):
+def test_every_fault_is_retried_then_succeeds_in_order(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")  # not named by the recipe: never sent
     faults = {"a": ["500"], "b": ["429"], "c": ["slow"], "d": ["badjson"], "e": ["trunc"], "f": ["empty"],
               "g": ["schema"], "h": ["prose"], "i": ["500", "500", "500"], "j": []}
     t = teacher([server.url], tmp_path)
@@ -63,6 +64,7 @@ def test_every_fault_is_retried_then_succeeds_in_order(server, tmp_path):
     # 20 attempts ("h" and "j" once, "i" 4 times, the rest twice); the 14 that got a completion are
     # paid for: not the 5 errors, nor the slow one the client gave up on
     assert server.attempts["i"] == 4 and len(server.log) == 20
+    assert {e["auth"] for e in server.log} == {None}
     assert replies[3].usage == {"prompt_tokens": 20, "completion_tokens": 10}  # bad JSON, then good
     assert replies[8].usage == {"prompt_tokens": 10, "completion_tokens": 5}
     assert t.stats["prompt_tokens"] == 140 and t.stats["requests"] == 10 and t.stats["http_requests"] == 20

@@ -80,9 +80,15 @@ def task_yaml(task: str, kind: str, data: Path, summary_tokens: int = 96) -> str
 
 UTILS = '''"""Metrics for slmforge's generate_until tasks (written by the bench stage).
 
-Plain Python on purpose: the task folder must run wherever lm-eval runs, with no extra package."""
+Exact match and token F1 over lower-cased word tokens (SQuAD's F1 without its article removal); ROUGE-L is Google's rouge_score
+(with its Porter stemmer, as summarization papers report it), a dependency of lm-eval itself, so the task
+folder runs wherever lm-eval runs."""
 import re
 from collections import Counter
+
+from rouge_score import rouge_scorer
+
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def _tokens(text):
@@ -98,23 +104,8 @@ def _f1(pred, ref):
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs(a, b):
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
 def _rouge_l(pred, ref):
-    p, r = _tokens(pred), _tokens(ref)
-    lcs = _lcs(p, r)
-    if not p or not r or not lcs:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    return _ROUGE.score(ref, pred)["rougeL"].fmeasure
 
 
 def process_qa(doc, results):

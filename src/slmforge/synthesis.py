@@ -205,24 +205,31 @@ def ngrams(text: str, n: int) -> set[int]:
 class NearDup:
     """MinHash LSH over word 3-grams of each prompt (64 hashes in 16 bands of 4), then an exact
     Jaccard check. datatrove's MinHash runs as file-based multi-stage jobs; for a few thousand short
-    items an in-memory index is simpler (5,000 items: well under a second here)."""
+    items an in-memory index is simpler (5,000 items: well under a second here).
+
+    Each hash is (a*x + b) mod p with p = 2**31 - 1 and x, a, b < p, so a*x + b < 2**62 is exact in
+    uint64. (datatrove's and datasketch's signatures multiply a 32-bit shingle by a coefficient up to
+    2**61 in uint64, which wraps before the modulus; the family is then no longer the universal one
+    MinHash's estimate assumes.)"""
+
+    P = np.uint64(2**31 - 1)
 
     def __init__(self, threshold: float, seed: int = 0):
         self.threshold = threshold
         rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, 2**61 - 1, 64, dtype=np.uint64)
-        self.b = rng.integers(0, 2**61 - 1, 64, dtype=np.uint64)
+        self.a = rng.integers(1, int(self.P), 64, dtype=np.uint64)
+        self.b = rng.integers(0, int(self.P), 64, dtype=np.uint64)
         self.buckets: dict[tuple, list[int]] = defaultdict(list)
         self.shingles: list[set[int]] = []
 
-    def _sig(self, sh: set[int]) -> np.ndarray:
-        x = np.fromiter((h & 0xFFFFFFFFFFFF for h in sh), dtype=np.uint64)
-        return ((x[:, None] * self.a + self.b) % np.uint64(2**61 - 1)).min(axis=0)
+    def signature(self, sh: set[int]) -> np.ndarray:
+        x = np.fromiter((h % int(self.P) for h in sh), dtype=np.uint64)
+        return ((x[:, None] * self.a + self.b) % self.P).min(axis=0)
 
     def seen(self, text: str) -> bool:
         """True when text is a near-duplicate of an earlier one; else it is added."""
         sh = ngrams(text, 3) or {stable_hash(text)}
-        sig = self._sig(sh)
+        sig = self.signature(sh)
         keys = [(i, tuple(sig[i * 4:(i + 1) * 4])) for i in range(16)]
         for k in keys:
             for j in self.buckets.get(k, ()):

@@ -2,7 +2,7 @@
 
 Both teachers have one method, `generate(requests, on_reply) -> replies in request order`:
 - `OpenAITeacher`: one or more OpenAI-compatible chat servers (vLLM, SGLang, TGI, llama.cpp, Ollama,
-  OpenAI) at once, with a cap on requests in flight. Faults that pass (429, 5xx, timeouts, dropped
+  OpenAI) at once through the openai client, with a cap on requests in flight. Faults that pass (429, 5xx, timeouts, dropped
   connections) are retried with backoff; unusable replies (bad, cut or off-schema JSON, empty) are
   asked again, since a new sample may do better. JSON goes through the best `response_format` the
   server accepts.
@@ -264,12 +264,15 @@ def _run_sync(coro):
 
 
 class OpenAITeacher(_Teacher):
-    """Chat completions over HTTP, `cfg.concurrency` at a time, each sent to the least busy server.
+    """Chat completions through the openai client (its typed errors, timeouts and response parsing),
+    `cfg.concurrency` at a time, each sent to the least busy server.
 
-    Plain httpx rather than the openai client: the protocol is one POST, and the fault handling needs
-    the raw status and Retry-After of every attempt to count retries by reason; the client hides both
-    behind its own retry loop and exception classes, and reads OPENAI_API_KEY / OPENAI_BASE_URL from
-    the environment when not told otherwise, which would send a key the recipe did not name."""
+    The client's own retries are off (max_retries=0) and the loop in `_ask` retries instead: the
+    client retries on the same server, so a request sent to a server that is down waited 3.25 s of
+    backoff before it failed and could go elsewhere (max_retries=3 against a closed port, this machine;
+    0.07 s with them off), and it does not retry replies that parse but are unusable (bad JSON, cut,
+    off-schema), which a new sample often fixes. The key is passed explicitly, never read from
+    OPENAI_API_KEY, and no Authorization header is sent when the recipe names none."""
 
     name = "openai"
 
@@ -300,19 +303,21 @@ class OpenAITeacher(_Teacher):
 
     def _generate(self, requests, todo, done) -> None:
         import httpx
+        from openai import AsyncOpenAI
 
         async def main():
-            limits = httpx.Limits(max_connections=self.cfg.concurrency)
-            auth = {"Authorization": f"Bearer {self._key}"} if self._key else {}
             queue = iter(todo)  # shared by the workers: each index is taken once
+            limits = httpx.Limits(max_connections=self.cfg.concurrency)
+            async with httpx.AsyncClient(limits=limits) as http:
+                clients = {u: AsyncOpenAI(base_url=u, api_key=self._key or "unused", max_retries=0,
+                                          timeout=self.cfg.timeout_s, http_client=http)
+                           for u in self.cfg.base_urls}
 
-            async def worker(client):
-                for i in queue:
-                    done(i, await self._ask(client, requests[i]))
+                async def worker():
+                    for i in queue:
+                        done(i, await self._ask(clients, requests[i]))
 
-            n_workers = min(self.cfg.concurrency, len(todo))
-            async with httpx.AsyncClient(timeout=self.cfg.timeout_s, limits=limits, headers=auth) as client:
-                await asyncio.gather(*(worker(client) for _ in range(n_workers)))
+                await asyncio.gather(*(worker() for _ in range(min(self.cfg.concurrency, len(todo)))))
 
         _run_sync(main())
 
@@ -324,7 +329,7 @@ class OpenAITeacher(_Teacher):
         order = [u for u in urls[self._turn:] + urls[:self._turn] if self._down_until[u] <= now] or urls
         return min(order, key=self._busy.__getitem__)
 
-    async def _ask(self, client, req: Request) -> Reply:
+    async def _ask(self, clients, req: Request) -> Reply:
         """Attempts until a usable reply, a reason not worth retrying, or max_retries is spent."""
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         retries, url = 0, None
@@ -332,7 +337,7 @@ class OpenAITeacher(_Teacher):
             if url is None:
                 url = self._pick_url()
                 mode = self._mode[url] if req.json_schema is not None else "none"
-            text, data, error, wait = await self._attempt(client, url, req, mode, usage)
+            text, data, error, wait = await self._attempt(clients[url], url, req, mode, usage)
             if error == "format_rejected":  # step down at once, on the same server
                 mode = JSON_MODES[JSON_MODES.index(mode) + 1]
                 self.stats[f"fallback_{mode}"] += 1
@@ -354,10 +359,11 @@ class OpenAITeacher(_Teacher):
             url = None
 
     async def _attempt(self, client, url: str, req: Request, mode: str, usage: dict):
-        """One POST: (text, data, error, Retry-After seconds or None). Adds the tokens used to `usage`.
+        """One request: (text, data, error, Retry-After seconds or None). Adds the tokens used to `usage`.
         A 400/422 to a response_format in `auto` mode is "format_rejected": the caller steps down (the
         servers answer 400, or 422 from pydantic, to a format they do not know; 401/404 are not that)."""
         import httpx
+        import openai
 
         body = {"model": self.cfg.model, "messages": req.messages, "max_tokens": req.max_tokens,
                 "temperature": req.temperature}
@@ -366,34 +372,38 @@ class OpenAITeacher(_Teacher):
                                        "json_schema": {"name": "reply", "schema": req.json_schema}}
         elif mode == "json_object":
             body["response_format"] = {"type": "json_object"}
+        if not self._key:
+            body["extra_headers"] = {"Authorization": openai.Omit()}  # no key named: none sent
         self.stats["http_requests"] += 1
         self._busy[url] += 1
         try:
-            r = await client.post(f"{url}/chat/completions", json=body)
-        except httpx.TimeoutException:
+            answer = await client.chat.completions.create(**body)
+        except openai.APITimeoutError:
             return None, None, "timeout", None
-        except httpx.TransportError as e:
-            if isinstance(e, httpx.ConnectError):  # nothing listens there (a dropped reply is not that)
+        except openai.APIConnectionError as e:
+            if isinstance(e.__cause__, httpx.ConnectError):  # nothing listens there (a dropped reply is not)
                 self._down_until[url] = time.monotonic() + DOWN_S
                 self._say_once(("connect", url), f"teacher {url}: cannot connect; trying the others for now")
             return None, None, "connection", None
+        except (openai.RateLimitError, openai.InternalServerError) as e:
+            reason = "http_429" if isinstance(e, openai.RateLimitError) else "http_5xx"
+            return None, None, reason, _retry_after(e.response.headers)
+        except openai.APIStatusError as e:
+            self._say_once((e.status_code, mode), f"teacher {url}: HTTP {e.status_code} ({mode}): "
+                                                  f"{e.response.text[:300]}")
+            stepping_down = e.status_code in (400, 422) and mode != "none" and self.cfg.json_mode == "auto"
+            return None, None, "format_rejected" if stepping_down else "http_4xx", None
+        except openai.APIResponseValidationError:
+            return None, None, "bad_json", None
         finally:
             self._busy[url] -= 1
-        if r.status_code == 429 or r.status_code >= 500:
-            return None, None, "http_429" if r.status_code == 429 else "http_5xx", _retry_after(r.headers)
-        if r.status_code >= 400:
-            self._say_once((r.status_code, mode), f"teacher {url}: HTTP {r.status_code} ({mode}): "
-                                                  f"{r.text[:300]}")
-            stepping_down = r.status_code in (400, 422) and mode != "none" and self.cfg.json_mode == "auto"
-            return None, None, "format_rejected" if stepping_down else "http_4xx", None
         try:
-            answer = r.json()
-            choice = answer["choices"][0]
-            text, finish = choice["message"].get("content"), choice.get("finish_reason")
-        except (ValueError, KeyError, IndexError, TypeError):
+            choice = answer.choices[0]
+            text, finish = choice.message.content, choice.finish_reason
+        except (AttributeError, IndexError, TypeError):
             return None, None, "bad_json", None  # not a chat completion at all (a proxy's HTML page...)
         for k in usage:
-            usage[k] += int((answer.get("usage") or {}).get(k) or 0)
+            usage[k] += int(getattr(answer.usage, k, 0) or 0)
         data, error = judge(text, finish, req.json_schema)
         return text, data, error, None
 

@@ -172,3 +172,25 @@ def test_summarization_documents_are_cut_to_fit_the_context_and_keep_their_lead(
     long_lead = " ".join(["word"] * 60) + "."
     assert fit({"document": f"{long_lead} {rest}", "summary": long_lead}, cut=True) is None  # the lead cannot fit
     assert dict(fit.stats) == {"too_long": 3, "cut": 1, "whole": 1}
+
+
+def test_the_task_metrics_score_rouge_l_with_stemming(tmp_path):
+    import importlib.util
+
+    from rouge_score import rouge_scorer
+
+    from slmforge.prompts import UTILS
+
+    (tmp_path / "utils.py").write_text(UTILS)
+    spec = importlib.util.spec_from_file_location("task_utils", tmp_path / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    ref = "Vacuum reclaims the storage occupied by dead tuples."
+    pred = "vacuuming reclaimed storage of dead tuple"
+    got = utils.process_summary({"summary": ref}, [pred])["rougeL"]
+    # Porter stemming matches vacuum/vacuuming, reclaims/reclaimed, tuples/tuple: an LCS of 5 words, of the
+    # answer's 6 and the reference's 8
+    assert got == pytest.approx(2 * (5 / 6) * (5 / 8) / (5 / 6 + 5 / 8))
+    assert got == rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref, pred)["rougeL"].fmeasure
+    qa = utils.process_qa({"answer": "the WAL"}, [" The wal. "])
+    assert qa == {"exact_match": 1.0, "f1": 1.0, "rougeL": 1.0}

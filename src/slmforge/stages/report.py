@@ -23,6 +23,7 @@ from slmforge.config import StageConfig
 from slmforge.console import info
 from slmforge.records import Benchmarks, set_of
 from slmforge.results import bench_rows, gate_lines, reference, set_tasks
+from slmforge.stats import widest_interval
 from slmforge.verdict import bpb_line, num, verdict
 
 NAME = "report"
@@ -341,8 +342,8 @@ def render_html(doc: dict) -> str:
     if rows:
         n = min(m["bench_sizes"].get(s, 0) for s in m["headline"]) or 1
         parts.append("<h2>Post-training: each stage's gain</h2><p>The same harness and items for every model; in "
-                     f"brackets the change against the row above. With {n} items a choice score's 95% interval is "
-                     f"about ±{1.96 * (0.25 / n) ** 0.5:.3f}; seed-to-seed noise is in the README.</p>" +
+                     f"brackets the change against the row above. With {n} items a choice score's 95% interval "
+                     f"(Wilson) is at most ±{widest_interval(n):.3f}; seed-to-seed noise is in the README.</p>" +
                      _table(["model", *head], rows))
     if m.get("selection"):
         parts.append("<h2>Checkpoint selection (dev sets from the val split)</h2>" + _table(
