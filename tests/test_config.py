@@ -210,3 +210,19 @@ def test_a_model_loaded_for_evaluate_lands_on_the_configured_device(tmp_path):
     assert model.device.type == "cpu"
     with pytest.raises((RuntimeError, AssertionError), match="(?i)cuda|torch not compiled"):
         load_model(tmp_path / "m", device="cuda")  # asked for a GPU this build or machine lacks: no silent CPU
+
+
+def test_auto_batch_sizes_are_todays_cpu_sizes_on_the_cpu_and_larger_on_a_gpu():
+    from slmforge.hardware import auto_batch
+    from slmforge.serve.config import Config as ServeConfig
+    from slmforge.stages import evaluate
+
+    cfg = evaluate.Config()
+    assert (cfg.batch_size, cfg.generation_batch) == ("auto", "auto")
+    assert auto_batch(cfg.batch_size, "cpu", 8, 64) == 8 and auto_batch("auto", "cuda:0", 8, 64) == 64
+    assert auto_batch(5, "cuda", 8, 64) == 5  # a number is taken as it is
+    assert ServeConfig().max_concurrency == "auto" and ServeConfig(max_concurrency=3).max_concurrency == 3
+    with pytest.raises(ValueError):
+        evaluate.Config(batch_size=0)
+    with pytest.raises(ValueError):
+        evaluate.Config(generation_batch="big")

@@ -405,6 +405,7 @@ def test_serve_loads_on_its_device_and_a_missing_gpu_is_a_clear_error(exports, m
 
     app = create_app(Config(models=[str(exports["spec"])], device="cpu"), log=lambda msg: None)
     assert [m.model.device.type for m in app.state.server.models.values()] == ["cpu"]
+    assert app.state.server.concurrency == 16  # max_concurrency: auto on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"serve.device: 'cuda', but no GPU is visible"):
         create_app(Config(models=[str(exports["spec"])], device="cuda"), log=lambda msg: None)

@@ -12,15 +12,17 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from slmforge.errors import UserError
 from slmforge.stages import SERVICES, STAGES
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # what a `device:` setting may say; hardware.resolve_device makes it concrete
+# a batch size, or `auto`: the CPU's measured size on a CPU, a larger one on a GPU (hardware.auto_batch)
+BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
 
 TOP_LEVEL = {
     "name": "a short name for this run (letters, digits, '-', '_')",

@@ -43,6 +43,15 @@ def resolve_device(spec: str, key: str = "device") -> str:
     return spec
 
 
+def auto_batch(spec: int | str, device: str, cpu: int, gpu: int) -> int:
+    """A batch setting that may say `auto` made concrete: `cpu` on the CPU (the size measured best on 2
+    cores: more rows add time per step there without more throughput), `gpu` on a GPU, where a step's cost
+    barely grows with rows until memory or compute is full. A number is taken as it is."""
+    if spec != "auto":
+        return int(spec)
+    return cpu if device == "cpu" else gpu
+
+
 def use_bf16(precision: str) -> bool:
     """`precision` is auto | bf16 | fp32; auto means bf16 where the hardware runs it natively."""
     import torch

@@ -21,10 +21,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from slmforge.config import DEVICE_PATTERN, StageConfig
+from slmforge.config import DEVICE_PATTERN, BatchSize, StageConfig
 from slmforge.errors import UserError
 from slmforge.extractive import Chunk, ExtractiveTeacher, content_words, heading_of, reading_text
-from slmforge.hardware import resolve_device
+from slmforge.hardware import auto_batch, resolve_device
 from slmforge.records import Curated
 from slmforge.teacher import OpenAIConfig
 
@@ -47,7 +47,8 @@ class TeacherConfig(StageConfig):
                                                           "concurrency, ...")
     hf_model: str | None = Field(None, description="teacher: hf: a base (`slmforge base list`, e.g. smollm2-135m) "
                                                    "or a local HF chat-model folder")
-    hf_batch: int = Field(16, ge=1, description="teacher: hf: prompts per generate() call (left-padded, KV cache; "
+    hf_batch: BatchSize = Field("auto", description="teacher: hf: prompts per generate() call, auto: 16 on the CPU, "
+                                "64 on a GPU (left-padded, KV cache; "
                                                 "sampled replies depend on it, so it is part of the cache key)")
     hf_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="teacher: hf: weights while generating")
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="teacher: hf: where it runs; " + "auto: the GPU where one is visible, else the CPU; cpu; cuda or cuda:N (an error without that GPU)")
@@ -92,8 +93,9 @@ class TeacherConfig(StageConfig):
         from slmforge import teacher as T
 
         if self.teacher == "hf":
-            return T.HFTeacher(bases.locate(self.hf_model), cache, max_batch=self.hf_batch, dtype=self.hf_dtype,
-                               seed=self.seed, device=resolve_device(self.device, "device"))
+            device = resolve_device(self.device, "device")
+            return T.HFTeacher(bases.locate(self.hf_model), cache, max_batch=auto_batch(self.hf_batch, device, 16, 64),
+                               dtype=self.hf_dtype, seed=self.seed, device=device)
         return T.OpenAITeacher(self.openai, cache)
 
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slmforge.config import DEVICE_PATTERN, RecipePath, StageConfig, resolve_path, validate
+from slmforge.config import DEVICE_PATTERN, BatchSize, RecipePath, StageConfig, resolve_path, validate
 from slmforge.router import DEFAULT_KIND
 
 # float32 is the default: exact, and int8 goes through torch.ao.quantization, which torch deprecates. Decode
@@ -58,8 +58,9 @@ class Config(StageConfig):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_keys_env: str = Field("SLMFORGE_API_KEYS", description="environment variable with comma-separated API "
                               "keys; when it is unset or empty, no key is required")
-    max_concurrency: int = Field(16, ge=1, description="generations running at once; those of one model "
-                                 "share its forward passes (continuous batching: slmforge.serve.batch)")
+    max_concurrency: BatchSize = Field("auto", description="generations running at once; those of one model "
+                                       "share its forward passes (continuous batching: slmforge.serve.batch); "
+                                       "auto: 16 on the CPU, 64 on a GPU")
     max_queue: int = Field(64, ge=0, description="requests waiting for a generation slot; more get 429")
     queue_timeout_s: float = Field(120.0, gt=0, description="longest wait for a slot before a 429")
     router: RouterConfig = Field(default_factory=RouterConfig, description="routing for model \"auto\"")

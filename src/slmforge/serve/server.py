@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from slmforge.errors import UserError
-from slmforge.hardware import resolve_device
+from slmforge.hardware import auto_batch, resolve_device
 from slmforge.router import PROMPT_CUT
 from slmforge.serve.batch import Batcher
 from slmforge.serve.config import Config, FallbackConfig
@@ -66,14 +66,15 @@ class Server:
                      f"{where}, chat template: {'yes' if m.chat else 'no'}) from {m.path} in "
                      f"{time.perf_counter() - t0:.1f} s")
         self.fallback_names = {i["name"] for i in infos if i.get("fallback")}
-        self.slots = Slots(cfg.max_concurrency, cfg.max_queue, cfg.queue_timeout_s)
+        self.concurrency = auto_batch(cfg.max_concurrency, device, 16, 64)
+        self.slots = Slots(self.concurrency, cfg.max_queue, cfg.queue_timeout_s)
         self.tokenizers = Tokenizers()  # llguidance's, for structured outputs
         # each model's batch thread on its share of the cores: measured with the demo's two models on 2 cores
         # (benchmarks/serve_load.py, 16 clients), 1 torch thread each gave 687-698 tokens/s against 524 with 2
         # each (the two threads' OpenMP pools fighting for the cores) and 463-502 with one forward at a time
         local = {name: m for name, m in self.models.items() if m.model is not None}  # not catalog endpoints
         share = max(1, (cfg.threads or torch.get_num_threads()) // max(1, len(local)))
-        self.batchers = {name: Batcher(m.model, cfg.max_concurrency, name, share) for name, m in local.items()}
+        self.batchers = {name: Batcher(m.model, self.concurrency, name, share) for name, m in local.items()}
         self._warm_up()
         self.keys = {k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()}
         self._setup_router()
@@ -87,7 +88,7 @@ class Server:
             m = self.models[name]
             ids = m.tok("The first request warms the model up.").input_ids[: m.context // 2]
             n = min(32, m.context - len(ids))
-            for batch in sorted({1, self.cfg.max_concurrency}):
+            for batch in sorted({1, self.concurrency}):
                 done = threading.Semaphore(0)
                 for k in range(batch):
                     seq = Sequence(m, ids, n - k % 4, 1.0, 1.0, k, [], GenResult())
@@ -95,7 +96,7 @@ class Server:
                                                threading.Event())
                 for _ in range(batch):
                     done.acquire(timeout=120)
-        self.log(f"warmed up {len(self.batchers)} model(s) at batch sizes up to {self.cfg.max_concurrency} in "
+        self.log(f"warmed up {len(self.batchers)} model(s) at batch sizes up to {self.concurrency} in "
                  f"{time.perf_counter() - t0:.1f} s")
 
     # ---- routing

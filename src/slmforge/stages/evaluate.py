@@ -30,11 +30,11 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.config import DEVICE_PATTERN, RecipePath, StageConfig
+from slmforge.config import DEVICE_PATTERN, BatchSize, RecipePath, StageConfig
 from slmforge.console import info, progress
 from slmforge.errors import UserError
 from slmforge.gate import quality_gate
-from slmforge.hardware import resolve_device
+from slmforge.hardware import auto_batch, resolve_device
 from slmforge.judge import JudgeConfig
 from slmforge.lm import float_logits, generate, nll
 from slmforge.records import MODEL_STAGES, Benchmarks, Curated, Models, set_of
@@ -90,9 +90,12 @@ class Config(StageConfig):
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto: the GPU where one is visible, else the CPU; cpu; cuda or cuda:N (an error without that GPU)")
     max_context: int = Field(1024, ge=16, description="bits per byte: windows of each model's own context, at most "
                                                       "this many tokens (SmolLM2's 8192 is scored at 1024)")
-    batch_size: int = Field(8, ge=1, description="sequences per forward pass: bits per byte and the choice tasks")
-    generation_batch: int = Field(32, ge=1, description="answers generated together (qa, summarization): a decode "
-                                                        "step costs about the same for 8 or 32 sequences on a CPU")
+    batch_size: BatchSize = Field("auto", description="sequences per forward pass: bits per byte and the choice "
+                                  "tasks; auto: 8 on the CPU; on a GPU 64 for bits per byte and, for the choice "
+                                  "tasks, lm-eval's probe of the largest batch that fits (up to 512)")
+    generation_batch: BatchSize = Field("auto", description="answers generated together (qa, summarization); "
+                                        "auto: 32 on the CPU (a decode step costs about the same for 8 or 32 "
+                                        "sequences there), lm-eval's probe up to 512 on a GPU")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="weights while scoring (logits are scored in float32 either way); auto: bfloat16 where "
                             "the hardware runs it natively (AVX-512-BF16, AMX, recent GPUs), else float32: emulated "
@@ -281,10 +284,19 @@ def lm_eval_run(lm, tasks_dir: Path, tasks: list[str], limit: int | None, sample
     return scores, answers, outcomes
 
 
-def hf_lm(model, tokenizer, batch_size: int):
+GPU_PROBE_MAX = 512  # lm-eval's batch probe on a GPU starts here and halves until a batch fits
+
+
+def hf_lm(model, tokenizer, batch_size: int | str, cpu_batch: int):
+    """lm-eval's HFLM on the model's device; `auto` is `cpu_batch` on the CPU and lm-eval's own probe of
+    the largest batch that fits on a GPU."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    if batch_size == "auto" and model.device.type != "cpu":
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=GPU_PROBE_MAX,
+                    device=str(model.device))
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=auto_batch(batch_size, "cpu", cpu_batch, 0),
+                device=str(model.device))
 
 
 def endpoint_lm(ref: ModelRef):
@@ -370,7 +382,7 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
         label = "final" if p == e.path else p.name
         model, tok = float_logits(load_model(p, dtype=weights_dtype(cfg.dtype),
                                              device=resolve_device(cfg.device, "evaluate.device")))
-        r, _, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size), bench.task_dir, [dev[s] for s in wanted], None)
+        r, _, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size, 8), bench.task_dir, [dev[s] for s in wanted], None)
         vals = []
         for s, metric in wanted.items():
             if metric not in r[dev[s]]:
@@ -431,19 +443,20 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
             scores[e.name] = {}
             for source, t in texts.items():
                 info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
-                scores[e.name][source] = bits_per_byte(model, tok, t, context, cfg.batch_size)
+                scores[e.name][source] = bits_per_byte(model, tok, t, context,
+                                                       auto_batch(cfg.batch_size, model.device.type, 8, 64))
             info(f"  evaluate · {e.name} on the benchmark suite ({', '.join(tasks)})")
             # Choice tasks compare log-likelihoods of continuations of the raw text, for every model alike;
             # post-trained models (their stage says `chat`) get the generation tasks through their chat
             # template, the way they are used. (Choice tasks through a chat template change what is compared:
             # acc_mutual_info fell from 0.54 to 0.25 for the same SFT model on the demo.)
             chat = bool(e.meta.get("chat"))
-            parts = [([t for t in tasks if t not in gen_tasks], False, cfg.batch_size),
-                     (gen_tasks, chat, cfg.generation_batch)]
+            parts = [([t for t in tasks if t not in gen_tasks], False, cfg.batch_size, 8),
+                     (gen_tasks, chat, cfg.generation_batch, 32)]
             benchmarks[e.name], answers[e.name], outcomes[e.name] = {}, {}, {}
-            for part, as_chat, batch in parts:
+            for part, as_chat, batch, cpu_batch in parts:
                 if part:
-                    r, a, o = lm_eval_run(hf_lm(model, tok, batch), bench.task_dir, part, cfg.bench_limit, cfg.samples,
+                    r, a, o = lm_eval_run(hf_lm(model, tok, batch, cpu_batch), bench.task_dir, part, cfg.bench_limit, cfg.samples,
                                           chat=as_chat)
                     benchmarks[e.name].update(r)
                     answers[e.name].update(a)
