@@ -8,7 +8,7 @@ is asked twice through the official openai client, greedy: to the generalist dir
 `slmforge: {knowledge: true}`, where the routed specialist first writes --passage-tokens tokens about
 the question and the generalist answers with that passage in its system prompt. Both answers are scored
 against the reference answer with the benchmark's token F1; the difference is tested with a paired
-bootstrap (slmforge.stats.compare). --clients requests run at once (the server batches them).
+permutation test (slmforge.stats.compare). --clients requests run at once (the server batches them).
 
     .venv/bin/python benchmarks/knowledge.py --workdir runs/demo     # ~5 minutes on 2 cores
 """

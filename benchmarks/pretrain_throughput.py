@@ -18,7 +18,7 @@ Measured in one run, on this machine (CUDA if present, else CPU):
   BPE (vocab 8192) trained on the spot by slmforge.stages.tokenizer.train_bpe, packed into windows by
   packing.Sampler; 32 held-out windows from the end of the stream give a validation loss.
   Speed = tokens of the --steps steps after --warmup steps / their wall time (slmforge: the log's
-  time_s, rounded to 10 ms by train_one; Trainer: a callback at on_step_end).
+  time_s, rounded to 1 ms by train_one; Trainer: a callback at on_step_end).
   MFU = tokens/s x (6·params + 12·layers·width·seq) / measured bf16 peak (hardware.flops_per_token).
   Loss: the mean train loss over all steps and the held-out loss, same code for every model.
 Prints two tables, then one JSON line with every figure, the command line and the machine.

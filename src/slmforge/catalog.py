@@ -7,7 +7,7 @@ and stage keys), benchmark scores, the GGUF file, the router's domain samples an
 Most of it comes from the `slmforge.json` that `slmforge export` writes; a plain Hugging Face folder
 can be added too, with `--domain`.
 
-Adding validates the folder without loading its weights (a 7B model would take a minute and 28 GB):
+Adding validates the folder without loading its weights (a 7B model's are 28 GB in float32):
 the config parses and names a causal LM that transformers knows, no `auto_map` (remote code is never
 run), weights are safetensors only, every tensor the architecture expects is in the safetensors
 headers with the right shape (the model is built on the meta device, which allocates nothing), the

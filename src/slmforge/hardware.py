@@ -44,9 +44,9 @@ def resolve_device(spec: str, key: str = "device") -> str:
 
 
 def auto_batch(spec: int | str, device: str, cpu: int, gpu: int) -> int:
-    """A batch setting that may say `auto` made concrete: `cpu` on the CPU (the size measured best on 2
-    cores: more rows add time per step there without more throughput), `gpu` on a GPU, where a step's cost
-    barely grows with rows until memory or compute is full. A number is taken as it is."""
+    """A batch setting that may say `auto` made concrete: `cpu` on the CPU (each setting's CPU default
+    before `auto` existed, so CPU runs are unchanged), `gpu` on a GPU, where a step's cost barely grows with
+    rows until memory or compute is full (not measured here: no GPU). A number is taken as it is."""
     if spec != "auto":
         return int(spec)
     return cpu if device == "cpu" else gpu
@@ -62,7 +62,7 @@ def use_bf16(precision: str) -> bool:
         return True
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    try:  # AVX512-BF16 / AMX: oneDNN runs bf16 matmuls natively (DESIGN: ~2x fp32 here)
+    try:  # AVX512-BF16 / AMX: oneDNN runs bf16 matmuls natively (both peaks: benchmarks/pretrain_throughput.py)
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
         return False
@@ -75,8 +75,8 @@ def probe_peak_flops(seconds: float = 2.0, sizes: tuple[int, ...] = (1024, 2048)
 
     budget = seconds / (2 * len(sizes) * 3)  # per (dtype, size, repeat)
     best: dict[str, float] = {}
-    # a CPU without native bf16 (AVX2 only) emulates it at ~1 GFLOP/s: one 2048² matmul takes 20 s there
-    # (measured: 2.5 s at 1024), so its bf16 figure comes from a small size
+    # a CPU without native bf16 (AVX2 only) emulates it, orders of magnitude slower than fp32, so its bf16
+    # figure comes from a small size (seen at commit accde65 on such a machine; not re-measured since)
     native_bf16 = use_bf16("auto")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for n in (sizes if name == "fp32" or native_bf16 else (256,)):
@@ -118,7 +118,7 @@ def machine_key() -> str:
 def cpu_peak(refresh: bool = False) -> dict:
     """This CPU's matmul peak, probed once (3 s) and then read from peak_cache() for every later run, so
     MFU figures do not move with the load the machine had when a run started (a 1-second probe per run
-    gave the demo MFUs of 59% and 79%, and 91% for a 135M model). `refresh` probes again and keeps the
+    gave the same demo MFUs 20 points apart, at commit 6e03195). `refresh` probes again and keeps the
     higher figure: a probe on a busy machine can only come out low. Returns probe_peak_flops()'s dict
     with `key`, `measured` (date) and `cached`."""
     path, key = peak_cache(), machine_key()
@@ -179,7 +179,8 @@ def training_memory(params: int, shape_: dict, vocab: int, micro_batch: int, seq
     layer and unit of width (Korthikanti et al. 2022, attention scores not stored: SDPA), or only each
     layer's input with gradient checkpointing; the logits of a micro-batch over the whole vocabulary (bf16,
     their float32 copy, its log-softmax and gradients: 16 bytes each); 1 GB for the runtime. Checked on
-    SmolLM2-135M: 8 x 1024 tokens per micro-batch held 14-17 GB, this says 14.7."""
+    SmolLM2-135M at 8 x 1024 tokens per micro-batch against the process's resident memory (issue 27's
+    report of 14-17 GB; this says 14.7)."""
     tokens = micro_batch * seq
     layers, width = shape_["depth"], shape_["hidden_size"]
     act = tokens * layers * width * (2 if checkpointing else 34) + (tokens * width * 34 if checkpointing else 0)

@@ -207,7 +207,7 @@ def ngrams(text: str, n: int) -> set[int]:
 class NearDup:
     """MinHash LSH over word 3-grams of each prompt (64 hashes in 16 bands of 4), then an exact
     Jaccard check. datatrove's MinHash runs as file-based multi-stage jobs; for a few thousand short
-    items an in-memory index is simpler (5,000 items: well under a second here).
+    items an in-memory index is simpler (no files, one pass).
 
     Each hash is (a*x + b) mod p with p = 2**31 - 1 and x, a, b < p, so a*x + b < 2**62 is exact in
     uint64. (datatrove's and datasketch's signatures multiply a 32-bit shingle by a coefficient up to
@@ -329,7 +329,8 @@ SCHEMAS = {
 
 
 # Reply budgets per kind: a batch of a local model runs until its longest member stops, and a weak model
-# that rambles always reaches the budget (SmolLM2-135M's replies: 83-512 tokens at the old 512 for all).
+# that rambles always reaches the budget (SmolLM2-135M's replies often ran to the old 512 for all, at
+# commit ef79d62).
 MAX_TOKENS = {"qa": 192, "mcq": 192, "completion": 160, "summary": 256, "instruction": 320, "rationale": 320,
               "evidence": 320, "preference": 320, "reading": 384}
 

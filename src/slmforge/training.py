@@ -9,7 +9,7 @@ checkpoints with exact resume, validation losses, progress and accelerate (DDP) 
   `final_domain_fraction` in the last `final_part` of training (domain upsampling at the end of a
   WSD schedule, as in Llama 3 and MiniCPM).
 - Optimisation: AdamW, WSD (warmup-stable-decay) or cosine learning rate, gradient accumulation to
-  `batch_tokens` per step, clipping, bf16 autocast when the hardware does bf16 (this CPU: ~2x fp32).
+  `batch_tokens` per step, clipping, bf16 autocast when the hardware does bf16 natively (its peak against fp32's: benchmarks/pretrain_throughput.py).
 - Budget: `tokens`, or `minutes` (the step count is fixed after timing the first steps).
 - Exact resume: the batch of step s is a pure function of (seed, s, sampler cursors), and a
   checkpoint holds weights, optimizer, cursors and logs; a run killed at any moment and restarted
@@ -221,9 +221,10 @@ def setup(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler, va
 
 def compile_blocks(model) -> int:
     """torch.compile each decoder layer in place (regional compilation); returns how many. The layers share
-    one compiled graph, so SmolLM2-135M's 30 compile in about 10 s, where compiling the whole model took
-    about 90 s in a probe for no more speed (4 x 512 tokens per micro-batch, 2 cores with AMX: 655 tok/s
-    regional against 463 eager in benchmarks/dapt_speed.py). The LM head and loss stay eager."""
+    one compiled graph, so SmolLM2-135M's 30 compile once (benchmarks/dapt_speed.py prints the first step,
+    compile included), where compiling the whole model took several times longer in a probe at commit
+    291994e for no more speed (4 x 512 tokens per micro-batch, 2 cores with AMX: 655 tok/s regional against
+    463 eager in benchmarks/dapt_speed.py). The LM head and loss stay eager."""
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     for layer in layers:

@@ -102,7 +102,7 @@ def choose_tokens(base_tokenizer, domain_tokenizer, texts: Iterable[str], n: int
 
 # Why real BPE merges and not `tokenizer.add_tokens`: added tokens are matched greedily (leftmost-longest)
 # in the raw text before the BPE runs, so a short added token such as "ac" is cut out of the middle of
-# ordinary words. Measured with two 1000-token `train_bpe` tokenizers, the base on documents 0-29 of
+# ordinary words. Measured at commit 7c8afa3 (no script in benchmarks/ repeats it) with two 1000-token `train_bpe` tokenizers, the base on documents 0-29 of
 # data/general/literature_pd, the domain on documents 0-29 of data/postgresql_docs, 500 requested tokens
 # (431 candidates), bytes per token on documents 30-39 of each (base: domain 2.051, general 2.998):
 # added tokens: domain 2.412, general 2.591 (general text got 16% more tokens);

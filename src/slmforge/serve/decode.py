@@ -69,8 +69,9 @@ class Sequence:
         if self.top_p < 1.0:
             probs, order = torch.sort(probs, descending=True)
             probs = probs * (torch.cumsum(probs, 0) - probs < self.top_p)  # the smallest prefix reaching top_p
-        # inverse-CDF sampling with this sequence's generator: torch.multinomial took 0.18 ms per call over
-        # the demo's 8192-token vocabulary, a quarter of a batched decode step (cProfile, 8 sequences)
+        # inverse-CDF sampling with this sequence's generator, in place of torch.multinomial, which took a
+        # quarter of a batched decode step when profiled at commit fae7cd1 (cProfile, 8 sequences; the effect
+        # on tokens/s: benchmarks/serve_load.py's 16-client row before and after that commit)
         cdf = torch.cumsum(probs, 0)
         u = torch.rand((), generator=self.gen, dtype=cdf.dtype) * cdf[-1]
         i = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)

@@ -69,9 +69,9 @@ class Server:
         self.concurrency = auto_batch(cfg.max_concurrency, device, 16, 64)
         self.slots = Slots(self.concurrency, cfg.max_queue, cfg.queue_timeout_s)
         self.tokenizers = Tokenizers()  # llguidance's, for structured outputs
-        # each model's batch thread on its share of the cores: measured with the demo's two models on 2 cores
-        # (benchmarks/serve_load.py, 16 clients), 1 torch thread each gave 687-698 tokens/s against 524 with 2
-        # each (the two threads' OpenMP pools fighting for the cores) and 463-502 with one forward at a time
+        # each model's batch thread on its share of the cores: with the demo's two models on 2 cores, 1 torch
+        # thread each beat 2 each (the two threads' OpenMP pools fighting for the cores) in
+        # benchmarks/serve_load.py at 16 clients, at commit 8388b8d (`--threads 2` against `--threads 4`)
         local = {name: m for name, m in self.models.items() if m.model is not None}  # not catalog endpoints
         share = max(1, (cfg.threads or torch.get_num_threads()) // max(1, len(local)))
         self.batchers = {name: Batcher(m.model, self.concurrency, name, share) for name, m in local.items()}
@@ -82,7 +82,8 @@ class Server:
 
     def _warm_up(self) -> None:
         """Short generations per model at batch sizes 1 to max_concurrency: the first requests of a fresh
-        process ran up to 10x slower per token than later ones (torch's first calls at each shape)."""
+        process ran several times slower per token than later ones (torch's first calls at each shape; seen at
+        commit 3a672eb, before this warm-up)."""
         t0 = time.perf_counter()
         for name in self.batchers:
             m = self.models[name]

@@ -259,8 +259,8 @@ def lm_eval_run(lm, tasks_dir: Path, tasks: list[str], limit: int | None, sample
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    # include_defaults=False: indexing lm-eval's thousands of built-in task YAMLs takes 6.1 s per call
-    # here, and our tasks are all local (0.002 s)
+    # include_defaults=False: our tasks are all local, and indexing lm-eval's thousands of built-in task
+    # YAMLs costs seconds per call (`python -c "from lm_eval.tasks import TaskManager; TaskManager()"`)
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
                           limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0,
@@ -365,8 +365,8 @@ def _entries(cfg: Config, inputs: dict[str, Artifact]) -> list[Entry]:
 def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
     """Score each snapshot of a stage model (and its final weights) on the dev sets; the winner is the
     latest one within one standard error of the best score. A 100-item dev set has a standard error
-    near 0.05, so "the best" alone would often pick an early snapshot by luck (on the demo: step 92 of
-    369, whose samples were all "The The The"); among scores the dev set cannot tell apart, the
+    near 0.05, so "the best" alone would often pick an early snapshot by luck (on the demo at commit 8a5b23f,
+    an early snapshot whose samples were all "The The The"); among scores the dev set cannot tell apart, the
     longer-trained weights win."""
     from slmforge.modeling import load_model
 
@@ -449,7 +449,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
             # Choice tasks compare log-likelihoods of continuations of the raw text, for every model alike;
             # post-trained models (their stage says `chat`) get the generation tasks through their chat
             # template, the way they are used. (Choice tasks through a chat template change what is compared:
-            # acc_mutual_info fell from 0.54 to 0.25 for the same SFT model on the demo.)
+            # acc_mutual_info fell to chance for the same SFT model on the demo, at commit d59ac30.)
             chat = bool(e.meta.get("chat"))
             parts = [([t for t in tasks if t not in gen_tasks], False, cfg.batch_size, 8),
                      (gen_tasks, chat, cfg.generation_batch, 32)]

@@ -343,7 +343,7 @@ def render_html(doc: dict) -> str:
         n = min(m["bench_sizes"].get(s, 0) for s in m["headline"]) or 1
         parts.append("<h2>Post-training: each stage's gain</h2><p>The same harness and items for every model; in "
                      f"brackets the change against the row above. With {n} items a choice score's 95% interval "
-                     f"(Wilson) is at most ±{widest_interval(n):.3f}; seed-to-seed noise is in the README.</p>" +
+                     f"(Wilson) is at most ±{widest_interval(n):.3f}; seed-to-seed noise: benchmarks/posttrain_seeds.py.</p>" +
                      _table(["model", *head], rows))
     if m.get("selection"):
         parts.append("<h2>Checkpoint selection (dev sets from the val split)</h2>" + _table(

@@ -59,8 +59,9 @@ NAME = "sft"
 INPUTS = ("curate", "pretrain", "synth")
 Kind = Literal["instruction", "qa", "mcq", "completion", "summary", "rationale", "evidence"]
 KINDS: tuple[str, ...] = get_args(Kind)
-# summaries are left out by default: a section plus its lead is ~5x a qa item, 58% of the demo's SFT
-# tokens with both prompt shapes, and the SFT mixture is instructions, qa, mcq and completion
+# summaries are left out by default: a section plus its lead is several times a qa item, so they took
+# most of the demo's SFT tokens (at commit 8a5b23f), and the SFT mixture asked for is instructions, qa,
+# mcq and completion
 DEFAULT_KINDS = ("instruction", "qa", "mcq", "completion", "rationale", "evidence")
 LABEL, RATIONALE = "[label] ", "[rationale] "
 
