@@ -25,17 +25,19 @@ from tests.conftest import stage_metrics
 DPO_TOLERANCE = 1e-6
 
 
-def _kill_then_restart(recipe, work, stage: str, seed: int, wall: float,
-                       sets: tuple[str, ...] = ()) -> tuple[bool, subprocess.CompletedProcess]:
+def _kill_then_restart(recipe, work, stage: str, seed: int, wall: float, sets: tuple[str, ...] = (),
+                       ready: str | None = None) -> tuple[bool, subprocess.CompletedProcess]:
     """Start `slmforge <stage>` on `work`, SIGKILL it at a random moment of its run (a share of the
-    uninterrupted run's wall time `wall`, drawn from `seed`), then run it again. (killed, the restart)."""
+    uninterrupted run's wall time `wall`, drawn from `seed`; after a file matching `ready` exists, when
+    given), then run it again. (killed, the restart)."""
     args = [sys.executable, "-m", "slmforge.cli", stage, "--recipe", str(recipe), "--set", f"workdir={work}",
             *(x for s in sets for x in ("--set", s))]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and not list(work.glob(f"{stage}/*.partial")):
+    pattern = ready or f"{stage}/*.partial"
+    while proc.poll() is None and time.time() < deadline and not list(work.glob(pattern)):
         time.sleep(0.01)
-    time.sleep(random.Random(seed).uniform(0.1, 0.6) * wall)
+    time.sleep(random.Random(seed).uniform(0.0, 0.1 if ready else 0.6) * wall + (0 if ready else 0.1 * wall))
     killed = proc.poll() is None
     if killed:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -54,13 +56,21 @@ def test_sigkill_at_a_random_moment_then_a_plain_restart(posttrained, tmp_path, 
     # evaluate scores the two pretrained models only (each model is scored on its own, so their scores must
     # equal the full run's): the same check at 2/5 of the cost
     sets = ("evaluate.models=[pretrain]",) if stage == "evaluate" else ()
-    killed, r = _kill_then_restart(recipe, copy, stage, seed, wall * (0.4 if sets else 1.0), sets)
+    # dpo: a checkpoint every step (save_steps is not in the key: it changes no weight), and the kill comes
+    # after the first one, so the restart resumes from trl's checkpoint rather than starting over
+    ready = None
+    if stage == "dpo":
+        sets, ready = ("dpo.save_steps=1",), "dpo/*.partial/**/checkpoint-*/trainer_state.json"
+    killed, r = _kill_then_restart(recipe, copy, stage, seed, wall * (0.4 if stage == "evaluate" else 1.0), sets,
+                                   ready)
     assert killed, f"{stage} finished before the kill"
     assert r.returncode == 0, r.stderr[-3000:]
+    if stage == "dpo":
+        assert "resuming from checkpoint-" in r.stderr, r.stderr[-2000:]
     run, got = stage_metrics(copy, stage)
     # the key the same config and inputs give without a kill (pipeline.plan computes it from the recipe)
     want = {p.stage: p.key for p in plan(load_recipe(recipe, [f"workdir={copy}", *sets]))}[stage]
-    assert run.name == want and (want == orig_run.name) == (not sets)
+    assert run.name == want and (want == orig_run.name) == (stage != "evaluate")
     if stage == "synth":
         assert (run / "items.jsonl").read_text() == (orig_run / "items.jsonl").read_text()
     elif stage == "dpo":  # the uninterrupted run's weights, to float rounding (DPO_TOLERANCE)

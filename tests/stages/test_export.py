@@ -198,7 +198,6 @@ def test_the_gguf_reads_back_with_the_weights_and_tokenizer(exported):
     import gguf
     from safetensors.numpy import load_file
 
-    from slmforge.gguf import _permute
 
     _, art, _ = exported
     folder = art.path / "t-dpo"
@@ -221,7 +220,12 @@ def test_the_gguf_reads_back_with_the_weights_and_tokenizer(exported):
     q = tensors["blk.1.attn_q.weight"]
     assert q.tensor_type == gguf.GGMLQuantizationType.F16 and list(q.shape[::-1]) == list(hf[
         "model.layers.1.self_attn.q_proj.weight"].shape)
-    want = _permute(hf["model.layers.1.self_attn.q_proj.weight"], cfg["num_attention_heads"]).astype(np.float16)
+    # RoPE pairs: llama.cpp rotates adjacent rows (2i, 2i+1) of each head, HF rows (i, i + d/2): GGUF row
+    # h*d + j is HF row h*d + j//2 + (j%2)*d/2 (stated here by index, not with slmforge's own _permute)
+    n_head = cfg["num_attention_heads"]
+    d = cfg["hidden_size"] // n_head
+    rows = [h * d + j // 2 + (j % 2) * (d // 2) for h in range(n_head) for j in range(d)]
+    want = hf["model.layers.1.self_attn.q_proj.weight"][rows].astype(np.float16)
     np.testing.assert_array_equal(np.asarray(q.data).reshape(want.shape), want)
     norm = tensors["blk.0.attn_norm.weight"]
     assert norm.tensor_type == gguf.GGMLQuantizationType.F32

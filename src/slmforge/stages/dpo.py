@@ -63,7 +63,7 @@ class Config(PostTrainConfig):
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="on-policy: where the SFT model answers: auto "
                                                                      "(the GPU where one is visible), cpu, cuda[:N]")
 
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"device"})  # where the answers are made, not what they are
+    NOT_IN_KEY: ClassVar[frozenset[str]] = PostTrainConfig.NOT_IN_KEY | {"device"}  # device: where the answers are made
     batch_size: int = Field(16, ge=1, description="pairs per step per process")
 
 
