@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: compare compress setup browser llama demo test bench clean
+.PHONY: compare compress setup browser llama demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -60,7 +60,12 @@ llama: setup
 	  $(BIN)/pip install -q --disable-pip-version-check -e ".[llama]"
 
 test: setup browser
-	$(BIN)/python -m pytest -n 2 --timeout 600 tests
+	$(BIN)/python -m pytest -n 2 --timeout 600 --durations 15 tests
+
+# the edit loop: no pipeline fixtures, no real SmolLM2, no multi-process tests (tests/conftest.py marks them
+# `full`); `make test` stays the command that runs everything
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 --timeout 600 --durations 15 -m "not full" tests
 
 bench: setup
 	$(BIN)/python benchmarks/data_throughput.py

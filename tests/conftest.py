@@ -18,6 +18,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# `make test-fast` (-m "not full") leaves out what makes the suite long: tests on the shared tiny pipeline
+# runs (these fixtures train, post-train and evaluate once per session), on the real SmolLM2, or in several
+# processes (DDP, FSDP, a SIGKILL and restart, Ray). `make test` runs everything.
+FULL_FIXTURES = {"model_run", "pretrained", "benched", "posttrained", "trained", "one_process", "compressed",
+                 "smollm2", "dapt", "work"}
+FULL_WORDS = ("two_processes", "fsdp", "sigkill", "ray", "kill")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if FULL_FIXTURES & set(item.fixturenames) or any(w in item.name for w in FULL_WORDS) \
+                or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.full)
+
 
 def slice_jsonl(src: Path, dst: Path, n: int, skip: int = 0) -> Path:
     """The documents skip..skip+n of a shipped .jsonl.gz, written to dst (.jsonl)."""
