@@ -23,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # processes (DDP, FSDP, a SIGKILL and restart, Ray). `make test` runs everything.
 FULL_FIXTURES = {"model_run", "pretrained", "benched", "posttrained", "trained", "one_process", "compressed",
                  "smollm2", "dapt", "work"}
-FULL_WORDS = ("two_processes", "fsdp", "sigkill", "ray", "kill")
+FULL_WORDS = ("two_processes", "fsdp", "kill")  # Ray: its test is marked slow
 
 
 def pytest_collection_modifyitems(config, items):

@@ -37,7 +37,8 @@ def _kill_then_restart(recipe, work, stage: str, seed: int, wall: float, sets: t
     pattern = ready or f"{stage}/*.partial"
     while proc.poll() is None and time.time() < deadline and not list(work.glob(pattern)):
         time.sleep(0.01)
-    time.sleep(random.Random(seed).uniform(0.0, 0.1 if ready else 0.6) * wall + (0 if ready else 0.1 * wall))
+    low, high = (0.0, 0.1) if ready else (0.1, 0.6)
+    time.sleep(random.Random(seed).uniform(low, high) * wall)
     killed = proc.poll() is None
     if killed:
         os.killpg(proc.pid, signal.SIGKILL)

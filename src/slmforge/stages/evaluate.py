@@ -284,7 +284,9 @@ def lm_eval_run(lm, tasks_dir: Path, tasks: list[str], limit: int | None, sample
     return scores, answers, outcomes
 
 
-GPU_PROBE_MAX = 512  # lm-eval's batch probe on a GPU starts here and halves until a batch fits
+# `auto` batch sizes: on the CPU, the sizes these settings had before `auto`; on a GPU, 64 windows for bits
+# per byte, and for lm-eval its own probe, which starts at GPU_PROBE_MAX and halves until a batch fits
+CPU_BATCH, CPU_GENERATION_BATCH, GPU_BPB_BATCH, GPU_PROBE_MAX = 8, 32, 64, 512
 
 
 def hf_lm(model, tokenizer, batch_size: int | str, cpu_batch: int):
@@ -292,11 +294,10 @@ def hf_lm(model, tokenizer, batch_size: int | str, cpu_batch: int):
     the largest batch that fits on a GPU."""
     from lm_eval.models.huggingface import HFLM
 
-    if batch_size == "auto" and model.device.type != "cpu":
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=GPU_PROBE_MAX,
-                    device=str(model.device))
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=auto_batch(batch_size, "cpu", cpu_batch, 0),
-                device=str(model.device))
+    probe = batch_size == "auto" and model.device.type != "cpu"
+    size = "auto" if probe else auto_batch(batch_size, model.device.type, cpu_batch, GPU_PROBE_MAX)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=size, device=str(model.device),
+                **({"max_batch_size": GPU_PROBE_MAX} if probe else {}))
 
 
 def endpoint_lm(ref: ModelRef):
@@ -382,7 +383,7 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
         label = "final" if p == e.path else p.name
         model, tok = float_logits(load_model(p, dtype=weights_dtype(cfg.dtype),
                                              device=resolve_device(cfg.device, "evaluate.device")))
-        r, _, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size, 8), bench.task_dir, [dev[s] for s in wanted], None)
+        r, _, _ = lm_eval_run(hf_lm(model, tok, cfg.batch_size, CPU_BATCH), bench.task_dir, [dev[s] for s in wanted], None)
         vals = []
         for s, metric in wanted.items():
             if metric not in r[dev[s]]:
@@ -444,15 +445,15 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
             for source, t in texts.items():
                 info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
                 scores[e.name][source] = bits_per_byte(model, tok, t, context,
-                                                       auto_batch(cfg.batch_size, model.device.type, 8, 64))
+                                                       auto_batch(cfg.batch_size, model.device.type, CPU_BATCH, GPU_BPB_BATCH))
             info(f"  evaluate · {e.name} on the benchmark suite ({', '.join(tasks)})")
             # Choice tasks compare log-likelihoods of continuations of the raw text, for every model alike;
             # post-trained models (their stage says `chat`) get the generation tasks through their chat
             # template, the way they are used. (Choice tasks through a chat template change what is compared:
             # acc_mutual_info fell to chance for the same SFT model on the demo, at commit d59ac30.)
             chat = bool(e.meta.get("chat"))
-            parts = [([t for t in tasks if t not in gen_tasks], False, cfg.batch_size, 8),
-                     (gen_tasks, chat, cfg.generation_batch, 32)]
+            parts = [([t for t in tasks if t not in gen_tasks], False, cfg.batch_size, CPU_BATCH),
+                     (gen_tasks, chat, cfg.generation_batch, CPU_GENERATION_BATCH)]
             benchmarks[e.name], answers[e.name], outcomes[e.name] = {}, {}, {}
             for part, as_chat, batch, cpu_batch in parts:
                 if part:
