@@ -70,7 +70,7 @@ def describe(name: str, meta: dict, t: dict) -> str:
 
 
 def gather(runs: list[dict]) -> dict:
-    from slmforge.results import set_tasks
+    from slmforge.evaluation.results import set_tasks
 
     keys = {r["bench"] for r in runs}
     if len(keys) > 1:
@@ -108,7 +108,7 @@ def gather(runs: list[dict]) -> dict:
 
 def significance(rows: list[dict], head: dict) -> list[dict]:
     """For each choice set: the best model by its headline, then McNemar against every other model."""
-    from slmforge.stats import compare
+    from slmforge.evaluation.stats import compare
 
     out = []
     for s, metric in head.items():

@@ -1,7 +1,7 @@
 """compress: what distillation costs per token, and what each variant is worth after equal tokens.
 
 1. Throughput (--steps, default 6 timed after 1 warm-up): SmolLM2-135M pruned to a quarter (compress's
-   default ratio, importance on 64 shipped PostgreSQL sequences), trained in slmforge.training's loop on
+   default ratio, importance on 64 shipped PostgreSQL sequences), trained in slmforge.training.loop's loop on
    2 x 1024-token sequences per step (recipes/compress.yaml's batch), bf16 autocast where supported:
    LM loss only against logit distillation (the teacher's forward included); and the teacher's own
    training step (what continued pretraining of the 135M model costs per token), for scale.
@@ -9,7 +9,7 @@
    every model the recipe scored, on the same items: bits per byte on each test split, the choice sets'
    headline metrics and QA F1, the training FLOPs of the model's whole lineage (6·N·D per trained stage,
    2·N_teacher·D for the teacher's forward in distillation, and the calibration pass), and for each
-   choice set a paired test (McNemar exact, slmforge.stats) of each compressed model against the
+   choice set a paired test (McNemar exact, slmforge.evaluation.stats) of each compressed model against the
    teacher and against SmolLM2 as it is; a margin with p >= 0.05 reads "no difference shown".
 
     .venv/bin/python benchmarks/compress.py                     # both
@@ -50,12 +50,13 @@ def corpus_stream(tokenizer, docs: int = 400):
 def throughput(steps: int, ratio: float) -> dict:
     import torch
 
-    from slmforge import bases, prune
-    from slmforge.distill import Distiller
     from slmforge.hardware import peak_flops, use_bf16
-    from slmforge.modeling import load_model, shape_of
-    from slmforge.packing import Sampler
-    from slmforge.training import TrainConfig, setup, train_step
+    from slmforge.models import bases
+    from slmforge.models.modeling import load_model, shape_of
+    from slmforge.training import prune
+    from slmforge.training.distill import Distiller
+    from slmforge.training.loop import TrainConfig, setup, train_step
+    from slmforge.training.packing import Sampler
 
     torch.set_num_threads(os.cpu_count() or 1)
     teacher, tok = load_model(bases.get("smollm2-135m").path)
@@ -96,10 +97,10 @@ def throughput(steps: int, ratio: float) -> dict:
 def quality(run: Path | None) -> dict:
     from slmforge.artifacts import ArtifactStore
     from slmforge.config import load_recipe
+    from slmforge.evaluation.results import set_tasks
+    from slmforge.evaluation.stats import compare
     from slmforge.pipeline import plan
     from slmforge.records import model_lineage
-    from slmforge.results import set_tasks
-    from slmforge.stats import compare
 
     if run is None:
         recipe = load_recipe(REPO / "recipes" / "compress.yaml", [])

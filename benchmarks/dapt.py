@@ -28,7 +28,7 @@ from pathlib import Path
 
 
 def bpb(path: Path, curated, context: int, max_bytes: int) -> dict:
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
     from slmforge.stages.evaluate import _texts, bits_per_byte
 
     model, tok = load_model(path)
@@ -43,8 +43,8 @@ def trainer_run(base_path: Path, art, cfg, steps: int) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from slmforge.hardware import flops_per_token, use_bf16
-    from slmforge.modeling import load_model
-    from slmforge.packing import Sampler
+    from slmforge.models.modeling import load_model
+    from slmforge.training.packing import Sampler
 
     model, _ = load_model(base_path)
     model.config.use_cache = False
@@ -94,8 +94,8 @@ def main() -> None:
     p.add_argument("--trainer-steps", type=int, default=0, help="also time transformers.Trainer for N steps")
     args = p.parse_args()
 
-    from slmforge import bases
     from slmforge.artifacts import ArtifactStore
+    from slmforge.models import bases
     from slmforge.records import Curated
     from slmforge.stages import pretrain
 

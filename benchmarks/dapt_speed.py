@@ -31,9 +31,9 @@ from pathlib import Path
 def batches(base_path: Path, curate, out: Path, seq: int, n_seq: int, steps: int, seed: int = 0):
     import numpy as np
 
-    from slmforge.modeling import load_model
-    from slmforge.packing import Sampler, tokenize_sources
+    from slmforge.models.modeling import load_model
     from slmforge.records import Curated
+    from slmforge.training.packing import Sampler, tokenize_sources
 
     _, tok = load_model(base_path)
     roles = list(Curated.of(curate).roles)
@@ -50,7 +50,7 @@ def trainer(base_path: Path, rows, micro: int, accum: int, lr: float, bf16: bool
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     model, _ = load_model(base_path)
     model.config.use_cache = False
@@ -86,9 +86,9 @@ def trainer(base_path: Path, rows, micro: int, accum: int, lr: float, bf16: bool
 def loop(base_path: Path, streams, domain, seq: int, n_seq: int, steps: int, micro: int, lr: float, bf16: bool,
          compile_: bool, checkpointing: bool, out: Path) -> dict:
     """pretrain's loop (training.setup, train_step) for `steps` steps of the same sampler."""
-    from slmforge.modeling import load_model, shape_of
-    from slmforge.packing import Sampler
-    from slmforge.training import Mixture, TrainConfig, setup, train_step
+    from slmforge.models.modeling import load_model, shape_of
+    from slmforge.training.loop import Mixture, TrainConfig, setup, train_step
+    from slmforge.training.packing import Sampler
 
     model, _ = load_model(base_path)
     if checkpointing:
@@ -120,9 +120,9 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/dapt-speed")
     args = p.parse_args()
 
-    from slmforge import bases
     from slmforge.artifacts import ArtifactStore
     from slmforge.hardware import flops_per_token, peak_flops, use_bf16
+    from slmforge.models import bases
     from slmforge.records import Curated
 
     out = Path(args.out)

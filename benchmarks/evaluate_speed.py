@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ONE_RUN = r"""
 import json, sys, time
-from slmforge import bases
+from slmforge.models import bases
 from slmforge.artifacts import ArtifactStore
 from slmforge.stages import evaluate
 args = json.loads(sys.argv[1])

@@ -8,7 +8,7 @@ f16-rounded weights, which is what the export stage's check requires to be exact
     .venv/bin/python benchmarks/gguf_verify.py --model specialist --threads 2 --tokens 128
 
 Needs a finished `make demo` and xllamacpp (llama.cpp's prebuilt binding; `make setup` installs it). llama.cpp
-runs in process through llama-server's completion code (slmforge.gguf.LlamaCpp), so its tokens/s include
+runs in process through llama-server's completion code (slmforge.deploy.gguf.LlamaCpp), so its tokens/s include
 that code's per-request work. Prints a table and one JSON line.
 """
 
@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from slmforge.artifacts import ArtifactStore
-    from slmforge.gguf import (
+    from slmforge.deploy.gguf import (
         LlamaCpp,
         hf_greedy,
         llama_cpp_version,
@@ -60,7 +60,7 @@ def main() -> None:
         verify_prompts,
         write_gguf,
     )
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
     from slmforge.records import read_documents
 
     torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ is asked twice through the official openai client, greedy: to the generalist dir
 `slmforge: {knowledge: true}`, where the routed specialist first writes --passage-tokens tokens about
 the question and the generalist answers with that passage in its system prompt. Both answers are scored
 against the reference answer with the benchmark's token F1; the difference is tested with a paired
-permutation test (slmforge.stats.compare). --clients requests run at once (the server batches them).
+permutation test (slmforge.evaluation.stats.compare). --clients requests run at once (the server batches them).
 
     .venv/bin/python benchmarks/knowledge.py --workdir runs/demo     # ~5 minutes on 2 cores
 """
@@ -31,7 +31,7 @@ from router import DEMO, demo_exports  # benchmarks/router.py: the export-like d
 
 
 def f1(pred: str, ref: str) -> float:
-    """The qa benchmark's token F1 (slmforge.prompts UTILS: _f1), here so the score is the benchmark's."""
+    """The qa benchmark's token F1 (slmforge.evaluation.prompts UTILS: _f1), here so the score is the benchmark's."""
     p, r = re.findall(r"\w+", pred.lower()), re.findall(r"\w+", ref.lower())
     common = sum((Counter(p) & Counter(r)).values())
     if not p or not r or not common:
@@ -56,11 +56,11 @@ def main() -> None:
     import torch
     import uvicorn
 
-    from slmforge import bases
     from slmforge.artifacts import ArtifactStore
+    from slmforge.evaluation.stats import compare
+    from slmforge.models import bases
     from slmforge.serve.app import create_app
     from slmforge.serve.config import Config
-    from slmforge.stats import compare
 
     torch.set_num_threads(args.threads)
     spec = demo_exports(Path(args.out), Path(args.workdir))[0]

@@ -4,7 +4,7 @@ Measured in one run, on this machine (CUDA if present, else CPU):
   1. peak matmul FLOP/s, fp32 and bf16: square n x n torch.mm (2·n³ FLOPs) at --matmul-sizes,
      best of 3 repeats per size and dtype; the best bf16 figure is the peak that MFU is measured against.
   2. per model size (ModelSize(params=...), vocab 8192, context --seq; the model built from
-     slmforge.modeling.derive + llama_config, SDPA attention, the same seed for every loop):
+     slmforge.models.modeling.derive + llama_config, SDPA attention, the same seed for every loop):
      a. slmforge: pretrain.train_one, --batch sequences of --seq tokens per step, one micro-batch,
         bf16 autocast where supported (hardware.use_bf16), pretrain.Config's default optimisation
         (AdamW, lr, warmup, WSD schedule, weight decay, clipping);
@@ -74,7 +74,7 @@ def matmul_peaks(sizes: list[int], device, seconds: float) -> dict:
 
 def token_stream(data_mb: float) -> tuple[np.ndarray, dict]:
     """BOS doc EOS ... over the first data_mb MB of the manual, with a BPE trained on the same text."""
-    from slmforge.chat import BOS, EOS, PAD
+    from slmforge.models.chat import BOS, EOS, PAD
     from slmforge.stages.tokenizer import train_bpe
 
     texts, size = [], 0
@@ -97,7 +97,7 @@ def new_model(size: str, seq: int, ids: dict, dtype=None):
     import torch
     from transformers import LlamaForCausalLM
 
-    from slmforge.modeling import ModelSize, derive, llama_config
+    from slmforge.models.modeling import ModelSize, derive, llama_config
 
     s = derive(ModelSize(params=size, context=seq), VOCAB)
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def new_model(size: str, seq: int, ids: dict, dtype=None):
 def val_loss(model, windows: np.ndarray, bf16: bool, device, batch: int) -> float:
     import torch
 
-    from slmforge.lm import nll
+    from slmforge.models.lm import nll
 
     model.eval()
     w = torch.as_tensor(windows)
@@ -121,8 +121,8 @@ def val_loss(model, windows: np.ndarray, bf16: bool, device, batch: int) -> floa
 def run_slmforge(cfg, model, shape_, stream, a, steps: int, peak: float, bf16: bool) -> dict:
     from accelerate.state import AcceleratorState
 
-    from slmforge.packing import Sampler
-    from slmforge.training import train_one
+    from slmforge.training.loop import train_one
+    from slmforge.training.packing import Sampler
 
     AcceleratorState._reset_state()  # train_one makes an Accelerator; its mixed precision may differ per run
     cfg = cfg.model_copy(update={"precision": "bf16" if bf16 else "fp32"})
@@ -140,8 +140,8 @@ def run_trainer(cfg, model, stream, a, steps: int, bf16: bool, device) -> dict:
     from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from slmforge.packing import Sampler
-    from slmforge.training import lr_at
+    from slmforge.training.loop import lr_at
+    from slmforge.training.packing import Sampler
 
     sampler = Sampler({"domain": stream}, ["domain"], a.seq, seed=0)  # the same batches as train_one's
     rows = [w for s in range(steps) for w in sampler.batch(s, a.batch, 1.0)]

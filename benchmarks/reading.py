@@ -41,8 +41,8 @@ def run(recipe: Path, share: float) -> Path:
 def main() -> int:
     import yaml
 
+    from slmforge.evaluation.stats import compare
     from slmforge.records import set_of
-    from slmforge.stats import compare
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--share", type=float, default=0.3, help="pretrain.reading of the second run")

@@ -3,12 +3,12 @@
 Measured on the demo run (runs/demo): the specialist (the latest dpo model, domain postgres) and the
 generalist (the latest pretrain's generalist, domain general), each with router data built from the curated
 splits exactly as an export folder carries it: domain/train.jsonl = the domain's train split (up to
---max-docs documents), domain/test.jsonl = its held-out test split. For each router kind (slmforge.router):
+--max-docs documents), domain/test.jsonl = its held-out test split. For each router kind (slmforge.serve.router):
   - fit time (TF-IDF: vectorizer + logistic regression on prompt-sized windows; bpb: none),
   - routing accuracy per domain on the held-out documents, on the full text and on its first 200
     characters (prompts are short), over all test documents of both domains (--test-docs caps each),
   - mean latency per routed prompt (ms), on this machine's CPU with --threads torch threads.
-Prints a table and one JSON line. serve's default router kind (slmforge.router.DEFAULT_KIND) is the one that
+Prints a table and one JSON line. serve's default router kind (slmforge.serve.router.DEFAULT_KIND) is the one that
 wins here on accuracy at 200 characters and on latency.
 
     .venv/bin/python benchmarks/router.py                 # ~5 minutes on 2 shared cores (bpb dominates)
@@ -115,7 +115,7 @@ def corpus_split(path: Path, max_docs: int, test_docs: int, piece: int = 2000) -
 
 
 def multi_domain(paths: list[Path], max_docs: int, test_docs: int) -> dict:
-    from slmforge.router import PROMPT_CUT, TfidfRouter, evaluate
+    from slmforge.serve.router import PROMPT_CUT, TfidfRouter, evaluate
 
     train, test = {}, {}
     for p in paths:
@@ -154,8 +154,8 @@ def main() -> None:
 
     import torch
 
-    from slmforge.modeling import load_model
-    from slmforge.router import PROMPT_CUT, evaluate, make_router, read_texts
+    from slmforge.models.modeling import load_model
+    from slmforge.serve.router import PROMPT_CUT, evaluate, make_router, read_texts
 
     torch.set_num_threads(args.threads)
     folders = demo_exports(Path(args.out), Path(args.workdir), args.max_docs)

@@ -280,7 +280,7 @@ def main() -> None:
     p.add_argument("--log", default="/tmp/slmforge-serve-load.log", help="the server's log")
     args = p.parse_args()
 
-    from slmforge.router import PROMPT_CUT, read_texts
+    from slmforge.serve.router import PROMPT_CUT, read_texts
 
     folders = demo_exports(Path(args.out), Path(args.workdir))
     metas = [json.loads((f / "slmforge.json").read_text()) for f in folders]

@@ -30,7 +30,7 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     from slmforge.artifacts import ArtifactStore
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     store = ArtifactStore(Path(args.workdir))
     pre, syn = store.resolve("pretrain:latest"), store.resolve("synth:latest")

@@ -5,10 +5,10 @@ every request after a fixed latency (200 ms by default).
 1. ingest + curate the manual into a fresh temporary workdir, then run the synth stage on every
    chunk (`max_chunks: null`, all seven kinds) and read its wall time from the manifest;
 2. start the test server from tests/fake_openai.py on 127.0.0.1, send `--requests` requests through
-   `slmforge.teacher.OpenAITeacher` at each `--concurrency`, and report requests/s and the largest
+   `slmforge.synthetic.teacher.OpenAITeacher` at each `--concurrency`, and report requests/s and the largest
    number of requests the server saw in flight at once (ideal: the configured limit; ideal speed:
    concurrency / latency);
-3. with --hf-teacher NAME (a base or a folder): the local HF teacher (slmforge.teacher.HFTeacher, bf16)
+3. with --hf-teacher NAME (a base or a folder): the local HF teacher (slmforge.synthetic.teacher.HFTeacher, bf16)
    on --hf-prompts real qa prompts from the manual's chunks (synth's own prompt), greedy, at each
    --hf-batches size; batch 1 is HF `generate` one prompt at a time. Items/minute and generated tokens/s.
 
@@ -53,7 +53,7 @@ def extractive(data: Path, limit: int | None, tmp: Path) -> dict:
 
 
 def concurrency(n_requests: int, levels: list[int], latency: float, tmp: Path) -> list[dict]:
-    from slmforge.teacher import OpenAIConfig, OpenAITeacher, Request
+    from slmforge.synthetic.teacher import OpenAIConfig, OpenAITeacher, Request
     from tests.fake_openai import FakeServer
 
     rows = []
@@ -77,10 +77,10 @@ def concurrency(n_requests: int, levels: list[int], latency: float, tmp: Path) -
 
 
 def hf_teacher(ref: str, curate, n_prompts: int, batches: list[int], max_tokens: int, tmp: Path) -> list[dict]:
-    from slmforge import bases
+    from slmforge.models import bases
     from slmforge.records import Curated
-    from slmforge.synthesis import render_prompt, split_chunks
-    from slmforge.teacher import HFTeacher, Request
+    from slmforge.synthetic.synthesis import render_prompt, split_chunks
+    from slmforge.synthetic.teacher import HFTeacher, Request
 
     curated = Curated.of(curate)
     chunks = split_chunks(curated, "train", curated.domain, 1500)[:n_prompts]

@@ -158,8 +158,8 @@ def _tiny_model(folder):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from slmforge.chat import BOS, EOS, PAD, SPECIAL_TOKENS, chat_template
-    from slmforge.modeling import llama_config, shape
+    from slmforge.models.chat import BOS, EOS, PAD, SPECIAL_TOKENS, chat_template
+    from slmforge.models.modeling import llama_config, shape
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -181,8 +181,8 @@ def test_chat_prints_the_prompt_quoted_and_the_answer_on_its_own_lines(tmp_path,
     import io
 
     from slmforge.cli import main
-    from slmforge.lm import generate
-    from slmforge.modeling import load_model
+    from slmforge.models.lm import generate
+    from slmforge.models.modeling import load_model
 
     folder = _tiny_model(tmp_path / "m")
     model, tok = load_model(folder)

@@ -200,7 +200,7 @@ def test_a_model_loaded_for_evaluate_lands_on_the_configured_device(tmp_path):
     """On a CPU machine the only device to prove it on is the CPU (a GPU run is the device script's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
     from slmforge.stages.tokenizer import save_hf, train_bpe
 
     save_hf(train_bpe(iter(["select from a table"] * 20), vocab_size=300, min_frequency=1), tmp_path / "m")

@@ -16,7 +16,7 @@ from tests.conftest import small_recipe, write_recipe
 def _tiny_model(folder):
     from transformers import AutoTokenizer
 
-    from slmforge.modeling import ModelSize, build_model
+    from slmforge.models.modeling import ModelSize, build_model
     from slmforge.stages.tokenizer import save_hf, train_bpe
 
     save_hf(train_bpe(iter(["a table of rows", "an index on a table"] * 20), vocab_size=300, min_frequency=1),

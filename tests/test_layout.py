@@ -8,6 +8,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_LINES = 600
+MAX_FUNCTION = 60  # lines, decorators and docstring included
+MAX_FLAT = 12  # modules directly in src/slmforge: the shared core; the rest sit in concern folders
 MAX_CHAIN = 5
 # Command-line entry points sit on top of everything they dispatch to (lazily): not counted in chains.
 ENTRY_POINTS = ("slmforge.cli", "slmforge.serve.cli", "slmforge.serve.__main__")
@@ -64,6 +66,30 @@ def test_no_source_file_over_600_lines():
     assert not long, f"split these modules (at most {MAX_LINES} lines): {long}"
 
 
+def test_no_function_over_60_lines():
+    long = []
+    for p in MODULES.values():
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([n.lineno, *(d.lineno for d in n.decorator_list)])
+                if (size := n.end_lineno - first + 1) > MAX_FUNCTION:
+                    long.append(f"{p.relative_to(SRC)}:{n.lineno} {n.name} ({size} lines)")
+    assert not long, f"split these functions (at most {MAX_FUNCTION} lines):\n" + "\n".join(long)
+
+
+def test_the_core_stays_flat_and_small():
+    flat = sorted(p.name for p in (SRC / "slmforge").glob("*.py"))
+    assert len(flat) <= MAX_FLAT, f"{len(flat)} modules in src/slmforge/ (at most {MAX_FLAT}): move one into its " \
+                                  f"concern's folder: {', '.join(flat)}"
+
+
+def test_argparse_only_in_the_cli():
+    allowed = {"slmforge.cli", "slmforge.flags"}
+    parsers = sorted(m for m, p in MODULES.items()
+                     if m not in allowed and "add_argument(" in p.read_text(encoding="utf-8"))
+    assert not parsers, f"argparse belongs to slmforge/cli.py (and flags.py), not: {', '.join(parsers)}"
+
+
 def test_import_chains_are_short():
     @functools.lru_cache(None)
     def longest(m: str, stack: tuple = ()) -> tuple:
@@ -80,4 +106,4 @@ def test_import_chains_are_short():
 def test_the_layout_test_sees_a_stage_import():
     """The checks above read real imports: a stage importing a stage is found."""
     assert "slmforge.records" in GRAPH["slmforge.stages.synth"]
-    assert "slmforge.synthesis" in GRAPH["slmforge.stages.bench"]
+    assert "slmforge.synthetic.synthesis" in GRAPH["slmforge.stages.bench"]

@@ -158,7 +158,7 @@ def test_the_dapt_twin_shares_the_data_stages_of_gpu_1x():
 def test_the_scratch_size_is_what_plan_recommends(name):
     """model.params and tokens are `plan`'s answer for the recipe's plan section and the domain size its
     header plans for."""
-    from slmforge.modeling import parse_count
+    from slmforge.models.modeling import parse_count
     from slmforge.stages.plan import budget_flops, recommend
 
     r = load_recipe(RECIPES / name)

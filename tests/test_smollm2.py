@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from slmforge import bases
 from slmforge.artifacts import ArtifactStore
+from slmforge.models import bases
 
 pytestmark = pytest.mark.slow
 
@@ -74,8 +74,8 @@ def test_a_dapt_model_is_post_trained_exported_and_served(smollm2, dapt, benched
     import gguf
     from fastapi.testclient import TestClient
 
-    from slmforge.lm import generate
-    from slmforge.modeling import load_model
+    from slmforge.models.lm import generate
+    from slmforge.models.modeling import load_model
     from slmforge.serve.app import create_app
     from slmforge.serve.config import Config as ServeConfig
     from slmforge.stages import dpo, evaluate, export, sft, synth
@@ -120,7 +120,7 @@ def test_a_dapt_model_is_post_trained_exported_and_served(smollm2, dapt, benched
 def test_sft_masks_exactly_the_answers_on_smollm2s_own_chatml(smollm2):
     from transformers import AutoTokenizer
 
-    from slmforge.chat import training_template
+    from slmforge.models.chat import training_template
 
     tok = AutoTokenizer.from_pretrained(str(smollm2.path))
     assert "{% generation %}" not in tok.chat_template  # its own cannot mask: slmforge's ChatML is used

@@ -279,8 +279,8 @@ def _chat(args) -> None:
     import torch
     from transformers import TextStreamer
 
-    from slmforge.lm import generate
-    from slmforge.modeling import load_model
+    from slmforge.models.lm import generate
+    from slmforge.models.modeling import load_model
 
     class Answer(TextStreamer):
         """transformers' stdout streamer, without the whitespace that a continuation starts with."""
@@ -313,7 +313,7 @@ def _chat(args) -> None:
 def _llama_server(args) -> None:
     from pathlib import Path
 
-    from slmforge.gguf import llama_server
+    from slmforge.deploy.gguf import llama_server
 
     llama_server(Path(args.gguf).expanduser(), args.host, args.port, args.context, args.parallel, args.alias,
                  args.threads)
@@ -322,11 +322,11 @@ def _llama_server(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["models"]:
-        from slmforge.catalog import cli_main
+        from slmforge.deploy.catalog import cli_main
 
         return cli_main(argv[1:])
     if argv[:1] == ["base"]:
-        from slmforge.bases import cli_main
+        from slmforge.models.bases import cli_main
 
         return cli_main(argv[1:])
     if argv[:1] == ["serve"]:

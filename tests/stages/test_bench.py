@@ -7,7 +7,7 @@ import yaml
 from slmforge.artifacts import ArtifactStore
 from slmforge.config import load_recipe
 from slmforge.stages import bench, curate, ingest, synth
-from slmforge.synthesis import ngrams
+from slmforge.synthetic.synthesis import ngrams
 from tests.conftest import small_recipe, write_recipe
 
 
@@ -157,7 +157,7 @@ def _word_tokenizer(folder):
 
 
 def test_summarization_documents_are_cut_to_fit_the_context_and_keep_their_lead(tmp_path):
-    from slmforge.prompts import render
+    from slmforge.evaluation.prompts import render
 
     fit = bench.summary_fitter(bench.Config(context=64, summary_tokens=16), _word_tokenizer(tmp_path))
     lead = "VACUUM reclaims storage occupied by dead tuples. It can also analyze a database."
@@ -179,7 +179,7 @@ def test_the_task_metrics_score_rouge_l_with_stemming(tmp_path):
 
     from rouge_score import rouge_scorer
 
-    from slmforge.prompts import UTILS
+    from slmforge.evaluation.prompts import UTILS
 
     (tmp_path / "utils.py").write_text(UTILS)
     spec = importlib.util.spec_from_file_location("task_utils", tmp_path / "utils.py")

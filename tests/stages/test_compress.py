@@ -50,7 +50,7 @@ def _weights(folder):
 def test_every_variant_is_a_smaller_llama_with_the_teachers_tokenizer(compressed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slmforge.distill import mean_kl
+    from slmforge.training.distill import mean_kl
 
     _, work, run = compressed
     m = json.loads((run / "manifest.json").read_text())["metrics"]

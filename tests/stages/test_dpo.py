@@ -22,7 +22,7 @@ def test_trl_dpo_loss_matches_the_formula(posttrained, tmp_path):
     import torch.nn.functional as F
 
     from slmforge.artifacts import ArtifactStore
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
     from slmforge.stages import dpo
 
     _, workdir = posttrained

@@ -65,7 +65,7 @@ def test_the_chunked_head_gives_the_full_logits_loss():
     logits, with -100 targets skipped."""
     import torch.nn.functional as F
 
-    from slmforge.lm import nll
+    from slmforge.models.lm import nll
 
     torch.manual_seed(0)
     model = _tiny_model(300).eval()
@@ -92,8 +92,8 @@ def test_dtype_auto_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
 def test_bfloat16_weights_score_with_float32_logits(tmp_path, small_corpus):
     from transformers import AutoTokenizer
 
-    from slmforge.lm import float_logits
-    from slmforge.modeling import load_model
+    from slmforge.models.lm import float_logits
+    from slmforge.models.modeling import load_model
     from slmforge.stages.tokenizer import save_hf, train_bpe
 
     texts = [json.loads(x)["text"] for x in small_corpus["domain"].read_text().splitlines()[:4]]
@@ -232,7 +232,7 @@ def test_a_judge_grades_qa_answers_next_to_f1(benched, tmp_path):
     judge's score, its prompt and its agreement with F1 >= 0.5 land in the metrics."""
     import re as _re
 
-    from slmforge import judge
+    from slmforge.synthetic import judge
     from tests.fake_openai import FakeServer
 
     _, workdir, r = benched

@@ -33,7 +33,7 @@ def _greedy(model, ids, n=12):
 def test_the_hf_folder_loads_with_transformers_and_generates_like_the_source(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     store, art, _ = exported
     folder = art.path / "t-dpo"
@@ -51,7 +51,7 @@ def test_the_hf_folder_loads_with_transformers_and_generates_like_the_source(exp
 
 def test_the_tokenizer_files_are_what_transformers_4_and_minijinja_servers_read(exported):
     """tokenizer_config.json against what transformers 4.x requires (4.57 loads these files: README), the
-    plain template rendered by MiniJinja (TGI's engine) to one BOS the way slmforge.chat says; a base
+    plain template rendered by MiniJinja (TGI's engine) to one BOS the way slmforge.models.chat says; a base
     model gets no template."""
     from minijinja import Environment
     from transformers import AutoTokenizer
@@ -151,7 +151,7 @@ def test_the_card_has_front_matter_and_scores_the_hub_reads(exported):
 
 
 def test_slmforge_json_describes_the_export(exported):
-    from slmforge.gguf import llama_cpp_available
+    from slmforge.deploy.gguf import llama_cpp_available
 
     store, art, _ = exported
     results = json.loads((store.resolve("evaluate:latest").path / "results.json").read_text())
@@ -287,7 +287,7 @@ def test_llama_cpp_decodes_the_gguf_like_transformers(exported, tmp_path):
     chat template to transformers' tokens (one BOS); q8_0 is reported."""
     from transformers import AutoTokenizer
 
-    from slmforge.gguf import verify_gguf, verify_prompts, write_gguf
+    from slmforge.deploy.gguf import verify_gguf, verify_prompts, write_gguf
 
     store, art, _ = exported
     folder = art.path / "t-dpo"
@@ -315,8 +315,8 @@ def test_the_gguf_pre_tokenizer_is_the_tokenizer_jsons(exported, tmp_path):
     an unknown pre-tokenizer is refused instead of written wrong."""
     from tokenizers import Tokenizer
 
+    from slmforge.deploy.gguf import LlamaCpp, pre_tokenizer, write_gguf
     from slmforge.errors import UserError
-    from slmforge.gguf import LlamaCpp, pre_tokenizer, write_gguf
 
     _, art, _ = exported
     folder = tmp_path / "gpt2-pre"
@@ -359,7 +359,7 @@ def test_slmforge_export_from_a_recipe(posttrained, tmp_path):
     doc = json.loads((folder / "slmforge.json").read_text())
     assert doc["gguf"] == "t-sft.q8_0.gguf" and doc["gguf_verified"] is None and doc["lineage"]["recipe"] == "t"
     assert (folder / "t-sft.q8_0.gguf").stat().st_size < 0.5 * (folder / "model.safetensors").stat().st_size
-    from slmforge.catalog import Catalog
+    from slmforge.deploy.catalog import Catalog
 
     entry = Catalog(tmp_path / "catalog.db").get("t-sft")  # export added it, validated, to the catalog
     assert entry.path == folder.resolve() and entry.domain == doc["domain"] and entry.scores == doc["scores"]
@@ -400,8 +400,8 @@ def test_slmforge_llama_server_serves_the_gguf_over_the_openai_api(exported, tmp
         assert [m.id for m in c.models.list().data] == ["t-dpo"]
         msgs = [{"role": "user", "content": "What does VACUUM do?"}]
         r = c.chat.completions.create(model="t-dpo", messages=msgs, max_tokens=8, temperature=0)
-        from slmforge.lm import generate
-        from slmforge.modeling import load_model
+        from slmforge.models.lm import generate
+        from slmforge.models.modeling import load_model
 
         model, tok = load_model(art.path / "t-dpo")  # transformers' greedy answer on the same chat prompt
         assert 1 <= r.usage.completion_tokens <= 8

@@ -11,9 +11,9 @@ import psutil
 import pytest
 import torch
 
-from slmforge.packing import Sampler
 from slmforge.stages.pretrain import Config
-from slmforge.training import Mixture, domain_fraction, lr_at
+from slmforge.training.loop import Mixture, domain_fraction, lr_at
+from slmforge.training.packing import Sampler
 from tests.conftest import REPO, slmforge, small_recipe, write_recipe
 
 
@@ -257,7 +257,7 @@ def test_continued_pretraining_from_a_local_checkpoint(trained, tmp_path):
 
 
 def test_dapt_from_a_base_by_name_lowers_its_domain_loss_beside_a_general_text_control(trained, tmp_path, monkeypatch):
-    from slmforge import bases
+    from slmforge.models import bases
 
     recipe, run_dir = trained
     monkeypatch.setenv("SLMFORGE_BASES", str(tmp_path / "bases"))  # the CLI below inherits it
@@ -305,8 +305,8 @@ def test_init_from_is_a_folder_relative_to_the_recipe_or_a_base_name(trained, tm
 
 
 def test_dapt_with_vocabulary_expansion_records_bytes_per_token(trained, tmp_path, monkeypatch):
-    from slmforge import bases
-    from slmforge.modeling import load_model
+    from slmforge.models import bases
+    from slmforge.models.modeling import load_model
 
     recipe, run_dir = trained
     monkeypatch.setenv("SLMFORGE_BASES", str(tmp_path / "bases"))

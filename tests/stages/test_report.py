@@ -21,7 +21,7 @@ def test_the_report_gathers_every_stage_and_its_charts_render(model_run, tmp_pat
     said = json.loads((run / "manifest.json").read_text())["metrics"]["verdict"]
     # the verdict opens both: exactly the sentence the evaluate results it read give (the wording of each
     # outcome is pinned by the unit tests below)
-    from slmforge.verdict import verdict
+    from slmforge.evaluation.verdict import verdict
 
     ev = next(p for p in (workdir / "evaluate").iterdir() if p.is_dir() and not p.is_symlink())
     want = verdict(json.loads((ev / "results.json").read_text()))
@@ -109,7 +109,7 @@ def _results(specialist: int, smollm2: int, generalist: int = 40, items: int = 1
 
 
 def test_the_verdict_names_a_significant_win_with_its_margin_rivals_and_cost():
-    from slmforge.verdict import verdict
+    from slmforge.evaluation.verdict import verdict
 
     v = verdict(_results(specialist=80, smollm2=50))
     assert v["outcome"] == "win" and v["best"] == "specialist" and v["rival"] == "smollm2" and v["p"] < 0.001
@@ -123,7 +123,7 @@ def test_the_verdict_names_a_significant_win_with_its_margin_rivals_and_cost():
 
 
 def test_a_gain_inside_the_noise_is_no_gain_and_a_loss_is_said():
-    from slmforge.verdict import verdict
+    from slmforge.evaluation.verdict import verdict
 
     tie = verdict(_results(specialist=52, smollm2=50))  # 2 items against 0: p = 0.5
     assert tie["outcome"] == "tie" and tie["p"] == 0.5, tie
@@ -140,7 +140,7 @@ def test_a_gain_inside_the_noise_is_no_gain_and_a_loss_is_said():
 def test_a_dapt_verdict_names_the_recovered_control_and_the_4_bit_base():
     """DAPT: the rivals are the base as it is and `recovered` (the base continued on general text for the
     specialist's tokens); the strongest one leads the sentence, and the base is named as a 4-bit copy."""
-    from slmforge.verdict import verdict
+    from slmforge.evaluation.verdict import verdict
 
     r = _results(specialist=75, smollm2=40, generalist=60)
     r["models"]["recovered"] = {**r["models"].pop("generalist"), "shape": {"params": 134_515_008},
@@ -163,7 +163,7 @@ def test_a_dapt_verdict_names_the_recovered_control_and_the_4_bit_base():
 def test_the_bits_per_byte_line_tests_the_best_model_against_the_lowest_generalist_per_document():
     from scipy.stats import wilcoxon
 
-    from slmforge.verdict import bpb_line
+    from slmforge.evaluation.verdict import bpb_line
 
     r = _results(specialist=75, smollm2=40, generalist=60)
     r["models"]["dpo"] = {"stage": "dpo", "shape": {"params": 2_901_312}}
@@ -187,7 +187,7 @@ def test_the_bits_per_byte_line_tests_the_best_model_against_the_lowest_generali
 
 
 def test_missing_evaluate_data_gives_no_verdict_rather_than_a_guess():
-    from slmforge.verdict import verdict
+    from slmforge.evaluation.verdict import verdict
 
     assert verdict({})["outcome"] == "none" and verdict({})["sentence"].startswith("No verdict: evaluate recorded no")
     alone = _results(specialist=80, smollm2=50)
@@ -202,8 +202,8 @@ def test_missing_evaluate_data_gives_no_verdict_rather_than_a_guess():
 
 
 def test_the_page_opens_with_the_verdict_and_run_lines_and_flags_a_zero(tmp_path):
+    from slmforge.evaluation.verdict import verdict
     from slmforge.stages.report import render_html, render_markdown
-    from slmforge.verdict import verdict
 
     m = _results(specialist=52, smollm2=50)
     doc = {"title": "t", "results": m, "verdict": verdict(m), "bench": {}, "samples": 0, "lineage": {},

@@ -10,8 +10,9 @@ import torch
 from slmforge.stages import sft
 from tests.conftest import stage_metrics
 
+
 def test_sft_trains_every_parameter_and_the_loss_falls(posttrained):
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     _, workdir = posttrained
     run, m = stage_metrics(workdir, "sft")
@@ -35,8 +36,8 @@ def test_sft_trains_every_parameter_and_the_loss_falls(posttrained):
 
 def test_no_training_prompt_is_a_bench_prompt(posttrained):
     """SFT must not train the benchmarks' prompt shapes: a gain would then be format learning."""
-    from slmforge import prompts
     from slmforge.artifacts import ArtifactStore
+    from slmforge.evaluation import prompts
     from slmforge.records import Curated, Synthesized
 
     _, workdir = posttrained

@@ -5,9 +5,9 @@ import pytest
 
 from slmforge.artifacts import ArtifactStore
 from slmforge.config import load_recipe
-from slmforge.extractive import Chunk
 from slmforge.stages import curate, ingest, synth
-from slmforge.synthesis import FilterState, Filters, NearDup, apply_filters, ngrams
+from slmforge.synthetic.extractive import Chunk
+from slmforge.synthetic.synthesis import Filters, FilterState, NearDup, apply_filters, ngrams
 from tests.conftest import small_recipe, write_recipe
 
 
@@ -116,7 +116,7 @@ def test_the_near_duplicate_filter_decides_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("from slmforge.synthesis import NearDup, ngrams\n"
+    code = ("from slmforge.synthetic.synthesis import NearDup, ngrams\n"
             "texts = [f'How do I {v} the {o} in PostgreSQL {i}?' for i in range(30) for v in ('drop', 'create')"
             " for o in ('table', 'index')]\n"
             "nd = NearDup(0.5)\n"
@@ -205,8 +205,8 @@ def test_fitness_check_names_the_failing_filter(made):
 def test_hf_teacher_is_a_base_name_or_a_folder_relative_to_the_recipe(tmp_path, small_corpus, monkeypatch):
     from transformers import AutoTokenizer
 
-    from slmforge import bases
-    from slmforge.modeling import ModelSize, build_model
+    from slmforge.models import bases
+    from slmforge.models.modeling import ModelSize, build_model
     from slmforge.stages import bench
     from slmforge.stages.tokenizer import save_hf, train_bpe
 
@@ -242,7 +242,7 @@ def test_openai_settings_are_checked_with_the_recipe(tmp_path, small_corpus):
 
 
 def test_topics_are_covered_evenly_and_seeds_and_templates_reach_the_prompt(tmp_path):
-    from slmforge.synthesis import load_seeds, render_prompt, select_chunks
+    from slmforge.synthetic.synthesis import load_seeds, render_prompt, select_chunks
 
     chunks = [Chunk(f"d{i}#0", f"d{i}", "s", t, f"All about {t}. " * 5)
               for i, t in enumerate(["vacuum"] * 8 + ["index"] * 3 + ["backup"] * 2)]

@@ -38,7 +38,7 @@ def test_loads_offline_with_autotokenizer_and_round_trips(tok_art):
 def test_chat_template_is_plain_chatml_and_sft_marks_assistant_tokens(tok_art):
     from transformers import AutoTokenizer
 
-    from slmforge.chat import training_template
+    from slmforge.models.chat import training_template
 
     folder = tok_art.path / "tokenizer"
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -95,7 +95,7 @@ def _incomplete(job: Job, folder: Path, where: str) -> None:
 def run_local(jobs: list[Job], logs: Path, workers: int) -> None:
     from datatrove.executor import LocalPipelineExecutor
 
-    from slmforge.children import die_with_parent
+    from slmforge.curation.children import die_with_parent
 
     for job in jobs:
         info(f"  curate · {job.name}")

@@ -4,8 +4,8 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stre
 events in the OpenAI wire format), GET /v1/router (routing report), GET /health, and a chat page at /.
 
 - Models come from the catalog (names) or from folders (an export folder with slmforge.json, or any
-  save_pretrained folder); they load through slmforge.modeling.load_model: safetensors only, no remote code.
-- `model: "auto"` routes the prompt with slmforge.router (TF-IDF + logistic regression over the served
+  save_pretrained folder); they load through slmforge.models.modeling.load_model: safetensors only, no remote code.
+- `model: "auto"` routes the prompt with slmforge.serve.router (TF-IDF + logistic regression over the served
   models' domains by default). Below `router.threshold` the request goes to the configured fallback (another
   OpenAI-compatible endpoint, streaming passed through, or a local model); with no fallback the top
   specialist answers. The answering model is named in `model`, in an extension field `slmforge` and in the

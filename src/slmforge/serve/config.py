@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmforge.config import DEVICE_PATTERN, BatchSize, RecipePath, StageConfig, resolve_path, validate
-from slmforge.router import DEFAULT_KIND
+from slmforge.serve.router import DEFAULT_KIND
 
 # float32 is the default: exact, and int8 goes through torch.ao.quantization, which torch deprecates. Decode
 # speed per weight type against transformers' generate, and int8's greedy agreement with float32: the README

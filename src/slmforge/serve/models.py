@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slmforge.catalog import Catalog, read_meta
-from slmforge.chat import stop_token_ids
+from slmforge.deploy.catalog import Catalog, read_meta
 from slmforge.errors import UserError
+from slmforge.models.chat import stop_token_ids
 
 
 @dataclass
@@ -69,7 +69,7 @@ def load_served(info: dict, dtype: str, device: str = "cpu") -> Served:
     generates; the tokenizer checks chat templates and context lengths, as for a local model)."""
     import torch
 
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     if info.get("endpoint"):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -95,7 +95,7 @@ def load_served(info: dict, dtype: str, device: str = "cpu") -> Served:
         ids = getattr(src, "eos_token_id", None) if src is not None else None
         if ids is not None:
             eos |= set(ids if isinstance(ids, list) else [ids])
-    # EOS and chat.IM_END (slmforge.chat.stop_token_ids): an slmforge model's generation config has both already
+    # EOS and chat.IM_END (slmforge.models.chat.stop_token_ids): an slmforge model's generation config has both already
     eos |= set(stop_token_ids(tok))
     template = bool(getattr(tok, "chat_template", None))
     tuned = info.get("chat")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from slmforge.errors import UserError
 from slmforge.hardware import auto_batch, resolve_device
-from slmforge.router import PROMPT_CUT
 from slmforge.serve.batch import Batcher
 from slmforge.serve.config import Config, FallbackConfig
 from slmforge.serve.decode import GenResult, Sequence
 from slmforge.serve.limits import Slots
 from slmforge.serve.models import Served, catalog_names, load_served, resolve
+from slmforge.serve.router import PROMPT_CUT
 from slmforge.serve.schemas import ApiError, ChatRequest, CompletionRequest, Sampling
 from slmforge.serve.structured import Tokenizers
 
@@ -103,7 +103,7 @@ class Server:
     # ---- routing
 
     def _setup_router(self) -> None:
-        from slmforge.router import evaluate, make_router, read_texts
+        from slmforge.serve.router import evaluate, make_router, read_texts
 
         self.by_domain: dict[str, str] = {}
         # A local fallback model is one more class when it has its own domain (e.g. general): prompts of that

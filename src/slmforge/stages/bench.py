@@ -35,7 +35,9 @@ from pydantic import Field
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.console import console, info
 from slmforge.errors import UserError
-from slmforge.extractive import (
+from slmforge.evaluation.prompts import HEADLINE, UTILS, render, task_yaml
+from slmforge.records import Curated, Synthesized
+from slmforge.synthetic.extractive import (
     Chunk,
     ExtractiveTeacher,
     Pool,
@@ -44,9 +46,7 @@ from slmforge.extractive import (
     terms_in,
     trivial_baselines,
 )
-from slmforge.prompts import HEADLINE, UTILS, render, task_yaml
-from slmforge.records import Curated, Synthesized
-from slmforge.synthesis import (
+from slmforge.synthetic.synthesis import (
     Filters,
     FilterState,
     TeacherConfig,
@@ -153,7 +153,7 @@ def questions(teacher, chunks: list[Chunk], seed: int, stats: dict | None = None
     generation asks little of the teacher: asking SmolLM2-135M for a question and an answer as JSON gave
     almost no usable items at commit ef79d62; this way most sentences get a kept question (bench's
     manifest: `teacher_qa` asked and kept), and the README's hand check says how many are sensible."""
-    from slmforge.teacher import Request
+    from slmforge.synthetic.teacher import Request
 
     template = {"qa": str(files("slmforge").joinpath("templates/bench/qa.j2"))}
     picked = []

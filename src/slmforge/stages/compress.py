@@ -1,7 +1,7 @@
 """compress: a teacher (the run's DAPT specialist, or a base) made into a student of a chosen size that
-keeps the teacher's tokenizer: structured pruning with importance measured on the domain (slmforge.prune),
-then training on the domain mixture with logit distillation from the teacher (slmforge.distill), in
-pretrain's loop (slmforge.training: budget, WSD, checkpoints and exact resume, progress, accelerate).
+keeps the teacher's tokenizer: structured pruning with importance measured on the domain (slmforge.training.prune),
+then training on the domain mixture with logit distillation from the teacher (slmforge.training.distill), in
+pretrain's loop (slmforge.training.loop: budget, WSD, checkpoints and exact resume, progress, accelerate).
 
 Variants, each a plain LlamaForCausalLM of the same shape, trained on the same batches for the same tokens:
 - `pruned`: the pruned teacher as it is (what pruning alone costs);
@@ -23,18 +23,19 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from slmforge import dist, hardware, prune
+from slmforge import dist, hardware
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.bases import base_name, folder_or_name
 from slmforge.console import console, info
-from slmforge.dapt import init_source
-from slmforge.distill import Distiller
 from slmforge.errors import UserError
 from slmforge.hardware import use_bf16
-from slmforge.modeling import load_model, parse_count, shape_of
-from slmforge.packing import Sampler, tokenize_sources
+from slmforge.models.bases import base_name, folder_or_name
+from slmforge.models.dapt import init_source
+from slmforge.models.modeling import load_model, parse_count, shape_of
 from slmforge.records import Curated, Models
-from slmforge.training import TrainConfig, save_model, save_snapshot, train_one
+from slmforge.training import prune
+from slmforge.training.distill import Distiller
+from slmforge.training.loop import TrainConfig, save_model, save_snapshot, train_one
+from slmforge.training.packing import Sampler, tokenize_sources
 
 NAME = "compress"
 INPUTS = ("curate",)
@@ -106,8 +107,8 @@ def needs(cfg: Config) -> tuple[str, ...]:
 def external(cfg: Config) -> dict:
     """The identity of the teacher when it is not pretrain's model: a named base's (bases.fingerprint), a
     folder's files (artifacts.fingerprint), so that replacing or editing it re-runs compress."""
-    from slmforge import bases
     from slmforge.artifacts import fingerprint
+    from slmforge.models import bases
 
     if cfg.teacher == "pretrain":
         return {}

@@ -26,7 +26,9 @@ from slmforge.config import DEVICE_PATTERN
 from slmforge.console import info
 from slmforge.errors import UserError
 from slmforge.hardware import resolve_device
-from slmforge.posttrain import (
+from slmforge.records import Curated, Models, Synthesized
+from slmforge.synthetic.synthesis import grounded_share, split_chunks
+from slmforge.training.posttrain import (
     PostTrainConfig,
     finish,
     fit,
@@ -36,8 +38,6 @@ from slmforge.posttrain import (
     trainer_args,
     write_jsonl,
 )
-from slmforge.records import Curated, Models, Synthesized
-from slmforge.synthesis import grounded_share, split_chunks
 
 NAME = "dpo"
 INPUTS = ("curate", "synth", "sft")
@@ -81,7 +81,7 @@ def synth_pairs(items: list[dict]) -> list[dict]:
 def on_policy_pairs(cfg: Config, model, tok, items: list[dict], chunks: dict[str, str]) -> tuple[list[dict], dict]:
     """The SFT model answers synthetic questions (greedy, through its chat template); an answer that
     fails the groundedness check is paired as `rejected` with the item's grounded answer."""
-    from slmforge.lm import generate
+    from slmforge.models.lm import generate
 
     qa = [it for it in items if it["kind"] in ("qa", "instruction") and it["chunk_id"] in chunks]
     random.Random(cfg.seed).shuffle(qa)
@@ -128,7 +128,7 @@ def _keep_on_policy(out: Path, pairs: list[dict], stats: dict) -> None:
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     from slmforge import dist
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     dist.init()
     sft = Models.of(inputs["sft"])

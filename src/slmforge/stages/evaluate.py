@@ -33,13 +33,13 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import DEVICE_PATTERN, BatchSize, RecipePath, StageConfig
 from slmforge.console import info, progress
 from slmforge.errors import UserError
-from slmforge.gate import quality_gate
+from slmforge.evaluation.gate import quality_gate
+from slmforge.evaluation.results import bench_rows, best_line, gate_lines, reference
+from slmforge.evaluation.stats import paired_docs
 from slmforge.hardware import auto_batch, resolve_device
-from slmforge.judge import JudgeConfig
-from slmforge.lm import float_logits, generate, nll
+from slmforge.models.lm import float_logits, generate, nll
 from slmforge.records import MODEL_STAGES, Benchmarks, Curated, Models, set_of
-from slmforge.results import bench_rows, best_line, gate_lines, reference
-from slmforge.stats import paired_docs
+from slmforge.synthetic.judge import JudgeConfig
 
 NAME = "evaluate"
 INPUTS = ("curate", "bench")
@@ -145,8 +145,8 @@ class Config(StageConfig):
 def external(cfg: Config) -> dict:
     """Each named base's identity (bases.fingerprint), each local model and tokenizer folder's files
     (artifacts.fingerprint), so that replacing or editing one re-runs evaluate."""
-    from slmforge import bases
     from slmforge.artifacts import fingerprint
+    from slmforge.models import bases
 
     out: dict = {}
     for m in cfg.models:
@@ -164,7 +164,7 @@ def external(cfg: Config) -> dict:
 def judge_qa(cfg: JudgeConfig, bench: Benchmarks, benchmarks: dict, outcomes: dict, cache: Path) -> dict:
     """The judge's verdicts on the first `cfg.sample` qa answers of every model: a `judge` score next to
     F1 in `benchmarks`, and each model's agreement with F1 >= 0.5 on the same items."""
-    from slmforge import judge
+    from slmforge.synthetic import judge
 
     task = bench.tasks["qa"]
     items = bench.items("qa")[: cfg.sample]  # lm-eval's doc ids are the JSONL's line order
@@ -343,7 +343,7 @@ def _entries(cfg: Config, inputs: dict[str, Artifact]) -> list[Entry]:
                 refs.append(ModelRef(name=base, base=base))
                 named.add(base)
         elif ref.base:
-            from slmforge import bases
+            from slmforge.models import bases
 
             b = bases.get(ref.base)  # a built-in base is converted on first use
             entries.append(Entry(ref.name, path=b.path, ref=ref, meta={
@@ -369,7 +369,7 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
     near 0.05, so "the best" alone would often pick an early snapshot by luck (on the demo at commit 8a5b23f,
     an early snapshot whose samples were all "The The The"); among scores the dev set cannot tell apart, the
     longer-trained weights win."""
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     snaps = sorted((e.path / "snapshots").glob("step-*")) if (e.path / "snapshots").is_dir() else []
     dev = bench.dev_tasks
@@ -400,7 +400,7 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> dict:
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     curated, bench = Curated.of(inputs["curate"]), Benchmarks.of(inputs["bench"])
     tasks = list(bench.tasks.values())

@@ -6,14 +6,14 @@ llama.cpp and Ollama with a Modelfile beside it, samples of the model's domain f
 The weights exported are the ones evaluate scored: when evaluate picked a snapshot (evaluate.select),
 that snapshot; so the card's scores describe the exported weights.
 
-The tokenizer files load in transformers 4 and 5 (slmforge.chat.portable_tokenizer_config): a chat model
+The tokenizer files load in transformers 4 and 5 (slmforge.models.chat.portable_tokenizer_config): a chat model
 carries its plain inference template (no {% generation %} marks) in chat_template.jinja and in
 tokenizer_config.json, a base model none; model_max_length is the model's context. `eval/` holds the
 bench stage's test tasks (YAML, JSONL, utils.py) with paths relative to the folder, so the lm-eval
 commands on the card reproduce its scores from there.
 
-The GGUF writer and its llama.cpp check live in slmforge.gguf; the model card and the Modelfile in
-slmforge.cards; the lineage (the models a model was trained from) is read by slmforge.records.
+The GGUF writer and its llama.cpp check live in slmforge.deploy.gguf; the model card and the Modelfile in
+slmforge.deploy.cards; the lineage (the models a model was trained from) is read by slmforge.records.
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
-from slmforge.cards import eval_commands, flat_scores, model_card, modelfile
-from slmforge.chat import portable_tokenizer_config, strip_generation_marks
 from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
-from slmforge.errors import UserError
-from slmforge.gguf import (
+from slmforge.deploy.cards import eval_commands, flat_scores, model_card, modelfile
+from slmforge.deploy.gguf import (
     LLAMA_CPP_PACKAGE,
     VERIFY_TOKENS,
     llama_cpp_available,
@@ -46,6 +44,8 @@ from slmforge.gguf import (
     verify_prompts,
     write_gguf,
 )
+from slmforge.errors import UserError
+from slmforge.models.chat import portable_tokenizer_config, strip_generation_marks
 from slmforge.records import Benchmarks, Curated, Models, made_from, model_lineage
 
 NAME = "export"
@@ -134,7 +134,7 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
     inputs = inputs or {s: store.resolve(f"{s}:latest") for s in needs(cfg)}
     art = store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs, out, store), force=force)
     if cfg.catalog:
-        from slmforge.catalog import Catalog
+        from slmforge.deploy.catalog import Catalog
 
         cat = Catalog(cfg.catalog)
         for name in art.manifest["metrics"]["exports"]:

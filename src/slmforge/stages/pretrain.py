@@ -1,7 +1,7 @@
 """pretrain: train a specialist (and a same-size generalist baseline) with a plain PyTorch loop
-(slmforge.training: mixture schedule, WSD, checkpoints and exact resume, accelerate).
+(slmforge.training.loop: mixture schedule, WSD, checkpoints and exact resume, accelerate).
 
-- Data (slmforge.packing): each source's train and val splits are tokenized once, before training
+- Data (slmforge.training.packing): each source's train and val splits are tokenized once, before training
   (DESIGN: never alongside it), into flat token files; every document starts with BOS and ends with
   EOS. Training windows of `context + 1` tokens are cut from the stream (packed sequences) and
   visited in a fresh random order every epoch.
@@ -27,15 +27,15 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge import dist, hardware
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.bases import base_name, folder_or_name
 from slmforge.console import console, info
-from slmforge.dapt import expand_vocabulary, init_source
 from slmforge.errors import UserError
 from slmforge.hardware import use_bf16
-from slmforge.modeling import ModelSize, build_model, load_model, parse_count, shape_of
-from slmforge.packing import Sampler, tokenize_sources, tokenize_texts
+from slmforge.models.bases import base_name, folder_or_name
+from slmforge.models.dapt import expand_vocabulary, init_source
+from slmforge.models.modeling import ModelSize, build_model, load_model, parse_count, shape_of
 from slmforge.records import Curated
-from slmforge.training import Mixture, TrainConfig, save_model, save_snapshot, train_one
+from slmforge.training.loop import Mixture, TrainConfig, save_model, save_snapshot, train_one
+from slmforge.training.packing import Sampler, tokenize_sources, tokenize_texts
 
 NAME = "pretrain"
 INPUTS = ("curate", "tokenizer")
@@ -82,8 +82,8 @@ class Config(TrainConfig):
 def external(cfg: Config) -> dict:
     """The identity of init_from: a named base's (bases.fingerprint), a folder's files
     (artifacts.fingerprint), so that replacing or editing it re-runs pretrain."""
-    from slmforge import bases
     from slmforge.artifacts import fingerprint
+    from slmforge.models import bases
 
     if not cfg.init_from:
         return {}

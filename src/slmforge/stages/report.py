@@ -18,13 +18,13 @@ from pathlib import Path
 from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.charts import loss_curves, score_charts
 from slmforge.config import StageConfig
 from slmforge.console import info
+from slmforge.evaluation.charts import loss_curves, score_charts
+from slmforge.evaluation.results import bench_rows, gate_lines, reference, set_tasks
+from slmforge.evaluation.stats import widest_interval
+from slmforge.evaluation.verdict import bpb_line, num, verdict
 from slmforge.records import Benchmarks, set_of
-from slmforge.results import bench_rows, gate_lines, reference, set_tasks
-from slmforge.stats import widest_interval
-from slmforge.verdict import bpb_line, num, verdict
 
 NAME = "report"
 INPUTS = ("curate", "tokenizer", "bench", "evaluate")

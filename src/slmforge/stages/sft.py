@@ -39,11 +39,15 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
-from slmforge.chat import training_template
 from slmforge.config import RecipePath
 from slmforge.console import info
 from slmforge.errors import UserError
-from slmforge.posttrain import (
+from slmforge.models.chat import training_template
+from slmforge.records import Curated, Models, Synthesized
+from slmforge.synthetic.synthesis import (
+    REASONS,  # items with a `rationale` text: the second task of distillation
+)
+from slmforge.training.posttrain import (
     PostTrainConfig,
     finish,
     fit,
@@ -52,8 +56,6 @@ from slmforge.posttrain import (
     snapshot_params,
     trainer_args,
 )
-from slmforge.records import Curated, Models, Synthesized
-from slmforge.synthesis import REASONS  # items with a `rationale` text: the second task of distillation
 
 NAME = "sft"
 INPUTS = ("curate", "pretrain", "synth")
@@ -161,8 +163,8 @@ def general_examples(cfg: Config, curated: Curated, n: int) -> list[list[dict]]:
         rows = _messages(p)
         rng.shuffle(rows)
         return rows[:n]
-    from slmforge.extractive import ExtractiveTeacher, Pool
-    from slmforge.synthesis import split_chunks
+    from slmforge.synthetic.extractive import ExtractiveTeacher, Pool
+    from slmforge.synthetic.synthesis import split_chunks
 
     chunks = split_chunks(curated, "train", curated.general, 1500)
     rng.shuffle(chunks)
@@ -231,7 +233,7 @@ def train_model(cfg: Config, name: str, base: Path, data: dict, out: Path, disti
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
-    from slmforge.modeling import load_model
+    from slmforge.models.modeling import load_model
 
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated")  # trl's own config

@@ -30,9 +30,9 @@ from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import RecipePath, resolve_path
 from slmforge.console import console, info, progress
 from slmforge.errors import UserError
-from slmforge.extractive import ExtractiveTeacher, Pool, trivial_baselines
 from slmforge.records import Curated
-from slmforge.synthesis import (
+from slmforge.synthetic.extractive import ExtractiveTeacher, Pool, trivial_baselines
+from slmforge.synthetic.synthesis import (
     KINDS,
     REASONS,
     Filters,

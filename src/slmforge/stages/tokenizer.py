@@ -18,7 +18,11 @@ from pathlib import Path
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
-from slmforge.chat import (
+from slmforge.config import StageConfig
+from slmforge.console import console, info
+from slmforge.deploy.gguf import LLAMA_BPE_SPLIT
+from slmforge.errors import UserError
+from slmforge.models.chat import (
     BOS,
     EOS,
     IM_END,
@@ -29,10 +33,6 @@ from slmforge.chat import (
     portable_tokenizer_config,
     strip_generation_marks,
 )
-from slmforge.config import StageConfig
-from slmforge.console import console, info
-from slmforge.errors import UserError
-from slmforge.gguf import LLAMA_BPE_SPLIT
 from slmforge.records import Curated
 
 NAME = "tokenizer"

@@ -1,0 +1,1 @@
+"""Deployment: GGUF writing, model cards, the model catalog."""

@@ -1,0 +1,1 @@
+"""Evaluation: prompts, results, significance, the gate, the verdict and charts."""

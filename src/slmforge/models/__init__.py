@@ -1,0 +1,1 @@
+"""Models: the network, chat format, scoring, pretrained bases, vocabulary."""

@@ -1,0 +1,1 @@
+"""Training: the loop, FSDP, packing, post-training (SFT/DPO), pruning and distillation."""
