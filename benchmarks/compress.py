@@ -99,12 +99,12 @@ def quality(run: Path | None) -> dict:
     from slmforge.config import load_recipe
     from slmforge.evaluation.results import set_tasks
     from slmforge.evaluation.stats import compare
-    from slmforge.pipeline import plan
+    from slmforge.pipeline import stage_states
     from slmforge.records import model_lineage
 
     if run is None:
         recipe = load_recipe(REPO / "recipes" / "compress.yaml", [])
-        keys = {p.stage: (p.key, p.state) for p in plan(recipe)}
+        keys = {p.stage: (p.key, p.state) for p in stage_states(recipe)}
         key, state = keys["evaluate"]
         if state != "done":
             raise SystemExit("benchmarks/compress.py: recipes/compress.yaml has not been evaluated; run `make compress`")

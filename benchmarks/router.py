@@ -115,14 +115,14 @@ def corpus_split(path: Path, max_docs: int, test_docs: int, piece: int = 2000) -
 
 
 def multi_domain(paths: list[Path], max_docs: int, test_docs: int) -> dict:
-    from slmforge.serve.router import PROMPT_CUT, TfidfRouter, evaluate
+    from slmforge.serve.router import PROMPT_CUT, TfidfRouter, routing_accuracy
 
     train, test = {}, {}
     for p in paths:
         name = p.name.split(".")[0]
         train[name], test[name] = corpus_split(p, max_docs, test_docs)
     router = TfidfRouter().fit(train)
-    r = evaluate(router, test)
+    r = routing_accuracy(router, test)
     cut = f"first_{PROMPT_CUT}"
     print(f"\nTF-IDF routing over {len(paths)} domains (training pieces per domain up to {max_docs}, "
           f"held-out up to {test_docs}; fit {r['fit_s']:.1f} s)")
@@ -155,7 +155,7 @@ def main() -> None:
     import torch
 
     from slmforge.models.modeling import load_model
-    from slmforge.serve.router import PROMPT_CUT, evaluate, make_router, read_texts
+    from slmforge.serve.router import PROMPT_CUT, make_router, read_texts, routing_accuracy
 
     torch.set_num_threads(args.threads)
     folders = demo_exports(Path(args.out), Path(args.workdir), args.max_docs)
@@ -172,7 +172,7 @@ def main() -> None:
         t0 = time.perf_counter()
         router = make_router(kind, train=train, models=models)
         fit = time.perf_counter() - t0
-        r = evaluate(router, test)
+        r = routing_accuracy(router, test)
         r["fit_s"] = round(fit, 2)
         results[kind] = r
         print(f"{kind}: done", file=sys.stderr, flush=True)

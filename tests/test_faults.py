@@ -17,7 +17,7 @@ import time
 import pytest
 
 from slmforge.config import load_recipe
-from slmforge.pipeline import plan
+from slmforge.pipeline import stage_states
 from tests.conftest import stage_metrics
 
 # largest weight difference allowed between dpo after a kill and restart and dpo uninterrupted: a restart
@@ -69,8 +69,8 @@ def test_sigkill_at_a_random_moment_then_a_plain_restart(posttrained, tmp_path, 
     if stage == "dpo":
         assert "resuming from checkpoint-" in r.stderr, r.stderr[-2000:]
     run, got = stage_metrics(copy, stage)
-    # the key the same config and inputs give without a kill (pipeline.plan computes it from the recipe)
-    want = {p.stage: p.key for p in plan(load_recipe(recipe, [f"workdir={copy}", *sets]))}[stage]
+    # the key the same config and inputs give without a kill (pipeline.stage_states computes it from the recipe)
+    want = {p.stage: p.key for p in stage_states(load_recipe(recipe, [f"workdir={copy}", *sets]))}[stage]
     assert run.name == want and (want == orig_run.name) == (stage != "evaluate")
     if stage == "synth":
         assert (run / "items.jsonl").read_text() == (orig_run / "items.jsonl").read_text()

@@ -1,5 +1,5 @@
 """Every local input a recipe names is in its stage's cache key by content: editing it changes the key of
-the stage that reads it and of every stage after (pipeline.plan computes the keys; nothing runs)."""
+the stage that reads it and of every stage after (pipeline.stage_states computes the keys; nothing runs)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 from slmforge import artifacts
 from slmforge.artifacts import fingerprint
 from slmforge.config import load_recipe
-from slmforge.pipeline import plan
+from slmforge.pipeline import stage_states
 from tests.conftest import small_recipe, write_recipe
 
 
@@ -27,7 +27,7 @@ def _tiny_model(folder):
 
 
 def _keys(recipe_path) -> dict[str, str]:
-    return {p.stage: p.key for p in plan(load_recipe(recipe_path))}
+    return {p.stage: p.key for p in stage_states(load_recipe(recipe_path))}
 
 
 def _edit_weights(folder):

@@ -6,8 +6,8 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmforge.errors import UserError
 from slmforge.config import validate
+from slmforge.errors import UserError
 from slmforge.flags import add_flags, collect, merge
 
 

@@ -106,7 +106,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def hardware() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     mem_gb = None
     try:
         with open("/proc/meminfo") as f:
@@ -338,7 +338,7 @@ class ArtifactStore:
             "outputs": outputs,
             "metrics": metrics,
             "versions": versions(),
-            "hardware": hardware(),
+            "hardware": machine(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "wall_time_s": round(wall, 3),
             "resumed": resumed,

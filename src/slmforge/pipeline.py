@@ -12,14 +12,14 @@ from slmforge.errors import UserError
 
 
 @dataclass
-class StagePlan:
+class StageState:
     stage: str
     key: str
     state: str  # done | incomplete | not run
     wall_time_s: float | None
 
 
-def plan(recipe: Recipe) -> list[StagePlan]:
+def stage_states(recipe: Recipe) -> list[StageState]:
     """Every stage's cache key and state, computed from the recipe alone (nothing runs)."""
     store = ArtifactStore(recipe.workdir)
     keys: dict[str, str] = {}
@@ -31,7 +31,7 @@ def plan(recipe: Recipe) -> list[StagePlan]:
         keys[stage] = key
         state = store.state(stage, key)
         wall = store.load(stage, key).manifest.get("wall_time_s") if state == "done" else None
-        out.append(StagePlan(stage, key, state, wall))
+        out.append(StageState(stage, key, state, wall))
     return out
 
 
@@ -87,7 +87,7 @@ def print_status(recipe: Recipe) -> None:
     for col in ("stage", "state", "key", "wall time"):
         table.add_column(col)
     colors = {"done": "green", "incomplete": "yellow", "not run": "dim"}
-    for p in plan(recipe):
+    for p in stage_states(recipe):
         wall = f"{p.wall_time_s:.1f}s" if p.wall_time_s is not None else ""
         table.add_row(p.stage, f"[{colors[p.state]}]{p.state}[/]", p.key, wall)
     console.print(table)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from slmforge.common import read_jsonl
+
 if TYPE_CHECKING:
     from slmforge.artifacts import Artifact
 
@@ -51,6 +53,23 @@ class Document:
 
 
 
+# ---- ingest: the sources -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ingested:
+    """The ingest stage's output: `data/<source>/*.parquet` and what it counted of each source."""
+
+    path: Path
+    sources: dict[str, dict]  # source -> {role, docs, chars, files, ...} (ingest's docstring)
+
+    @classmethod
+    def of(cls, art: Artifact) -> Ingested:
+        return cls(art.path, dict(art.manifest["metrics"]["sources"]))
+
+    @property
+    def roles(self) -> dict[str, str]:
+        return {name: s["role"] for name, s in self.sources.items()}
+
+
 # ---- curate: roles and splits ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Curated:
@@ -58,12 +77,15 @@ class Curated:
 
     path: Path
     roles: dict[str, str]  # source -> "domain" | "general": domain sources first, each group by name
+    splits: dict[str, dict] = field(default_factory=dict)  # source -> split -> {docs, chars}
+    filters: dict = field(default_factory=dict)  # what each filter dropped (curate's docstring)
 
     @classmethod
     def of(cls, art: Artifact) -> Curated:
         # the same order whether the manifest was just made or read back (written with sorted keys)
-        roles = art.manifest["metrics"]["roles"]
-        return cls(art.path, dict(sorted(roles.items(), key=lambda kv: (kv[1] != "domain", kv[0]))))
+        m = art.manifest["metrics"]
+        roles = dict(sorted(m["roles"].items(), key=lambda kv: (kv[1] != "domain", kv[0])))
+        return cls(art.path, roles, dict(m.get("splits", {})), dict(m.get("filters", {})))
 
     @property
     def domain(self) -> list[str]:
@@ -78,6 +100,28 @@ class Curated:
 
     def documents(self, split: str, source: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
         return read_documents(self.split(split), source, columns)
+
+
+# ---- tokenizer: the trained tokenizers ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Tokenized:
+    """The tokenizer stage's output: `tokenizer/` (trained on the domain sources) and, with a baseline,
+    `general_tokenizer/`, each an HF tokenizer folder, and how each one tokenizes each kind of text."""
+
+    path: Path
+    trained_on: list[str]  # the domain sources the tokenizer was trained on
+    vocab_size: int
+    eval: dict[str, dict]  # tokenizer -> text ("domain", "general") -> {tokens, words, bytes, fertility, ...}
+    domain_token_saving: float | None = None  # 1 - domain tokens (ours) / domain tokens (general tokenizer)
+
+    @classmethod
+    def of(cls, art: Artifact) -> Tokenized:
+        m = art.manifest["metrics"]
+        return cls(art.path, list(m["trained_on"]), int(m["vocab_size"]), dict(m.get("eval", {})),
+                   m.get("domain_token_saving"))
+
+    def folder(self, name: str = "tokenizer") -> Path:
+        return self.path / name
 
 
 # ---- synth: the kept items ----------------------------------------------------------------------------
@@ -95,8 +139,7 @@ class Synthesized:
     @functools.cached_property
     def items(self) -> list[dict]:
         """Kept items: `id`, `kind`, `chunk_id`, `question`, `answer`, `messages`, ... (synth's docstring)."""
-        text = (self.path / "items.jsonl").read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return read_jsonl(self.path / "items.jsonl")
 
     def of_kinds(self, kinds) -> list[dict]:
         return [it for it in self.items if it["kind"] in kinds]
@@ -132,7 +175,7 @@ class Benchmarks:
 
     def items(self, set_name: str) -> list[dict]:
         p = self.task_dir / f"{set_name}.jsonl"
-        return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()] if p.is_file() else []
+        return read_jsonl(p) if p.is_file() else []
 
 
 # ---- model stages: the models they made ---------------------------------------------------------------
@@ -173,9 +216,13 @@ def read_documents(root: Path, source: str | None = None, columns: list[str] | N
 
 
 # ---- model lineage -------------------------------------------------------------------------------------
-# What a model stage (pretrain, sft, dpo) records for each model it makes, in its manifest's
-# metrics.models.<model>: `tokens` it trained on and, for a fine-tuned model, the `base` it started from.
-MODEL_STAGES = ("pretrain", "compress", "sft", "dpo")
+# Every model the stages make, and the stage that makes it (export, evaluate and the report use these names).
+MODELS = {"specialist": "pretrain", "recovered": "pretrain", "generalist": "pretrain",
+          "pruned": "compress", "pruned-kd": "compress", "pruned-lm": "compress", "scratch-kd": "compress",
+          "scratch-lm": "compress", "sft": "sft", "sft-rationale": "sft", "dpo": "dpo"}
+# What a model stage records for each model it makes, in its manifest's metrics.models.<model>: `tokens` it
+# trained on and, for a fine-tuned model, the `base` it started from.
+MODEL_STAGES = tuple(dict.fromkeys(MODELS.values()))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,14 @@ import math
 import pytest
 
 from slmforge.errors import UserError
-from slmforge.serve.router import BpbRouter, evaluate, make_router, prompt_windows, read_texts, text_bits
+from slmforge.serve.router import (
+    BpbRouter,
+    make_router,
+    prompt_windows,
+    read_texts,
+    routing_accuracy,
+    text_bits,
+)
 
 
 def _texts(path) -> list[str]:
@@ -17,7 +24,7 @@ def test_tfidf_router_separates_held_out_documents(small_corpus):
     s = router.scores("SELECT relname FROM pg_class WHERE relkind = 'r'")
     assert set(s) == {"pg", "general"} and math.isclose(sum(s.values()), 1.0, rel_tol=1e-6)
     assert s["pg"] > 0.5
-    r = evaluate(router, {"pg": pg[22:], "general": gen[120:]})
+    r = routing_accuracy(router, {"pg": pg[22:], "general": gen[120:]})
     assert r["n"] == len(pg[22:]) + len(gen[120:])
     assert r["domains"]["pg"]["n"] == 8 and r["domains"]["pg"]["first_200"] >= 0.75
     assert r["accuracy_first_200"] >= 0.9 and r["accuracy"] >= 0.9
@@ -44,7 +51,7 @@ def test_bpb_router_is_the_posterior_of_each_models_bits(pretrained, small_corpu
     s = router.scores(prompt)
     # p(pg) / p(general) = 2 ** (bits_general - bits_pg): Bayes with equal priors
     assert math.isclose(s["pg"] / s["general"], 2 ** (bits["general"] - bits["pg"]), rel_tol=1e-4)
-    r = evaluate(router, {"pg": [t[:150] for t in _texts(small_corpus["domain"])[22:]]})
+    r = routing_accuracy(router, {"pg": [t[:150] for t in _texts(small_corpus["domain"])[22:]]})
     assert r["domains"]["pg"]["full"] >= 0.75  # the specialist spends fewer bits on its own domain
 
 

@@ -143,7 +143,7 @@ def shape_of(model, context: int) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def model_card(name: str, shape_: dict, data: dict, results: dict, about: str | None = None) -> str:
+def checkpoint_card(name: str, shape_: dict, data: dict, results: dict, about: str | None = None) -> str:
     """README.md with YAML front matter that the Hugging Face tooling reads."""
     import yaml
 

@@ -155,7 +155,7 @@ def make_router(kind: str, train: dict[str, list[str]] | None = None, models: di
     raise UserError(f"router.kind: {kind!r} is not one of {', '.join(KINDS)}")
 
 
-def evaluate(router, test: dict[str, list[str]], cut: int = PROMPT_CUT) -> dict:
+def routing_accuracy(router, test: dict[str, list[str]], cut: int = PROMPT_CUT) -> dict:
     """Routing accuracy on held-out documents per domain, on the full text and on its first `cut` characters,
     with the mean latency per prompt (ms)."""
     out: dict = {"kind": router.kind, "domains": {}, "n": 0}

@@ -103,7 +103,7 @@ class Server:
     # ---- routing
 
     def _setup_router(self) -> None:
-        from slmforge.serve.router import evaluate, make_router, read_texts
+        from slmforge.serve.router import make_router, read_texts, routing_accuracy
 
         self.by_domain: dict[str, str] = {}
         # A local fallback model is one more class when it has its own domain (e.g. general): prompts of that
@@ -155,7 +155,7 @@ class Server:
                 test[d] = read_texts(path, n_eval)
         self.router_report["kind"] = kind
         if test:
-            rep = evaluate(self.router, test)
+            rep = routing_accuracy(self.router, test)
             self.router_report.update(accuracy=rep)
             rows = ", ".join(f"{d} {r['full']:.0%} (first {PROMPT_CUT} chars {r[f'first_{PROMPT_CUT}']:.0%}, "
                              f"n={r['n']})" for d, r in rep["domains"].items())

@@ -34,7 +34,7 @@ from slmforge.models.modeling import load_model, parse_count, shape_of
 from slmforge.records import Curated, Models
 from slmforge.training import prune
 from slmforge.training.distill import Distiller
-from slmforge.training.loop import TrainConfig, save_model, save_snapshot, train_one
+from slmforge.training.loop import TrainConfig, save_snapshot, save_trained, train_one
 from slmforge.training.packing import Sampler, tokenize_sources
 
 NAME = "compress"
@@ -238,7 +238,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
                 "sources": ", ".join(sources)}
         about = (f"A {s_params / 1e6:.1f}M-parameter Llama model made by slmforge's compress stage from "
                  f"{data['teacher']} ({t_params / 1e6:.1f}M): {data['init']}, trained with {data['loss']}.")
-        dist.on_main(save_model, model, tokenizer, shape_, _result(result, m), final_dir, name, data, m,
+        dist.on_main(save_trained, model, tokenizer, shape_, _result(result, m), final_dir, name, data, m,
                      out / f"{name}.ckpt.pt", about)
         metrics["models"][name] = m
     if dist.is_main():
@@ -260,7 +260,7 @@ def _student(name: str, pruned, seed: int):
 
 
 def _result(result: dict | None, m: dict) -> dict:
-    """What save_model's card and logs take; for the untrained `pruned` variant, empty logs."""
+    """What save_trained's card and logs take; for the untrained `pruned` variant, empty logs."""
     if result is not None:
         return result
     return {"tokens": 0, "steps": 0, "final_loss": None, "val": {}, "tokens_per_s": None, "mfu": None,

@@ -34,7 +34,7 @@ from slmforge.models.bases import base_name, folder_or_name
 from slmforge.models.dapt import expand_vocabulary, init_source
 from slmforge.models.modeling import ModelSize, build_model, load_model, parse_count, shape_of
 from slmforge.records import Curated
-from slmforge.training.loop import Mixture, TrainConfig, save_model, save_snapshot, train_one
+from slmforge.training.loop import Mixture, TrainConfig, save_snapshot, save_trained, train_one
 from slmforge.training.packing import Sampler, tokenize_sources, tokenize_texts
 
 NAME = "pretrain"
@@ -196,7 +196,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
             m["control"] = {"of": "specialist", "text": "general", "tokens": result["tokens"], "steps": result["steps"],
                             **({"base": metrics["init_from"].get("base") or cfg.init_from,
                                 "quantized": metrics["init_from"].get("quantized")} if cfg.init_from else {})}
-        dist.on_main(save_model, result["model"], tokenizer, shape_, result, final_dir, name, data, m,
+        dist.on_main(save_trained, result["model"], tokenizer, shape_, result, final_dir, name, data, m,
                      out / f"{name}.ckpt.pt")
         metrics["models"][name] = m
     if dist.is_main():

@@ -126,7 +126,7 @@ def parse_json_reply(text: str, schema: dict | None) -> tuple[object | None, str
     return None, "schema" if found else "bad_json"
 
 
-def judge(text: str | None, finish_reason: str | None, schema: dict | None) -> tuple[object, str | None]:
+def check_reply(text: str | None, finish_reason: str | None, schema: dict | None) -> tuple[object, str | None]:
     """Turn a completion into (data, error). A reply cut by max_tokens is "truncated" when it is text,
     or JSON that began and did not end (more max_tokens would help); JSON that never began is
     "bad_json" (the model does not follow the format). Valid JSON followed by a cut-off ramble is kept."""
@@ -404,7 +404,7 @@ class OpenAITeacher(_Teacher):
             return None, None, "bad_json", None  # not a chat completion at all (a proxy's HTML page...)
         for k in usage:
             usage[k] += int(getattr(answer.usage, k, 0) or 0)
-        data, error = judge(text, finish, req.json_schema)
+        data, error = check_reply(text, finish, req.json_schema)
         return text, data, error, None
 
 
@@ -479,7 +479,7 @@ class HFTeacher(_Teacher):
                     new = out[row, enc["input_ids"].shape[1]:].tolist()
                     stop = next((k for k, t in enumerate(new) if t in self._stops), None)
                     text = starts[i] + self.tokenizer.decode(new[:stop], skip_special_tokens=True)
-                    data, error = judge(text, "length" if stop is None else "stop", requests[i].json_schema)
+                    data, error = check_reply(text, "length" if stop is None else "stop", requests[i].json_schema)
                     usage = {"prompt_tokens": int(enc["attention_mask"][row].sum()),
                              "completion_tokens": len(new) if stop is None else stop + 1}
                     done(i, Reply(requests[i].key, text, data, error, usage))

@@ -49,7 +49,7 @@ from slmforge.console import info, progress
 from slmforge.hardware import flops_per_token, plausible_mfu
 from slmforge.models.chat import stop_token_ids
 from slmforge.models.lm import nll
-from slmforge.models.modeling import model_card, parse_count
+from slmforge.models.modeling import checkpoint_card, parse_count
 from slmforge.training.packing import Sampler
 
 
@@ -365,7 +365,7 @@ def full_model(loop: Loop):
     return model
 
 
-def evaluate(loop: Loop) -> dict[str, float]:
+def validate(loop: Loop) -> dict[str, float]:
     """Mean next-token loss per validation source, on up to eval_tokens tokens of each."""
     import torch
 
@@ -433,7 +433,7 @@ def calibrate(loop: Loop) -> int:
         train_step(loop, i, 100)
     per_step = (time.perf_counter() - t0) / 2
     t0 = time.perf_counter()
-    evaluate(loop)
+    validate(loop)
     per_eval = time.perf_counter() - t0
     raw.load_state_dict(saved[0])
     loop.opt.load_state_dict(saved[1])
@@ -519,7 +519,7 @@ def train_one(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler
                               "tokens": (step + 1) * loop.tokens_per_step, "time_s": round(state.elapsed, 3)})
             done = state.step >= total
             if state.step % cfg.eval_every == 0 or done:
-                state.val.append({"step": state.step, "tokens": state.step * loop.tokens_per_step, **evaluate(loop)})
+                state.val.append({"step": state.step, "tokens": state.step * loop.tokens_per_step, **validate(loop)})
             # the bar's rate is the summary's (all tokens over all training time, evaluations included); it
             # prints off a terminal every few seconds at most, and its heartbeat fills a step longer than 30 s
             avg = state.step * loop.tokens_per_step / state.elapsed if state.elapsed > 0 else 0.0
@@ -559,7 +559,7 @@ def save_snapshot(model, step: int, tokenizer, root: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, data: dict, metrics: dict,
+def save_trained(model, tokenizer, shape_: dict, result: dict, out: Path, name: str, data: dict, metrics: dict,
                ckpt: Path, about: str | None = None) -> None:
     """The finished model's HF folder (weights, tokenizer, generation config, card, logs), metrics.json
     last (a folder with both is done), then the checkpoint goes."""
@@ -575,7 +575,7 @@ def save_model(model, tokenizer, shape_: dict, result: dict, out: Path, name: st
     results = {"training tokens": result["tokens"], "steps": result["steps"], "final train loss": result["final_loss"],
                **{f"val loss ({k})": v for k, v in result["val"].items() if k not in ("step", "tokens")},
                "tokens/s": result["tokens_per_s"], "MFU": result["mfu"]}
-    (out / "README.md").write_text(model_card(name, shape_, data, results, about), encoding="utf-8")
+    (out / "README.md").write_text(checkpoint_card(name, shape_, data, results, about), encoding="utf-8")
     for file, rows in (("train_log.jsonl", result["log"]), ("val_log.jsonl", result["val_log"])):
         with open(out / file, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

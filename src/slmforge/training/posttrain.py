@@ -132,11 +132,11 @@ def params_changed(before: dict, model) -> str:
     return f"{sum(not torch.equal(before[k], v.detach().cpu()) for k, v in model.named_parameters())}/{len(before)}"
 
 
-def save_model(result: dict, out: Path, name: str, base: Path, data_stats: dict, stage: str) -> dict:
+def save_posttrained(result: dict, out: Path, name: str, base: Path, data_stats: dict, stage: str) -> dict:
     """The fine-tuned model as a HF folder with its card and logs; returns its manifest entry."""
     from transformers import GenerationConfig
 
-    from slmforge.models.modeling import model_card
+    from slmforge.models.modeling import checkpoint_card
 
     model, tok = result["model"], result["tokenizer"]
     path = out / name
@@ -148,7 +148,7 @@ def save_model(result: dict, out: Path, name: str, base: Path, data_stats: dict,
     shape = {"depth": c.num_hidden_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
              "num_key_value_heads": c.num_key_value_heads, "intermediate_size": c.intermediate_size,
              "context": c.max_position_embeddings, "params": sum(p.numel() for p in model.parameters())}
-    (path / "README.md").write_text(model_card(name, shape, {"base": str(base), "stage": stage, **data_stats},
+    (path / "README.md").write_text(checkpoint_card(name, shape, {"base": str(base), "stage": stage, **data_stats},
                                                result["metrics"]), encoding="utf-8")
     with open(path / "train_log.jsonl", "w", encoding="utf-8") as f:
         seen = 0
@@ -163,7 +163,7 @@ def save_model(result: dict, out: Path, name: str, base: Path, data_stats: dict,
 
 def finish(result: dict, out: Path, name: str, base: Path, data_stats: dict, stage: str, work: Path) -> dict:
     """On the main process (`dist.on_main(finish, ...)`): save the model, then drop its trainer checkpoints."""
-    entry = save_model(result, out, name, base, data_stats, stage)
+    entry = save_posttrained(result, out, name, base, data_stats, stage)
     shutil.rmtree(work, ignore_errors=True)
     return entry
 
