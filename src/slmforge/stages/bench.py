@@ -21,7 +21,6 @@ Output: `tasks/` (one YAML + JSONL per set, plus `utils.py` with the metrics), s
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
@@ -33,6 +32,7 @@ from typing import Literal
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.common import write_jsonl
 from slmforge.console import console, info
 from slmforge.errors import UserError
 from slmforge.evaluation.prompts import HEADLINE, UTILS, render, task_yaml
@@ -362,9 +362,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     tasks = out / "tasks"
     tasks.mkdir()
     for name, items in [*sets.items(), *((f"{k}_dev", v) for k, v in dev.items() if v)]:
-        with open(tasks / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for it in items:
-                f.write(json.dumps(it, ensure_ascii=False) + "\n")
+        write_jsonl(tasks / f"{name}.jsonl", items)
         kind = name.removesuffix("_dev")
         kind = "qa_open" if kind == "qa" and cfg.generator(kind) != "extractive" else kind
         (tasks / f"{cfg.prefix}_{name}.yaml").write_text(

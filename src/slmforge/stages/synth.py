@@ -17,8 +17,6 @@ and decontamination (any shared 13-gram with the val/test splits). Output, in TR
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from collections import Counter
@@ -27,6 +25,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.common import read_jsonl, write_jsonl
 from slmforge.config import RecipePath, resolve_path
 from slmforge.console import console, info, progress
 from slmforge.errors import UserError
@@ -154,14 +153,12 @@ def _build(cfg: Config, curated: Curated, out: Path, cache: Path) -> dict:
         for si, shard in enumerate(shards):
             path = out / "shards" / f"shard-{si:05d}.jsonl"
             if path.is_file():  # completion marker: the shard was written whole
-                rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+                rows = read_jsonl(path)
                 for r in rows:  # rebuild the dedup state from finished shards
                     apply_filters(r, next(c for c in shard if c.id == r["chunk_id"]), state)
             else:
                 rows = generate_items(teacher, shard, cfg.kinds, cfg.per_chunk, seeds, cfg.templates, state)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-                os.replace(tmp, path)
+                write_jsonl(path, rows)
             counts["items"] += len(rows)
             bar.update(advance=len(shard), items=f"{counts['items']:,} items")
     elapsed = time.time() - t0
@@ -187,8 +184,7 @@ def _fitness(cfg, teacher, picked, seeds, state) -> None:
 
 
 def _write_outputs(cfg, out: Path, shards, teacher, elapsed: float, n_chunks: int, n_all_chunks: int) -> dict:
-    rows = [json.loads(x) for si in range(len(shards))
-            for x in (out / "shards" / f"shard-{si:05d}.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [r for si in range(len(shards)) for r in read_jsonl(out / "shards" / f"shard-{si:05d}.jsonl")]
     kept = [r for r in rows if r["kept"]]
     by_kind = Counter(r["kind"] for r in rows)
     kept_kind = Counter(r["kind"] for r in kept)
@@ -200,9 +196,7 @@ def _write_outputs(cfg, out: Path, shards, teacher, elapsed: float, n_chunks: in
     dropped = sum(dropped_by_kind.values(), Counter())
 
     def dump(name, items):
-        with open(out / name, "w", encoding="utf-8") as f:
-            for it in items:
-                f.write(json.dumps(it, ensure_ascii=False) + "\n")
+        write_jsonl(out / name, items)
 
     meta_keys = ("id", "kind", "chunk_id", "teacher", "template")
     dump("sft.jsonl", [{"messages": r["messages"], **{k: r[k] for k in meta_keys}}
