@@ -67,7 +67,7 @@ def throughput(steps: int, ratio: float) -> dict:
     t0 = time.perf_counter()
     imp = prune.importance(teacher, calib, 8, autocast)
     calib_s = time.perf_counter() - t0
-    shape = prune.target_shape(teacher.config, ratio * sum(p.numel() for p in teacher.parameters()))
+    shape = prune.target_sizes(teacher.config, ratio * sum(p.numel() for p in teacher.parameters()))
     student = prune.prune(teacher, prune.choose(imp, teacher.config, shape))
     cfg = TrainConfig(tokens=10**9, batch_tokens=2048, micro_batch=2, lr=1e-3)
     peak = peak_flops(bf16)

@@ -87,10 +87,10 @@ def main() -> None:
     from datatrove.data import Document
     from datatrove.pipeline.filters.base_filter import get_filter_result
 
-    from slmforge.stages.curate import _quiet_logger
+    from slmforge.curation import quiet_logger
 
     t0 = time.perf_counter()
-    _quiet_logger()  # datatrove logs at INFO through loguru
+    quiet_logger()  # datatrove logs at INFO through loguru
     docs = load_docs([str(Path(p).resolve()) for p in args.data], args.text_field, args.limit_docs)
     filters = build_filters()
     drops = {s: {f: Counter() for f in FILTERS} for s in SETTINGS}

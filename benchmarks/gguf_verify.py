@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-from slmforge.stages.export import MODELS  # model -> the stage that makes it
+from slmforge.records import MODELS  # model -> the stage that makes it
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -119,12 +119,9 @@ def val_loss(model, windows: np.ndarray, bf16: bool, device, batch: int) -> floa
 
 
 def run_slmforge(cfg, model, shape_, stream, a, steps: int, peak: float, bf16: bool) -> dict:
-    from accelerate.state import AcceleratorState
-
     from slmforge.training.loop import train_one
     from slmforge.training.packing import Sampler
 
-    AcceleratorState._reset_state()  # train_one makes an Accelerator; its mixed precision may differ per run
     cfg = cfg.model_copy(update={"precision": "bf16" if bf16 else "fp32"})
     sampler = Sampler({"domain": stream}, ["domain"], a.seq, seed=0)
     with tempfile.TemporaryDirectory(prefix="slmforge-bench-") as tmp:

@@ -67,10 +67,10 @@ def test_a_bad_value_names_its_key():
 
 
 def test_serve_flags_come_from_its_config():
-    from slmforge.serve.cli import build_parser
+    from slmforge.cli import verb_parser
     from slmforge.serve.config import DTYPES, Config
 
-    p, _ = build_parser()
+    p = verb_parser("serve")
     dtype = _action(p, "--dtype")
     assert tuple(dtype.choices) == DTYPES and str(Config.model_fields["dtype"].default) in dtype.help
     assert _action(p, "--router").choices == ["tfidf", "bpb"]
@@ -82,12 +82,11 @@ def test_serve_flags_come_from_its_config():
 
 
 def test_bad_flag_values_exit_2_naming_the_key(capsys):
-    from slmforge.serve.cli import cli_main
-    from slmforge.stages.plan import cli_main as plan_main
+    from slmforge.cli import main
 
-    assert cli_main(["--threshold", "2"]) == 2
+    assert main(["serve", "--threshold", "2"]) == 2
     assert "serve.router.threshold" in capsys.readouterr().err
-    assert cli_main(["--max-queue", "-1"]) == 2
+    assert main(["serve", "--max-queue", "-1"]) == 2
     assert "serve.max_queue" in capsys.readouterr().err
-    assert plan_main(["--flops", "1e20", "--mfu", "1.5", "--domain-tokens", "1e9"]) == 2
+    assert main(["plan", "--flops", "1e20", "--mfu", "1.5", "--domain-tokens", "1e9"]) == 2
     assert "plan.mfu" in capsys.readouterr().err

@@ -12,7 +12,7 @@ MAX_FUNCTION = 60  # lines, decorators and docstring included
 MAX_FLAT = 12  # modules directly in src/slmforge: the shared core; the rest sit in concern folders
 MAX_CHAIN = 5
 # Command-line entry points sit on top of everything they dispatch to (lazily): not counted in chains.
-ENTRY_POINTS = ("slmforge.cli", "slmforge.serve.cli", "slmforge.serve.__main__")
+ENTRY_POINTS = ("slmforge.cli", "slmforge.serve.__main__")
 
 
 def _modules() -> dict[str, Path]:

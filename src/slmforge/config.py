@@ -136,6 +136,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_recipe(path: str | Path, overrides: list[str] = (), default_section: str | None = None) -> Recipe:
     """Read and validate a recipe. Raises UserError listing every problem found, each with its key."""
     path = Path(path)
+    raw = apply_overrides(_read_yaml(path), list(overrides), default_section)
+    path = path.resolve()
+    name, workdir, problems = _top_level(raw, path)
+    context = {"base_dir": path.parent, "recipe_name": name, "recipe_path": path}
+    stages, services, section_problems = _sections(raw, context)
+    problems += section_problems
+    for stage in stages:
+        for dep in stage_inputs(stage, stages[stage]):
+            if dep not in stages and dep not in raw:  # a section that is there but invalid is reported above
+                problems.append(
+                    f"{stage}: needs the {dep} stage's output; add a `{dep}:` section to the recipe "
+                    f"(an empty one takes the defaults)"
+                )
+    if not stages and not services and not problems:
+        problems.append(f"the recipe names no stage; add sections such as {', '.join(STAGES[:3])}")
+    if problems:
+        raise UserError(f"recipe {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return Recipe(path=path, name=name, workdir=(path.parent / workdir).resolve(), stages=stages, services=services)
+
+
+def _read_yaml(path: Path) -> dict:
+    """The recipe file's top-level mapping ({} for an empty file), or a UserError."""
     if not path.is_file():
         raise UserError(f"recipe {path}: no such file. Write one with `slmforge init DIR`.")
     try:
@@ -146,9 +168,11 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path}: the top level must be a mapping of keys (name, workdir, stages)")
-    raw = apply_overrides(raw, list(overrides), default_section)
-    path = path.resolve()
+    return raw
 
+
+def _top_level(raw: dict, path: Path) -> tuple[str, str, list[str]]:
+    """The recipe's name and workdir (stand-ins where they are wrong) and the problems of its top-level keys."""
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL and key not in STAGES + SERVICES:
@@ -166,10 +190,15 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
     if not isinstance(workdir, str) or not workdir:
         problems.append(f"workdir: expected a path, got {workdir!r}")
         workdir = f"runs/{name}"
+    return name, workdir, problems
 
+
+def _sections(raw: dict, context: dict) -> tuple[dict[str, StageConfig], dict[str, StageConfig], list[str]]:
+    """Each stage's and service's section validated into its Config (the recipe-wide `device` filled in where
+    the section has that setting and does not set it), and the problems of those that fail."""
+    problems: list[str] = []
     stages: dict[str, StageConfig] = {}
     services: dict[str, StageConfig] = {}
-    context = {"base_dir": path.parent, "recipe_name": name, "recipe_path": path}
     for stage in STAGES + SERVICES:
         if stage not in raw:
             continue
@@ -184,18 +213,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), default_section: st
             (stages if stage in STAGES else services)[stage] = cfg_cls.model_validate(section, context=context)
         except ValidationError as e:
             problems.extend(format_errors(stage, e))
-    for stage in stages:
-        for dep in stage_inputs(stage, stages[stage]):
-            if dep not in stages and dep not in raw:  # a section that is there but invalid is reported above
-                problems.append(
-                    f"{stage}: needs the {dep} stage's output; add a `{dep}:` section to the recipe "
-                    f"(an empty one takes the defaults)"
-                )
-    if not stages and not services and not problems:
-        problems.append(f"the recipe names no stage; add sections such as {', '.join(STAGES[:3])}")
-    if problems:
-        raise UserError(f"recipe {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    return Recipe(path=path, name=name, workdir=(path.parent / workdir).resolve(), stages=stages, services=services)
+    return stages, services, problems
 
 
 def stage_inputs(stage: str, cfg: StageConfig) -> tuple[str, ...]:

@@ -79,13 +79,14 @@ class Curated:
     roles: dict[str, str]  # source -> "domain" | "general": domain sources first, each group by name
     splits: dict[str, dict] = field(default_factory=dict)  # source -> split -> {docs, chars}
     filters: dict = field(default_factory=dict)  # what each filter dropped (curate's docstring)
+    docs_in: int = 0  # the documents ingest handed to curate
 
     @classmethod
     def of(cls, art: Artifact) -> Curated:
         # the same order whether the manifest was just made or read back (written with sorted keys)
         m = art.manifest["metrics"]
         roles = dict(sorted(m["roles"].items(), key=lambda kv: (kv[1] != "domain", kv[0])))
-        return cls(art.path, roles, dict(m.get("splits", {})), dict(m.get("filters", {})))
+        return cls(art.path, roles, dict(m.get("splits", {})), dict(m.get("filters", {})), int(m.get("docs_in", 0)))
 
     @property
     def domain(self) -> list[str]:
@@ -162,12 +163,14 @@ class Benchmarks:
     dev_sizes: dict[str, int]
     headline: dict[str, str]  # choice set -> the metric it is judged by
     baselines: dict[str, dict]  # choice set -> {chance, longest_option, ...}
+    independence: dict = field(default_factory=dict)  # how far the items are from the training data (bench)
 
     @classmethod
     def of(cls, art: Artifact) -> Benchmarks:
         m = art.manifest["metrics"]
         return cls(art.path, {set_of(t): t for t in m["tasks"]}, dict(m.get("dev_tasks", {})), dict(m["sizes"]),
-                   dict(m.get("dev_sizes", {})), dict(m.get("headline", {})), dict(m["trivial_baselines"]))
+                   dict(m.get("dev_sizes", {})), dict(m.get("headline", {})), dict(m["trivial_baselines"]),
+                   dict(m.get("independence", {})))
 
     @property
     def task_dir(self) -> Path:
@@ -202,6 +205,44 @@ class Models:
         return self.path / name
 
 
+# ---- evaluate: the scores ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluation:
+    """The evaluate stage's output: `results.json` (every model's scores, samples and answers)."""
+
+    path: Path
+    config: dict  # evaluate's resolved config
+    bench_key: str | None  # the bench run it scored with
+    metrics: dict  # the manifest's summary of results.json
+
+    @classmethod
+    def of(cls, art: Artifact) -> Evaluation:
+        return cls(art.path, dict(art.manifest.get("config") or {}), (art.manifest.get("inputs") or {}).get("bench"),
+                   dict(art.manifest["metrics"]))
+
+    @functools.cached_property
+    def results(self) -> dict:
+        """results.json; a run made before it existed has its scores in the manifest's metrics only."""
+        p = self.path / "results.json"
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else self.metrics
+
+
+# ---- export: the exported folders ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Exports:
+    """The export stage's output: one self-contained folder per exported model, keyed by export name."""
+
+    path: Path
+    exports: dict[str, dict]  # export name -> what export recorded (model, formats, files, ...)
+
+    @classmethod
+    def of(cls, art: Artifact) -> Exports:
+        return cls(art.path, dict(art.manifest["metrics"].get("exports", {})))
+
+    def folder(self, name: str) -> Path:
+        return self.path / name
+
+
 def read_documents(root: Path, source: str | None = None, columns: list[str] | None = None) -> Iterator[dict]:
     """Rows of the Parquet shards under `root/<source>/` (every source when None), in a stable order.
 
@@ -217,9 +258,9 @@ def read_documents(root: Path, source: str | None = None, columns: list[str] | N
 
 # ---- model lineage -------------------------------------------------------------------------------------
 # Every model the stages make, and the stage that makes it (export, evaluate and the report use these names).
-MODELS = {"specialist": "pretrain", "recovered": "pretrain", "generalist": "pretrain",
+MODELS = {"specialist": "pretrain", "generalist": "pretrain",
           "pruned": "compress", "pruned-kd": "compress", "pruned-lm": "compress", "scratch-kd": "compress",
-          "scratch-lm": "compress", "sft": "sft", "sft-rationale": "sft", "dpo": "dpo"}
+          "scratch-lm": "compress", "sft": "sft", "sft-rationale": "sft", "dpo": "dpo", "recovered": "pretrain"}
 # What a model stage records for each model it makes, in its manifest's metrics.models.<model>: `tokens` it
 # trained on and, for a fine-tuned model, the `base` it started from.
 MODEL_STAGES = tuple(dict.fromkeys(MODELS.values()))

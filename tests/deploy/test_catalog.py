@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from slmforge.deploy.catalog import Catalog, cli_main
+from slmforge.cli import main
+from slmforge.deploy.catalog import Catalog
 from slmforge.errors import UserError
 from tests.conftest import slmforge
 
@@ -48,10 +49,10 @@ def test_add_list_show_rm(folders, tmp_path, capsys):
     assert [x.name for x in cat.list()] == ["general-1", "t-specialist"]
     assert cat.get("general-1") == g
 
-    assert cli_main(["--catalog", str(cat.path), "list", "--json"]) == 0
+    assert main(["models", "--catalog", str(cat.path), "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [x["name"] for x in listed] == ["general-1", "t-specialist"]
-    assert cli_main(["--catalog", str(cat.path), "show", "t-specialist"]) == 0
+    assert main(["models", "--catalog", str(cat.path), "show", "t-specialist"]) == 0
     assert json.loads(capsys.readouterr().out)["domain"] == "postgres"
 
     with pytest.raises(UserError, match="already there"):
@@ -64,7 +65,7 @@ def test_add_list_show_rm(folders, tmp_path, capsys):
     assert folders["plain"].is_dir()  # the folder is kept
     with pytest.raises(UserError, match="no model called 'general-1'; it has t-specialist"):
         cat.get("general-1")
-    assert cli_main(["--catalog", str(cat.path), "rm", "nope"]) == 2
+    assert main(["models", "--catalog", str(cat.path), "rm", "nope"]) == 2
     assert "no model called 'nope'" in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from slmforge.cli import main
 from slmforge.errors import UserError
 from slmforge.models import bases
 
@@ -88,9 +89,9 @@ def test_bad_bases_are_clear_errors(tmp_path):
 
 
 def test_base_cli_lists_builtins_and_exits_2_on_bad_input(tmp_path, capsys):
-    assert bases.cli_main(["--cache", str(tmp_path), "list"]) == 0
+    assert main(["base", "--cache", str(tmp_path), "list"]) == 0
     assert "smollm2-135m" in capsys.readouterr().out
-    assert bases.cli_main(["--cache", str(tmp_path), "add", "x"]) == 2
+    assert main(["base", "--cache", str(tmp_path), "add", "x"]) == 2
     assert "give PATH" in capsys.readouterr().err
 
 

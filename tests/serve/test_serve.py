@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
+from slmforge.cli import build_parser, main, serve_config, serve_section
 from slmforge.errors import UserError
-from slmforge.serve import cli as serve
 from slmforge.serve.app import create_app
 from slmforge.serve.config import Config, build_config
 from slmforge.serve.decode import _held_back
@@ -436,15 +436,17 @@ def test_helpers_and_config_errors(tmp_path):
     (tmp_path / "r" / "models" / "a").mkdir(parents=True)
     recipe.write_text("name: x\nserve:\n  models: [models/a, some-catalog-name]\n  port: 9000\n"
                       "  router: {threshold: 0.7}\n")
-    cfg = build_config(serve._recipe_section(str(recipe)))
+    cfg = build_config(serve_section(str(recipe)))
     assert cfg.models == [str(tmp_path / "r" / "models" / "a"), "some-catalog-name"]
     assert cfg.port == 9000 and cfg.router.threshold == 0.7 and cfg.router.kind == "tfidf"
-    parser, flags = serve.build_parser()
+    parser = build_parser("serve")
     for argv in ([str(recipe)], ["--recipe", str(recipe)], [str(recipe), "--port", "9001"]):  # RECIPE or --recipe
-        assert serve.config_from_args(parser.parse_args(argv), flags).port == (9001 if "--port" in argv else 9000)
-    assert serve.cli_main([str(recipe), "--recipe", str(tmp_path / "other.yaml")]) == 2
-    assert serve.cli_main(["--dtype", "float64"]) == 2
-    assert serve.cli_main(["--model", str(tmp_path / "nope/x")]) == 2
+        assert serve_config(parser.parse_args(["serve", *argv])).port == (9001 if "--port" in argv else 9000)
+    assert main(["serve", str(recipe), "--recipe", str(tmp_path / "other.yaml")]) == 2
+    with pytest.raises(SystemExit) as e:  # a value outside a flag's choices: argparse's usage error
+        main(["serve", "--dtype", "float64"])
+    assert e.value.code == 2
+    assert main(["serve", "--model", str(tmp_path / "nope/x")]) == 2
 
 
 def test_a_chat_request_is_routed_only_to_models_with_a_chat_template(exports, tmp_path):
@@ -570,12 +572,13 @@ def test_a_catalog_endpoint_is_served_through_its_server(live, exports, tmp_path
 
     from fastapi.testclient import TestClient
 
-    from slmforge.deploy.catalog import Catalog, cli_main
+    from slmforge.cli import main as cli_main
+    from slmforge.deploy.catalog import Catalog
 
     path = tmp_path / "catalog.db"
-    assert cli_main(["--catalog", str(path), "add", str(exports["spec"]), "--name", "spec-remote", "--endpoint",
-                     live.url + "/v1", "--endpoint-model", "spec", "--api-key-env", "SLMFORGE_TEST_EP_KEY"]) == 0
-    assert cli_main(["--catalog", str(path), "add", str(exports["gen"]), "--endpoint-model", "x"]) == 2
+    assert cli_main(["models", "--catalog", str(path), "add", str(exports["spec"]), "--name", "spec-remote",
+                     "--endpoint", live.url + "/v1", "--endpoint-model", "spec", "--api-key-env", "SLMFORGE_TEST_EP_KEY"]) == 0
+    assert cli_main(["models", "--catalog", str(path), "add", str(exports["gen"]), "--endpoint-model", "x"]) == 2
     catalog = Catalog(path)
     catalog.add(exports["gen"])
     assert catalog.get("spec-remote").endpoint == {"base_url": live.url + "/v1", "model": "spec",

@@ -41,6 +41,15 @@ def compressed(pretrained, tmp_path_factory):
     return recipe, copy, run
 
 
+def test_the_variants_are_the_models_records_gives_compress():
+    from slmforge.records import MODELS
+    from slmforge.stages import compress
+
+    assert list(compress.VARIANTS) == [m for m, stage in MODELS.items() if stage == compress.NAME]
+    names = compress.Config.model_json_schema()["properties"]["variants"]["items"]["enum"]
+    assert names == list(compress.VARIANTS)
+
+
 def _weights(folder):
     from safetensors.torch import load_file
 

@@ -115,6 +115,45 @@ def test_disabling_a_filter_keeps_its_documents(curated, tmp_path):
     assert "c4" not in art.manifest["metrics"]["filters"] and "minhash" not in art.manifest["metrics"]["filters"]
 
 
+def test_datatrove_logging_is_quiet_during_curate_and_put_back_after_it_on_success_and_on_error(
+        curated, tmp_path, monkeypatch):
+    """curate swaps datatrove's add_task_logger and setup_default_logger for quiet ones and quiets loguru's
+    console while its jobs run; afterwards (the fixture's run) and after a failing job, datatrove's own
+    functions are back and loguru's console shows INFO again."""
+    import io
+
+    import datatrove.executor.base as dt_base
+    import datatrove.utils.logging as dt_logging
+    from loguru import logger
+
+    from slmforge import curation
+
+    def datatroves_own():
+        return (dt_base.add_task_logger is dt_logging.add_task_logger
+                and dt_logging.setup_default_logger.__module__ == "datatrove.utils.logging")
+
+    assert datatroves_own()  # after the fixture's curate
+    _, _, cfg, _, ing = curated
+    stderr = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stderr)
+    seen = []
+
+    def failing_job(jobs, logs, workers):
+        seen.append(datatroves_own())
+        logger.info("inside curate")
+        raise RuntimeError("a datatrove job failed")
+
+    monkeypatch.setattr(curation, "run_local", failing_job)
+    other = cfg["curate"].model_copy(update={"audit_sample": 3})  # another key: the fixture's run stays
+    with pytest.raises(RuntimeError, match="a datatrove job failed"):
+        curate.run(other, ArtifactStore(tmp_path / "w"), {"ingest": ing})
+    assert seen == [False] and datatroves_own()
+    logger.info("after curate")
+    assert "inside curate" not in stderr.getvalue() and "after curate" in stderr.getvalue()
+    monkeypatch.undo()
+    dt_logging.setup_default_logger()  # loguru's console on the real stderr again
+
+
 def test_quality_settings_keep_reference_pages_and_drop_short_or_symbol_soup(small_corpus):
     from datatrove.data import Document
     from datatrove.pipeline.filters import GopherQualityFilter

@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from slmforge.artifacts import ArtifactStore
+from slmforge.cli import main
 from slmforge.config import StageConfig
 from slmforge.errors import UserError
 from slmforge.records import DOCUMENT_SCHEMA, Document
@@ -124,11 +125,11 @@ def test_config_validation():
 
 
 def test_cli_prints_the_plan(capsys):
-    assert plan.cli_main(["--hours", "8760", "--device", "h100", "--domain-tokens", "1e15"]) == 0
+    assert main(["plan", "--hours", "8760", "--device", "h100", "--domain-tokens", "1e15"]) == 0
     out = capsys.readouterr().out
     assert "10.2B" in out and "204B" in out  # N = sqrt(1.25e22 / 120), D = 20·N
 
-    assert plan.cli_main(["--flops", "1e21", "--domain-tokens", "1e15", "--json"]) == 0
+    assert main(["plan", "--flops", "1e21", "--domain-tokens", "1e15", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["params"] == pytest.approx(math.sqrt(1e21 / 120))
 
@@ -140,7 +141,7 @@ def test_cli_prints_the_plan(capsys):
     ["--flops", "-5", "--domain-tokens", "1e9"],
 ])
 def test_cli_bad_input_exits_2(argv, capsys):
-    assert plan.cli_main(argv) == 2
+    assert main(["plan", *argv]) == 2
     assert "error:" in capsys.readouterr().err
 
 
@@ -174,7 +175,7 @@ def test_stage_counts_domain_train_tokens_and_writes_the_plan(tmp_path):
     def fake_tokenizer(out):
         (out / "tokenizer").mkdir()
         tok.save(str(out / "tokenizer" / "tokenizer.json"))
-        return {"trained_on": ["pg"]}
+        return {"trained_on": ["pg"], "vocab_size": tok.get_vocab_size()}  # what records.Tokenized reads
 
     tok_art = store.build("tokenizer", _Fake(), {"curate": curate}, fake_tokenizer)
     expected = sum(len(tok.encode(t, add_special_tokens=False).ids) for t in docs["pg"])

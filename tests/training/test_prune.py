@@ -31,7 +31,7 @@ def windows(n: int = 8, t: int = 24, seed: int = 1):
 def test_pruning_nothing_keeps_the_teacher_exactly(tied):
     m, x = tiny(tied), windows()
     imp = prune.importance(m, x, micro_batch=4)
-    s = prune.Shape.of(m.config)
+    s = prune.Sizes.of(m.config)
     student = prune.prune(m, prune.choose(imp, m.config, s)).eval()
     with torch.no_grad():
         assert torch.equal(m(x).logits, student(x).logits)
@@ -43,7 +43,7 @@ def test_removing_heads_and_channels_equals_zeroing_them_in_the_teacher():
     output weights are zeroed: this checks the slicing of q/k/v/o, the GQA grouping and gate/up/down."""
     m, x = tiny(), windows()
     imp = prune.importance(m, x, micro_batch=4)
-    s = prune.Shape(layers=4, hidden=64, heads=2, kv_heads=1, ffn=40)
+    s = prune.Sizes(layers=4, hidden=64, heads=2, kv_heads=1, ffn=40)
     keep = prune.choose(imp, m.config, s)
     student = prune.prune(m, keep).eval()
     zeroed = tiny()
@@ -61,8 +61,8 @@ def test_removing_heads_and_channels_equals_zeroing_them_in_the_teacher():
 
 def test_the_pruned_shape_and_parameter_count_meet_the_target():
     m = tiny(tied=False)
-    full = prune.param_count(m.config, prune.Shape.of(m.config))
-    s = prune.target_shape(m.config, 0.4 * full)
+    full = prune.param_count(m.config, prune.Sizes.of(m.config))
+    s = prune.target_sizes(m.config, 0.4 * full)
     student = prune.prune(m, prune.choose(prune.importance(m, windows(), 4), m.config, s))
     c = student.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
@@ -71,7 +71,7 @@ def test_the_pruned_shape_and_parameter_count_meet_the_target():
     assert n == prune.param_count(m.config, s) and 0.3 * full < n <= 0.4 * full
     assert c.hidden_size % c.num_attention_heads == 0 and c.head_dim == 16
     with pytest.raises(UserError, match="no shape pruned along layers"):
-        prune.target_shape(m.config, 1000, dims=("layers",))  # the embeddings alone are larger
+        prune.target_sizes(m.config, 1000, dims=("layers",))  # the embeddings alone are larger
 
 
 def test_importance_ranks_zeroed_structures_last():
@@ -85,9 +85,9 @@ def test_importance_ranks_zeroed_structures_last():
     assert int(np.argmin(imp.ffn[1])) == 7 and imp.ffn[1][7] == 0
     assert int(np.argmin(imp.heads[2])) == 3 and imp.heads[2][3] == 0
     assert int(np.argmin(imp.layers)) == 3 and imp.layers[3] == pytest.approx(0, abs=1e-6)
-    keep = prune.choose(imp, m.config, prune.Shape(layers=3, hidden=64, heads=2, kv_heads=1, ffn=95))
+    keep = prune.choose(imp, m.config, prune.Sizes(layers=3, hidden=64, heads=2, kv_heads=1, ffn=95))
     assert 3 not in keep.layers and 7 not in keep.ffn[1] and keep.kv[2] == [0]
-    rec = prune.record(imp, keep, m.config, prune.Shape(layers=3, hidden=64, heads=2, kv_heads=1, ffn=95))
+    rec = prune.record(imp, keep, m.config, prune.Sizes(layers=3, hidden=64, heads=2, kv_heads=1, ffn=95))
     assert rec["layers"]["removed"] == [3] and rec["ffn"]["importance_kept"] == pytest.approx(1.0, abs=0.02)
 
 
@@ -114,8 +114,8 @@ def test_distillation_lowers_kl_to_the_teacher():
     teacher = tiny(seed=0)
     x = windows(16, 24, seed=2)
     imp = prune.importance(teacher, x, 4)
-    student = prune.prune(teacher, prune.choose(imp, teacher.config, prune.target_shape(
-        teacher.config, 0.5 * prune.param_count(teacher.config, prune.Shape.of(teacher.config)))))
+    student = prune.prune(teacher, prune.choose(imp, teacher.config, prune.target_sizes(
+        teacher.config, 0.5 * prune.param_count(teacher.config, prune.Sizes.of(teacher.config)))))
     before = mean_kl(teacher, student, x)
     loss_fn = Distiller(teacher, alpha=1.0, temperature=1.0)
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)

@@ -16,6 +16,8 @@ stats.json), so curate reads the same files afterwards and the output does not d
   the scripts are written and nothing is submitted. The submitted ids are kept in `slurm_jobs.json`, so
   a curate restarted while its jobs run waits for them instead of submitting them twice.
 Tasks that completed are skipped when a failed run is started again (datatrove's completions).
+While the jobs run (`quiet_datatrove`), datatrove's console logging is at ERROR; its full task logs are
+under `logs/<job>/logs/`, and its own logging is put back afterwards.
 """
 
 from __future__ import annotations
@@ -44,6 +46,46 @@ def split_of(doc_id: str, val_fraction: float, test_fraction: float, salt: str =
     if h < val_fraction + test_fraction:
         return "test"
     return "train"
+
+
+def quiet_logger() -> None:
+    """loguru's console at ERROR, for datatrove's INFO lines (they swamp our progress bars)."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR", format="{level}: {message}")
+
+
+def _quiet_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
+    """datatrove's task logger, with the console at ERROR; the full DEBUG log still goes to
+    logs/task_NNNNN.log."""
+    from loguru import logger
+
+    logger.remove()
+    logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
+    logger.add(sys.stderr, level="ERROR", format="{level}: {message}")
+    logger.add(logfile, level="DEBUG")
+    return logfile
+
+
+@contextlib.contextmanager
+def quiet_datatrove():
+    """datatrove's console logging at ERROR while the block runs, in this process and in the workers it
+    forks. datatrove sets loguru up through two module functions: add_task_logger (each task) and
+    setup_default_logger (at import and after each task); both are swapped for the quiet ones above, and
+    put back when the block ends or raises, with loguru's console as datatrove's default again (the
+    state its import and each task's end leave)."""
+    import datatrove.executor.base as dt_base
+    import datatrove.utils.logging as dt_logging
+
+    saved = dt_base.add_task_logger, dt_logging.setup_default_logger
+    dt_base.add_task_logger, dt_logging.setup_default_logger = _quiet_task_logger, quiet_logger
+    quiet_logger()
+    try:
+        yield
+    finally:
+        dt_base.add_task_logger, dt_logging.setup_default_logger = saved
+        dt_logging.setup_default_logger()
 
 
 @dataclass

@@ -69,13 +69,26 @@ def model_card(doc: dict, results: dict, model: str, chain: list[TrainedModel], 
     to run it. `doc` is slmforge.json with the model's `shape`; `chain` its lineage, base first."""
     import yaml
 
+    front = _front_matter(doc, results, model, chain, license)
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", ""]
+    lines += _model_lines(doc, chain)
+    lines += _training_lines(doc, chain)
+    lines += _score_lines(results, model, doc)
+    lines += _run_lines(doc)
+    lines += _reproduce_lines(doc, results, model)
+    lines += _limitation_lines(doc, model)
+    return "\n".join(lines)
+
+
+def _front_matter(doc: dict, results: dict, model: str, chain: list[TrainedModel], license: str | None) -> dict:
+    """The Hub's keys, then what a catalog or a person filtering cards needs without reading the body (the
+    Hub keeps unknown keys), then the scores as `model-index`."""
     name, domain = doc["name"], doc["domain"]
     front = {"library_name": "transformers", "pipeline_tag": "text-generation"}
     if license:
         front["license"] = license
     front["tags"] = ["slmforge", "llama", "small-language-model", domain] + (["gguf"] if doc["gguf"] else [])
     front["model_name"] = name
-    # What a catalog or a person filtering cards needs without reading the body (the Hub keeps unknown keys)
     pretrain = next((c.meta for c in chain if c.stage == "pretrain"), {})
     front["domain"] = domain
     front["parameters"] = doc["params"]
@@ -83,60 +96,74 @@ def model_card(doc: dict, results: dict, model: str, chain: list[TrainedModel], 
     front["training_data"] = {"sources": pretrain.get("sources", []), "stages": [c.stage for c in chain]}
     if index := model_index(name, results, model, domain):
         front["model-index"] = index
+    return front
+
+
+def _model_lines(doc: dict, chain: list[TrainedModel]) -> list[str]:
+    """The title, the description and ## Model: the shape."""
     s = doc["shape"]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {name}", "",
-             doc["description"], "",
-             (f"A {doc['params'] / 1e6:.1f}M-parameter Llama-architecture model trained by slmforge "
-              f"({' → '.join(c.stage for c in chain) or 'its stages'}) for **{domain}** text "
-              f"({'a chat model' if doc['chat'] else 'a base model: it continues text'})."), "",
-             "## Model", "", "| | |", "|---|---|",
-             f"| parameters | {doc['params']:,} |", f"| layers | {s.get('depth')} |",
-             f"| hidden size | {s.get('hidden_size')} |",
-             f"| attention heads (key/value) | {s.get('num_attention_heads')} ({s.get('num_key_value_heads')}) |",
-             f"| FFN size | {s.get('intermediate_size')} |", f"| context | {doc['context']} tokens |",
-             f"| tokenizer | {doc['tokenizer']['type']}, {doc['tokenizer']['vocab_size']} tokens |", "",
-             "## Training", "", "| model | stage | tokens | data |", "|---|---|---|---|"]
+    return [f"# {doc['name']}", "", doc["description"], "",
+            (f"A {doc['params'] / 1e6:.1f}M-parameter Llama-architecture model trained by slmforge "
+             f"({' → '.join(c.stage for c in chain) or 'its stages'}) for **{doc['domain']}** text "
+             f"({'a chat model' if doc['chat'] else 'a base model: it continues text'})."), "",
+            "## Model", "", "| | |", "|---|---|",
+            f"| parameters | {doc['params']:,} |", f"| layers | {s.get('depth')} |",
+            f"| hidden size | {s.get('hidden_size')} |",
+            f"| attention heads (key/value) | {s.get('num_attention_heads')} ({s.get('num_key_value_heads')}) |",
+            f"| FFN size | {s.get('intermediate_size')} |", f"| context | {doc['context']} tokens |",
+            f"| tokenizer | {doc['tokenizer']['type']}, {doc['tokenizer']['vocab_size']} tokens |", ""]
+
+
+def _training_lines(doc: dict, chain: list[TrainedModel]) -> list[str]:
+    """## Training: each model of the lineage, its stage, tokens and data."""
+    lines = ["## Training", "", "| model | stage | tokens | data |", "|---|---|---|---|"]
     for c in chain:
         m = c.meta
         data = ", ".join(m.get("sources", [])) if c.stage == "pretrain" else \
             ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (m.get("data") or {}).items())
         lines.append(f"| {c.model} | {c.stage} | {c.tokens:,} | {data} |")
-    lines += ["", f"Training tokens in all: {doc['training_tokens']:,}. Lineage: "
-              + ", ".join(f"{k}:{v}" for k, v in doc["lineage"]["stages"].items()) + ".", ""]
-    lines += _score_lines(results, model, doc)
-    run_lines = ["## How to run", "", "transformers:", "", "```python",
-                 "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                 f'tok = AutoTokenizer.from_pretrained("{name}")',
-                 f'model = AutoModelForCausalLM.from_pretrained("{name}")']
+    return lines + ["", f"Training tokens in all: {doc['training_tokens']:,}. Lineage: "
+                    + ", ".join(f"{k}:{v}" for k, v in doc["lineage"]["stages"].items()) + ".", ""]
+
+
+def _run_lines(doc: dict) -> list[str]:
+    """## How to run: transformers, and llama.cpp and Ollama when there is a GGUF."""
+    name = doc["name"]
+    lines = ["## How to run", "", "transformers:", "", "```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             f'tok = AutoTokenizer.from_pretrained("{name}")',
+             f'model = AutoModelForCausalLM.from_pretrained("{name}")']
     if doc["chat"]:
         # the template writes BOS (slmforge.models.chat): apply_chat_template(tokenize=True) adds no second one
-        run_lines += ['ids = tok.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True,',
-                      '                              return_tensors="pt", return_dict=True)']
+        lines += ['ids = tok.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True,',
+                  '                              return_tensors="pt", return_dict=True)']
     else:
-        run_lines += ['ids = tok("The ", return_tensors="pt")']
-    run_lines += ["out = model.generate(**ids, max_new_tokens=64)",
-                  'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
+        lines += ['ids = tok("The ", return_tensors="pt")']
+    lines += ["out = model.generate(**ids, max_new_tokens=64)",
+              'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
     if doc["chat"]:
-        run_lines += [("The chat template (chat_template.jinja, also in tokenizer_config.json) is plain Jinja that "
-                      "MiniJinja-based servers and llama.cpp read, and it writes the BOS token itself: a server or "
-                      "script that renders it to text must tokenize that text without special tokens "
-                      "(add_special_tokens=False, as transformers' apply_chat_template, vLLM and llama.cpp do), "
-                      "or the prompt starts with two BOS tokens."), ""]
+        lines += [("The chat template (chat_template.jinja, also in tokenizer_config.json) is plain Jinja that "
+                   "MiniJinja-based servers and llama.cpp read, and it writes the BOS token itself: a server or "
+                   "script that renders it to text must tokenize that text without special tokens "
+                   "(add_special_tokens=False, as transformers' apply_chat_template, vLLM and llama.cpp do), "
+                   "or the prompt starts with two BOS tokens."), ""]
     if doc["gguf"]:
-        run_lines += ["llama.cpp and Ollama:", "", "```sh",
-                      f"llama-cli -m {doc['gguf']} -p \"...\" -n 64" + (" -cnv" if doc["chat"] else ""),
-                      f"ollama create {name} -f Modelfile && ollama run {name}", "```", ""]
-        run_lines += [_gguf_line(doc), ""]
-    lines += run_lines
-    lines += _reproduce_lines(doc, results, model)
-    lines += ["## Limitations", "",
-              (f"A model this small ({doc['params'] / 1e6:.1f}M parameters, {doc['training_tokens']:,} training "
-               f"tokens) knows the surface of its {domain} corpus, not the facts behind it: it produces "
-               "fluent-looking text that is often wrong. Check anything it says against the source. It was trained "
-               f"{'on general text' if model == 'generalist' else f'mostly on {domain} text'}; it is not a "
-               "general assistant, and it has no safety tuning. Scores are on small benchmarks made from held-out "
-               "pages of the same corpus (see the intervals in the slmforge report)."), ""]
-    return "\n".join(lines)
+        lines += ["llama.cpp and Ollama:", "", "```sh",
+                  f"llama-cli -m {doc['gguf']} -p \"...\" -n 64" + (" -cnv" if doc["chat"] else ""),
+                  f"ollama create {name} -f Modelfile && ollama run {name}", "```", ""]
+        lines += [_gguf_line(doc), ""]
+    return lines
+
+
+def _limitation_lines(doc: dict, model: str) -> list[str]:
+    domain = doc["domain"]
+    return ["## Limitations", "",
+            (f"A model this small ({doc['params'] / 1e6:.1f}M parameters, {doc['training_tokens']:,} training "
+             f"tokens) knows the surface of its {domain} corpus, not the facts behind it: it produces "
+             "fluent-looking text that is often wrong. Check anything it says against the source. It was trained "
+             f"{'on general text' if model in ('generalist', 'recovered') else f'mostly on {domain} text'}; it is not a "
+             "general assistant, and it has no safety tuning. Scores are on small benchmarks made from held-out "
+             "pages of the same corpus (see the intervals in the slmforge report)."), ""]
 
 
 def _score_lines(results: dict, model: str, doc: dict) -> list[str]:

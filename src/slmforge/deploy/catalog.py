@@ -20,11 +20,8 @@ another (busy timeout) instead of failing.
 
 from __future__ import annotations
 
-import argparse
-import functools
 import json
 import os
-import re
 import sqlite3
 import sys
 from contextlib import closing, contextmanager
@@ -32,9 +29,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from slmforge.common import NAME_RE
 from slmforge.errors import UserError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RESERVED = frozenset({"auto"})  # `model: "auto"` asks the server's router
 SCHEMA_VERSION = 1
 _COLUMNS = ("name", "domain", "description", "params", "context", "chat", "tokenizer", "path", "lineage", "scores",
@@ -311,7 +308,7 @@ def validate_folder(folder: Path) -> dict:
     return meta
 
 
-# -- command line: slmforge models ... -----------------------------------------------------------------
+# -- what `slmforge models ...` prints -----------------------------------------------------------------
 
 def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
@@ -345,63 +342,33 @@ def _print_table(entries: list[Entry], catalog: Catalog) -> None:
     out.print(t)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    where = f"the catalog file (default: $SLMFORGE_CATALOG or {default_path()})"
-    p = argparse.ArgumentParser(prog="slmforge models", description="The catalog of exported specialists.")
-    p.add_argument("--catalog", help=where)
-    # --catalog also after the action (`slmforge models list --catalog runs/catalog.db`)
-    after = argparse.ArgumentParser(add_help=False)
-    after.add_argument("--catalog", default=argparse.SUPPRESS, help=where)
-    sub = p.add_subparsers(dest="action", metavar="ACTION")
-    add_parser = functools.partial(sub.add_parser, parents=[after])
-    s = add_parser("list", help="every model: name, domain, size, scores, folder")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s = add_parser("show", help="everything the catalog knows about one model")
-    s.add_argument("name")
-    s = add_parser("add", help="validate an exported model folder and add it")
-    s.add_argument("folder")
-    s.add_argument("--name", help="the catalog name (default: the name in slmforge.json, else the folder's)")
-    s.add_argument("--domain", help="the model's domain (needed when the folder has no slmforge.json)")
-    s.add_argument("--description")
-    s.add_argument("--replace", action="store_true", help="re-point an existing name at this folder")
-    s.add_argument("--endpoint", help="an OpenAI-compatible base URL that serves this model (vllm serve FOLDER, "
-                   "slmforge llama-server FILE.gguf): slmforge serve forwards its requests there")
-    s.add_argument("--endpoint-model", help="the model name at the endpoint (default: the catalog name)")
-    s.add_argument("--api-key-env", help="environment variable with the endpoint's API key")
-    s = add_parser("rm", help="remove a model from the catalog (its folder is left alone)")
-    s.add_argument("name")
-    return p
+def print_catalog(catalog: Catalog, as_json: bool = False) -> None:
+    """`slmforge models list`: every entry as a table, or as JSON."""
+    entries = catalog.list()
+    if as_json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+    else:
+        _print_table(entries, catalog)
 
 
-def cli_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    cat = Catalog(args.catalog)
-    try:
-        if args.action in (None, "list"):
-            entries = cat.list()
-            if getattr(args, "json", False):
-                print(json.dumps([e.as_dict() for e in entries], indent=2))
-            else:
-                _print_table(entries, cat)
-        elif args.action == "show":
-            e = cat.get(args.name)
-            print(json.dumps(e.as_dict(), indent=2))
-            if not e.path.is_dir():
-                print(f"warning: {e.path} no longer exists; `slmforge models rm {e.name}`", file=sys.stderr)
-        elif args.action == "add":
-            if not args.endpoint and (args.endpoint_model or args.api_key_env):
-                raise UserError("--endpoint-model and --api-key-env describe an --endpoint; give --endpoint URL")
-            endpoint = {"base_url": args.endpoint, "model": args.endpoint_model,
-                        "api_key_env": args.api_key_env} if args.endpoint else None
-            e = cat.add(args.folder, name=args.name, domain=args.domain, description=args.description,
-                        replace=args.replace, endpoint=endpoint)
-            via = f", served by {e.endpoint['base_url']} as {e.endpoint['model']!r}" if e.endpoint else ""
-            print(f"added {e.name} ({e.domain}, {_fmt_params(e.params)}) -> {e.path}{via} to {cat.path}",
-                  file=sys.stderr)
-        elif args.action == "rm":
-            e = cat.remove(args.name)
-            print(f"removed {e.name} from {cat.path} (folder {e.path} kept)", file=sys.stderr)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def print_entry(catalog: Catalog, name: str) -> None:
+    """`slmforge models show NAME`: the entry as JSON, and a warning when its folder is gone."""
+    e = catalog.get(name)
+    print(json.dumps(e.as_dict(), indent=2))
+    if not e.path.is_dir():
+        print(f"warning: {e.path} no longer exists; `slmforge models rm {e.name}`", file=sys.stderr)
+
+
+def add_entry(catalog: Catalog, folder: str | Path, **kw) -> Entry:
+    """`slmforge models add FOLDER`: Catalog.add (its keywords), then one line on stderr saying what was added."""
+    e = catalog.add(folder, **kw)
+    via = f", served by {e.endpoint['base_url']} as {e.endpoint['model']!r}" if e.endpoint else ""
+    print(f"added {e.name} ({e.domain}, {_fmt_params(e.params)}) -> {e.path}{via} to {catalog.path}", file=sys.stderr)
+    return e
+
+
+def remove_entry(catalog: Catalog, name: str) -> Entry:
+    """`slmforge models rm NAME`: Catalog.remove, then one line on stderr (the folder is kept)."""
+    e = catalog.remove(name)
+    print(f"removed {e.name} from {catalog.path} (folder {e.path} kept)", file=sys.stderr)
+    return e

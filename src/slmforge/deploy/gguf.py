@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+from slmforge.common import cut_at_word
 from slmforge.errors import UserError
 from slmforge.models.chat import IM_END, strip_generation_marks
 
@@ -89,31 +90,52 @@ def _tokens(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int]]:
 def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, description: str | None = None) -> dict:
     """A llama-architecture GGUF of the HF folder `model_dir` at `path` (written beside, then renamed)."""
     import gguf
-    import numpy as np
-    import torch
-    from safetensors.torch import load_file
 
+    cfg = _llama_config(model_dir)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    _add_hyperparameters(w, cfg, outtype, name, description)
+    _add_tokenizer(w, model_dir, cfg["vocab_size"])
+    n_written = _add_tensors(w, model_dir, cfg, outtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": path.name, "outtype": outtype, "tensors": n_written, "bytes": path.stat().st_size}
+
+
+def _llama_config(model_dir: Path) -> dict:
+    """config.json of a Llama model this writer supports (no RoPE scaling), or a UserError."""
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if cfg.get("model_type") != "llama":
         raise UserError(f"{model_dir / 'config.json'}: model_type {cfg.get('model_type')!r}; GGUF export "
                         "writes Llama models only")
-    n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or n_head
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     rope = cfg.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
         raise UserError(f"{model_dir / 'config.json'}: RoPE scaling is not supported by this exporter")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    return cfg
+
+
+def _add_hyperparameters(w, cfg: dict, outtype: str, name: str, description: str | None) -> None:
+    """The model's name and shape, as llama.cpp's llama architecture reads them, and the file type."""
+    import gguf
+
+    n_head = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    rope = cfg.get("rope_parameters") or {}
     w.add_name(name)
     if description:
         w.add_description(description)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(n_layer)
+    w.add_block_count(cfg["num_hidden_layers"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
+    w.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
@@ -124,7 +146,13 @@ def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, description
     if outtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tokens, types = _tokens(model_dir, cfg["vocab_size"])
+
+def _add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
+    """The byte-level BPE as llama.cpp's "gpt2" model: tokens, their types, the pre-tokenizer, merges,
+    special token ids and the chat template (without {% generation %} marks)."""
+    import gguf
+
+    tokens, types = _tokens(model_dir, n_vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre_tokenizer(json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")),
                                       model_dir / "tokenizer.json"))
@@ -141,10 +169,20 @@ def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, description
         special.chat_template = strip_generation_marks(special.chat_template)
     special.add_to_gguf(w, quiet=True)  # merges, bos/eos/pad ids, add_bos (from the post-processor)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
-    tensors = load_file(str(model_dir / "model.safetensors"))
+
+def _add_tensors(w, model_dir: Path, cfg: dict, outtype: str) -> int:
+    """model.safetensors under gguf's llama tensor names, q/k rows permuted for llama.cpp's RoPE, each in
+    its GGML type; returns how many tensors were added."""
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
     n_written = 0
-    for hf_name, data in tensors.items():
+    for hf_name, data in load_file(str(model_dir / "model.safetensors")).items():
         if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue  # llama.cpp uses token_embd when output.weight is missing
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -157,13 +195,7 @@ def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, description
             data = _permute(data, n_head)
         elif hf_name.endswith("k_proj.weight"):
             data = _permute(data, n_kv)
-        # Norms (1-D) stay float32 in every type, as llama.cpp's converter keeps them.
-        qtype = gguf.GGMLQuantizationType.F32
-        if data.ndim == 2 and outtype != "f32":
-            qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-                     "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
-            if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-                qtype = gguf.GGMLQuantizationType.F16  # rows not a multiple of the 32-value block
+        qtype = _tensor_type(data, outtype)
         if qtype == gguf.GGMLQuantizationType.F16:
             w.add_tensor(new, data.astype(np.float16))
         elif qtype == gguf.GGMLQuantizationType.F32:
@@ -171,15 +203,21 @@ def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, description
         else:
             w.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         n_written += 1
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=False)
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"file": path.name, "outtype": outtype, "tensors": n_written, "bytes": path.stat().st_size}
+    return n_written
+
+
+def _tensor_type(data, outtype: str):
+    """The GGML type of one tensor: norms (1-D) stay float32 in every type, as llama.cpp's converter keeps
+    them; q8_0 matrices whose rows are not a multiple of the 32-value block are written in f16."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType.F32
+    if data.ndim == 2 and outtype != "f32":
+        qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+                 "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+        if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = gguf.GGMLQuantizationType.F16  # rows not a multiple of the 32-value block
+    return qtype
 
 
 # ---- verification with llama.cpp -------------------------------------------------------------------
@@ -341,10 +379,7 @@ CHAT_CHECK = [{"role": "user", "content": "What does VACUUM do?"}]  # the chat t
 def verify_prompts(tok, texts: list[str], chat: bool, k: int = 3) -> list[str]:
     """Prompts for the check: the starts of `k` held-out domain documents, and for a chat model one
     question through its chat template (special tokens in the text)."""
-    prompts = []
-    for t in texts[:k]:
-        cut = t[:200]
-        prompts.append(cut[: cut.rfind(" ")] if " " in cut[20:] else cut)
+    prompts = [cut_at_word(t, 200) for t in texts[:k]]
     if chat and tok.chat_template:
         text = tok.apply_chat_template(CHAT_CHECK, add_generation_prompt=True, tokenize=False)
         prompts.append(text.removeprefix(tok.bos_token or ""))  # the tokenizer adds BOS itself

@@ -1,1 +1,1 @@
-"""Evaluation: prompts, results, significance, the gate, the verdict and charts."""
+"""Evaluation: prompts, results, significance, the gate, the verdict, tables and charts."""

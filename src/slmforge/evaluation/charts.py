@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import textwrap
 from pathlib import Path
 
+from slmforge.common import read_jsonl
 from slmforge.evaluation.results import bench_rows, set_tasks
 from slmforge.records import set_of
 
@@ -150,7 +150,7 @@ def loss_curves(models: dict) -> list[tuple[str, str]]:
     pictures = []
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for name, p in logs.items():
-        rows = [json.loads(x) for x in (p / "train_log.jsonl").read_text().splitlines()]
+        rows = read_jsonl(p / "train_log.jsonl")
         kd = models[name].get("loss") == "kd"  # compress's distilled variants: their objective, not the LM loss
         ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], lw=1, color=colours[name],
                 label=name + (" (KD objective)" if kd else ""))
@@ -161,7 +161,7 @@ def loss_curves(models: dict) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     styles: dict[str, str] = {}
     for name, p in logs.items():
-        rows = [json.loads(x) for x in (p / "val_log.jsonl").read_text().splitlines()]
+        rows = read_jsonl(p / "val_log.jsonl")
         for source in [k for k in (rows[0] if rows else {}) if k not in ("step", "tokens")]:
             ls = styles.setdefault(source, ("-", "--", ":", "-.")[len(styles) % 4])
             ax.plot([r["tokens"] / 1e6 for r in rows], [r[source] for r in rows], marker=".", ls=ls,

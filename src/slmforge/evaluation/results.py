@@ -1,9 +1,18 @@
 """Evaluate's results as the readers show them (evaluate's console table, the report, the model
-cards): the (task, metric) rows, the chance / trivial-rule reference of a row, the quality gate's lines."""
+cards): the (task, metric) rows, the chance / trivial-rule reference of a row, the quality gate's lines,
+and numbers in words."""
 
 from __future__ import annotations
 
 from slmforge.records import set_of
+
+
+def num(x: float) -> str:
+    """2901312 -> 2.9M, 2e12 -> 2.0T, 47104 -> 47.1k."""
+    for unit, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= v:
+            return f"{x / v:.1f}{unit}"
+    return f"{x:.0f}"
 
 
 def set_tasks(m: dict) -> dict[str, str]:
@@ -68,3 +77,18 @@ def best_line(m: dict) -> str:
     if m.get("gate"):
         parts.append(f"quality gate: {m['gate']['verdict']}")
     return ("; ".join(parts) + ".") if parts else ""
+
+
+def flag_empty(benchmarks: dict, outcomes: dict, share: float) -> dict[str, list[str]]:
+    """{model: [flag lines]} for generation tasks whose answers are mostly empty: their scores become None
+    (not scored), because an empty answer says the prompt, stop sequences or template do not fit the
+    model, not that it knows nothing."""
+    flags: dict[str, list[str]] = {}
+    for name, per in outcomes.items():
+        for task, o in per.items():
+            if o.get("empty", 0) >= share:
+                benchmarks[name][task] = {k: None for k in benchmarks[name].get(task, {})} | {"empty": o["empty"]}
+                flags.setdefault(name, []).append(f"{set_of(task)}: {o['empty']:.0%} of the answers are empty, so it "
+                                                  "is not scored (check the prompt's length, stop sequences and "
+                                                  "chat template for this model)")
+    return flags

@@ -14,7 +14,7 @@ next to the generalist's.
 
 from __future__ import annotations
 
-from slmforge.evaluation.results import set_tasks
+from slmforge.evaluation.results import num, set_tasks
 from slmforge.evaluation.stats import ALPHA, compare, paired_docs
 
 
@@ -67,14 +67,6 @@ def paired(a: dict, b: dict, sets, factor: int = 1) -> dict | None:
 
 
 # ---- words -------------------------------------------------------------------------------------------
-def num(x: float) -> str:
-    """2901312 -> 2.9M, 2e12 -> 2.0T, 47104 -> 47.1k."""
-    for unit, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= v:
-            return f"{x / v:.1f}{unit}"
-    return f"{x:.0f}"
-
-
 def duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
@@ -202,35 +194,49 @@ def verdict(m: dict) -> dict:
             f"{best}, the best model of this run, scores {b['score']:.3f} on {on}, {b['score'] - r['score']:+.3f} "
             f"against {strongest}, but evaluate kept no per-item outcomes, so whether that is more than noise is "
             f"unknown; {best} comes at {cost(m, best, rival)}.")}
+    outcome = {"better": "win", "tie": "tie", "worse": "loss"}[t["outcome"]]
+    head = _head(m, outcome, t, best, b["score"], rival, r["score"], on, k)
+    clauses = [head, *_also(m, sets, scores, best, riv_s, t, k), f"{best} comes at {cost(m, best, rival)}"]
+    return facts | {"outcome": outcome, "diff": t["diff"], "p": t["p"], "test": t["test"], "lead": head,
+                    "sentence": "; ".join(clauses) + "."}
+
+
+def _head(m: dict, outcome: str, t: dict, best: str, score: float, rival: str, rival_score: float, on: str,
+          k: int) -> str:
+    """The verdict's main clause: the best model of the run against the strongest generalist `rival`, paired
+    test `t` (Bonferroni-corrected for picking the best of `k`)."""
+    strongest = f"the strongest generalist, {describe(m, rival, best, rival_score)}"
     corr = f", Bonferroni-corrected for picking the best of {k} models" if k > 1 else ""
     stat = f"{t['test'].split(' (')[0]} test on the same items, {_p(t)}{corr}"
-    outcome = {"better": "win", "tie": "tie", "worse": "loss"}[t["outcome"]]
     if outcome == "win":
-        head = (f"The best model on the domain is {best}: {b['score']:.3f} on {on}, {t['diff']:+.3f} over "
+        return (f"The best model on the domain is {best}: {score:.3f} on {on}, {t['diff']:+.3f} over "
                 f"{strongest}, a significant gain ({stat})")
-    elif outcome == "tie":
-        head = (f"No model of this run is significantly better on the domain than {strongest}: the best, {best}, "
-                f"scores {b['score']:.3f} on {on}, {t['diff']:+.3f}: inside the noise ({stat}), so "
+    if outcome == "tie":
+        return (f"No model of this run is significantly better on the domain than {strongest}: the best, {best}, "
+                f"scores {score:.3f} on {on}, {t['diff']:+.3f}: inside the noise ({stat}), so "
                 f"{'no gain' if t['diff'] >= 0 else 'no significant loss either'}")
-    else:
-        head = (f"The best model on the domain is the generalist {describe(m, rival, best, r['score'])}, not a "
-                f"model of this run: the best of them, {best}, scores {b['score']:.3f} on {on}, {t['diff']:+.3f}: "
-                f"significantly worse ({stat})")
-    clauses = [head]
+    return (f"The best model on the domain is the generalist {describe(m, rival, best, rival_score)}, not a "
+            f"model of this run: the best of them, {best}, scores {score:.3f} on {on}, {t['diff']:+.3f}: "
+            f"significantly worse ({stat})")
+
+
+def _also(m: dict, sets: dict, scores: dict, best: str, riv_s: list[str], t: dict, k: int) -> list[str]:
+    """The verdict's further clauses: `best` against every other generalist, and per set against the
+    strongest (`riv_s[0]`) where a set disagrees with the pooled outcome `t` (p-values times `k`)."""
+    rival, b = riv_s[0], scores[best]
+    clauses = []
     verbs = {"better": "beats", "tie": "is not significantly different from", "worse": "is also significantly worse than"}
     for x in riv_s[1:]:
         o = paired(b, scores[x], sets, k)
         clauses.append(f"{best} {verbs[o['outcome']]} {describe(m, x, best, scores[x]['score'])}: {o['diff']:+.3f}, "
                        f"{_p(o)}" if o else f"{describe(m, x, best, scores[x]['score'])} is untested")
-    per_set = {s: paired(b, r, [s], k) for s in sets} if len(sets) > 1 else {}
+    per_set = {s: paired(b, scores[rival], [s], k) for s in sets} if len(sets) > 1 else {}
     signs = {o["outcome"] for o in per_set.values() if o and o["outcome"] != "tie"}
     if signs and (signs != {t["outcome"]}):
         word = {"better": "better", "worse": "worse", "tie": "no significant difference"}
         clauses.append(f"per set against {rival}, {best} is " + ", ".join(
             f"{word[o['outcome']]} on {s} ({o['diff']:+.3f}, {_p(o)})" for s, o in per_set.items() if o))
-    clauses.append(f"{best} comes at {cost(m, best, rival)}")
-    return facts | {"outcome": outcome, "diff": t["diff"], "p": t["p"], "test": t["test"], "lead": head,
-                    "sentence": "; ".join(clauses) + "."}
+    return clauses
 
 
 def bpb_line(m: dict) -> str:

@@ -16,7 +16,6 @@ The cache is `$SLMFORGE_BASES`, else `~/.cache/slmforge/bases`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import importlib.util
@@ -24,14 +23,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from slmforge.common import NAME_RE
 from slmforge.errors import UserError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 META = "base.json"
 FORMAT = 3  # base.json's layout (3: `quantized`) and the conversion; a built-in base of an older format is converted again
 
@@ -163,10 +161,6 @@ def _load_gguf(path: Path):
 def add(name: str, src: str | Path, tokens: float | None = None, license: str | None = None,
         cache: str | Path | None = None, force: bool = False, source: str | None = None) -> Base:
     """Convert `src` (an HF folder or a .gguf file) into `<cache>/<name>/` (temp folder, then rename)."""
-    from transformers import GenerationConfig
-
-    from slmforge.models.modeling import load_model
-
     if not NAME_RE.match(name):
         raise UserError(f"base name {name!r}: use lowercase letters, digits, '.', '_' or '-' (e.g. smollm2-135m)")
     src = Path(src).expanduser().resolve()
@@ -177,31 +171,11 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
     if dst.exists() and not force:
         raise UserError(f"base {name} exists ({dst}); pass --force to replace it")
     t0 = time.time()
-    if src.is_file():
-        if src.suffix != ".gguf":
-            raise UserError(f"{src}: a base is a Hugging Face folder or a .gguf file")
-        model, tok = _load_gguf(src)
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):  # the weights are dequantized: a plain float model now
-            del config.quantization_config
-        fresh = type(model)(config)  # save_pretrained refuses a model loaded from GGUF
-        missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-        if [k for k in missing if "rotary" not in k] or unexpected:
-            raise UserError(f"{src}: the GGUF's tensors do not fit {type(model).__name__} "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model, hashed, quantized = fresh, [src], gguf_weight_type(src)
-    else:
-        model, tok = load_model(src)  # offline, safetensors only, no remote code
-        hashed, quantized = sorted(src.glob("*.safetensors")), None
+    model, tok, hashed, quantized = _read_source(src)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    gen = model.generation_config if model.generation_config is not None else GenerationConfig()
-    gen.save_pretrained(str(tmp))
-    if src.is_dir() and (src / "README.md").is_file():
-        shutil.copy2(src / "README.md", tmp / "README.md")
+    _save(model, tok, src, tmp)
     builtin = BUILTIN.get(name)
     tokens = tokens if tokens is not None else (card_tokens(src) if src.is_dir() else None)
     c = model.config
@@ -222,6 +196,40 @@ def add(name: str, src: str | Path, tokens: float | None = None, license: str | 
     info(f"  base · {name}: {params / 1e6:.1f}M parameters, context {base.context}, vocabulary {base.vocab_size} "
          f"-> {dst} ({time.time() - t0:.0f}s)")
     return base
+
+
+def _read_source(src: Path) -> tuple:
+    """(model, tokenizer, the files its sha256 covers, the GGUF's quantized weight type or None) of an HF
+    folder or a .gguf file; a GGUF is dequantized into a fresh model of its class."""
+    if not src.is_file():
+        from slmforge.models.modeling import load_model
+
+        model, tok = load_model(src)  # offline, safetensors only, no remote code
+        return model, tok, sorted(src.glob("*.safetensors")), None
+    if src.suffix != ".gguf":
+        raise UserError(f"{src}: a base is a Hugging Face folder or a .gguf file")
+    model, tok = _load_gguf(src)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: a plain float model now
+        del config.quantization_config
+    fresh = type(model)(config)  # save_pretrained refuses a model loaded from GGUF
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    if [k for k in missing if "rotary" not in k] or unexpected:
+        raise UserError(f"{src}: the GGUF's tensors do not fit {type(model).__name__} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return fresh, tok, [src], gguf_weight_type(src)
+
+
+def _save(model, tok, src: Path, folder: Path) -> None:
+    """The model (safetensors), its tokenizer, generation config and, from an HF folder, its model card."""
+    from transformers import GenerationConfig
+
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    gen = model.generation_config if model.generation_config is not None else GenerationConfig()
+    gen.save_pretrained(str(folder))
+    if src.is_dir() and (src / "README.md").is_file():
+        shutil.copy2(src / "README.md", folder / "README.md")
 
 
 def read(folder: Path) -> Base:
@@ -292,46 +300,28 @@ def list_bases(cache: str | Path | None = None) -> list[Base]:
     return [read(p) for p in sorted(root.iterdir()) if (p / META).is_file()] if root.is_dir() else []
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    """`slmforge base add NAME PATH | list`."""
-    from slmforge.models.modeling import parse_count
+def add_by_name(name: str, path: str | Path | None = None, tokens: str | None = None, license: str | None = None,
+                cache: str | Path | None = None, force: bool = False) -> Base:
+    """`slmforge base add NAME [PATH]`: a built-in base when `path` is left out (its file, tokens and licence);
+    `tokens` as a user writes it (2T) overrides the stated or built-in count."""
+    if path is None and name not in BUILTIN:
+        raise UserError(f"base add {name}: give PATH (only {', '.join(BUILTIN)} are built in)")
+    count = None
+    if path is None:
+        b = BUILTIN[name]
+        path, count, license = builtin_file(name), b.pretrain_tokens, license or b.license
+    if tokens:
+        from slmforge.models.modeling import parse_count
 
-    p = argparse.ArgumentParser(prog="slmforge base", description="Pretrained bases: real models to compare "
-                                "with, to adapt (pretrain.init_from) and to teach. Built in: " + ", ".join(BUILTIN))
-    p.add_argument("--cache", help="the bases folder (default $SLMFORGE_BASES or ~/.cache/slmforge/bases)")
-    sub = p.add_subparsers(dest="action", required=True)
-    a = sub.add_parser("add", help="convert an HF folder or a .gguf file into a base")
-    a.add_argument("name")
-    a.add_argument("path", nargs="?", help="an HF folder (safetensors) or a .gguf file (omit for a built-in base)")
-    a.add_argument("--tokens", help="pretraining tokens, e.g. 2T (default: what the model card states)")
-    a.add_argument("--license", help="the licence, e.g. apache-2.0")
-    a.add_argument("--force", action="store_true", help="replace a base of the same name")
-    sub.add_parser("list", help="the bases in the cache (and the built-in ones not converted yet)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        if args.action == "add":
-            if args.path is None and args.name not in BUILTIN:
-                raise UserError(f"base add {args.name}: give PATH (only {', '.join(BUILTIN)} are built in)")
-            if args.path is None:
-                b = BUILTIN[args.name]
-                path, tokens, lic = builtin_file(args.name), b.pretrain_tokens, args.license or b.license
-            else:
-                path, tokens, lic = args.path, None, args.license
-            if args.tokens:
-                tokens = parse_count(args.tokens)
-            base = add(args.name, path, tokens=tokens, license=lic, cache=args.cache, force=args.force)
-            print(json.dumps(base.to_json(), indent=2))
-        else:
-            have = list_bases(args.cache)
-            for b in have:
-                toks = f"{b.pretrain_tokens:.3g} tokens" if b.pretrain_tokens else "tokens unknown"
-                print(f"{b.name:<20} {b.params / 1e6:7.1f}M  ctx {b.context:<6} {b.license or '?':<12} {toks:<16} {b.path}")
-            for name in sorted(set(BUILTIN) - {b.name for b in have}):
-                print(f"{name:<20} built in, converted on first use ({BUILTIN[name].source})")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        count = parse_count(tokens)
+    return add(name, path, tokens=count, license=license, cache=cache, force=force)
+
+
+def print_bases(cache: str | Path | None = None) -> None:
+    """`slmforge base list`: one line per base in the cache, then the built-in ones not converted yet."""
+    have = list_bases(cache)
+    for b in have:
+        toks = f"{b.pretrain_tokens:.3g} tokens" if b.pretrain_tokens else "tokens unknown"
+        print(f"{b.name:<20} {b.params / 1e6:7.1f}M  ctx {b.context:<6} {b.license or '?':<12} {toks:<16} {b.path}")
+    for name in sorted(set(BUILTIN) - {b.name for b in have}):
+        print(f"{name:<20} built in, converted on first use ({BUILTIN[name].source})")

@@ -26,6 +26,6 @@ Modules: config (the recipe's `serve:` section), models (catalog names and folde
 decode (one sequence's sampling, stops and pieces), batch (the per-model decode thread), structured
 (grammars), knowledge (knowledge mode), schemas (OpenAI request bodies and error bodies), limits
 (generation slots and the bridge to the event loop), server (the models, the router and the request
-checks), app (the FastAPI routes), cli (`slmforge serve`). Nothing is imported here, so that `slmforge.serve.config` loads without torch
-or FastAPI.
+checks), app (the FastAPI routes); `slmforge serve` itself is a verb of slmforge.cli. Nothing is imported
+here, so that `slmforge.serve.config` loads without torch or FastAPI.
 """

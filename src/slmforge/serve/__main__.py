@@ -2,6 +2,6 @@
 
 import sys
 
-from slmforge.serve.cli import cli_main
+from slmforge.cli import main
 
-sys.exit(cli_main())
+sys.exit(main(["serve", *sys.argv[1:]]))

@@ -15,7 +15,7 @@ Output: `<run>/<variant>/` HF folders, `importance.json` (every score), and the 
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -34,12 +34,25 @@ from slmforge.models.modeling import load_model, parse_count, shape_of
 from slmforge.records import Curated, Models
 from slmforge.training import prune
 from slmforge.training.distill import Distiller
-from slmforge.training.loop import TrainConfig, save_snapshot, save_trained, train_one
+from slmforge.training.loop import TrainConfig, Trainee, token_budget, train_and_save
 from slmforge.training.packing import Sampler, tokenize_sources
 
 NAME = "compress"
 INPUTS = ("curate",)
-VARIANTS = ("pruned", "pruned-kd", "pruned-lm", "scratch-kd", "scratch-lm")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a variant is: where its weights start, and the loss it is trained with after."""
+
+    init: Literal["pruned", "scratch"]  # the pruned teacher's weights, or random ones of the same shape
+    loss: Literal["kd", "lm"] | None  # distillation, the LM loss alone, or None: saved as pruned, not trained
+
+
+# the names are the models records.MODELS gives this stage (tests/stages/test_compress.py checks it)
+VARIANTS = {"pruned": Variant("pruned", None), "pruned-kd": Variant("pruned", "kd"),
+            "pruned-lm": Variant("pruned", "lm"), "scratch-kd": Variant("scratch", "kd"),
+            "scratch-lm": Variant("scratch", "lm")}
 
 
 class ShapeOverride(BaseModel):
@@ -69,7 +82,7 @@ class Config(TrainConfig):
     calibration: int = Field(256, ge=1, description="domain train sequences the importance is measured on")
     calibration_context: int = Field(128, ge=8, description="tokens per calibration sequence")
     context: int | None = Field(None, ge=16, description="training context (default: the teacher's, up to 1024)")
-    variants: list[Literal[VARIANTS]] = Field(  # type: ignore[valid-type]
+    variants: list[Literal[tuple(VARIANTS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["pruned-kd"], description=f"students to make: {', '.join(VARIANTS)}")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term (1 - alpha: the LM loss)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term")
@@ -145,13 +158,13 @@ def calibration_windows(streams: dict[str, np.ndarray], n: int, length: int) -> 
     return np.stack([flat[s:s + length] for s in starts]).astype(np.int64)
 
 
-def student_shape(cfg: Config, config) -> prune.Shape:
-    """The target's shape, with the sizes cfg.shape fixes."""
-    s = prune.target_shape(config, cfg.target(prune.param_count(config, prune.Shape.of(config))), cfg.dims) \
-        if cfg.ratio is not None or cfg.params is not None else prune.Shape.of(config)
+def student_sizes(cfg: Config, config) -> prune.Sizes:
+    """The target's sizes, with those cfg.shape fixes."""
+    s = prune.target_sizes(config, cfg.target(prune.param_count(config, prune.Sizes.of(config))), cfg.dims) \
+        if cfg.ratio is not None or cfg.params is not None else prune.Sizes.of(config)
     fixed = cfg.shape.model_dump(exclude_none=True) if cfg.shape else {}
-    s = prune.Shape(**{**s.__dict__, **fixed})
-    teacher = prune.Shape.of(config)
+    s = prune.Sizes(**{**s.__dict__, **fixed})
+    teacher = prune.Sizes.of(config)
     too_big = [k for k, v in s.__dict__.items() if v > getattr(teacher, k)]
     if too_big:
         raise UserError(f"compress.shape: {', '.join(too_big)} larger than the teacher's ({teacher})")
@@ -159,8 +172,27 @@ def student_shape(cfg: Config, config) -> prune.Shape:
 
 
 # ---- the stage --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shared:
+    """What every variant is made from: the teacher and the pruned student, the data, and the figures the
+    variants' metrics and cards take."""
+
+    teacher: object
+    tokenizer: object
+    teacher_dir: Path
+    teacher_rec: dict  # what the manifest records of the teacher
+    teacher_params: int
+    pruned: object
+    student_params: int
+    pruning: dict  # each variant's summary of the pruning record
+    calibration_flops: int
+    streams: dict[str, np.ndarray]
+    val: dict[str, np.ndarray]
+    domain: list[str]
+    context: int
+
+
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
-    import torch
     from accelerate import PartialState
 
     dist.init()
@@ -171,100 +203,97 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     teacher.to(device)
     bf16 = use_bf16(cfg.precision)
     peak = hardware.peak_flops(bf16)
-    context = min(cfg.context or 1024, teacher.config.max_position_embeddings)
     sources = list(curated.roles)
     dist.on_main(tokenize_sources, tokenizer, inputs["curate"], sources, out / "tokens")
     streams = {s: np.load(out / "tokens" / f"{s}.train.npy", mmap_mode="r") for s in sources}
     val = {s: np.load(out / "tokens" / f"{s}.val.npy", mmap_mode="r") for s in sources}
     t_params = sum(p.numel() for p in teacher.parameters())
-
-    windows = calibration_windows({s: streams[s] for s in curated.domain}, cfg.calibration, cfg.calibration_context)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    imp = prune.importance(teacher, windows, micro_batch=8, autocast=autocast)
-    shape = student_shape(cfg, teacher.config)
-    keep = prune.choose(imp, teacher.config, shape)
-    record = prune.record(imp, keep, teacher.config, shape)
-    dist.on_main(lambda: (out / "importance.json").write_text(json.dumps(imp.__dict__)))
-    pruned = prune.prune(teacher, keep)
-    s_params = sum(p.numel() for p in pruned.parameters())
-    info(f"  compress · teacher {t_params / 1e6:.1f}M -> student {s_params / 1e6:.1f}M ({s_params / t_params:.1%}): "
-         f"{shape.layers}/{teacher.config.num_hidden_layers} layers, hidden {shape.hidden}, heads "
-         f"{shape.heads}/{shape.kv_heads} kv, ffn {shape.ffn}; importance on {imp.tokens:,} domain tokens "
-         f"(layers removed: {record['layers']['removed']})")
-
-    calib_flops = 2 * t_params * imp.tokens
+    pruned, record = _prune(cfg, teacher, {s: streams[s] for s in curated.domain}, device, bf16, out)
+    calib_flops = 2 * t_params * record["calibration_tokens"]
     metrics: dict = {"teacher": {**teacher_rec, "params": t_params}, "pruning": record, "bf16": bf16,
                      "peak_flops": peak, "world_size": dist.world_size(), "calibration_flops": calib_flops,
                      "init_from": init_from, "models": {}}
-    tokens_budget = int(parse_count(cfg.tokens)) if cfg.tokens else None
     pruning = {k: record[k] for k in ("shape", "teacher_shape", "calibration_tokens")} | {
         "removed_layers": record["layers"]["removed"],
         "importance_kept": {k: record[k]["importance_kept"] for k in ("hidden", "heads", "ffn")}}
+    shared = Shared(teacher, tokenizer, teacher_dir, teacher_rec, t_params, pruned,
+                    sum(p.numel() for p in pruned.parameters()), pruning, calib_flops, streams, val, curated.domain,
+                    min(cfg.context or 1024, teacher.config.max_position_embeddings))
     for name in cfg.variants:
-        final_dir = out / name
-        if (final_dir / "model.safetensors").is_file() and (final_dir / "metrics.json").is_file():
-            metrics["models"][name] = {**json.loads((final_dir / "metrics.json").read_text()), "pruning": pruning}
-            tokens_budget = tokens_budget or metrics["models"][name]["tokens"] or None
-            continue
-        model = _student(name, pruned, cfg.seed)
-        shape_ = {**shape_of(model, context), "head_dim": prune.head_dim(model.config)}
-        kd = name.endswith("-kd")
-        m = {"variant": name, "init": name.split("-")[0], "loss": "kd" if kd else ("lm" if "-" in name else None),
-             "shape": shape_, "teacher": metrics["teacher"], "tokens": 0, "steps": 0,
-             "base": teacher_rec if "stage" in teacher_rec and name.startswith("pruned") else None,
-             "pruning": pruning}
-        if name == "pruned":
-            result = None
-        else:
-            sampler = Sampler(streams, curated.domain, context, cfg.seed)  # every variant sees the same batches
-            n_seq = max(1, cfg.batch_tokens // context)
-            total_steps = math.ceil(tokens_budget / (n_seq * context)) if tokens_budget else None
-            cfg_v = cfg.model_copy(update={"lr": cfg.scratch_lr}) if name.startswith("scratch") else cfg
-            loss = Distiller(teacher, cfg.alpha, cfg.temperature) if kd else None
-            snapshot = partial(save_snapshot, tokenizer=tokenizer, root=final_dir / "snapshots")
-            result = train_one(name, cfg_v, model, shape_, sampler, val, out, total_steps, peak, bf16, snapshot,
-                               stage="compress", loss=loss)
-            tokens_budget = tokens_budget or result["tokens"]
-            model = result["model"]
-            m.update({k: v for k, v in result.items() if k not in ("model", "log", "val_log")})
-            m["flops"] = 6 * s_params * result["tokens"] + (2 * t_params * result["tokens"] if kd else 0)
-            if kd:
-                m.update(alpha=cfg.alpha, temperature=cfg.temperature)
-        m["flops_with_pruning"] = m.get("flops", 0) + (calib_flops if name.startswith("pruned") else 0)
-        data = {"teacher": str(teacher_rec.get("base") or teacher_rec.get("model") or teacher_dir),
-                "init": "pruned teacher" if name.startswith("pruned") else "random",
-                "loss": {"kd": f"{cfg.alpha:g}*KL(T={cfg.temperature:g}) + {1 - cfg.alpha:g}*LM", "lm": "LM"}.get(
-                    m["loss"], "none (not trained after pruning)"),
-                "sources": ", ".join(sources)}
-        about = (f"A {s_params / 1e6:.1f}M-parameter Llama model made by slmforge's compress stage from "
-                 f"{data['teacher']} ({t_params / 1e6:.1f}M): {data['init']}, trained with {data['loss']}.")
-        dist.on_main(save_trained, model, tokenizer, shape_, _result(result, m), final_dir, name, data, m,
-                     out / f"{name}.ckpt.pt", about)
-        metrics["models"][name] = m
+        cfg_v = cfg.model_copy(update={"lr": cfg.scratch_lr}) if VARIANTS[name].init == "scratch" else cfg
+        entry = train_and_save(name=name, cfg=cfg_v, out=out, prepare=partial(_trainee, cfg, name, shared, sources),
+                               tokens=token_budget(cfg, metrics["models"]), peak_flops=peak, bf16=bf16, stage=NAME)
+        metrics["models"][name] = {**entry, "pruning": pruning}  # a run from before `pruning` was recorded too
     if dist.is_main():
         _print_summary(metrics)
     return metrics
 
 
-def _student(name: str, pruned, seed: int):
+def _prune(cfg: Config, teacher, streams: dict[str, np.ndarray], device, bf16: bool, out: Path) -> tuple[object, dict]:
+    """(the pruned teacher, the pruning record): importance measured on calibration windows of the domain
+    train `streams` (every score in out/importance.json), the student's sizes and the structures kept."""
+    import torch
+
+    windows = calibration_windows(streams, cfg.calibration, cfg.calibration_context)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    imp = prune.importance(teacher, windows, micro_batch=8, autocast=autocast)
+    sizes = student_sizes(cfg, teacher.config)
+    keep = prune.choose(imp, teacher.config, sizes)
+    record = prune.record(imp, keep, teacher.config, sizes)
+    dist.on_main(lambda: (out / "importance.json").write_text(json.dumps(imp.__dict__)))
+    pruned = prune.prune(teacher, keep)
+    t_params = sum(p.numel() for p in teacher.parameters())
+    s_params = sum(p.numel() for p in pruned.parameters())
+    info(f"  compress · teacher {t_params / 1e6:.1f}M -> student {s_params / 1e6:.1f}M ({s_params / t_params:.1%}): "
+         f"{sizes.layers}/{teacher.config.num_hidden_layers} layers, hidden {sizes.hidden}, heads "
+         f"{sizes.heads}/{sizes.kv_heads} kv, ffn {sizes.ffn}; importance on {imp.tokens:,} domain tokens "
+         f"(layers removed: {record['layers']['removed']})")
+    return pruned, record
+
+
+def _trainee(cfg: Config, name: str, sh: Shared, sources: list[str]) -> Trainee:
+    """Variant `name` ready to train (or, `pruned`, to save as it is): the student, the same batches as every
+    other variant, the distillation loss for a -kd one, and what its metrics and card say."""
+    v = VARIANTS[name]
+    model = _student(v, sh.pruned, cfg.seed)
+    shape_ = {**shape_of(model, sh.context), "head_dim": prune.head_dim(model.config)}
+    m = {"variant": name, "init": v.init, "loss": v.loss, "shape": shape_,
+         "teacher": {**sh.teacher_rec, "params": sh.teacher_params}, "tokens": 0, "steps": 0,
+         "base": sh.teacher_rec if "stage" in sh.teacher_rec and v.init == "pruned" else None, "pruning": sh.pruning}
+    data = {"teacher": str(sh.teacher_rec.get("base") or sh.teacher_rec.get("model") or sh.teacher_dir),
+            "init": "pruned teacher" if v.init == "pruned" else "random",
+            "loss": {"kd": f"{cfg.alpha:g}*KL(T={cfg.temperature:g}) + {1 - cfg.alpha:g}*LM", "lm": "LM"}.get(
+                v.loss, "none (not trained after pruning)"),
+            "sources": ", ".join(sources)}
+    about = (f"A {sh.student_params / 1e6:.1f}M-parameter Llama model made by slmforge's compress stage from "
+             f"{data['teacher']} ({sh.teacher_params / 1e6:.1f}M): {data['init']}, trained with {data['loss']}.")
+    sampler = Sampler(sh.streams, sh.domain, sh.context, cfg.seed) if v.loss else None  # the same batches for all
+    loss = Distiller(sh.teacher, cfg.alpha, cfg.temperature) if v.loss == "kd" else None
+    return Trainee(model, sh.tokenizer, shape_, sampler, sh.val, partial(_describe, cfg, v, m, data, sh), loss, about)
+
+
+def _describe(cfg: Config, v: Variant, m: dict, data: dict, sh: Shared, run: dict | None) -> tuple[dict, dict]:
+    """(metrics, card data) of a variant: the training run's figures and FLOPs (the teacher's forward
+    passes too when distilled; with the calibration pass for a pruned start)."""
+    if run is not None:
+        m = {**m, **run, "flops": 6 * sh.student_params * run["tokens"]
+             + (2 * sh.teacher_params * run["tokens"] if v.loss == "kd" else 0)}
+        if v.loss == "kd":
+            m.update(alpha=cfg.alpha, temperature=cfg.temperature)
+    return {**m, "flops_with_pruning": m.get("flops", 0) + (sh.calibration_flops if v.init == "pruned" else 0)}, data
+
+
+def _student(v: Variant, pruned, seed: int):
     """The pruned model (a copy, so every variant starts from the same weights) or a fresh one of its shape."""
     import copy
 
     import torch
     from transformers import LlamaForCausalLM
 
-    if name.startswith("pruned"):
+    if v.init == "pruned":
         return copy.deepcopy(pruned)
     torch.manual_seed(seed)
     return LlamaForCausalLM(copy.deepcopy(pruned.config))
-
-
-def _result(result: dict | None, m: dict) -> dict:
-    """What save_trained's card and logs take; for the untrained `pruned` variant, empty logs."""
-    if result is not None:
-        return result
-    return {"tokens": 0, "steps": 0, "final_loss": None, "val": {}, "tokens_per_s": None, "mfu": None,
-            "log": [], "val_log": []}
 
 
 def _print_summary(metrics: dict) -> None:

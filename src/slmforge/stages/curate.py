@@ -18,18 +18,20 @@ import gzip
 import json
 import random
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from slmforge import curation
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.common import write_jsonl
 from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.curation import split_of  # noqa: F401 (curate.split_of: the split of one id)
 from slmforge.errors import UserError
+from slmforge.records import DOCUMENT_SCHEMA, Ingested
 
 NAME = "curate"
 INPUTS = ("ingest",)
@@ -179,128 +181,170 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
     return store.build(NAME, cfg, inputs, lambda out: _build(cfg, inputs["ingest"], out), resumable=True, force=force)
 
 
-def _quiet_logger() -> None:
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="ERROR", format="{level}: {message}")
-
-
-def _quiet_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
-    """datatrove's task logger, with the console at ERROR (its INFO lines swamp our progress bars);
-    the full DEBUG log still goes to logs/task_NNNNN.log."""
-    from loguru import logger
-
-    logger.remove()
-    logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
-    logger.add(sys.stderr, level="ERROR", format="{level}: {message}")
-    logger.add(logfile, level="DEBUG")
-    return logfile
-
-
 def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
-    import datatrove.executor.base as dt_base
-    import datatrove.utils.logging as dt_logging
-    import pyarrow as pa
-    from datatrove.pipeline.dedup.exact_dedup import (
-        ExactDedupConfig,
-        ExactDedupFilter,
-        ExactDedupSignature,
-        ExactFindDedups,
-    )
+    ingested = Ingested.of(ingest)
+    work = out / "work"
+    with curation.quiet_datatrove():
+        _run_jobs(cfg, _jobs(cfg, ingested.path / "data", out), ingested, work)
+    metrics = _collect(cfg, work, out)
+    if (work / "rejected").exists():  # gone only if a resumed run already sampled it and cleaned up
+        _audit(work / "rejected", out / "audit", cfg.audit_sample)
+    for sub in ("filtered", "exact_sigs", "exact_dups", "mh_sigs", "mh_buckets", "mh_remove", "rejected"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    metrics["splits"] = _split_counts(out / "data")
+    metrics["roles"] = ingested.roles
+    empty = [s for s in ingested.sources if not metrics["splits"].get(s, {}).get("train", {}).get("docs")]
+    if empty:
+        raise UserError(
+            f"curate: no training documents left for source(s) {', '.join(empty)}. See {out / 'audit'} for what "
+            f"was dropped and loosen the curate thresholds in the recipe (drop counts: {metrics['filters']})")
+    metrics["warnings"] = [f"source {s}: the {k} split is empty; raise curate.{k}_fraction"
+                           for s, per in metrics["splits"].items() for k in ("val", "test") if not per[k]["docs"]]
+    for w in metrics["warnings"]:
+        info(f"[yellow]warning[/]: {w}")
+    _print_summary(metrics)
+    return metrics
+
+
+# ---- the datatrove jobs: each a list of pipeline steps, run over `tasks` ranks -------------------------
+def _jobs(cfg: Config, data: Path, out: Path) -> list:
+    """curate's jobs in order (slmforge.curation.Job): filter, exact-dedup find, the three MinHash jobs
+    and the split, each job a datatrove pipeline. Steps that read documents run one task per ingest shard."""
+    tasks = max(1, len(list(data.glob("*/*.parquet"))))
+    work = out / "work"
+    jobs = [curation.Job("1-filter", _filter_steps(cfg, data, work), tasks)]
+    if cfg.exact_dedup:
+        jobs.append(curation.Job("2-exact-find", _exact_find_steps(work), 1))
+    if cfg.minhash.enabled:
+        jobs += _minhash_jobs(cfg, work, tasks)
+    jobs.append(curation.Job("6-split", _split_steps(cfg, work, out), tasks))
+    return jobs
+
+
+def _reader(folder: Path):
+    from datatrove.pipeline.readers import ParquetReader
+
+    return ParquetReader(str(folder), glob_pattern="**/*.parquet")
+
+
+def _excluded(work: Path, step: str):
+    """Where a filter writes what it dropped (sampled into audit/ at the end)."""
+    from datatrove.pipeline.writers import JsonlWriter
+
+    return JsonlWriter(str(work / "rejected" / step), output_filename="${rank}.jsonl.gz")
+
+
+def _parquet(folder: Path, filename: str):
+    from datatrove.pipeline.writers import ParquetWriter
+
+    from slmforge.curation.steps import row_adapter
+
+    return ParquetWriter(str(folder), output_filename=filename, adapter=row_adapter, schema=DOCUMENT_SCHEMA,
+                         compression="zstd")
+
+
+def _exact_config():
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+
+    from slmforge.curation.steps import doc_bytes
+
+    return ExactDedupConfig(content_getter=doc_bytes)
+
+
+def _filter_steps(cfg: Config, data: Path, work: Path) -> list:
+    """Job 1: the quality filters and PII redaction, written once to work/filtered; exact-dedup signatures
+    computed on the way out."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature
+
+    from slmforge.curation.steps import CountProgress, RedactPII
+
+    # a document counter for the bar on the local executor (a cluster's bar counts tasks)
+    steps = [_reader(data)] + ([CountProgress()] if cfg.executor == "local" else [])
+    steps += _quality_filters(cfg, work)
+    steps += [RedactPII(cfg.pii), _parquet(work / "filtered", "${rank}.parquet")]
+    if cfg.exact_dedup:
+        steps.append(ExactDedupSignature(str(work / "exact_sigs"), config=_exact_config()))
+    return steps
+
+
+def _quality_filters(cfg: Config, work: Path) -> list:
+    """The enabled quality filters, each writing what it drops; C4's rules with fixed settings that keep
+    code and tables (see C4Rules)."""
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+
+    from slmforge.curation.steps import C4DocumentRules
+
+    steps: list = []
+    if cfg.gopher_repetition.enabled:
+        kw = cfg.gopher_repetition.kwargs()
+        kw = {**kw, "top_n_grams": tuple(map(tuple, kw["top_n_grams"])), "dup_n_grams": tuple(map(tuple, kw["dup_n_grams"]))}
+        steps.append(GopherRepetitionFilter(**kw, exclusion_writer=_excluded(work, "gopher_repetition")))
+    if cfg.gopher_quality.enabled:
+        steps.append(GopherQualityFilter(**cfg.gopher_quality.kwargs(),
+                                         exclusion_writer=_excluded(work, "gopher_quality")))
+    if cfg.c4.enabled:
+        steps.append(C4DocumentRules(
+            exclusion_writer=_excluded(work, "c4"), split_paragraph=True, remove_citations=False,
+            filter_no_terminal_punct=False, min_words_per_line=-1, filter_javascript=False, filter_policy=False,
+            **cfg.c4.kwargs()))
+    return steps
+
+
+def _exact_find_steps(work: Path) -> list:
+    """Job 2: the exact duplicates, from every task's signatures."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactFindDedups
+
+    return [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=_exact_config())]
+
+
+def _deduped(cfg: Config, work: Path) -> list:
+    """The filtered documents, exact duplicates dropped: how jobs 3 and 6 start."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter
+
+    steps = [_reader(work / "filtered")]
+    if cfg.exact_dedup:
+        steps.append(ExactDedupFilter(str(work / "exact_dups"), config=_exact_config(),
+                                      exclusion_writer=_excluded(work, "exact_dedup")))
+    return steps
+
+
+def _minhash_jobs(cfg: Config, work: Path, tasks: int) -> list:
+    """Jobs 3-5: near duplicates (MinHash LSH): signatures, then one task per bucket, then the clusters."""
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
         MinhashDedupBuckets,
         MinhashDedupCluster,
-        MinhashDedupFilter,
         MinhashDedupSignature,
     )
-    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
-    from datatrove.pipeline.readers import ParquetReader
-    from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
-    from slmforge import curation
-    from slmforge.curation.steps import (
-        AssignSplit,
-        C4DocumentRules,
-        CountProgress,
-        RedactPII,
-        doc_bytes,
-        row_adapter,
-    )
-    from slmforge.records import DOCUMENT_SCHEMA
+    mh = MinhashConfig(**cfg.minhash.kwargs())
+    signatures = _deduped(cfg, work) + [MinhashDedupSignature(str(work / "mh_sigs"), config=mh)]
+    buckets = [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=mh)]
+    clusters = [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=mh)]
+    return [curation.Job("3-minhash-signatures", signatures, tasks),
+            curation.Job("4-minhash-buckets", buckets, mh.num_buckets),
+            curation.Job("5-minhash-cluster", clusters, 1)]
 
-    dt_base.add_task_logger = _quiet_task_logger
-    dt_logging.setup_default_logger = _quiet_logger
-    _quiet_logger()
 
-    shards = sorted((ingest.path / "data").glob("*/*.parquet"))
-    tasks = max(1, len(shards))
-    work = out / "work"
-    filtered, rejected = work / "filtered", work / "rejected"
+def _split_steps(cfg: Config, work: Path, out: Path) -> list:
+    """Job 6: the deduplicated documents, near duplicates dropped, split by id and written to data/."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupFilter
 
-    def reader(folder: Path):
-        return ParquetReader(str(folder), glob_pattern="**/*.parquet")
+    from slmforge.curation.steps import AssignSplit
 
-    def excluded(step: str):
-        return JsonlWriter(str(rejected / step), output_filename="${rank}.jsonl.gz")
-
-    def parquet(folder: Path, filename: str):
-        return ParquetWriter(str(folder), output_filename=filename, adapter=row_adapter, schema=DOCUMENT_SCHEMA,
-                             compression="zstd")
-
-    # 1. filters + PII, written once; exact-dedup signatures computed on the way out
-    local = cfg.executor == "local"  # a document counter for the bar (a cluster's bar counts tasks)
-    steps: list = [reader(ingest.path / "data")] + ([CountProgress()] if local else [])
-    if cfg.gopher_repetition.enabled:
-        kw = cfg.gopher_repetition.kwargs()
-        kw = {**kw, "top_n_grams": tuple(map(tuple, kw["top_n_grams"])), "dup_n_grams": tuple(map(tuple, kw["dup_n_grams"]))}
-        steps.append(GopherRepetitionFilter(**kw, exclusion_writer=excluded("gopher_repetition")))
-    if cfg.gopher_quality.enabled:
-        steps.append(GopherQualityFilter(**cfg.gopher_quality.kwargs(), exclusion_writer=excluded("gopher_quality")))
-    if cfg.c4.enabled:
-        steps.append(C4DocumentRules(
-            exclusion_writer=excluded("c4"), split_paragraph=True, remove_citations=False,
-            filter_no_terminal_punct=False, min_words_per_line=-1, filter_javascript=False, filter_policy=False,
-            **cfg.c4.kwargs()))
-    steps.append(RedactPII(cfg.pii))
-    steps.append(parquet(filtered, "${rank}.parquet"))
-    exact_cfg = ExactDedupConfig(content_getter=doc_bytes)
-    if cfg.exact_dedup:
-        steps.append(ExactDedupSignature(str(work / "exact_sigs"), config=exact_cfg))
-    jobs = [curation.Job("1-filter", steps, tasks)]
-
-    # 2. exact duplicates
-    if cfg.exact_dedup:
-        jobs.append(curation.Job("2-exact-find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"),
-                                                                  config=exact_cfg)], 1))
-
-    def deduped() -> list:
-        s = [reader(filtered)]
-        if cfg.exact_dedup:
-            s.append(ExactDedupFilter(str(work / "exact_dups"), config=exact_cfg, exclusion_writer=excluded("exact_dedup")))
-        return s
-
-    # 3. near duplicates (MinHash LSH)
-    final: list = deduped()
+    steps = _deduped(cfg, work)
     if cfg.minhash.enabled:
-        mh = MinhashConfig(**cfg.minhash.kwargs())
-        jobs += [curation.Job("3-minhash-signatures", deduped() + [MinhashDedupSignature(str(work / "mh_sigs"), config=mh)],
-                              tasks),
-                 curation.Job("4-minhash-buckets", [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"),
-                                                                        config=mh)], mh.num_buckets),
-                 curation.Job("5-minhash-cluster", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"),
-                                                                        config=mh)], 1)]
-        final.append(MinhashDedupFilter(str(work / "mh_remove"), exclusion_writer=excluded("minhash")))
+        steps.append(MinhashDedupFilter(str(work / "mh_remove"), exclusion_writer=_excluded(work, "minhash")))
+    return steps + [AssignSplit(cfg.val_fraction, cfg.test_fraction, cfg.split_salt),
+                    _parquet(out / "data", "${split}/${source}/part-${rank}.parquet")]
 
-    # 4. split and write
-    final += [AssignSplit(cfg.val_fraction, cfg.test_fraction, cfg.split_salt),
-              parquet(out / "data", "${split}/${source}/part-${rank}.parquet")]
-    jobs.append(curation.Job("6-split", final, tasks))
 
+def _run_jobs(cfg: Config, jobs: list, ingested: Ingested, work: Path) -> None:
+    """The jobs one after another on the configured executor; on this machine, the filter job with a
+    progress bar of documents."""
     logs = work / "logs"
-    if local:
-        with _progress_bar(ingest.manifest["metrics"], tasks, cfg.workers):
+    if cfg.executor == "local":
+        with _progress_bar(ingested.sources, jobs[0].tasks, cfg.workers):
             curation.run_local(jobs[:1], logs, cfg.workers)
         curation.run_local(jobs[1:], logs, cfg.workers)
     elif cfg.executor == "ray":
@@ -308,55 +352,39 @@ def _build(cfg: Config, ingest: Artifact, out: Path) -> dict:
     else:
         curation.run_slurm(jobs, logs, cfg.workers, cfg.slurm, work / "slurm_jobs.json")
 
-    metrics = _collect(cfg, work, out)
-    if rejected.exists():  # gone only if a resumed run already sampled it and cleaned up
-        _audit(rejected, out / "audit", cfg.audit_sample)
-    for sub in ("filtered", "exact_sigs", "exact_dups", "mh_sigs", "mh_buckets", "mh_remove", "rejected"):
-        shutil.rmtree(work / sub, ignore_errors=True)
 
-    # counts per split and source, read back from what was written
+def _split_counts(data: Path) -> dict[str, dict]:
+    """Documents and characters per source and split, read back from what was written."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     splits: dict[str, dict] = {}
-    for shard in sorted((out / "data").glob("*/*/*.parquet")):
+    for shard in sorted(data.glob("*/*/*.parquet")):
         split, source = shard.parent.parent.name, shard.parent.name
         t = pq.read_table(shard, columns=["text"])
         s = splits.setdefault(source, {k: {"docs": 0, "chars": 0} for k in SPLITS})[split]
         s["docs"] += t.num_rows
         s["chars"] += int(pa.compute.sum(pa.compute.utf8_length(t["text"])).as_py() or 0)
-    metrics["splits"] = splits
-    sources = ingest.manifest["metrics"]["sources"]
-    metrics["roles"] = {name: s["role"] for name, s in sources.items()}
-    empty = [s for s in sources if not splits.get(s, {}).get("train", {}).get("docs")]
-    if empty:
-        raise UserError(
-            f"curate: no training documents left for source(s) {', '.join(empty)}. See {out / 'audit'} for what "
-            f"was dropped and loosen the curate thresholds in the recipe (drop counts: {metrics['filters']})")
-    metrics["warnings"] = [f"source {s}: the {k} split is empty; raise curate.{k}_fraction"
-                           for s, per in splits.items() for k in ("val", "test") if not per[k]["docs"]]
-    for w in metrics["warnings"]:
-        info(f"[yellow]warning[/]: {w}")
-    _print_summary(metrics)
-    return metrics
+    return splits
 
 
 @contextlib.contextmanager
-def _progress_bar(ingest_metrics: dict, tasks: int, workers: int):
+def _progress_bar(sources: dict[str, dict], tasks: int, workers: int):
     """Documents, MB/s and ETA of the filter step, polled from the counters the workers update (set
-    here, before datatrove forks them)."""
+    here, before datatrove forks them). `sources`: what ingest counted of each source."""
     import multiprocessing as mp
 
     from slmforge.console import progress
-    from slmforge.curation import polling
     from slmforge.curation.steps import SHARED
 
     SHARED.update(docs=mp.Value("q", 0), chars=mp.Value("q", 0))
 
-    total_docs = ingest_metrics["docs"]
-    with progress(f"curate · filter ({tasks} tasks, {workers} workers)", ingest_metrics["chars"], "chars") as bar:
+    total_docs = sum(s["docs"] for s in sources.values())
+    total_chars = sum(s.get("chars", 0) for s in sources.values())
+    with progress(f"curate · filter ({tasks} tasks, {workers} workers)", total_chars, "chars") as bar:
         bar.update(items=f"0/{total_docs} docs")
-        with polling(lambda: bar.update(completed=SHARED["chars"].value,
-                                        items=f"{SHARED['docs'].value}/{total_docs} docs"), 0.5):
+        with curation.polling(lambda: bar.update(completed=SHARED["chars"].value,
+                                                 items=f"{SHARED['docs'].value}/{total_docs} docs"), 0.5):
             yield
 
 
@@ -400,12 +428,13 @@ def _audit(rejected: Path, audit: Path, per_step: int) -> None:
             with gzip.open(f, "rt", encoding="utf-8") as fh:
                 docs += [json.loads(line) for line in fh]
         random.Random(0).shuffle(docs)
-        with open(audit / f"{step_dir.name}.jsonl", "w", encoding="utf-8") as fh:
-            for d in docs[:per_step]:
-                md = d.get("metadata", {})
-                fh.write(json.dumps({"id": d.get("id"), "source": md.get("source"), "title": md.get("title"),
-                                     "reason": md.get("filter_reason"), "text": d.get("text", "")[:4000]},
-                                    ensure_ascii=False) + "\n")
+        write_jsonl(audit / f"{step_dir.name}.jsonl", (_audit_row(d) for d in docs[:per_step]))
+
+
+def _audit_row(d: dict) -> dict:
+    md = d.get("metadata", {})
+    return {"id": d.get("id"), "source": md.get("source"), "title": md.get("title"),
+            "reason": md.get("filter_reason"), "text": d.get("text", "")[:4000]}
 
 
 def _print_summary(m: dict) -> None:

@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.common import read_jsonl, write_jsonl
 from slmforge.config import DEVICE_PATTERN
 from slmforge.console import info
 from slmforge.errors import UserError
@@ -36,7 +37,6 @@ from slmforge.training.posttrain import (
     params_changed,
     snapshot_params,
     trainer_args,
-    write_jsonl,
 )
 
 NAME = "dpo"
@@ -149,7 +149,7 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     if cfg.on_policy:
         cached = out / "on_policy.jsonl"
         if cached.is_file():
-            extra = [json.loads(x) for x in cached.read_text(encoding="utf-8").splitlines()]
+            extra = read_jsonl(cached)
             stats["on_policy"] = json.loads((out / "on_policy.json").read_text())
         else:
             wanted = {it["chunk_id"] for it in items if it["kind"] in ("qa", "instruction")}

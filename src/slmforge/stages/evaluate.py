@@ -30,16 +30,18 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.common import cut_at_word
 from slmforge.config import DEVICE_PATTERN, BatchSize, RecipePath, StageConfig
 from slmforge.console import info, progress
 from slmforge.errors import UserError
 from slmforge.evaluation.gate import quality_gate
-from slmforge.evaluation.results import bench_rows, best_line, gate_lines, reference
+from slmforge.evaluation.results import best_line, flag_empty, gate_lines
 from slmforge.evaluation.stats import paired_docs
+from slmforge.evaluation.tables import Table, bench_table, bpb_table
 from slmforge.hardware import auto_batch, resolve_device
 from slmforge.models.lm import float_logits, generate, nll
-from slmforge.records import MODEL_STAGES, Benchmarks, Curated, Models, set_of
-from slmforge.synthetic.judge import JudgeConfig
+from slmforge.records import MODEL_STAGES, Benchmarks, Curated, Models
+from slmforge.synthetic.judge import JudgeConfig, grade_qa
 
 NAME = "evaluate"
 INPUTS = ("curate", "bench")
@@ -159,31 +161,6 @@ def external(cfg: Config) -> dict:
         if m.tokenizer:
             out[f"{m.name}.tokenizer"] = fingerprint(m.tokenizer)
     return out
-
-
-def judge_qa(cfg: JudgeConfig, bench: Benchmarks, benchmarks: dict, outcomes: dict, cache: Path) -> dict:
-    """The judge's verdicts on the first `cfg.sample` qa answers of every model: a `judge` score next to
-    F1 in `benchmarks`, and each model's agreement with F1 >= 0.5 on the same items."""
-    from slmforge.synthetic import judge
-
-    task = bench.tasks["qa"]
-    items = bench.items("qa")[: cfg.sample]  # lm-eval's doc ids are the JSONL's line order
-    per_model, pooled = {}, ([], [])
-    for name, per in outcomes.items():
-        o = per.get(task)
-        if not o or "responses" not in o:
-            continue
-        rows = [{"question": it["question"], "reference": it["answer"], "answer": a.strip()}
-                for it, a in zip(items, o["responses"])]
-        info(f"  evaluate · the judge ({cfg.model}) grades {len(rows)} qa answers of {name}")
-        verdicts = judge.judge(cfg, rows, cache)
-        got = [v for v in verdicts if v is not None]
-        benchmarks[name][task]["judge"] = round(sum(got) / len(got), 4) if got else None
-        per_model[name] = judge.agreement(verdicts, o["f1"][: len(rows)])
-        pooled[0].extend(verdicts)
-        pooled[1].extend(o["f1"][: len(rows)])
-    return {"model": cfg.model, "base_url": cfg.base_url, "prompt": judge.VERDICT_PROMPT,
-            "f1_correct_at": judge.F1_CORRECT, "per_model": per_model, "pooled": judge.agreement(*pooled)}
 
 
 def needs(cfg: Config) -> tuple[str, ...]:
@@ -314,11 +291,6 @@ def endpoint_lm(ref: ModelRef):
                                           tokenizer=ref.tokenizer, tokenized_requests=False, **args)
 
 
-def _prompt(text: str, chars: int) -> str:
-    cut = text[:chars]
-    return cut[: cut.rfind(" ")] if " " in cut else cut
-
-
 def _texts(curated: Curated, source: str, max_bytes: int) -> list[str]:
     out, used = [], 0
     for row in curated.documents("test", source, columns=["text"]):
@@ -399,101 +371,52 @@ def select_snapshot(e: Entry, cfg: Config, bench: Benchmarks) -> dict | None:
             "chosen": chosen, "path": str(e.path if chosen == "final" else e.path / "snapshots" / chosen)}
 
 
-def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> dict:
-    from slmforge.models.modeling import load_model
+@dataclass
+class ModelEval:
+    """One model through evaluate: its entry, its record in the results (`models.<name>`), and what was
+    measured on it: bits per byte per source (None for an endpoint, which has no weights to score), the
+    benchmark scores, sample answers and per-item outcomes (lm_eval_run's three), the snapshot chosen on
+    the dev sets, and its greedy samples."""
 
+    entry: Entry
+    record: dict
+    scores: dict[str, dict] | None = None
+    benchmarks: dict = field(default_factory=dict)
+    answers: dict = field(default_factory=dict)
+    outcomes: dict = field(default_factory=dict)
+    selection: dict | None = None
+    samples: list[tuple[str, dict]] = field(default_factory=list)  # ("<source>: <prompt>", {model, completion})
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def add(self, run: tuple[dict, dict, dict]) -> None:
+        """lm_eval_run's (scores, sample answers, outcomes) of some tasks, next to those of the others."""
+        for mine, got in zip((self.benchmarks, self.answers, self.outcomes), run):
+            mine.update(got)
+
+
+def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> dict:
     curated, bench = Curated.of(inputs["curate"]), Benchmarks.of(inputs["bench"])
-    tasks = list(bench.tasks.values())
-    gen_tasks = [bench.tasks[s] for s in GENERATION_SETS if s in bench.tasks]
     entries = _entries(cfg, inputs)
     texts = {s: _texts(curated, s, cfg.max_bytes) for s in curated.roles}
     empty = [s for s, t in texts.items() if not t]
     if empty:
         raise UserError(f"evaluate: the test split of {', '.join(empty)} is empty; raise curate.test_fraction")
-    scores: dict[str, dict] = {}
-    benchmarks: dict[str, dict] = {}
-    answers: dict[str, dict] = {}
-    outcomes: dict[str, dict] = {}
-    samples: dict[str, list] = {}
-    selection: dict[str, dict] = {}
-    models: dict[str, dict] = {}
+    evals: list[ModelEval] = []
     with progress("evaluate", len(entries), "models") as bar:  # one line per model scored, off a terminal
         for i, e in enumerate(entries):
             bar.update(completed=i, model=f"now: {e.name}")
-            models[e.name] = {"stage": e.stage, "key": e.key, "path": str(e.path) if e.path else None,
-                              "endpoint": e.ref.base_url if e.ref and e.ref.base_url else None, **e.meta}
-            if e.path is None:  # an endpoint: the benchmarks only (bits per byte needs the weights)
-                ref = e.ref
-                run_tasks = tasks if ref.api == "completions" else gen_tasks
-                info(f"  evaluate · {e.name} ({ref.api} endpoint {ref.base_url}) on {', '.join(run_tasks)}")
-                benchmarks[e.name], answers[e.name], outcomes[e.name] = lm_eval_run(
-                    endpoint_lm(ref), bench.task_dir, run_tasks, cfg.bench_limit, cfg.samples, chat=ref.api == "chat")
-                if ref.api == "chat":
-                    models[e.name]["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
-                continue
-            path = e.path
-            if cfg.select and e.stage:
-                chosen = select_snapshot(e, cfg, bench)
-                if chosen:
-                    selection[e.name] = chosen
-                    path = Path(chosen["path"])
-            model, tok = float_logits(load_model(path, dtype=weights_dtype(cfg.dtype),
-                                                       device=resolve_device(cfg.device, "evaluate.device")))
-            context = min(model.config.max_position_embeddings, cfg.max_context)
-            models[e.name].update(context=context, device=str(model.device))
-            scores[e.name] = {}
-            for source, t in texts.items():
-                info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
-                scores[e.name][source] = bits_per_byte(model, tok, t, context,
-                                                       auto_batch(cfg.batch_size, model.device.type, CPU_BATCH, GPU_BPB_BATCH))
-            info(f"  evaluate · {e.name} on the benchmark suite ({', '.join(tasks)})")
-            # Choice tasks compare log-likelihoods of continuations of the raw text, for every model alike;
-            # post-trained models (their stage says `chat`) get the generation tasks through their chat
-            # template, the way they are used. (Choice tasks through a chat template change what is compared:
-            # acc_mutual_info fell to chance for the same SFT model on the demo, at commit d59ac30.)
-            chat = bool(e.meta.get("chat"))
-            parts = [([t for t in tasks if t not in gen_tasks], False, cfg.batch_size, CPU_BATCH),
-                     (gen_tasks, chat, cfg.generation_batch, CPU_GENERATION_BATCH)]
-            benchmarks[e.name], answers[e.name], outcomes[e.name] = {}, {}, {}
-            for part, as_chat, batch, cpu_batch in parts:
-                if part:
-                    r, a, o = lm_eval_run(hf_lm(model, tok, batch, cpu_batch), bench.task_dir, part, cfg.bench_limit, cfg.samples,
-                                          chat=as_chat)
-                    benchmarks[e.name].update(r)
-                    answers[e.name].update(a)
-                    outcomes[e.name].update(o)
-            if chat:
-                models[e.name]["note"] = "chat model: generation tasks through its chat template, choice tasks on raw text"
-            for source, t in texts.items():
-                for doc in t[: cfg.samples]:
-                    prompt = _prompt(doc, cfg.prompt_chars)
-                    samples.setdefault(f"{source}: {prompt}", []).append(
-                        {"model": e.name, "completion": generate(model, tok, prompt, cfg.sample_tokens)})
+            evals.append(evaluate_model(cfg, e, texts, bench))
         bar.update(completed=len(entries), model="")
-    judged = judge_qa(cfg.judge, bench, benchmarks, outcomes, cache) \
-        if cfg.judge and "qa" in bench.tasks else None
-    flags = flag_empty(benchmarks, outcomes, cfg.empty_share)
-    for name, lines in flags.items():
-        models[name]["flags"] = lines
-    controls = [e.name for e in entries if e.meta.get("control") or e.name == "generalist"]
-    rivals = cfg.rivals if cfg.rivals is not None else \
-        controls + [e.name for e in entries if e.ref is not None and e.ref.base]
-    domain, general = curated.domain, curated.general
-    margins = {}
-    control = next((c for c in controls if c in scores), None)
-    if "specialist" in scores and control:  # the domain effect: the specialist against its general-text twin
-        for s in domain + general:
-            sp, ge = scores["specialist"][s]["bpb"], scores[control][s]["bpb"]
-            margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "control": control,
-                          "relative": round(1 - sp / ge, 4)}
-            a, b = scores["specialist"][s].get("docs"), scores[control][s].get("docs")
-            if a and b and len(a) == len(b):  # the same documents, so a paired test
-                margins[s]["test"] = paired_docs(a, b)
-    metrics = {"models": models, "scores": scores, "margins": margins, "domain_sources": domain,
-               "general_sources": general, "benchmarks": benchmarks, "headline": bench.headline,
-               "gate": quality_gate(benchmarks, outcomes, bench, "specialist", rivals), "selection": selection,
-               "baselines": bench.baselines, "bench_sizes": bench.sizes, "dtype": weights_dtype(cfg.dtype),
-               **({"judge": judged} if judged else {})}
+    samples: dict[str, list] = {}
+    for ev in evals:
+        for key, sample in ev.samples:
+            samples.setdefault(key, []).append(sample)
+    metrics = _metrics(cfg, evals, curated, bench, cache)
+    outcomes = {ev.name: ev.outcomes for ev in evals}
+    answers = {ev.name: ev.answers for ev in evals}
     (out / "results.json").write_text(json.dumps(metrics | {"samples": samples, "answers": answers,
                                                             "outcomes": outcomes}, indent=2, ensure_ascii=False),
                                       encoding="utf-8")
@@ -501,36 +424,112 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, cache: Path) -> 
     return metrics
 
 
-def flag_empty(benchmarks: dict, outcomes: dict, share: float) -> dict[str, list[str]]:
-    """{model: [flag lines]} for generation tasks whose answers are mostly empty: their scores become None
-    (not scored), because an empty answer says the prompt, stop sequences or template do not fit the
-    model, not that it knows nothing."""
-    flags: dict[str, list[str]] = {}
-    for name, per in outcomes.items():
-        for task, o in per.items():
-            if o.get("empty", 0) >= share:
-                benchmarks[name][task] = {k: None for k in benchmarks[name].get(task, {})} | {"empty": o["empty"]}
-                flags.setdefault(name, []).append(f"{set_of(task)}: {o['empty']:.0%} of the answers are empty, so it "
-                                                  "is not scored (check the prompt's length, stop sequences and "
-                                                  "chat template for this model)")
-    return flags
+def evaluate_model(cfg: Config, e: Entry, texts: dict[str, list[str]], bench: Benchmarks) -> ModelEval:
+    """One model: an endpoint on the benchmarks it can run; weights on bits per byte, the benchmarks and
+    greedy samples (after checkpoint selection, with `select`)."""
+    ev = ModelEval(e, {"stage": e.stage, "key": e.key, "path": str(e.path) if e.path else None,
+                       "endpoint": e.ref.base_url if e.ref and e.ref.base_url else None, **e.meta})
+    if e.path is None:  # an endpoint: the benchmarks only (bits per byte needs the weights)
+        ref = e.ref
+        tasks = list(bench.tasks.values()) if ref.api == "completions" else _generation_tasks(bench)
+        info(f"  evaluate · {e.name} ({ref.api} endpoint {ref.base_url}) on {', '.join(tasks)}")
+        ev.add(lm_eval_run(endpoint_lm(ref), bench.task_dir, tasks, cfg.bench_limit, cfg.samples,
+                           chat=ref.api == "chat"))
+        if ref.api == "chat":
+            ev.record["note"] = "chat endpoint: no log-likelihoods, so only the generation tasks ran"
+        return ev
+    from slmforge.models.modeling import load_model
+
+    path = e.path
+    if cfg.select and e.stage:
+        ev.selection = select_snapshot(e, cfg, bench)
+        if ev.selection:
+            path = Path(ev.selection["path"])
+    model, tok = float_logits(load_model(path, dtype=weights_dtype(cfg.dtype),
+                                         device=resolve_device(cfg.device, "evaluate.device")))
+    context = min(model.config.max_position_embeddings, cfg.max_context)
+    ev.record.update(context=context, device=str(model.device))
+    ev.scores = {}
+    for source, t in texts.items():
+        info(f"  evaluate · {e.name} on {source} test ({sum(len(x) for x in t) / 1e3:.0f} kB)")
+        ev.scores[source] = bits_per_byte(model, tok, t, context,
+                                          auto_batch(cfg.batch_size, model.device.type, CPU_BATCH, GPU_BPB_BATCH))
+    _benchmark_weights(cfg, ev, model, tok, bench)
+    for source, t in texts.items():
+        for doc in t[: cfg.samples]:
+            prompt = cut_at_word(doc, cfg.prompt_chars)
+            ev.samples.append((f"{source}: {prompt}", {"model": e.name,
+                                                       "completion": generate(model, tok, prompt, cfg.sample_tokens)}))
+    return ev
+
+
+def _generation_tasks(bench: Benchmarks) -> list[str]:
+    return [bench.tasks[s] for s in GENERATION_SETS if s in bench.tasks]
+
+
+def _benchmark_weights(cfg: Config, ev: ModelEval, model, tok, bench: Benchmarks) -> None:
+    """The benchmark suite on a loaded model. Choice tasks compare log-likelihoods of continuations of the
+    raw text, for every model alike; post-trained models (their stage says `chat`) get the generation
+    tasks through their chat template, the way they are used. (Choice tasks through a chat template change
+    what is compared: acc_mutual_info fell to chance for the same SFT model on the demo, at commit d59ac30.)"""
+    tasks, gen_tasks = list(bench.tasks.values()), _generation_tasks(bench)
+    info(f"  evaluate · {ev.name} on the benchmark suite ({', '.join(tasks)})")
+    chat = bool(ev.entry.meta.get("chat"))
+    parts = [([t for t in tasks if t not in gen_tasks], False, cfg.batch_size, CPU_BATCH),
+             (gen_tasks, chat, cfg.generation_batch, CPU_GENERATION_BATCH)]
+    for part, as_chat, batch, cpu_batch in parts:
+        if part:
+            ev.add(lm_eval_run(hf_lm(model, tok, batch, cpu_batch), bench.task_dir, part, cfg.bench_limit,
+                               cfg.samples, chat=as_chat))
+    if chat:
+        ev.record["note"] = "chat model: generation tasks through its chat template, choice tasks on raw text"
+
+
+def _metrics(cfg: Config, evals: list[ModelEval], curated: Curated, bench: Benchmarks, cache: Path) -> dict:
+    """The manifest's metrics: every model's record and scores, the specialist's bits-per-byte margins,
+    the judge's grades, the empty-answer flags and the quality gate."""
+    benchmarks = {ev.name: ev.benchmarks for ev in evals}
+    outcomes = {ev.name: ev.outcomes for ev in evals}
+    scores = {ev.name: ev.scores for ev in evals if ev.scores is not None}
+    judged = grade_qa(cfg.judge, bench, benchmarks, outcomes, cache) if cfg.judge and "qa" in bench.tasks else None
+    models = {ev.name: ev.record for ev in evals}
+    for name, lines in flag_empty(benchmarks, outcomes, cfg.empty_share).items():
+        models[name]["flags"] = lines
+    controls = [ev.name for ev in evals if ev.entry.meta.get("control") or ev.name == "generalist"]
+    rivals = cfg.rivals if cfg.rivals is not None else \
+        controls + [ev.name for ev in evals if ev.entry.ref is not None and ev.entry.ref.base]
+    domain, general = curated.domain, curated.general
+    return {"models": models, "scores": scores,
+            "margins": _margins(scores, controls, domain + general), "domain_sources": domain,
+            "general_sources": general, "benchmarks": benchmarks, "headline": bench.headline,
+            "gate": quality_gate(benchmarks, outcomes, bench, "specialist", rivals),
+            "selection": {ev.name: ev.selection for ev in evals if ev.selection}, "baselines": bench.baselines,
+            "bench_sizes": bench.sizes, "dtype": weights_dtype(cfg.dtype), **({"judge": judged} if judged else {})}
+
+
+def _margins(scores: dict, controls: list[str], sources: list[str]) -> dict:
+    """The domain effect: the specialist's bits per byte against its general-text twin (the first control
+    scored) on each source, with a paired test where both scored the same documents."""
+    margins = {}
+    control = next((c for c in controls if c in scores), None)
+    if "specialist" not in scores or not control:
+        return margins
+    for s in sources:
+        sp, ge = scores["specialist"][s]["bpb"], scores[control][s]["bpb"]
+        margins[s] = {"specialist_bpb": sp, "generalist_bpb": ge, "control": control,
+                      "relative": round(1 - sp / ge, 4)}
+        a, b = scores["specialist"][s].get("docs"), scores[control][s].get("docs")
+        if a and b and len(a) == len(b):  # the same documents, so a paired test
+            margins[s]["test"] = paired_docs(a, b)
+    return margins
 
 
 # ---- presentation ------------------------------------------------------------------------------------
 def print_results(m: dict, samples: dict) -> None:
-    from rich.table import Table
-
     from slmforge.console import results as console  # results go to stdout
 
     if m["scores"]:
-        t = Table(title="bits per byte on each test split (lower is better)")
-        t.add_column("model")
-        sources = list(next(iter(m["scores"].values())))
-        for s in sources:
-            t.add_column(f"{s} ({'domain' if s in m['domain_sources'] else 'general'})", justify="right")
-        for name, per in m["scores"].items():
-            t.add_row(name, *[f"{per[s]['bpb']:.3f}" for s in sources])
-        console.print(t)
+        console.print(_rich(bpb_table(m, roles=True), "bits per byte on each test split (lower is better)"))
     for s, g in m["margins"].items():
         better = "better" if g["relative"] > 0 else "worse"
         rival = g.get("control", "generalist")
@@ -541,15 +540,8 @@ def print_results(m: dict, samples: dict) -> None:
         console.print(f"  {s}: the specialist is {abs(g['relative']):.1%} {better} than {rival} "
                       f"({g['specialist_bpb']:.3f} vs {g['generalist_bpb']:.3f} bits/byte{test})")
     if m["benchmarks"]:
-        b = Table(title="domain benchmarks (lm-evaluation-harness)")
-        b.add_column("task · metric")
-        for name in m["benchmarks"]:
-            b.add_column(name, justify="right")
-        b.add_column("chance / trivial rules", justify="right")
-        for task, metric in bench_rows(m):
-            b.add_row(f"{set_of(task)} · {metric}", *[_cell(m["benchmarks"][n], task, metric) for n in m["benchmarks"]],
-                      reference(m, task, metric))
-        console.print(b)
+        console.print(_rich(bench_table(m, flag=False, sets=True, reference_head="chance / trivial rules"),
+                            "domain benchmarks (lm-evaluation-harness)"))
     for line in gate_lines(m["gate"]):
         console.print(line)
     for name, mm in m["models"].items():
@@ -563,6 +555,13 @@ def print_results(m: dict, samples: dict) -> None:
             console.print(f"  [cyan]{o['model']}[/]: {o['completion'][:160]!r}")
 
 
-def _cell(scores: dict, task: str, metric: str) -> str:
-    v = scores.get(task, {}).get(metric)
-    return "-" if v is None else f"{v:.3f}"
+def _rich(table: Table, title: str):
+    """A table for the console: the first column as it is, the others right-aligned."""
+    from rich.table import Table as RichTable
+
+    t = RichTable(title=title)
+    for i, h in enumerate(table.head):
+        t.add_column(h, **({"justify": "right"} if i else {}))
+    for row in table.rows:
+        t.add_row(*row)
+    return t

@@ -25,6 +25,7 @@ import math
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -32,6 +33,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
+from slmforge.common import NAME_RE, cut_at_word, write_jsonl
 from slmforge.config import RecipePath, StageConfig
 from slmforge.console import info
 from slmforge.deploy.cards import eval_commands, flat_scores, model_card, modelfile
@@ -46,15 +48,19 @@ from slmforge.deploy.gguf import (
 )
 from slmforge.errors import UserError
 from slmforge.models.chat import portable_tokenizer_config, strip_generation_marks
-from slmforge.records import Benchmarks, Curated, Models, made_from, model_lineage
+from slmforge.records import (
+    MODELS,
+    Benchmarks,
+    Curated,
+    Evaluation,
+    Exports,
+    Models,
+    made_from,
+    model_lineage,
+)
 
 NAME = "export"
 INPUTS = ("curate", "evaluate")
-# The models the stages make, and which stage makes each (evaluate uses the same names).
-MODELS = {"specialist": "pretrain", "generalist": "pretrain", "pruned": "compress", "pruned-kd": "compress",
-          "pruned-lm": "compress", "scratch-kd": "compress", "scratch-lm": "compress", "sft": "sft",
-          "sft-rationale": "sft", "dpo": "dpo"}
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja")
 ROUTER_CHARS = 4000
@@ -101,7 +107,7 @@ class Config(StageConfig):
         if v is None:  # the recipe's name, when load_recipe passes it
             v = (info.context or {}).get("recipe_name")
             v = v.lower() if isinstance(v, str) else None
-        if v is not None and not _NAME_RE.match(f"{v}-x"):
+        if v is not None and not NAME_RE.match(f"{v}-x"):
             raise ValueError(f"{v!r} (default: the recipe's name) gives export names that are not 1-64 lower-case "
                              "letters, digits, '.', '_' or '-'; set export.name_prefix or export.names")
         return v
@@ -112,7 +118,7 @@ class Config(StageConfig):
                     if m not in self.models]
         exported = [self.export_name(m) for m in self.models]
         problems += [f"names: {n!r} must be 1-64 lower-case letters, digits, '.', '_' or '-', starting with a "
-                     "letter or digit" for n in exported if not _NAME_RE.match(n)]
+                     "letter or digit" for n in exported if not NAME_RE.match(n)]
         if len(set(exported)) != len(exported):
             problems.append("names: two models would get the same export name")
         if problems:
@@ -136,10 +142,10 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
     if cfg.catalog:
         from slmforge.deploy.catalog import Catalog
 
-        cat = Catalog(cfg.catalog)
-        for name in art.manifest["metrics"]["exports"]:
-            cat.add(art.path / name, replace=True)
-        info(f"  export · added {', '.join(art.manifest['metrics']['exports'])} to the catalog {cat.path} "
+        cat, made = Catalog(cfg.catalog), Exports.of(art)
+        for name in made.exports:
+            cat.add(made.folder(name), replace=True)
+        info(f"  export · added {', '.join(made.exports)} to the catalog {cat.path} "
              f"(`slmforge models list --catalog {cfg.catalog}`)")
     return art
 
@@ -159,18 +165,21 @@ def _sample_docs(curated: Curated, split: str, sources: list[str], n: int) -> li
                 heapq.heappush(heap, item)
             elif item > heap[0]:
                 heapq.heapreplace(heap, item)
-    out = []
-    for _, doc_id, text in sorted(heap, reverse=True):
-        if len(text) > ROUTER_CHARS:
-            cut = text[:ROUTER_CHARS]
-            text = cut[: cut.rfind(" ")] if " " in cut[ROUTER_CHARS // 2:] else cut
-        out.append({"id": doc_id, "text": text})
-    return out
+    return [{"id": doc_id, "text": cut_at_word(text, ROUTER_CHARS)} for _, doc_id, text in sorted(heap, reverse=True)]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
+def _router_files(curated: Curated, sources: list[str], dst: Path, n: int) -> tuple[dict | None, dict]:
+    """domain/train.jsonl and domain/test.jsonl: n documents of each split of the model's domain, for a
+    router. Returns (their paths in the folder, or None when a split has none; documents per file)."""
+    (dst / "domain").mkdir(exist_ok=True)
+    train = _sample_docs(curated, "train", sources, n)
+    test = _sample_docs(curated, "test", sources, n)
+    counts = {"train": len(train), "test": len(test)}
+    if not (train and test):
+        return None, counts
+    write_jsonl(dst / "domain" / "train.jsonl", [{"text": d["text"]} for d in train])
+    write_jsonl(dst / "domain" / "test.jsonl", [{"text": d["text"]} for d in test])
+    return {"train": "domain/train.jsonl", "test": "domain/test.jsonl"}, counts
 
 
 def _hf_folder(src: Path, dst: Path, chat: bool, context: int) -> None:
@@ -218,9 +227,9 @@ def _eval_folder(bench: Benchmarks, dst: Path) -> dict[str, str]:
     return types
 
 
-def _bench_of(store: ArtifactStore, evaluate: Artifact) -> Benchmarks | None:
+def _bench_of(store: ArtifactStore, evaluate: Evaluation) -> Benchmarks | None:
     """The bench run evaluate scored with (its manifest's input), or None when it is gone."""
-    key = (evaluate.manifest.get("inputs") or {}).get("bench")
+    key = evaluate.bench_key
     try:
         return Benchmarks.of(store.resolve(f"bench:{key}")) if key else None
     except UserError:
@@ -228,113 +237,175 @@ def _bench_of(store: ArtifactStore, evaluate: Artifact) -> Benchmarks | None:
         return None
 
 
+# ---- the stage ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Inputs:
+    """What every model's export reads: the run's inputs, evaluate's results and the bench it scored with."""
+
+    cfg: Config
+    inputs: dict[str, Artifact]
+    store: ArtifactStore
+    curated: Curated
+    results: dict  # evaluate's results.json
+    bench: Benchmarks | None
+    eval_cfg: dict  # evaluate's resolved config
+    can_verify: bool  # the GGUF check runs (export.verify, a GGUF type, llama.cpp installed)
+
+
+@dataclass(frozen=True)
+class _Model:
+    """One model to export: the weights it comes from and what its folder says about them."""
+
+    model: str
+    name: str  # the export name
+    stage: str  # the model stage that made it, and that run's key
+    key: str
+    src: Path  # the weights exported: the model's folder, or the snapshot evaluate selected
+    scored: bool  # evaluate scored these weights
+    meta: dict  # what the model stage recorded of the model
+    sources: list[str]  # the curated sources of its domain: router samples and the check's prompts
+    dst: Path
+    context: int
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.meta.get("chat"))
+
+
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, store: ArtifactStore) -> dict:
-    curate, evaluate = inputs["curate"], inputs["evaluate"]
-    res_path = evaluate.path / "results.json"
-    results = json.loads(res_path.read_text(encoding="utf-8")) if res_path.is_file() else evaluate.manifest["metrics"]
-    curated = Curated.of(curate)
+    evaluate = Evaluation.of(inputs["evaluate"])
+    run = _Inputs(cfg, inputs, store, Curated.of(inputs["curate"]), evaluate.results, _bench_of(store, evaluate),
+                  evaluate.config, _can_verify(cfg))
+    exports = {}
+    for model in cfg.models:
+        name, entry = _export(run, _model(run, model, out))
+        exports[name] = entry
+    return {"exports": exports}
+
+
+def _can_verify(cfg: Config) -> bool:
+    """Whether the GGUF files are checked with llama.cpp; says how to check them when it is not installed."""
     want_verify = cfg.verify and cfg.gguf != "none"
     can_verify = want_verify and llama_cpp_available()
     if want_verify and not can_verify:
         info(f"  export · {LLAMA_CPP_PACKAGE} (llama.cpp) is not installed, so the GGUF files are not checked "
              f"(gguf_verified: null). To check them: `pip install {LLAMA_CPP_PACKAGE}` (a prebuilt wheel; `make "
              "setup` installs it), then `slmforge export --recipe RECIPE --force`")
-    bench = _bench_of(store, evaluate)
-    eval_cfg = evaluate.manifest.get("config") or {}
-    exports = {}
-    for model in cfg.models:
-        stage = MODELS[model]
-        art = inputs[stage]
-        made = Models.of(art)
-        if model not in made.models:
-            raise UserError(f"export.models: the {stage} stage ({art.path}) made "
-                            f"{', '.join(made.models) or 'no models'}, not {model!r}")
-        name = cfg.export_name(model)
-        evaluated = results.get("models", {}).get(model, {})
-        scored = evaluated.get("stage") == stage and evaluated.get("key") == art.key
-        src = made.folder(model)
-        if scored and (sel := results.get("selection", {}).get(model)):
-            src = Path(sel["path"])
-        if not scored:
-            why = (f"evaluate scored {stage}:{evaluated.get('key')}, not {art.ref}" if evaluated else
-                   f"evaluate did not score {model!r}")
-            info(f"  export · {name}: {why}; the card will have no scores (run `slmforge evaluate` first)")
-        res = results if scored else {}
-        sources = curated.general if model == "generalist" else curated.domain
-        dst = out / name
-        info(f"  export · {model} → {name} (from {src})")
-        meta = made.models[model]
-        chat = bool(meta.get("chat"))
-        context = json.loads((src / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
-        _hf_folder(src, dst, chat, context)
-        hf_cfg = json.loads((dst / "config.json").read_text(encoding="utf-8"))
-        chain = model_lineage(store, stage, art.key, model)
-        evaluation = None
-        if scored and bench:
-            evaluation = eval_commands(_eval_folder(bench, dst), eval_cfg, chat)
+    return can_verify
 
-        (dst / "domain").mkdir(exist_ok=True)
-        router = None
-        train = _sample_docs(curated, "train", sources, cfg.router_docs)
-        test = _sample_docs(curated, "test", sources, cfg.router_docs)
-        if train and test:
-            _write_jsonl(dst / "domain" / "train.jsonl", [{"text": d["text"]} for d in train])
-            _write_jsonl(dst / "domain" / "test.jsonl", [{"text": d["text"]} for d in test])
-            router = {"train": "domain/train.jsonl", "test": "domain/test.jsonl"}
 
-        gguf_file, verified, verification = None, None, None
-        if cfg.gguf != "none":
-            gguf_file = f"{name}.{cfg.gguf}.gguf"
-            info(f"  export · {name}: writing {gguf_file}")
-            g = write_gguf(dst, dst / gguf_file, cfg.gguf, name, cfg.description)
-            template = (dst / "chat_template.jinja").read_text(encoding="utf-8") \
-                if (dst / "chat_template.jinja").is_file() else None
-            (dst / "Modelfile").write_text(modelfile(gguf_file, chat, context, template), encoding="utf-8")
-            if can_verify:
-                from transformers import AutoTokenizer
+def _model(run: _Inputs, model: str, out: Path) -> _Model:
+    """The model as its stage made it, with the weights to export: the snapshot evaluate selected when it
+    scored this very run of the model, else the stage's folder (and the card will have no scores)."""
+    stage = MODELS[model]
+    art = run.inputs[stage]
+    made = Models.of(art)
+    if model not in made.models:
+        raise UserError(f"export.models: the {stage} stage ({art.path}) made "
+                        f"{', '.join(made.models) or 'no models'}, not {model!r}")
+    name = run.cfg.export_name(model)
+    evaluated = run.results.get("models", {}).get(model, {})
+    scored = evaluated.get("stage") == stage and evaluated.get("key") == art.key
+    src = made.folder(model)
+    if scored and (sel := run.results.get("selection", {}).get(model)):
+        src = Path(sel["path"])
+    if not scored:
+        why = (f"evaluate scored {stage}:{evaluated.get('key')}, not {art.ref}" if evaluated else
+               f"evaluate did not score {model!r}")
+        info(f"  export · {name}: {why}; the card will have no scores (run `slmforge evaluate` first)")
+    sources = run.curated.general if model in ("generalist", "recovered") else run.curated.domain
+    context = json.loads((src / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
+    return _Model(model, name, stage, art.key, src, scored, made.models[model], sources, out / name, context)
 
-                tok = AutoTokenizer.from_pretrained(str(dst), local_files_only=True)
-                test_texts = list(islice((r["text"] for s in sources for r in
-                                          curated.documents("test", s, columns=["text"])), 3))
-                info(f"  export · {name}: llama.cpp vs transformers, greedy, {VERIFY_TOKENS} tokens per prompt")
-                verification = verify_gguf(dst / gguf_file, dst, cfg.gguf, verify_prompts(tok, test_texts, chat),
-                                           context, chat=chat)
-                verified = verification["passed"]
-                info(f"  export · {name}: {'[green]verified[/]' if verified else '[red]NOT verified[/]'} "
-                     f"(agreement {verification['agreement']:.0%}, tokenization "
-                     f"{'equal' if verification['tokenization_equal'] else 'DIFFERENT'})")
-                if not verified:
-                    raise UserError(verification_error(dst / gguf_file, verification))
-            verification = {**g, "verification": verification}
 
-        lineage_start = {c.stage: c.key for c in chain} | {"curate": curate.key, "evaluate": evaluate.key}
-        shape = meta.get("shape") or {}
-        params = int(shape.get("params") or 0)
-        if not params:  # a stage that did not record its shape: count the stored tensors
-            from safetensors import safe_open
+def _export(run: _Inputs, m: _Model) -> tuple[str, dict]:
+    """The model's folder: HF files, eval tasks, router samples, GGUF and Modelfile, card, slmforge.json.
+    Returns (its name, its entry in the manifest's exports)."""
+    info(f"  export · {m.model} → {m.name} (from {m.src})")
+    _hf_folder(m.src, m.dst, m.chat, m.context)
+    chain = model_lineage(run.store, m.stage, m.key, m.model)
+    evaluation = None
+    if m.scored and run.bench:
+        evaluation = eval_commands(_eval_folder(run.bench, m.dst), run.eval_cfg, m.chat)
+    router, router_docs = _router_files(run.curated, m.sources, m.dst, run.cfg.router_docs)
+    gguf_file, verified, verification = _gguf(run, m)
+    res = run.results if m.scored else {}
+    doc = _slmforge_json(run, m, chain, res) | {
+        "gguf": gguf_file, "gguf_verified": verified,
+        "gguf_check": {k: verification["verification"][k] for k in ("engine", "outtype", "exact", "agreement",
+                                                                    "tokens_per_prompt")}
+        if verification and verification["verification"] else None,
+        "router": router, "eval": evaluation,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    card = model_card({**doc, "shape": m.meta.get("shape") or {}}, res, m.model, chain, run.cfg.license)
+    (m.dst / "README.md").write_text(card, encoding="utf-8")
+    write_json_atomic(m.dst / "slmforge.json", doc)
+    return m.name, {"model": m.model, "source": str(m.src), "scored": m.scored, "gguf": verification,
+                    "gguf_verified": verified, "router_docs": router_docs}
 
-            with safe_open(str(dst / "model.safetensors"), "pt") as f:
-                params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (not a dict)
-        domain = "general" if model == "generalist" else "-".join(sources) or "general"
-        doc = {
-            "format": 1, "name": name, "domain": domain,
-            "description": cfg.description or f"{domain} {'chat' if chat else 'base'} model ({model}), made by slmforge",
-            "params": params, "context": context, "chat": chat,
-            "tokenizer": {"type": "byte-level BPE", "vocab_size": hf_cfg["vocab_size"]},
-            "lineage": {"recipe": cfg.name_prefix, "model": model, "stage": stage,
-                        "stages": made_from(store, lineage_start)},
-            "scores": flat_scores(res, model),
-            "training_tokens": sum(c.tokens for c in chain),
-            "gguf": gguf_file, "gguf_verified": verified,
-            "gguf_check": {k: verification["verification"][k] for k in ("engine", "outtype", "exact", "agreement",
-                                                                        "tokens_per_prompt")}
-            if verification and verification["verification"] else None,
-            "router": router, "eval": evaluation,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (dst / "README.md").write_text(model_card({**doc, "shape": shape}, res, model, chain, cfg.license),
-                                       encoding="utf-8")
-        write_json_atomic(dst / "slmforge.json", doc)
-        exports[name] = {"model": model, "source": str(src), "scored": scored, "gguf": verification,
-                         "gguf_verified": verified, "router_docs": {"train": len(train), "test": len(test)}}
-    return {"exports": exports}
+
+def _slmforge_json(run: _Inputs, m: _Model, chain: list, res: dict) -> dict:
+    """slmforge.json up to its GGUF, router and eval keys: the model, its tokenizer, lineage and scores."""
+    hf_cfg = json.loads((m.dst / "config.json").read_text(encoding="utf-8"))
+    lineage_start = {c.stage: c.key for c in chain} | {"curate": run.inputs["curate"].key,
+                                                       "evaluate": run.inputs["evaluate"].key}
+    domain = "general" if m.model in ("generalist", "recovered") else "-".join(m.sources) or "general"
+    return {
+        "format": 1, "name": m.name, "domain": domain,
+        "description": run.cfg.description or f"{domain} {'chat' if m.chat else 'base'} model ({m.model}), made by "
+                                              "slmforge",
+        "params": _params(m), "context": m.context, "chat": m.chat,
+        "tokenizer": {"type": "byte-level BPE", "vocab_size": hf_cfg["vocab_size"]},
+        "lineage": {"recipe": run.cfg.name_prefix, "model": m.model, "stage": m.stage,
+                    "stages": made_from(run.store, lineage_start)},
+        "scores": flat_scores(res, m.model),
+        "training_tokens": sum(c.tokens for c in chain),
+    }
+
+
+def _params(m: _Model) -> int:
+    """The model's parameters, as its stage recorded them, else counted in the exported weights."""
+    params = int((m.meta.get("shape") or {}).get("params") or 0)
+    if not params:  # a stage that did not record its shape: count the stored tensors
+        from safetensors import safe_open
+
+        with safe_open(str(m.dst / "model.safetensors"), "pt") as f:
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (not a dict)
+    return params
+
+
+def _gguf(run: _Inputs, m: _Model) -> tuple[str | None, bool | None, dict | None]:
+    """The GGUF file and its Modelfile, checked with llama.cpp when it can be: (file name, verified, what
+    write_gguf reported with the check's report under `verification`); Nones with export.gguf: none."""
+    cfg = run.cfg
+    if cfg.gguf == "none":
+        return None, None, None
+    gguf_file = f"{m.name}.{cfg.gguf}.gguf"
+    info(f"  export · {m.name}: writing {gguf_file}")
+    g = write_gguf(m.dst, m.dst / gguf_file, cfg.gguf, m.name, cfg.description)
+    template = (m.dst / "chat_template.jinja").read_text(encoding="utf-8") \
+        if (m.dst / "chat_template.jinja").is_file() else None
+    (m.dst / "Modelfile").write_text(modelfile(gguf_file, m.chat, m.context, template), encoding="utf-8")
+    verification = _verify(run, m, gguf_file) if run.can_verify else None
+    return gguf_file, verification["passed"] if verification else None, {**g, "verification": verification}
+
+
+def _verify(run: _Inputs, m: _Model, gguf_file: str) -> dict:
+    """llama.cpp against transformers on the starts of three test documents (and a chat turn); a failed
+    check is a UserError."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(m.dst), local_files_only=True)
+    test_texts = list(islice((r["text"] for s in m.sources for r in
+                              run.curated.documents("test", s, columns=["text"])), 3))
+    info(f"  export · {m.name}: llama.cpp vs transformers, greedy, {VERIFY_TOKENS} tokens per prompt")
+    verification = verify_gguf(m.dst / gguf_file, m.dst, run.cfg.gguf, verify_prompts(tok, test_texts, m.chat),
+                               m.context, chat=m.chat)
+    verified = verification["passed"]
+    info(f"  export · {m.name}: {'[green]verified[/]' if verified else '[red]NOT verified[/]'} "
+         f"(agreement {verification['agreement']:.0%}, tokenization "
+         f"{'equal' if verification['tokenization_equal'] else 'DIFFERENT'})")
+    if not verified:
+        raise UserError(verification_error(m.dst / gguf_file, verification))
+    return verification

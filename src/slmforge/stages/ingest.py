@@ -18,6 +18,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +33,7 @@ from pydantic import (
 )
 
 from slmforge.artifacts import Artifact, ArtifactStore, hash_file
+from slmforge.common import write_jsonl
 from slmforge.config import StageConfig, resolve_path
 from slmforge.errors import UserError
 from slmforge.records import DOCUMENT_SCHEMA, Document
@@ -235,6 +237,7 @@ _DROP = {"script", "style", "noscript", "nav", "header", "footer", "aside", "for
 _HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
 _BLOCKS = {"p", "div", "section", "article", "main", "body", "html", "blockquote", "dl", "dt", "dd",
            "figure", "figcaption", "address", "details", "summary", "center", "caption"}
+_BLOCK_TAGS = set(_HEADINGS) | _BLOCKS | {"pre", "ul", "ol", "table", "br", "li"}  # the rest is inline text
 
 
 def _norm(s: str) -> str:
@@ -244,76 +247,81 @@ def _norm(s: str) -> str:
 def html_to_text(html: bytes | str) -> tuple[str, str]:
     """(title, text) from HTML, keeping headings (as '#'), paragraphs, lists ('- '), tables
     ('a | b' rows) and code (<pre> verbatim); dropping scripts, styles and navigation."""
-    from bs4 import BeautifulSoup, Comment, NavigableString, Tag
+    from bs4 import BeautifulSoup
 
     soup = BeautifulSoup(html, "lxml")
     title = _norm(soup.title.get_text()) if soup.title else ""
-
-    def walk(node, out: list[str]) -> None:
-        buf: list[str] = []
-
-        def flush():
-            t = _norm("".join(buf))
-            if t:
-                out.append(t)
-            buf.clear()
-
-        for child in node.children:
-            if isinstance(child, Comment):
-                continue
-            if isinstance(child, NavigableString):
-                buf.append(str(child))
-                continue
-            if not isinstance(child, Tag) or child.name in _DROP:
-                continue
-            name = child.name
-            if name in _HEADINGS:
-                flush()
-                t = _norm(child.get_text(" "))
-                if t:
-                    out.append("#" * _HEADINGS[name] + " " + t)
-            elif name == "pre":
-                flush()
-                code = child.get_text().strip("\n")
-                if code.strip():
-                    out.append(code)
-            elif name in ("ul", "ol"):
-                flush()
-                items = []
-                for n, li in enumerate(child.find_all("li", recursive=False), 1):
-                    sub: list[str] = []
-                    walk(li, sub)
-                    if sub:
-                        bullet = f"{n}. " if name == "ol" else "- "
-                        body = "\n".join(sub).replace("\n", "\n  ")
-                        items.append(bullet + body)
-                if items:
-                    out.append("\n".join(items))
-            elif name == "table":
-                flush()
-                rows = []
-                for tr in child.find_all("tr"):
-                    cells = [_norm(td.get_text(" ")) for td in tr.find_all(["td", "th"], recursive=False)]
-                    if any(cells):
-                        rows.append(" | ".join(cells))
-                if rows:
-                    out.append("\n".join(rows))
-            elif name == "br":
-                flush()
-            elif name in _BLOCKS or name == "li":
-                flush()
-                walk(child, out)
-            else:
-                buf.append(child.get_text())
-        flush()
-
     blocks: list[str] = []
-    walk(soup.body or soup, blocks)
+    _walk(soup.body or soup, blocks)
     text = "\n\n".join(blocks)
     if not title:
         h1 = soup.find("h1")
         title = _norm(h1.get_text(" ")) if h1 else _title_from_text(text, "text")
     return title, text
+
+
+def _walk(node, out: list[str]) -> None:
+    """Appends the text blocks under `node` to `out`: inline text runs joined into one paragraph, each
+    block element its own block. One call per level of nesting, so HTML nested deeper than Python's
+    recursion limit raises RecursionError (read_file's too_deep)."""
+    from bs4 import Comment, NavigableString, Tag
+
+    buf: list[str] = []
+
+    def flush():
+        t = _norm("".join(buf))
+        if t:
+            out.append(t)
+        buf.clear()
+
+    for child in node.children:
+        if isinstance(child, Comment):
+            continue
+        if isinstance(child, NavigableString):
+            buf.append(str(child))
+            continue
+        if not isinstance(child, Tag) or child.name in _DROP:
+            continue
+        name = child.name
+        if name not in _BLOCK_TAGS:
+            buf.append(child.get_text())
+            continue
+        flush()
+        if name in _BLOCKS or name == "li":
+            _walk(child, out)
+            continue
+        if name in ("ul", "ol"):
+            items = []
+            for n, li in enumerate(child.find_all("li", recursive=False), 1):
+                sub: list[str] = []
+                _walk(li, sub)
+                if sub:
+                    bullet = f"{n}. " if name == "ol" else "- "
+                    items.append(bullet + "\n".join(sub).replace("\n", "\n  "))
+            block = "\n".join(items)
+        else:
+            block = _leaf_block(child)
+        if block:
+            out.append(block)
+    flush()
+
+
+def _leaf_block(tag) -> str:
+    """A heading as '# title', <pre> verbatim, a table as 'a | b' rows ('' for <br> or an empty one)."""
+    if tag.name in _HEADINGS:
+        t = _norm(tag.get_text(" "))
+        return "#" * _HEADINGS[tag.name] + " " + t if t else ""
+    if tag.name == "pre":
+        code = tag.get_text().strip("\n")
+        return code if code.strip() else ""
+    if tag.name == "table":
+        rows = []
+        for tr in tag.find_all("tr"):
+            cells = [_norm(td.get_text(" ")) for td in tr.find_all(["td", "th"], recursive=False)]
+            if any(cells):
+                rows.append(" | ".join(cells))
+        return "\n".join(rows)
+    return ""
 
 
 def _pdf_text(data: bytes) -> tuple[str, str]:
@@ -366,65 +374,75 @@ def read_file(path: Path, rel: str, src: Source, counts: Counter, rejects: list,
         raise Reject("unsupported_type", f"extension {''.join(path.suffixes) or '(none)'} is not one of "
                      f"{', '.join(sorted(FORMATS))}")
     if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as e:
-            raise Reject("corrupt_parquet", str(e)) from None
-        if src.text_field not in pf.schema_arrow.names:
-            raise Reject("missing_field", f"no column {src.text_field!r} (columns: {pf.schema_arrow.names}); "
-                         f"set text_field for source {src.name}")
-        n = 0
-        try:
-            for batch in pf.iter_batches(batch_size=1024):
-                rows = [(n + i, r) for i, r in enumerate(batch.to_pylist())]
-                n += len(rows)
-                yield from _records(iter(rows), src, rel, fmt, counts, rejects)
-        except (pa.ArrowException, OSError) as e:
-            raise Reject("corrupt_parquet", str(e)) from None
+        yield from _parquet_documents(path, rel, src, counts, rejects)
         return
     data = _read_bytes(path, gz, limit)
     if not data.strip():
         raise Reject("empty", "the file is empty")
-    if fmt == "pdf":
-        title, text = _pdf_text(data)
-        yield Document(f"{src.name}:{rel}", src.name, title, text, {"path": rel, "format": fmt, "role": src.role})
+    if fmt == "jsonl":  # line by line: one bad line is one bad record, not a bad file
+        yield from _records(_jsonl_rows(data, src, rel, counts, rejects), src, rel, fmt, counts, rejects)
         return
-    if fmt == "html":
-        _binary(data)
-        try:
-            title, text = html_to_text(data)
-        except RecursionError:
-            raise Reject("too_deep", "HTML nested deeper than the parser's recursion limit") from None
-    elif fmt == "jsonl":  # line by line: one bad line is one bad record, not a bad file
-        def rows():
-            for n, raw in enumerate(data.split(b"\n"), 1):
-                if not raw.strip():
-                    continue
-                rec, detail = None, "not a JSON object"
-                try:
-                    rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
-                except UnicodeDecodeError:
-                    detail = "not UTF-8"
-                except (json.JSONDecodeError, RecursionError):
-                    pass
-                if not isinstance(rec, dict):
-                    counts["bad_record"] += 1
-                    if len(rejects) < 10000:
-                        rejects.append({"source": src.name, "path": f"{rel}:{n}", "reason": "bad_record",
-                                        "detail": detail})
-                    continue
-                yield n, rec
-        yield from _records(rows(), src, rel, fmt, counts, rejects)
-        return
-    else:
-        text = _decode(data)
-        title = _title_from_text(text, fmt)
+    title, text = _title_and_text(data, fmt)
     if not text.strip():
         raise Reject("empty", "no text after extraction")
     yield Document(f"{src.name}:{rel}", src.name, title, text, {"path": rel, "format": fmt, "role": src.role})
+
+
+def _title_and_text(data: bytes, fmt: str) -> tuple[str, str]:
+    """(title, text) of a whole-file document: PDF, HTML or plain text (text, Markdown, reST)."""
+    if fmt == "pdf":
+        return _pdf_text(data)
+    if fmt == "html":
+        _binary(data)
+        try:
+            return html_to_text(data)
+        except RecursionError:
+            raise Reject("too_deep", "HTML nested deeper than the parser's recursion limit") from None
+    text = _decode(data)
+    return _title_from_text(text, fmt), text
+
+
+def _parquet_documents(path: Path, rel: str, src: Source, counts: Counter, rejects: list) -> Iterator[Document]:
+    """A Parquet file's rows as documents, read in batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise Reject("corrupt_parquet", str(e)) from None
+    if src.text_field not in pf.schema_arrow.names:
+        raise Reject("missing_field", f"no column {src.text_field!r} (columns: {pf.schema_arrow.names}); "
+                     f"set text_field for source {src.name}")
+    n = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024):
+            rows = [(n + i, r) for i, r in enumerate(batch.to_pylist())]
+            n += len(rows)
+            yield from _records(iter(rows), src, rel, "parquet", counts, rejects)
+    except (pa.ArrowException, OSError) as e:
+        raise Reject("corrupt_parquet", str(e)) from None
+
+
+def _jsonl_rows(data: bytes, src: Source, rel: str, counts: Counter, rejects: list) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of a JSON Lines file that holds a JSON object; any other
+    non-blank line is a counted bad_record."""
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        rec, detail = None, "not a JSON object"
+        try:
+            rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+        except UnicodeDecodeError:
+            detail = "not UTF-8"
+        except (json.JSONDecodeError, RecursionError):
+            pass
+        if not isinstance(rec, dict):
+            counts["bad_record"] += 1
+            if len(rejects) < 10000:
+                rejects.append({"source": src.name, "path": f"{rel}:{n}", "reason": "bad_record", "detail": detail})
+            continue
+        yield n, rec
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -454,17 +472,26 @@ class _ShardWriter:
         self.rows, self.size = [], 0
 
 
+@dataclass
+class _Tally:
+    """What ingest has counted so far, over every source."""
+
+    limit: int  # max_file_mb, in bytes
+    max_file_mb: float
+    rejects: list[dict] = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)
+    seen_ids: set[str] = field(default_factory=set)
+    files: int = 0  # files done
+    docs: int = 0  # documents written
+
+
 def _build(cfg: Config, out: Path) -> dict:
     from slmforge.console import progress
 
-    limit = int(cfg.max_file_mb * 2**20)
-    rejects: list[dict] = []
-    reasons: Counter = Counter()
+    tally = _Tally(int(cfg.max_file_mb * 2**20), cfg.max_file_mb)
     per_source: dict[str, dict] = {}
-    seen_ids: set[str] = set()
     total_bytes = sum(p.stat().st_size for src in cfg.sources for p, _ in src.files if p.is_file())
     nfiles = sum(len(src.files) for src in cfg.sources)
-    done_files = 0
     with progress("ingest", total_bytes, "bytes") as bar:
         bar.update(items=f"0/{nfiles} files")
         for src in cfg.sources:
@@ -473,56 +500,14 @@ def _build(cfg: Config, out: Path) -> dict:
             for path, rel in src.files:
                 if src.limit and stats["docs"] >= src.limit:
                     break
-                size = path.stat().st_size if path.is_file() else 0
-                counts: Counter = Counter()
-                ndocs = 0
-                try:
-                    if not path.is_file():
-                        raise Reject("not_a_file", "a dangling symbolic link" if path.is_symlink() and not
-                                     path.exists() else "not a regular file (a FIFO, socket or device)")
-                    if size > limit:
-                        raise Reject("too_large", f"{size / 2**20:.1f} MiB > max_file_mb={cfg.max_file_mb}")
-                    if size == 0:
-                        raise Reject("empty", "the file is empty")
-                    for doc in read_file(path, rel, src, counts, rejects, limit):
-                        if src.limit and stats["docs"] + ndocs >= src.limit:
-                            break
-                        if doc.id in seen_ids:
-                            counts["renamed_duplicate_id"] += 1
-                            n = 2
-                            while f"{doc.id}#{n}" in seen_ids:
-                                n += 1
-                            doc.id = f"{doc.id}#{n}"
-                        seen_ids.add(doc.id)
-                        writer.add(doc)
-                        ndocs += 1
-                        stats["chars"] += len(doc.text)
-                    if ndocs == 0 and not counts:
-                        raise Reject("empty", "no documents in the file")
-                    if ndocs == 0:
-                        raise Reject("no_usable_records", ", ".join(f"{v} {k}" for k, v in counts.items()))
-                except Exception as e:  # noqa: BLE001 (one hostile file never stops the corpus: a reader's own
-                    r = e if isinstance(e, Reject) else Reject(  # failure is a counted reject too)
-                        "unreadable", f"{type(e).__name__}: {str(e)[:200]}")
-                    reasons[r.reason] += 1
-                    stats["files_rejected"] += 1
-                    rejects.append({"source": src.name, "path": rel, "reason": r.reason, "detail": r.detail})
-                else:
-                    stats["files"] += 1
-                reasons.update({f"record:{k}": v for k, v in counts.items()})
-                stats["docs"] += ndocs
-                stats["bytes_in"] += size
-                done_files += 1
-                bar.update(advance=size,
-                           items=f"{done_files}/{nfiles} files, {sum(s['docs'] for s in per_source.values()) + stats['docs']} docs")
+                size = _ingest_file(path, rel, src, writer, stats, tally)
+                bar.update(advance=size, items=f"{tally.files}/{nfiles} files, {tally.docs} docs")
             writer.flush()
             per_source[src.name] = {"role": src.role, "shards": writer.shards, **dict(stats)}
-    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-        for r in rejects:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(out / "rejects.jsonl", tally.rejects)
     empty = [name for name, s in per_source.items() if not s.get("docs")]
     if empty:
-        examples = "\n    ".join(f"{r['path']}: {r['reason']} ({r['detail']})" for r in rejects[:5])
+        examples = "\n    ".join(f"{r['path']}: {r['reason']} ({r['detail']})" for r in tally.rejects[:5])
         raise UserError(
             f"ingest: source(s) {', '.join(empty)} gave no documents. "
             f"Check ingest.sources paths and formats.\n    {examples}"
@@ -532,5 +517,63 @@ def _build(cfg: Config, out: Path) -> dict:
         "docs": sum(s["docs"] for s in per_source.values()),
         "chars": sum(s.get("chars", 0) for s in per_source.values()),
         "files_rejected": sum(s.get("files_rejected", 0) for s in per_source.values()),
-        "rejects_by_reason": dict(reasons),
+        "rejects_by_reason": dict(tally.reasons),
     }
+
+
+def _ingest_file(path: Path, rel: str, src: Source, writer: _ShardWriter, stats: Counter, tally: _Tally) -> int:
+    """One file's documents into `writer`, counted in `stats` (its source's) and `tally`; a file that gives
+    no document, or fails in any way, is a counted reject. Returns the file's size in bytes."""
+    size = path.stat().st_size if path.is_file() else 0
+    counts: Counter = Counter()
+    ndocs = 0
+    try:
+        _check_file(path, size, tally)
+        for doc in read_file(path, rel, src, counts, tally.rejects, tally.limit):
+            if src.limit and stats["docs"] + ndocs >= src.limit:
+                break
+            doc.id = _unique_id(doc.id, tally.seen_ids, counts)
+            writer.add(doc)
+            ndocs += 1
+            stats["chars"] += len(doc.text)
+        if ndocs == 0 and not counts:
+            raise Reject("empty", "no documents in the file")
+        if ndocs == 0:
+            raise Reject("no_usable_records", ", ".join(f"{v} {k}" for k, v in counts.items()))
+    except Exception as e:  # noqa: BLE001 (one hostile file never stops the corpus: a reader's own
+        r = e if isinstance(e, Reject) else Reject(  # failure is a counted reject too)
+            "unreadable", f"{type(e).__name__}: {str(e)[:200]}")
+        tally.reasons[r.reason] += 1
+        stats["files_rejected"] += 1
+        tally.rejects.append({"source": src.name, "path": rel, "reason": r.reason, "detail": r.detail})
+    else:
+        stats["files"] += 1
+    tally.reasons.update({f"record:{k}": v for k, v in counts.items()})
+    stats["docs"] += ndocs
+    stats["bytes_in"] += size
+    tally.files += 1
+    tally.docs += ndocs
+    return size
+
+
+def _check_file(path: Path, size: int, tally: _Tally) -> None:
+    """Reject what is not a regular file, is over max_file_mb, or is empty, before reading it."""
+    if not path.is_file():
+        raise Reject("not_a_file", "a dangling symbolic link" if path.is_symlink() and not
+                     path.exists() else "not a regular file (a FIFO, socket or device)")
+    if size > tally.limit:
+        raise Reject("too_large", f"{size / 2**20:.1f} MiB > max_file_mb={tally.max_file_mb}")
+    if size == 0:
+        raise Reject("empty", "the file is empty")
+
+
+def _unique_id(doc_id: str, seen: set[str], counts: Counter) -> str:
+    """`doc_id`, or `doc_id#2`, `#3`, ... when an earlier document has it (counted as renamed_duplicate_id)."""
+    if doc_id in seen:
+        counts["renamed_duplicate_id"] += 1
+        n = 2
+        while f"{doc_id}#{n}" in seen:
+            n += 1
+        doc_id = f"{doc_id}#{n}"
+    seen.add(doc_id)
+    return doc_id

@@ -26,16 +26,14 @@ Three rules, applied in this order (`recommend` documents each one; every correc
 The fitted constants come from other corpora and tokenizers (MassiveText; C4); absolute loss values
 do not transfer to a domain corpus, only the comparisons between allocations do.
 
-Besides the stage (`run`), `recommend`, `budget_flops`, `probe_peak_flops` and `cli_main` (the
-recipe-free `slmforge plan --hours 24 --device h100 --domain-tokens 1e9`) are plain functions.
+Besides the stage (`run`), `recommend`, `budget_flops`, `probe_peak_flops` and `answer` (what the
+recipe-free `slmforge plan --hours 24 --device h100 --domain-tokens 1e9` prints) are plain functions.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -44,7 +42,7 @@ from slmforge.artifacts import Artifact, ArtifactStore, write_json_atomic
 from slmforge.config import StageConfig
 from slmforge.errors import UserError
 from slmforge.hardware import CPU, DEVICES, cpu_peak, probe_peak_flops  # noqa: F401 (re-exported)
-from slmforge.records import read_documents
+from slmforge.records import Tokenized, read_documents
 
 NAME = "plan"
 INPUTS = ("tokenizer",)
@@ -200,6 +198,23 @@ def recommend(compute_flops: float, unique_domain_tokens: float, inference_token
     "inference" or "inference+data"), the plain Chinchilla chinchilla_params/_tokens/_epochs/_total_flops/_loss_estimate,
     and `notes`: one sentence per rule applied.
     """
+    c, u, inf_tok, k = _checked(compute_flops, unique_domain_tokens, inference_tokens, max_epochs, tokens_per_param)
+    n_c = math.sqrt(c / (6 * k))
+    d_c = k * n_c
+    notes = [(f"Chinchilla (Hoffmann et al. 2022): C = 6·N·D with D = {k:g}·N gives N = {_si(n_c)} parameters "
+              f"and D = {_si(d_c)} tokens for {c:.3g} FLOPs.")]
+    n, d, limited_by = n_c, d_c, "compute"
+    if d_c > max_epochs * u:
+        n, d, limited_by, more = _data_constrained(c, u, d_c, inf_tok, max_epochs, k)
+        notes += more
+    elif inf_tok > 0 and (found := _inference_heavy(c, u, n_c, d_c, inf_tok, max_epochs, k)) is not None:
+        n, d, limited_by, more = found
+        notes += more
+    return _result(n, d, limited_by, n_c, d_c, c, u, inf_tok, max_epochs, k, notes)
+
+
+def _checked(compute_flops, unique_domain_tokens, inference_tokens, max_epochs, tokens_per_param) -> tuple:
+    """recommend()'s numbers as floats (C, U, inference tokens, k), or a UserError naming every bad one."""
     c, u, inf_tok, k = float(compute_flops), float(unique_domain_tokens), float(inference_tokens), float(tokens_per_param)
     problems = []
     if not c > 0 or math.isinf(c):
@@ -214,56 +229,64 @@ def recommend(compute_flops: float, unique_domain_tokens: float, inference_token
         problems.append(f"tokens_per_param must be positive (got {tokens_per_param!r})")
     if problems:
         raise UserError("plan: " + "; ".join(problems))
+    return c, u, inf_tok, k
 
-    n_c = math.sqrt(c / (6 * k))
-    d_c = k * n_c
-    d_cap = max_epochs * u
-    notes = [(f"Chinchilla (Hoffmann et al. 2022): C = 6·N·D with D = {k:g}·N gives N = {_si(n_c)} parameters "
-              f"and D = {_si(d_c)} tokens for {c:.3g} FLOPs.")]
-    n, d, limited_by = n_c, d_c, "compute"
 
-    if d_c > d_cap:
-        d = d_cap
-        n_max = max((1 + R_N_STAR) * u / k, d / k)
-        n = min(c / (6 * d), n_max)
-        limited_by = "data+params" if c / (6 * d) > n_max else "data"
-        notes.append(
-            f"Data-constrained (Muennighoff et al. 2023): {_si(d_c)} tokens would be {d_c / u:.1f} epochs over the "
-            f"{_si(u)} unique domain tokens; up to ~4 epochs repeated data is nearly as good as fresh, so training "
-            f"stops at {max_epochs:g} epochs = {_si(d)} tokens, worth {_si(effective_tokens(d, u))} fresh ones "
-            f"(D' = U + U·R*·(1 − exp(−R/R*)), R* = {R_D_STAR}).")
-        if limited_by == "data":
-            notes.append(f"The rest of the compute buys a larger model: N = C/(6·D) = {_si(n)} "
-                         f"({d / n:.1f} tokens per parameter).")
-        else:
-            notes.append(
-                f"The rest of the compute would buy a larger model, but only up to (1 + R_N*)·U/{k:g} = {_si(n_max)} "
-                f"parameters (R_N* = {R_N_STAR}): past that, a further parameter is worth less than 1/e of one with "
-                f"fresh data, so only {100 * n * 6 * d / c:.2g}% of the budget is used. More domain data, general text "
-                f"mixed in, or a higher max_epochs (repeats lose value with R* = {R_D_STAR}; little is left "
-                f"after ~16 epochs) would use it.")
-        if inf_tok > 0:
-            notes.append("Inference: with the data as the limit there are no spare tokens to over-train a smaller "
-                         "model on; the plan stays as above.")
-    elif inf_tok > 0:
-        target = predicted_loss(n_c, d_c, u, k)
-        found = _overtrain(target, inf_tok, n_c, u, d_cap, k)
-        if found is not None:
-            n, d = found
-            limited_by = "inference"
-            total, total_c = 6 * n * d + 2 * n * inf_tok, 6 * n_c * d_c + 2 * n_c * inf_tok
-            notes.append(
-                f"Inference-heavy (Sardana et al. 2023): for {_si(inf_tok)} inference tokens, N = {_si(n)} trained on "
-                f"{_si(d)} tokens ({d / n:.0f} tokens per parameter) reaches the Chinchilla model's loss "
-                f"({target:.3f} on Hoffmann's fit) for {total:.3g} training + inference FLOPs instead of "
-                f"{total_c:.3g} ({1 - total / total_c:.0%} less); its training takes {6 * n * d / c:.2f}× the budget.")
-            if d >= d_cap * (1 - 1e-3):
-                limited_by = "inference+data"
-                notes.append(f"Over-training stops at {max_epochs:g} epochs over the domain data.")
-    if math.isinf(u):
-        epochs, epochs_c = 0.0, 0.0
+def _data_constrained(c: float, u: float, d_c: float, inf_tok: float, max_epochs: float,
+                      k: float) -> tuple[float, float, str, list[str]]:
+    """Rule 2: Chinchilla's D would repeat the data more than `max_epochs` times; D is capped there and the
+    rest of the compute buys a larger model, up to (1 + R_N*)·U/k parameters. (N, D, limited_by, notes)."""
+    d = max_epochs * u
+    n_max = max((1 + R_N_STAR) * u / k, d / k)
+    n = min(c / (6 * d), n_max)
+    limited_by = "data+params" if c / (6 * d) > n_max else "data"
+    notes = [(
+        f"Data-constrained (Muennighoff et al. 2023): {_si(d_c)} tokens would be {d_c / u:.1f} epochs over the "
+        f"{_si(u)} unique domain tokens; up to ~4 epochs repeated data is nearly as good as fresh, so training "
+        f"stops at {max_epochs:g} epochs = {_si(d)} tokens, worth {_si(effective_tokens(d, u))} fresh ones "
+        f"(D' = U + U·R*·(1 − exp(−R/R*)), R* = {R_D_STAR}).")]
+    if limited_by == "data":
+        notes.append(f"The rest of the compute buys a larger model: N = C/(6·D) = {_si(n)} "
+                     f"({d / n:.1f} tokens per parameter).")
     else:
-        epochs, epochs_c = d / u, d_c / u
+        notes.append(
+            f"The rest of the compute would buy a larger model, but only up to (1 + R_N*)·U/{k:g} = {_si(n_max)} "
+            f"parameters (R_N* = {R_N_STAR}): past that, a further parameter is worth less than 1/e of one with "
+            f"fresh data, so only {100 * n * 6 * d / c:.2g}% of the budget is used. More domain data, general text "
+            f"mixed in, or a higher max_epochs (repeats lose value with R* = {R_D_STAR}; little is left "
+            f"after ~16 epochs) would use it.")
+    if inf_tok > 0:
+        notes.append("Inference: with the data as the limit there are no spare tokens to over-train a smaller "
+                     "model on; the plan stays as above.")
+    return n, d, limited_by, notes
+
+
+def _inference_heavy(c: float, u: float, n_c: float, d_c: float, inf_tok: float, max_epochs: float,
+                     k: float) -> tuple[float, float, str, list[str]] | None:
+    """Rule 3: the smaller model, trained longer, that reaches the Chinchilla model's loss at the least
+    training + inference FLOPs (N, D, limited_by, notes); None when there is none."""
+    d_cap = max_epochs * u
+    target = predicted_loss(n_c, d_c, u, k)
+    found = _overtrain(target, inf_tok, n_c, u, d_cap, k)
+    if found is None:
+        return None
+    n, d = found
+    total, total_c = 6 * n * d + 2 * n * inf_tok, 6 * n_c * d_c + 2 * n_c * inf_tok
+    notes = [(
+        f"Inference-heavy (Sardana et al. 2023): for {_si(inf_tok)} inference tokens, N = {_si(n)} trained on "
+        f"{_si(d)} tokens ({d / n:.0f} tokens per parameter) reaches the Chinchilla model's loss "
+        f"({target:.3f} on Hoffmann's fit) for {total:.3g} training + inference FLOPs instead of "
+        f"{total_c:.3g} ({1 - total / total_c:.0%} less); its training takes {6 * n * d / c:.2f}× the budget.")]
+    if d >= d_cap * (1 - 1e-3):
+        notes.append(f"Over-training stops at {max_epochs:g} epochs over the domain data.")
+        return n, d, "inference+data", notes
+    return n, d, "inference", notes
+
+
+def _result(n: float, d: float, limited_by: str, n_c: float, d_c: float, c: float, u: float, inf_tok: float,
+            max_epochs: float, k: float, notes: list[str]) -> dict:
+    """recommend()'s mapping: the plan (N, D), plain Chinchilla's (N_c, D_c) beside it, and the notes."""
+    epochs, epochs_c = (0.0, 0.0) if math.isinf(u) else (d / u, d_c / u)
     return {
         "params": n,
         "tokens": d,
@@ -341,8 +364,9 @@ def count_domain_tokens(store: ArtifactStore, tokenizer: Artifact, batch: int = 
     from tokenizers import Tokenizer
 
     curate = store.load("curate", tokenizer.manifest["inputs"]["curate"])
-    sources = tokenizer.manifest["metrics"]["trained_on"]
-    tok = Tokenizer.from_file(str(tokenizer.path / "tokenizer" / "tokenizer.json"))
+    tokenized = Tokenized.of(tokenizer)
+    sources = tokenized.trained_on
+    tok = Tokenizer.from_file(str(tokenized.folder() / "tokenizer.json"))
     tokens = docs = 0
     texts: list[str] = []
 
@@ -423,31 +447,12 @@ class CliConfig(Config):
     domain_tokens: float = Field(..., description="unique domain tokens (e.g. 1e9)")
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    """`slmforge plan` without a recipe: the budget and the domain data size on the command line."""
-    from slmforge.config import validate
-    from slmforge.flags import add_flags, collect
-
-    p = argparse.ArgumentParser(
-        prog="slmforge plan",
-        description="What model should I train? Chinchilla-optimal size, corrected for repeated domain data "
-                    "(Muennighoff et al. 2023) and for inference cost (Sardana et al. 2023).",
-        epilog="example: slmforge plan --hours 168 --device rtx4090 --domain-tokens 1e9",
-    )
-    flags = add_flags(p, CliConfig)  # --flops --hours --device --peak-flops --mfu --n-devices ... --domain-tokens
-    p.add_argument("--json", action="store_true", help="print the recommendation as JSON instead of a table")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # argparse has printed its usage and "error: ..." already
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        cfg = validate(CliConfig, collect(args, flags), "plan")
-        flops, how = budget_flops(cfg.flops, cfg.hours, cfg.device, cfg.peak_flops, cfg.mfu, cfg.n_devices)
-        rec = {**recommend(flops, cfg.domain_tokens, cfg.inference_tokens, cfg.max_epochs), "budget": how}
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
+def answer(cfg: CliConfig, as_json: bool = False) -> dict:
+    """`slmforge plan` without a recipe: the recommendation for `cfg`'s budget and domain tokens, printed as a
+    table (or as JSON) and returned."""
+    flops, how = budget_flops(cfg.flops, cfg.hours, cfg.device, cfg.peak_flops, cfg.mfu, cfg.n_devices)
+    rec = {**recommend(flops, cfg.domain_tokens, cfg.inference_tokens, cfg.max_epochs), "budget": how}
+    if as_json:
         print(json.dumps(rec, indent=2))
     else:
         from rich.console import Console
@@ -456,8 +461,4 @@ def cli_main(argv: list[str] | None = None) -> int:
         if not out.is_terminal:
             out.width = 120
         print_plan(rec, out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())
+    return rec

@@ -17,8 +17,6 @@ of text, so only a gain over this twin is the domain's). Output: `<run>/speciali
 
 from __future__ import annotations
 
-import json
-import math
 from functools import partial
 from pathlib import Path
 
@@ -27,14 +25,15 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slmforge import dist, hardware
 from slmforge.artifacts import Artifact, ArtifactStore
+from slmforge.common import read_jsonl
 from slmforge.console import console, info
 from slmforge.errors import UserError
 from slmforge.hardware import use_bf16
 from slmforge.models.bases import base_name, folder_or_name
 from slmforge.models.dapt import expand_vocabulary, init_source
-from slmforge.models.modeling import ModelSize, build_model, load_model, parse_count, shape_of
-from slmforge.records import Curated
-from slmforge.training.loop import Mixture, TrainConfig, save_snapshot, save_trained, train_one
+from slmforge.models.modeling import ModelSize, build_model, load_model, shape_of
+from slmforge.records import Curated, Tokenized
+from slmforge.training.loop import Mixture, TrainConfig, Trainee, token_budget, train_and_save
 from slmforge.training.packing import Sampler, tokenize_sources, tokenize_texts
 
 NAME = "pretrain"
@@ -104,7 +103,7 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
 
 
 def reading_texts(synth: Artifact) -> list[str]:
-    rows = [json.loads(x) for x in (synth.path / "reading.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    rows = read_jsonl(synth.path / "reading.jsonl")
     if not rows:
         raise UserError("pretrain.reading: the synth stage made no reading-comprehension texts; add `reading` to "
                         "synth.kinds, or set pretrain.reading: 0")
@@ -132,9 +131,8 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     import torch
 
     dist.init()
-    curate, tok_art = inputs["curate"], inputs["tokenizer"]
-    curated = Curated.of(curate)
-    domain = tok_art.manifest["metrics"]["trained_on"]
+    curated = Curated.of(inputs["curate"])
+    domain = Tokenized.of(inputs["tokenizer"]).trained_on
     general = curated.general
     bf16 = use_bf16(cfg.precision)
     peak = hardware.peak_flops(bf16)
@@ -147,61 +145,73 @@ def _build(cfg: Config, inputs: dict[str, Artifact], out: Path) -> dict:
     init = None
     if cfg.init_from:  # evaluate compares the DAPT specialist with this base (its generalist baseline)
         init, metrics["init_from"] = init_source(cfg.init_from)
-    tokens_budget = int(parse_count(cfg.tokens)) if cfg.tokens else None
     for name, sources, tok_dir in plans:
-        final_dir = out / name
-        if (final_dir / "model.safetensors").is_file() and (final_dir / "metrics.json").is_file():
-            metrics["models"][name] = json.loads((final_dir / "metrics.json").read_text())
-            tokens_budget = tokens_budget or metrics["models"][name]["tokens"]
-            continue
-        model, tokenizer, shape_ = _model_and_tokenizer(cfg, name, tok_art, tok_dir, init)
-        if cfg.expand_vocab and name == "specialist":
-            texts = {split: [r["text"] for s in domain for r in curated.documents(split, s, columns=["text"])]
-                     for split in ("train", "val")}
-            model, tokenizer, metrics["expand_vocab"] = expand_vocabulary(
-                model, tokenizer, tok_art.path / "tokenizer", texts["train"], texts["val"], cfg.expand_vocab)
-            shape_["params"] = sum(p.numel() for p in model.parameters())
-        dist.on_main(tokenize_sources, tokenizer, curate, sources, out / "tokens" / name)
-        streams = {s: np.load(out / "tokens" / name / f"{s}.train.npy", mmap_mode="r") for s in sources}
-        val = {s: np.load(out / "tokens" / name / f"{s}.val.npy", mmap_mode="r") for s in sources}
-        mixed = name == "specialist" and cfg.reading
-        if mixed:  # reading-comprehension documents from the train split: a domain source with a fixed share
-            dist.on_main(tokenize_texts, tokenizer, reading_texts(inputs["synth"]), "reading",
-                         out / "tokens" / name / "reading.train.npy")
-            streams["reading"] = np.load(out / "tokens" / name / "reading.train.npy", mmap_mode="r")
-            sources = [*sources, "reading"]
-        sampler = Sampler(streams, [*domain, "reading"] if name == "specialist" else [], shape_["context"], cfg.seed,
-                          {"reading": cfg.reading} if mixed else None)
-        if not sampler.domain and not sampler.general:
-            raise UserError(f"pretrain: no training text for {name} (sources {', '.join(sources)}); check curate")
-        n_seq = max(1, cfg.batch_tokens // shape_["context"])
-        total_steps = math.ceil(tokens_budget / (n_seq * shape_["context"])) if tokens_budget else None
-        unique = sum(len(a) for a in streams.values())
-        info(f"  pretrain · {name}: {shape_['params'] / 1e6:.2f}M params, depth {shape_['depth']}, width "
-             f"{shape_['hidden_size']}, heads {shape_['num_attention_heads']}/{shape_['num_key_value_heads']} kv, "
-             f"ffn {shape_['intermediate_size']}, context {shape_['context']}; "
-             f"{'bf16 autocast' if bf16 else 'fp32'}; {unique / 1e6:.2f}M train tokens")
         control = name != "specialist"  # the same steps, batch and learning rates, general text only
         cfg_m = cfg.model_copy(update={"mixture": Mixture(schedule="constant", domain_fraction=0.0)}) if control else cfg
-        snapshot = partial(save_snapshot, tokenizer=tokenizer, root=out / name / "snapshots")
-        result = train_one(name, cfg_m, model, shape_, sampler, val, out, total_steps, peak, bf16, snapshot)
-        tokens_budget = tokens_budget or result["tokens"]
-        data = {"sources": ", ".join(sources), "tokenizer": tok_dir if not cfg.init_from else cfg.init_from,
-                **({"continued from": cfg.init_from} if cfg.init_from else {}),
-                "unique train tokens": unique, "epochs over the domain": result["domain_epochs"]}
-        m = {k: v for k, v in result.items() if k not in ("model", "log", "val_log")}
-        m.update(shape=shape_, sources=sources, unique_train_tokens=int(unique),
-                 flops=6 * shape_["params"] * result["tokens"])
-        if control:  # what evaluate's gate and the report say of it
-            m["control"] = {"of": "specialist", "text": "general", "tokens": result["tokens"], "steps": result["steps"],
-                            **({"base": metrics["init_from"].get("base") or cfg.init_from,
-                                "quantized": metrics["init_from"].get("quantized")} if cfg.init_from else {})}
-        dist.on_main(save_trained, result["model"], tokenizer, shape_, result, final_dir, name, data, m,
-                     out / f"{name}.ckpt.pt")
-        metrics["models"][name] = m
+        prepare = partial(_trainee, cfg, name, sources, tok_dir, inputs, init, domain, metrics, out, bf16)
+        metrics["models"][name] = train_and_save(name=name, cfg=cfg_m, out=out, prepare=prepare,
+                                                 tokens=token_budget(cfg, metrics["models"]), peak_flops=peak,
+                                                 bf16=bf16, stage=NAME)
     if dist.is_main():
         _print_summary(metrics)
     return metrics
+
+
+def _trainee(cfg: Config, name: str, sources: list[str], tok_dir: str | None, inputs: dict[str, Artifact],
+             init: Path | None, domain: list[str], metrics: dict, out: Path, bf16: bool) -> Trainee:
+    """The model `name` ready to train: built or loaded (the specialist's vocabulary expanded when asked,
+    its report in metrics["expand_vocab"]), its token files and sampler, and how its metrics and card read."""
+    model, tokenizer, shape_ = _model_and_tokenizer(cfg, name, inputs["tokenizer"], tok_dir, init)
+    if cfg.expand_vocab and name == "specialist":
+        curated = Curated.of(inputs["curate"])
+        texts = {split: [r["text"] for s in domain for r in curated.documents(split, s, columns=["text"])]
+                 for split in ("train", "val")}
+        model, tokenizer, metrics["expand_vocab"] = expand_vocabulary(
+            model, tokenizer, inputs["tokenizer"].path / "tokenizer", texts["train"], texts["val"], cfg.expand_vocab)
+        shape_["params"] = sum(p.numel() for p in model.parameters())
+    sampler, val, sources, unique = _batches(cfg, name, tokenizer, inputs, sources, domain, shape_["context"], out)
+    info(f"  pretrain · {name}: {shape_['params'] / 1e6:.2f}M params, depth {shape_['depth']}, width "
+         f"{shape_['hidden_size']}, heads {shape_['num_attention_heads']}/{shape_['num_key_value_heads']} kv, "
+         f"ffn {shape_['intermediate_size']}, context {shape_['context']}; "
+         f"{'bf16 autocast' if bf16 else 'fp32'}; {unique / 1e6:.2f}M train tokens")
+    describe = partial(_describe, cfg, name, sources, tok_dir, unique, shape_, metrics.get("init_from"))
+    return Trainee(model, tokenizer, shape_, sampler, val, describe)
+
+
+def _batches(cfg: Config, name: str, tokenizer, inputs: dict[str, Artifact], sources: list[str], domain: list[str],
+             context: int, out: Path) -> tuple[Sampler, dict[str, np.ndarray], list[str], int]:
+    """(sampler, validation tokens, sources, unique train tokens) of model `name`: each source tokenized once
+    into out/tokens/<name>/, and for the specialist with `reading` the synth stage's reading texts too."""
+    folder = out / "tokens" / name
+    dist.on_main(tokenize_sources, tokenizer, inputs["curate"], sources, folder)
+    streams = {s: np.load(folder / f"{s}.train.npy", mmap_mode="r") for s in sources}
+    val = {s: np.load(folder / f"{s}.val.npy", mmap_mode="r") for s in sources}
+    mixed = name == "specialist" and cfg.reading
+    if mixed:  # reading-comprehension documents from the train split: a domain source with a fixed share
+        dist.on_main(tokenize_texts, tokenizer, reading_texts(inputs["synth"]), "reading", folder / "reading.train.npy")
+        streams["reading"] = np.load(folder / "reading.train.npy", mmap_mode="r")
+        sources = [*sources, "reading"]
+    sampler = Sampler(streams, [*domain, "reading"] if name == "specialist" else [], context, cfg.seed,
+                      {"reading": cfg.reading} if mixed else None)
+    if not sampler.domain and not sampler.general:
+        raise UserError(f"pretrain: no training text for {name} (sources {', '.join(sources)}); check curate")
+    return sampler, val, sources, sum(len(a) for a in streams.values())
+
+
+def _describe(cfg: Config, name: str, sources: list[str], tok_dir: str | None, unique: int, shape_: dict,
+              init_rec: dict | None, run: dict) -> tuple[dict, dict]:
+    """(metrics, card data) of a trained model; a control says what it controls for (evaluate's gate and
+    the report read it)."""
+    data = {"sources": ", ".join(sources), "tokenizer": tok_dir if not cfg.init_from else cfg.init_from,
+            **({"continued from": cfg.init_from} if cfg.init_from else {}),
+            "unique train tokens": unique, "epochs over the domain": run["domain_epochs"]}
+    m = {**run, "shape": shape_, "sources": sources, "unique_train_tokens": int(unique),
+         "flops": 6 * shape_["params"] * run["tokens"]}
+    if name != "specialist":
+        m["control"] = {"of": "specialist", "text": "general", "tokens": run["tokens"], "steps": run["steps"],
+                        **({"base": init_rec.get("base") or cfg.init_from,
+                            "quantized": init_rec.get("quantized")} if cfg.init_from else {})}
+    return m, data
 
 
 def _print_summary(metrics: dict) -> None:

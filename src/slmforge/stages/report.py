@@ -6,25 +6,46 @@ the same size), every model (parameters, tokens, epochs over the domain data, FL
 tokens/s, MFU), the scores side by side with chance and the trivial-rule baselines, the quality gate
 with its margins, checkpoint selection, bar charts, loss curves, and sample answers next to the
 references. Nothing is recomputed: a report is cheap to rebuild after a change of layout.
+
+The page and the summary are drawn from one list of sections (`sections`: headings, tables as header
+and rows, paragraphs, figures) by the Jinja templates in templates/report/; the Markdown summary leaves
+out what only the page shows (pictures, data, tokenizer, samples) and has shorter forms of a few parts.
 """
 
 from __future__ import annotations
 
+import functools
 import html
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+from markupsafe import Markup
 from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from slmforge.artifacts import Artifact, ArtifactStore
 from slmforge.config import StageConfig
 from slmforge.console import info
 from slmforge.evaluation.charts import loss_curves, score_charts
-from slmforge.evaluation.results import bench_rows, gate_lines, reference, set_tasks
+from slmforge.evaluation.results import gate_lines
 from slmforge.evaluation.stats import widest_interval
-from slmforge.evaluation.verdict import bpb_line, num, verdict
-from slmforge.records import Benchmarks, set_of
+from slmforge.evaluation.tables import (
+    Table,
+    Zero,
+    bench_table,
+    bpb_table,
+    compression,
+    data_tables,
+    gain_table,
+    gate_table,
+    model_table,
+    selection_table,
+    tokenizer_table,
+    zero_scores,
+)
+from slmforge.evaluation.verdict import bpb_line, verdict
+from slmforge.records import Benchmarks, Curated, Evaluation, Tokenized
 
 NAME = "report"
 INPUTS = ("curate", "tokenizer", "bench", "evaluate")
@@ -53,19 +74,24 @@ def run(cfg: Config, store: ArtifactStore, inputs: dict[str, Artifact] | None = 
 
 def _build(cfg: Config, inputs: dict[str, Artifact], out: Path, workdir: Path) -> dict:
     ev = inputs["evaluate"]
-    results = json.loads((ev.path / "results.json").read_text(encoding="utf-8"))
-    bench = _bench_items(Benchmarks.of(inputs["bench"]))
+    results = Evaluation.of(ev).results
+    benchmarks = Benchmarks.of(inputs["bench"])
+    bench = _bench_items(benchmarks)
+    curated, tokenized = Curated.of(inputs["curate"]), Tokenized.of(inputs["tokenizer"])
     final = out.with_name(out.name.removesuffix(".partial"))
     said = verdict(results)
-    doc = {"title": cfg.title, "curate": inputs["curate"].manifest["metrics"],
-           "tokenizer": inputs["tokenizer"].manifest["metrics"], "results": results, "bench": bench,
-           "samples": cfg.samples, "provenance": inputs["bench"].manifest["metrics"].get("independence", {}),
+    doc = {"title": cfg.title, "curate": {"splits": curated.splits, "roles": curated.roles, "filters": curated.filters,
+                                          "docs_in": curated.docs_in},
+           "tokenizer": {"eval": tokenized.eval, "domain_token_saving": tokenized.domain_token_saving},
+           "results": results, "bench": bench, "samples": cfg.samples,
+           "provenance": benchmarks.independence,
            "lineage": {s: f"{a.stage}/{a.key}" for s, a in inputs.items()}, "verdict": said,
            "run": {"key": final.name, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "evaluate": ev.key,
                    "evaluated": ev.manifest.get("started"), "recipe": cfg._recipe.get("name"),
                    "recipe_path": cfg._recipe.get("path"), "workdir": str(workdir)}}
-    (out / "report.html").write_text(render_html(doc), encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
+    parts = sections(doc)
+    (out / "report.html").write_text(render_html(doc, parts), encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(doc, parts), encoding="utf-8")
     info(f"  report · {final / 'report.html'}")
     return {"html": "report.html", "markdown": "report.md", "gate_passed": (results.get("gate") or {}).get("passed"),
             "verdict": {k: said[k] for k in ("outcome", "best", "rival", "diff", "p") if k in said}}
@@ -85,151 +111,11 @@ def run_lines(doc: dict) -> list[tuple[str, str]]:
             ("Exports", (f"{export} once the export stage has run (it runs after the report); "
                          f"`slmforge path export --recipe {recipe or 'RECIPE'}` prints the folder"))]
 
-
-ZERO_MEANS = {"exact_match": "never produced an answer matching the reference",
-              "f1": "never produced an answer sharing a word with the reference",
-              "rouge": "never produced an answer sharing a word with the reference",
-              "judge": "never had an answer accepted by the judge", "acc": "never picked the right option"}
-
-
-def _meaning(metric: str) -> str | None:
-    return next((v for k, v in ZERO_MEANS.items() if metric.startswith(k)), None)
-
-
-class Zero(str):
-    """A table cell holding a score of exactly zero: drawn flagged."""
-
-
-def score_cell(v, metric: str) -> str:
-    """A score for a table: '-' when not scored, '0.000 ⚠' (flagged) when exactly zero."""
-    if v is None:
-        return "-"
-    return Zero("0.000 ⚠") if v == 0 and _meaning(metric) else f"{v:.3f}"
-
-
-def zero_scores(m: dict) -> list[str]:
-    """One line per (task, metric) on which some model scored exactly zero, naming the models and what
-    the zero means."""
-    lines = []
-    for t, k in bench_rows(m):
-        zero = [n for n, r in m["benchmarks"].items() if r.get(t, {}).get(k) == 0] if _meaning(k) else []
-        if not zero:
-            continue
-        items = m.get("bench_sizes", {}).get(set_of(t))
-        on = f" on any of the {items} items" if items else ""
-        if len(zero) > 1 and len(zero) == len(m["benchmarks"]):
-            said = f"every model: none of them ever {_meaning(k).removeprefix('never ')}{on}"
-        else:
-            said = f"{', '.join(zero)}: {'each' if len(zero) > 1 else 'the'} model {_meaning(k)}{on}"
-        lines.append(f"{set_of(t)} {k} = 0.000 — for {said} (a measured zero, not a missing score)")
-    return lines
-
-
 def _bench_items(bench: Benchmarks) -> dict[str, dict]:
     """{task: {item id: item}} of the generation tasks, to show references next to answers."""
     return {t: {r["id"]: r for r in bench.items(s)} for s, t in bench.tasks.items()
             if s in ("qa", "summarization") and (bench.task_dir / f"{s}.jsonl").is_file()}
 
-
-# ---- HTML --------------------------------------------------------------------------------------------
-def _table(head: list[str], rows: list[list]) -> str:
-    e = html.escape
-    return ("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in head) + "</tr>" +
-            "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows) + "</table>")
-
-
-def _td(c) -> str:
-    if isinstance(c, Zero):
-        return "<td class='zero' title='a measured zero: see Flags'>" + html.escape(str(c)) + "</td>"
-    return f"<td>{html.escape(str(c))}</td>"
-
-
-def data_rows(c: dict) -> tuple[list[list], list[list]]:
-    splits = [[s, *(f"{per[k]['docs']:,} / {per[k]['chars'] / 1e6:.2f}M" for k in ("train", "val", "test")),
-               c["roles"].get(s, "")] for s, per in c["splits"].items()]
-    drops = [[step, f"{f['seen']:,}", f"{f['dropped']:,}", f"{f['dropped'] / max(f['seen'], 1):.1%}",
-              ", ".join(f"{k} {v}" for k, v in sorted(f["by_reason"].items(), key=lambda kv: -kv[1])[:4])]
-             for step, f in c["filters"].items()]
-    return splits, drops
-
-
-def tokenizer_rows(t: dict) -> list[list]:
-    return [[tok, text, f"{v['bytes_per_token']:.2f}", f"{v['fertility']:.2f}"]
-            for tok, per in t["eval"].items() for text, v in per.items()]
-
-
-def model_rows(models: dict) -> list[list]:
-    rows = []
-    for n, mm in models.items():
-        shape = mm.get("shape", {})
-        base = mm.get("stage") is None and isinstance(mm.get("base"), str)  # a pretrained base, as it is
-        tokens = f"{mm['tokens'] / 1e6:.2f}M" if mm.get("tokens") else \
-            f"{num(mm['pretrain_tokens'])} (its pretraining)" if mm.get("pretrain_tokens") else ""
-        flops = f"{mm['flops']:.2e}" if "flops" in mm else \
-            f"{mm['pretrain_flops']:.2e} (its pretraining)" if mm.get("pretrain_flops") else ""
-        rows.append([n, mm.get("stage") or ("endpoint" if mm.get("endpoint") else f"base {mm['base']}" if base
-                                            else "folder"),
-                     f"{shape['params'] / 1e6:.2f}M" if shape else "", tokens,
-                     f"{mm['domain_epochs']:.2f}" if "domain_epochs" in mm else "", flops,
-                     f"{mm['train_time_s']:.0f}s" if mm.get("train_time_s") is not None else "",
-                     f"{mm['tokens_per_s']:,.0f}" if mm.get("tokens_per_s") is not None else "",
-                     f"{mm['mfu']:.1%}" if mm.get("mfu") else ""])
-    return rows
-
-
-def compression(models: dict) -> tuple[list[str], list[list], list[str]]:
-    """(head, rows, notes) for the compress stage's variants: how each was made, its size against the
-    teacher's, and what pruning kept (the share of the teacher's importance per kind)."""
-    made = {n: mm for n, mm in models.items() if mm.get("pruning")}
-    rows, notes = [], []
-    for n, mm in made.items():
-        t = mm.get("teacher", {}).get("params") or 0
-        p = mm["shape"]["params"]
-        s = mm["pruning"]["shape"]
-        rows.append([n, "pruned teacher" if mm.get("init") == "pruned" else "random",
-                     {"kd": f"distillation (alpha {mm.get('alpha')}, T {mm.get('temperature')})", "lm": "LM loss"}.get(
-                         mm.get("loss"), "none"), f"{p / 1e6:.2f}M ({p / t:.0%})" if t else f"{p / 1e6:.2f}M",
-                     f"{s['layers']} layers, hidden {s['hidden']}, heads {s['heads']}/{s['kv_heads']} kv, ffn {s['ffn']}",
-                     f"{mm.get('tokens', 0) / 1e6:.3f}M", f"{mm.get('flops_with_pruning', 0):.2e}"])
-    if made:
-        mm = next(iter(made.values()))
-        pr, kept = mm["pruning"], mm["pruning"]["importance_kept"]
-        notes.append(f"Importance measured on {pr['calibration_tokens']:,} domain tokens; removed layers "
-                     f"{pr['removed_layers']} of {pr['teacher_shape']['layers']}; the kept structures hold "
-                     f"{kept['hidden']:.0%} of the hidden channels' importance, {kept['heads']:.0%} of the heads' "
-                     f"and {kept['ffn']:.0%} of the FFN channels' (per layer, mean). Training loss of a distilled "
-                     "variant is its distillation objective; compare validation losses and the scores above.")
-    return ["variant", "start", "trained with", "params (of teacher)", "shape", "tokens", "FLOPs (with pruning)"], \
-        rows, notes
-
-
-CHAIN = ("specialist", "sft", "sft-rationale", "dpo")
-
-
-def gain_rows(m: dict) -> tuple[list[str], list[list]]:
-    """Each post-training step's scores and change against the step before: pretrain -> sft ->
-    sft-rationale -> dpo, on the headline metrics and the generation tasks, with the trivial baseline."""
-    names = [n for n in CHAIN if n in m["benchmarks"]]
-    if len(names) < 2:
-        return [], []
-    tasks = set_tasks(m)
-    cols = [(s, metric) for s, metric in m["headline"].items()] + \
-           [(s, k) for s, k in (("qa", "exact_match"), ("qa", "f1"), ("summarization", "rougeL")) if s in tasks]
-    rows, prev = [], None
-    for n in names:
-        vals = [m["benchmarks"][n].get(tasks.get(s, ""), {}).get(k) for s, k in cols]
-        rows.append([n] + [_with_change(v, prev[i] if prev else None, k) for i, (v, (_, k)) in enumerate(zip(vals, cols))])
-        prev = vals
-    rows.append(["chance / best trivial rule"] + [reference(m, tasks[s], k) if s in m["headline"] else ""
-                                                  for s, k in cols])
-    return [f"{s} {k}" for s, k in cols], rows
-
-
-def _with_change(v, before, metric: str) -> str:
-    cell = score_cell(v, metric)
-    if v is None or before is None:
-        return cell
-    return (Zero if isinstance(cell, Zero) else str)(f"{cell} ({v - before:+.3f})")
 
 
 def answer_blocks(doc: dict) -> list[tuple[str, str, dict]]:
@@ -280,163 +166,212 @@ EMPTY = {"models": {}, "scores": {}, "margins": {}, "benchmarks": {}, "headline"
          "baselines": {}}
 
 
-def _code(text: str) -> str:
-    """Escaped text with `quoted` spans as <code>."""
-    return "".join(f"<code>{html.escape(x)}</code>" if i % 2 else html.escape(x) for i, x in enumerate(text.split("`")))
+# ---- the sections: what the page and the summary show ------------------------------------------------
+@dataclass
+class Block:
+    """One part of a section, drawn by kind (templates/report/): `text` paragraphs (Markdown: lines as they
+    are), `notes` paragraphs (Markdown: bullets), `bullets` (an item is a text or a (bold label, text)
+    pair), `fields` (label, text) rows whose `quoted` spans are code, a `table`, `figures` ((title, PNG
+    data URL) each) and `samples` ((prompt, [(label, text)]) each: a prompt and what each one wrote).
+    Strings are escaped on the page, except Markup: the page's own prose, drawn as written."""
+
+    kind: Literal["text", "notes", "bullets", "fields", "table", "figures", "samples"]
+    content: Any
+    only: Literal["page", "summary"] | None = None  # None: on the page and in the Markdown summary
+    css: str | None = None  # the HTML class of `text` paragraphs
 
 
-def render_html(doc: dict) -> str:
-    e = html.escape
+@dataclass
+class Section:
+    """A heading and its blocks; the header (the verdict's supporting lines) has no heading."""
+
+    title: str | None
+    blocks: list[Block]
+    short: str | None = None  # the Markdown summary's heading, where it is shorter than the page's
+    level: int = 2
+    page_only: bool = False  # left out of the Markdown summary
+
+
+def sections(doc: dict) -> list[Section]:
+    """Every section of the report, in order; those with nothing to show are left out."""
     m = EMPTY | doc["results"]
+    found = [_header(doc, m), _gate(m), _flags(m), _charts(m), _bits_per_byte(m), *_benchmarks(doc, m), _gains(m),
+             _selection(m), _models(m), _compression(m), *_data(doc), _loss_curves(m), _answers(doc),
+             _continuations(m), _footer(doc)]
+    return [s for s in found if s is not None]
+
+
+def _header(doc: dict, m: dict) -> Section:
+    blocks = [Block("text", [bpb])] if (bpb := bpb_line(m)) else []
+    if head := run_lines(doc):
+        blocks.append(Block("fields", head))
+    return Section(None, blocks)
+
+
+def _gate(m: dict) -> Section | None:
+    gate = m.get("gate")
+    if not gate:
+        return None
+    e = html.escape
+    said = Markup(f"{e(gate['specialist'])} must beat the strongest of {e(', '.join(gate['rivals']))} on each choice "
+                  f"set's headline accuracy, significantly (paired test on the same items, p &lt; {gate['alpha']}), "
+                  "and beat chance; a margin inside the noise is \"not shown\". ± is a 95% interval.")
+    return Section(f"Quality gate: {gate['verdict']}", [
+        Block("text", [said], "page"), Block("table", gate_table(gate), "page"),
+        Block("text", gate_lines(gate), "summary")], short="Quality gate")
+
+
+def _flags(m: dict) -> Section | None:
+    flags = [f"{n}: {f}" for n, mm in m.get("models", {}).items() for f in mm.get("flags", [])] + zero_scores(m)
+    return Section("Flags", [Block("bullets", flags)]) if flags else None
+
+
+def _charts(m: dict) -> Section | None:
+    charts = score_charts(m)
+    return Section("Charts", [Block("figures", charts)], page_only=True) if charts else None
+
+
+def _bits_per_byte(m: dict) -> Section | None:
+    if not m.get("scores"):
+        return None
+    vs = {s: f"specialist {g['specialist_bpb']:.3f} vs generalist {g['generalist_bpb']:.3f}"
+          for s, g in m["margins"].items()}
+    page = [(s, f"{vs[s]} bits/byte: {abs(g['relative']):.1%} {'better' if g['relative'] > 0 else 'worse'}")
+            for s, g in m["margins"].items()]
+    summary = [(s, f"{vs[s]} ({g['relative']:+.1%})") for s, g in m["margins"].items()]
+    return Section("Bits per byte on the test splits (lower is better)", [
+        Block("table", bpb_table(m, ppl=True), "page"), Block("table", bpb_table(m), "summary"),
+        Block("bullets", page, "page"), Block("bullets", summary, "summary")], short="Bits per byte (lower is better)")
+
+
+def _benchmarks(doc: dict, m: dict) -> list[Section]:
+    """The benchmark scores, then (a subsection) where the benchmarks come from."""
+    if not m.get("benchmarks"):
+        return []
+    sizes = (f"Items per set: {', '.join(f'{k} {v}' for k, v in m['bench_sizes'].items())}. Headline metric per "
+             f"choice set: {', '.join(f'{k} {v}' for k, v in m['headline'].items())}.")
+    out = [Section("Domain benchmarks (lm-evaluation-harness)", [Block("table", bench_table(m)),
+                                                                Block("text", [sizes], "page")],
+                   short="Domain benchmarks")]
+    head, rows, notes = provenance(doc)
+    if rows:
+        out.append(Section("Where the benchmarks come from", [Block("table", Table(head, rows)),
+                                                              Block("notes", notes)], level=3))
+    return out
+
+
+def _gains(m: dict) -> Section | None:
+    table = gain_table(m)
+    if table is None:
+        return None
+    n = min(m["bench_sizes"].get(s, 0) for s in m["headline"]) or 1
+    said = Markup("The same harness and items for every model; in brackets the change against the row above. With "
+                  f"{n} items a choice score's 95% interval (Wilson) is at most ±{widest_interval(n):.3f}; "
+                  "seed-to-seed noise: benchmarks/posttrain_seeds.py.")
+    return Section(Markup("Post-training: each stage's gain"), [Block("text", [said], "page"), Block("table", table)],
+                   short="Post-training gains")
+
+
+def _selection(m: dict) -> Section | None:
+    if not m.get("selection"):
+        return None
+    said = [f"{n}: {s['metric']} on {s['dev_items']} dev items: " +
+            ", ".join(f"{k} {v:.3f}" for k, v in s["scores"].items()) + f"; chosen: {s['chosen']}"
+            for n, s in m["selection"].items()]
+    return Section("Checkpoint selection (dev sets from the val split)", [
+        Block("table", selection_table(m), "page"), Block("bullets", said, "summary")], short="Checkpoint selection")
+
+
+def _models(m: dict) -> Section:
+    blocks = [Block("table", model_table(m["models"]))]
+    if notes := [f"{n}: {mm['note']}" for n, mm in m["models"].items() if mm.get("note")]:
+        blocks.append(Block("bullets", notes, "page"))
+    return Section("Models", blocks)
+
+
+def _compression(m: dict) -> Section | None:
+    head, rows, notes = compression(m["models"])
+    if not rows:
+        return None
+    return Section("Compression: a smaller student of the teacher", [Block("table", Table(head, rows)),
+                                                                     Block("text", notes)], short="Compression")
+
+
+def _data(doc: dict) -> list[Section]:
+    """The data (documents and characters per split, what curation dropped) and the tokenizer."""
+    splits, drops = data_tables(doc["curate"])
+    curated = f"Curation: {doc['curate']['docs_in']:,} documents in; what each step dropped:"
+    tokens = ("Bytes per token (higher is better) and fertility (tokens per word, lower is better); the domain "
+              f"tokenizer saves {doc['tokenizer']['domain_token_saving']:.1%} of the tokens on domain text.")
+    return [Section("Data", [Block("text", ["Documents / characters per split."]), Block("table", splits),
+                             Block("text", [curated]), Block("table", drops)], page_only=True),
+            Section("Tokenizer", [Block("text", [tokens]), Block("table", tokenizer_table(doc["tokenizer"]))],
+                    page_only=True)]
+
+
+def _loss_curves(m: dict) -> Section | None:
+    curves = loss_curves(m["models"])
+    return Section("Loss curves", [Block("figures", curves)], page_only=True) if curves else None
+
+
+def _answers(doc: dict) -> Section | None:
+    said = [(f"{t}: {p}", [("reference", r), *got.items()]) for t, p, r, got in answer_blocks(doc)]
+    return Section("Sample answers next to the references", [Block("samples", said)], page_only=True) if said \
+        else None
+
+
+def _continuations(m: dict) -> Section | None:
+    said = [(p, [(o["model"], o["completion"]) for o in outs]) for p, outs in m.get("samples", {}).items()]
+    return Section("Greedy continuations of test documents", [Block("samples", said)], page_only=True) if said \
+        else None
+
+
+def _footer(doc: dict) -> Section:
+    built = "Built from " + ", ".join(f"{k} {v}" for k, v in doc["lineage"].items()) + "."
+    return Section(None, [Block("text", [built], css="p")], page_only=True)
+
+
+# ---- drawing: the Jinja templates --------------------------------------------------------------------
+@functools.cache
+def _templates():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("slmforge", "templates/report"),
+                             finalize=jinja2.pass_eval_context(_escape),
+                             autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default=False),
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["code"] = _code
+    env.tests["zero"] = lambda c: isinstance(c, Zero)
+    return env
+
+
+def _escape(ctx, value):
+    """On the page, every value escaped by html.escape (the entities the page has always had; Jinja's own
+    escaping writes &#39; for '); Markup as it is. In the Markdown summary, values as they are."""
+    if ctx.autoescape and not isinstance(value, Markup):
+        return Markup(html.escape(str(value)))
+    return value
+
+
+def _code(text: str) -> Markup:
+    """Escaped text with `quoted` spans as <code>."""
+    return Markup("".join(f"<code>{html.escape(x)}</code>" if i % 2 else html.escape(x)
+                          for i, x in enumerate(text.split("`"))))
+
+
+def _render(template: str, doc: dict, parts: list[Section] | None) -> str:
     said = doc["verdict"]
     lead = said.get("lead") or said["sentence"]  # the sentence's main clause in bold, the rest after it
-    parts = [f"<h1>{e(doc['title'])}</h1>",
-             f"<p class='verdict'><b>{e(lead)}</b>{e(said['sentence'].removeprefix(lead))}</p>"]
-    if bpb := bpb_line(m):
-        parts.append(f"<p>{e(bpb)}</p>")
-    if head := run_lines(doc):
-        parts.append("<table class='run'>" + "".join(f"<tr><th>{e(k)}</th><td>{_code(v)}</td></tr>" for k, v in head)
-                     + "</table>")
-    gate = m.get("gate")
-    if gate:
-        rows = [[c["set"], c["metric"], f"{c['a_score']:.3f} ± {c['ci95'][c['a']]:.3f}",
-                 f"{c['b']} {c['b_score']:.3f} ± {c['ci95'][c['b']]:.3f}", f"{c['chance']:.2f}", f"{c['margin']:+.3f}",
-                 f"{c['p_value']:.3g}", c["items"], c["verdict"]] for c in gate["checks"]]
-        parts.append(f"<h2>Quality gate: {e(gate['verdict'])}</h2>"
-                     f"<p>{e(gate['specialist'])} must beat the strongest of {e(', '.join(gate['rivals']))} on each "
-                     f"choice set's headline accuracy, significantly (paired test on the same items, p &lt; "
-                     f"{gate['alpha']}), and beat chance; a margin inside the noise is \"not shown\". ± is a 95% "
-                     "interval.</p>" +
-                     _table(["set", "metric", gate["specialist"], "strongest rival", "chance", "margin", "p",
-                             "items", "verdict"], rows))
-    flags = [f"{n}: {f}" for n, mm in m.get("models", {}).items() for f in mm.get("flags", [])]
-    flags += zero_scores(m)
-    if flags:
-        parts.append("<h2>Flags</h2><ul>" + "".join(f"<li>{e(f)}</li>" for f in flags) + "</ul>")
-    charts = score_charts(m)
-    if charts:
-        parts.append("<h2>Charts</h2>" + "".join(f"<h3>{e(t)}</h3><img alt='{e(t)}' src='{u}'>" for t, u in charts))
-    if m.get("scores"):
-        sources = list(next(iter(m["scores"].values())))
-        parts.append("<h2>Bits per byte on the test splits (lower is better)</h2>" + _table(
-            ["model", *(f"{s} bpb / ppl" for s in sources)],
-            [[n, *(f"{per[s]['bpb']:.3f} / {per[s]['ppl']:.1f}" for s in sources)] for n, per in m["scores"].items()]))
-        parts.append("<ul>" + "".join(
-            f"<li><b>{e(s)}</b>: specialist {g['specialist_bpb']:.3f} vs generalist {g['generalist_bpb']:.3f} bits/byte: "
-            f"{abs(g['relative']):.1%} {'better' if g['relative'] > 0 else 'worse'}</li>" for s, g in m["margins"].items())
-            + "</ul>")
-    if m.get("benchmarks"):
-        names = list(m["benchmarks"])
-        parts.append("<h2>Domain benchmarks (lm-evaluation-harness)</h2>" + _table(
-            ["task · metric", *names, "chance / best trivial rule"],
-            [[f"{t} · {k}", *(score_cell(m["benchmarks"][n].get(t, {}).get(k), k) for n in names), reference(m, t, k)]
-             for t, k in bench_rows(m)]))
-        parts.append("<p>Items per set: " + ", ".join(f"{k} {v}" for k, v in m["bench_sizes"].items()) +
-                     ". Headline metric per choice set: " + ", ".join(f"{k} {v}" for k, v in m["headline"].items()) +
-                     ".</p>")
-        head, rows, notes = provenance(doc)
-        if rows:
-            parts.append("<h3>Where the benchmarks come from</h3>" + _table(head, rows) +
-                         "".join(f"<p>{e(x)}</p>" for x in notes))
-    head, rows = gain_rows(m)
-    if rows:
-        n = min(m["bench_sizes"].get(s, 0) for s in m["headline"]) or 1
-        parts.append("<h2>Post-training: each stage's gain</h2><p>The same harness and items for every model; in "
-                     f"brackets the change against the row above. With {n} items a choice score's 95% interval "
-                     f"(Wilson) is at most ±{widest_interval(n):.3f}; seed-to-seed noise: benchmarks/posttrain_seeds.py.</p>" +
-                     _table(["model", *head], rows))
-    if m.get("selection"):
-        parts.append("<h2>Checkpoint selection (dev sets from the val split)</h2>" + _table(
-            ["model", "metric", "dev items", "scores by snapshot", "chosen"],
-            [[n, s["metric"], s["dev_items"], ", ".join(f"{k} {v:.3f}" for k, v in s["scores"].items()), s["chosen"]]
-             for n, s in m["selection"].items()]))
-    parts.append("<h2>Models</h2>" + _table(
-        ["model", "from", "params", "tokens", "domain epochs", "FLOPs", "time", "tokens/s", "MFU"], model_rows(m["models"])))
-    notes = [f"{n}: {mm['note']}" for n, mm in m["models"].items() if mm.get("note")]
-    if notes:
-        parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in notes) + "</ul>")
-    head, rows, notes = compression(m["models"])
-    if rows:
-        parts.append("<h2>Compression: a smaller student of the teacher</h2>" + _table(head, rows) +
-                     "".join(f"<p>{e(x)}</p>" for x in notes))
-    splits, drops = data_rows(doc["curate"])
-    parts.append("<h2>Data</h2><p>Documents / characters per split.</p>" +
-                 _table(["source", "train", "val", "test", "role"], splits) +
-                 f"<p>Curation: {doc['curate']['docs_in']:,} documents in; what each step dropped:</p>" +
-                 _table(["step", "seen", "dropped", "share", "main reasons"], drops))
-    parts.append("<h2>Tokenizer</h2><p>Bytes per token (higher is better) and fertility (tokens per word, lower is "
-                 f"better); the domain tokenizer saves {doc['tokenizer']['domain_token_saving']:.1%} of the tokens on "
-                 "domain text.</p>" + _table(["tokenizer", "text", "bytes/token", "fertility"], tokenizer_rows(doc["tokenizer"])))
-    curves = loss_curves(m["models"])
-    if curves:
-        parts.append("<h2>Loss curves</h2>" + "".join(f"<h3>{e(t)}</h3><img alt='{e(t)}' src='{u}'>" for t, u in curves))
-    blocks = answer_blocks(doc)
-    if blocks:
-        parts.append("<h2>Sample answers next to the references</h2>" + "".join(
-            f"<div class='s'><p class='p'>{e(t)}: {e(p)}</p><p><b>reference</b>: {e(r)}</p>" +
-            "".join(f"<p><b>{e(n)}</b>: {e(a)}</p>" for n, a in got.items()) + "</div>" for t, p, r, got in blocks))
-    samples = m.get("samples", {})
-    if samples:
-        parts.append("<h2>Greedy continuations of test documents</h2>" + "".join(
-            f"<div class='s'><p class='p'>{e(p)}</p>" + "".join(f"<p><b>{e(o['model'])}</b>: {e(o['completion'])}</p>"
-                                                              for o in outs) + "</div>" for p, outs in samples.items()))
-    parts.append("<p class='p'>Built from " + ", ".join(f"{k} {v}" for k, v in doc["lineage"].items()) + ".</p>")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(doc['title'])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-.verdict{{font-size:1.1em;border-left:5px solid #2a7;background:#f3faf6;padding:10px 14px}}
-table.run th{{text-align:left;background:#f6f6f6}}table.run td{{text-align:left}}
-td.zero{{background:#fde2df;color:#a01;font-weight:bold}}code{{background:#f2f2f2;padding:0 3px}}table{{border-collapse:collapse;margin:6px 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
-img{{max-width:100%}}.s{{border-left:3px solid #69c;padding-left:8px;margin:8px 0}}.p{{color:#555}}</style></head>
-<body>{''.join(parts)}</body></html>"""
+    return _templates().get_template(template).render(
+        title=doc["title"], sentence=said["sentence"], lead=lead, rest=said["sentence"].removeprefix(lead),
+        sections=sections(doc) if parts is None else parts)
 
 
-def render_markdown(doc: dict) -> str:
-    m = EMPTY | doc["results"]
-    lines = [f"# {doc['title']}", "", f"**{doc['verdict']['sentence']}**", ""]
-    if bpb := bpb_line(m):
-        lines += [bpb, ""]
-    if head := run_lines(doc):
-        lines += [f"- {k}: {v}" for k, v in head] + [""]
-    if m.get("gate"):
-        lines += ["## Quality gate", "", *gate_lines(m["gate"]), ""]
-    flags = [f"- {n}: {f}" for n, mm in m.get("models", {}).items() for f in mm.get("flags", [])]
-    flags += [f"- {x}" for x in zero_scores(m)]
-    if flags:
-        lines += ["## Flags", "", *flags, ""]
-    if m["scores"]:
-        sources = list(next(iter(m["scores"].values())))
-        lines += ["## Bits per byte (lower is better)", "", "| model | " + " | ".join(sources) + " |",
-                  "|---|" + "---|" * len(sources)]
-        lines += [f"| {n} | " + " | ".join(f"{per[s]['bpb']:.3f}" for s in sources) + " |" for n, per in m["scores"].items()]
-        lines += [""] + [f"- {s}: specialist {g['specialist_bpb']:.3f} vs generalist {g['generalist_bpb']:.3f} "
-                         f"({g['relative']:+.1%})" for s, g in m["margins"].items()] + [""]
-    if m["benchmarks"]:
-        names = list(m["benchmarks"])
-        lines += ["## Domain benchmarks", "", "| task · metric | " + " | ".join(names) + " | chance / trivial |",
-                  "|---|" + "---|" * (len(names) + 1)]
-        lines += [f"| {t} · {k} | " + " | ".join(score_cell(m["benchmarks"][n].get(t, {}).get(k), k) for n in names) +
-                  f" | {reference(m, t, k)} |" for t, k in bench_rows(m)]
-        lines.append("")
-        head, rows, notes = provenance(doc)
-        if rows:
-            lines += ["### Where the benchmarks come from", "", "| " + " | ".join(head) + " |",
-                      "|---|" + "---|" * (len(head) - 1)] + ["| " + " | ".join(r) + " |" for r in rows]
-            lines += [""] + [f"- {x}" for x in notes] + [""]
-    head, rows = gain_rows(m)
-    if rows:
-        lines += ["## Post-training gains", "", "| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-    if m.get("selection"):
-        lines += ["## Checkpoint selection", ""] + [
-            f"- {n}: {s['metric']} on {s['dev_items']} dev items: " +
-            ", ".join(f"{k} {v:.3f}" for k, v in s["scores"].items()) + f"; chosen: {s['chosen']}"
-            for n, s in m["selection"].items()] + [""]
-    lines += ["## Models", "", "| model | from | params | tokens | domain epochs | FLOPs | time | tokens/s | MFU |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in model_rows(m["models"])]
-    head, rows, notes = compression(m["models"])
-    if rows:
-        lines += ["", "## Compression", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows] + [""] + notes
-    return "\n".join(lines) + "\n"
+def render_html(doc: dict, parts: list[Section] | None = None) -> str:
+    """The page: `parts` (default: sections(doc)) through templates/report/report.html.j2."""
+    return _render("report.html.j2", doc, parts)
+
+
+def render_markdown(doc: dict, parts: list[Section] | None = None) -> str:
+    """The Markdown summary: `parts` (default: sections(doc)) through templates/report/report.md.j2."""
+    return _render("report.md.j2", doc, parts).rstrip("\n") + "\n"

@@ -11,8 +11,14 @@ temperature 0.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from slmforge.console import info
+
+if TYPE_CHECKING:
+    from slmforge.records import Benchmarks
 
 VERDICT_PROMPT = """You grade answers to questions about software documentation.
 
@@ -77,3 +83,27 @@ def agreement(verdicts: list[bool | None], f1s: list[float]) -> dict:
     kappa = 1.0 if len(set(judge) | set(f1)) == 1 else float(cohen_kappa_score(judge, f1))
     return {"items": n, "unparsed": len(verdicts) - n, "judge_correct": round(pj, 4), "f1_correct": round(pf, 4),
             "agreement": round(agree, 4), "kappa": round(kappa, 4)}
+
+
+def grade_qa(cfg: JudgeConfig, bench: Benchmarks, benchmarks: dict, outcomes: dict, cache: Path) -> dict:
+    """evaluate's judge: the verdicts on the first `cfg.sample` qa answers of every model (`outcomes`:
+    {model: {task: lm-eval's per-item outcomes and responses}}): a `judge` score next to F1 in `benchmarks`
+    ({model: {task: {metric: score}}}), and each model's agreement with F1 >= 0.5 on the same items."""
+    task = bench.tasks["qa"]
+    items = bench.items("qa")[: cfg.sample]  # lm-eval's doc ids are the JSONL's line order
+    per_model, pooled = {}, ([], [])
+    for name, per in outcomes.items():
+        o = per.get(task)
+        if not o or "responses" not in o:
+            continue
+        rows = [{"question": it["question"], "reference": it["answer"], "answer": a.strip()}
+                for it, a in zip(items, o["responses"])]
+        info(f"  evaluate · the judge ({cfg.model}) grades {len(rows)} qa answers of {name}")
+        verdicts = judge(cfg, rows, cache)
+        got = [v for v in verdicts if v is not None]
+        benchmarks[name][task]["judge"] = round(sum(got) / len(got), 4) if got else None
+        per_model[name] = agreement(verdicts, o["f1"][: len(rows)])
+        pooled[0].extend(verdicts)
+        pooled[1].extend(o["f1"][: len(rows)])
+    return {"model": cfg.model, "base_url": cfg.base_url, "prompt": VERDICT_PROMPT,
+            "f1_correct_at": F1_CORRECT, "per_model": per_model, "pooled": agreement(*pooled)}

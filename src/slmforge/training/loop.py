@@ -18,13 +18,15 @@ checkpoints with exact resume, validation losses, progress and accelerate (DDP) 
   same global batch and trains on its share, so 2 processes follow the 1-process loss curve. `parallel:
   ddp` (accelerate's DDP) keeps a whole model and optimizer on each process; `parallel: fsdp` shards
   weights, gradients and optimizer state with FSDP2 (`fully_shard`, one unit per decoder layer) and
-  checkpoints sharded (torch.distributed.checkpoint), while the finished model is gathered whole.
+  checkpoints sharded (torch.distributed.checkpoint), while the finished model is gathered whole
+  (slmforge.training.fsdp).
 - The loss: next-token cross-entropy, or any `loss(logits, window)` a caller passes (compress's
   distillation loss), summed over the window's predicted tokens.
 
 Reading order (nanochat's base_train.py): TrainConfig; the schedules (domain_fraction, lr_at); the loop:
-LoopState (what a checkpoint resumes), Loop (the prepared pieces), setup, load/save_checkpoint,
-evaluate, train_step, calibrate (a minutes budget -> steps), train_one; saving the finished model.
+LoopState (what a checkpoint resumes), Loop (the prepared pieces), setup (accelerator, autocast),
+load/save_checkpoint, validate, train_step, calibrate (a minutes budget -> steps), train_one; the finished
+model (save_snapshot, save_trained); train_and_save, one model of a stage from its Trainee to its folder.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -44,12 +47,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmforge import dist, hardware
+from slmforge.common import write_jsonl
 from slmforge.config import StageConfig
 from slmforge.console import info, progress
+from slmforge.errors import UserError
 from slmforge.hardware import flops_per_token, plausible_mfu
 from slmforge.models.chat import stop_token_ids
 from slmforge.models.lm import nll
 from slmforge.models.modeling import checkpoint_card, parse_count
+from slmforge.training import fsdp
 from slmforge.training.packing import Sampler
 
 
@@ -170,6 +176,7 @@ class Loop:
     n_micro: int  # forward passes per step on this process
     ckpt: Path
     peak_flops: float
+    bf16: bool = False  # bf16 autocast (`autocast`), else float32
     stage: str = "pretrain"  # what the progress and log lines are prefixed with
     loss: Callable | None = None  # loss(logits, window) summed over the window's tokens; None: cross-entropy
     sharded: bool = False  # FSDP2: parameters are DTensor shards, checkpoints a torch.distributed.checkpoint folder
@@ -185,24 +192,16 @@ def setup(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler, va
     """The Accelerator, AdamW (no weight decay on norms), the prepared model and the batch geometry:
     the global batch is a multiple of the world size, each process trains on its share."""
     import torch
-    from accelerate import Accelerator
 
     world, seq = dist.world_size(), shape_["context"]
     n_seq = max(world, cfg.batch_tokens // seq)
     n_seq -= n_seq % world
     per_rank = n_seq // world
-    if world == 1:  # a process that ran another stage first (sft's trainer, an earlier model) holds accelerate's
-        from accelerate.state import (
-            AcceleratorState,  # singleton state with that stage's precision: start anew
-        )
-
-        AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
-                      log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out / "tensorboard"))
-    sharded = world > 1 and (cfg.parallel == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+    acc = accelerator(cfg, out, bf16)
+    sharded = fsdp.wanted(cfg.parallel)
     model_cls = type(model)
     if sharded:
-        fsdp(model, acc.device)
+        fsdp.shard(model, acc.device)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
@@ -217,8 +216,36 @@ def setup(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler, va
         acc.init_trackers(name)
     return Loop(name=name, cfg=cfg, acc=acc, model=model, opt=opt, sampler=sampler, val=val, shape=shape_,
                 seq=seq, n_seq=n_seq, per_rank=per_rank, n_micro=math.ceil(per_rank / cfg.micro_batch),
-                ckpt=out / f"{name}.ckpt.pt", peak_flops=peak_flops, stage=stage, loss=loss, sharded=sharded,
-                model_cls=model_cls)
+                ckpt=out / f"{name}.ckpt.pt", peak_flops=peak_flops, bf16=bf16, stage=stage, loss=loss,
+                sharded=sharded, model_cls=model_cls)
+
+
+def accelerator(cfg: TrainConfig, out: Path, bf16: bool):
+    """accelerate's Accelerator for one run: the process group, the device, DDP and the trackers. The
+    precision is the loop's own (`autocast`): accelerate keeps one mixed-precision setting per process and
+    refuses an Accelerator that asks for another (pretrain after sft's trainer, or after a model trained in
+    the other precision, in one Python process). So the first Accelerator of a process sets bf16 or no, a
+    later one takes the setting it finds, and AutocastKwargs makes the autocast accelerate wraps a prepared
+    model's forward in (with a bf16 setting) the run's own: on with bf16, off without."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import is_initialized
+    from accelerate.utils import AutocastKwargs
+
+    acc = Accelerator(mixed_precision=None if is_initialized() else "bf16" if bf16 else "no",
+                      cpu=not torch.cuda.is_available(), kwargs_handlers=[AutocastKwargs(enabled=bf16)],
+                      log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out / "tensorboard"))
+    if acc.mixed_precision == "fp16":  # a loss scaler would come with it; slmforge never asks for fp16
+        raise UserError("this process's accelerate state is fp16 (an Accelerator made before slmforge's); "
+                        "pretrain and compress train in bf16 or fp32 (`precision`): run them in a new process")
+    return acc
+
+
+def autocast(loop: Loop):
+    """bf16 autocast on the run's device when it trains in bf16, else nothing (as accelerate's own)."""
+    import torch
+
+    return torch.autocast(loop.acc.device.type, dtype=torch.bfloat16) if loop.bf16 else contextlib.nullcontext()
 
 
 def compile_blocks(model) -> int:
@@ -236,37 +263,14 @@ def compile_blocks(model) -> int:
     return len(layers)
 
 
-def fsdp(model, device) -> None:
-    """Shard `model` in place over all processes with FSDP2: each decoder layer (the classes transformers
-    names in `_no_split_modules`) is one unit, gathered for its forward and backward only, and the root
-    holds the embeddings, final norm and head. Parameters stay float32 and bf16 autocast does the casting,
-    as in DDP and one process, so the three follow one loss curve (a MixedPrecisionPolicy with bf16
-    parameters would halve the all-gather bytes, and put the norms' weights in bf16)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init()
-    mesh = init_device_mesh(device.type, (dist.world_size(),))
-    model.to(device)
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def sharded_dir(ckpt: Path) -> Path:
-    """Where an FSDP run's checkpoint lives: a torch.distributed.checkpoint folder beside `ckpt`."""
-    return ckpt.with_suffix(".dcp")
-
-
 def load_checkpoint(loop: Loop, total_steps: int | None) -> LoopState:
     """Restore weights, optimizer, sampler cursors and the loop state from loop.ckpt (or the sharded
     folder) if there is one."""
     import torch
 
     if loop.sharded:
-        return _load_sharded(loop, total_steps)
+        saved = fsdp.load(loop.model, loop.opt, loop.ckpt)
+        return _resumed(loop, saved) if saved is not None else LoopState(total_steps=total_steps)
     if not loop.ckpt.is_file():
         return LoopState(total_steps=total_steps)
     saved = torch.load(loop.ckpt, map_location="cpu", weights_only=False)
@@ -284,11 +288,12 @@ def _resumed(loop: Loop, saved: dict) -> LoopState:
 
 def save_checkpoint(loop: Loop, state: LoopState) -> None:
     """Weights, optimizer, sampler cursors and the loop state (temp file, then rename). Called on every
-    process: the main one writes the one file; under FSDP each writes its own shards."""
+    process: the main one writes the one file; under FSDP each writes its own shards (fsdp.save)."""
     import torch
 
-    if loop.sharded:
-        return _save_sharded(loop, state)
+    if loop.sharded:  # weights from the first step on (fsdp.save says why not before it)
+        return fsdp.save(loop.model, loop.opt, {"sampler": loop.sampler.state(), "state": asdict(state)},
+                         loop.ckpt, weights=state.step > 0)
     if dist.is_main():
         tmp = loop.ckpt.with_name(loop.ckpt.name + ".tmp")
         torch.save({"model": loop.acc.unwrap_model(loop.model).state_dict(), "optimizer": loop.opt.state_dict(),
@@ -297,72 +302,12 @@ def save_checkpoint(loop: Loop, state: LoopState) -> None:
     dist.barrier()
 
 
-def _sharded_state(loop: Loop) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    return {"model": get_model_state_dict(loop.model), "optimizer": get_optimizer_state_dict(loop.model, loop.opt)}
-
-
-def _save_sharded(loop: Loop, state: LoopState) -> None:
-    """torch.distributed.checkpoint: each process writes its shards of the weights and optimizer state
-    into a temp folder, the main process adds the sampler cursors and loop state, then swaps the folder
-    in (the previous one is kept as .old until the new one is in place). Before the first step (the
-    checkpoint that pins a minutes budget's step count) only the loop state is saved: asking for the
-    optimizer's state dict would initialise it with a zero-gradient step, and AdamW's step count would
-    then be one ahead of a run that never checkpointed at step 0."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    final = sharded_dir(loop.ckpt)
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    if dist.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    if state.step:
-        dcp.save(_sharded_state(loop), checkpoint_id=str(tmp))
-    if dist.is_main():
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save({"sampler": loop.sampler.state(), "state": asdict(state)}, tmp / "loop.pt")
-        if final.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def _load_sharded(loop: Loop, total_steps: int | None) -> LoopState:
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    final = sharded_dir(loop.ckpt)
-    old = final.with_name(final.name + ".old")  # a run killed between the two renames
-    src = final if (final / "loop.pt").is_file() else old if (old / "loop.pt").is_file() else None
-    if src is None:
-        return LoopState(total_steps=total_steps)
-    if (src / ".metadata").is_file():  # weights and optimizer were saved (any checkpoint after step 0)
-        saved = _sharded_state(loop)  # the shapes and placements to load into
-        dcp.load(saved, checkpoint_id=str(src))
-        set_model_state_dict(loop.model, saved["model"])
-        set_optimizer_state_dict(loop.model, loop.opt, saved["optimizer"])
-    return _resumed(loop, torch.load(src / "loop.pt", map_location="cpu", weights_only=False))
-
-
 def full_model(loop: Loop):
     """The trained model, whole, on the main process (None on the others): under FSDP its shards are
     gathered (a collective: every process calls this) into a fresh copy of the model's class."""
     if not loop.sharded:
         return loop.acc.unwrap_model(loop.model)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(loop.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not dist.is_main():
-        return None
-    model = loop.model_cls(loop.model.config)
-    model.load_state_dict(full)
-    model.generation_config = loop.model.generation_config
-    return model
+    return fsdp.gather(loop.model, loop.model_cls)
 
 
 def validate(loop: Loop) -> dict[str, float]:
@@ -372,7 +317,7 @@ def validate(loop: Loop) -> dict[str, float]:
     cfg, seq = loop.cfg, loop.seq
     loop.model.eval()
     losses = {}
-    with loop.acc.autocast():
+    with autocast(loop):
         for source, arr in loop.val.items():
             n = min(len(arr) - 1, cfg.eval_tokens) // seq
             if n <= 0:  # fewer than seq + 1 tokens (an empty split: -1)
@@ -402,7 +347,7 @@ def train_step(loop: Loop, step: int, total: int) -> tuple[float, float, float]:
         # gradient shards are kept between them (skipping it would hold whole unsharded gradients)
         last = i == loop.n_micro - 1
         ctx = contextlib.nullcontext() if last or loop.sharded else acc.no_sync(loop.model)
-        with ctx, acc.autocast():
+        with ctx, autocast(loop):
             logits = loop.model(input_ids=mb[:, :-1], use_cache=False).logits
             if loop.loss is None:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
@@ -576,10 +521,63 @@ def save_trained(model, tokenizer, shape_: dict, result: dict, out: Path, name: 
                **{f"val loss ({k})": v for k, v in result["val"].items() if k not in ("step", "tokens")},
                "tokens/s": result["tokens_per_s"], "MFU": result["mfu"]}
     (out / "README.md").write_text(checkpoint_card(name, shape_, data, results, about), encoding="utf-8")
-    for file, rows in (("train_log.jsonl", result["log"]), ("val_log.jsonl", result["val_log"])):
-        with open(out / file, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+    write_jsonl(out / "train_log.jsonl", result["log"])
+    write_jsonl(out / "val_log.jsonl", result["val_log"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ckpt.unlink(missing_ok=True)
-    shutil.rmtree(sharded_dir(ckpt), ignore_errors=True)
+    fsdp.remove(ckpt)
 
+
+# ---- one model of a stage ------------------------------------------------------------------------------
+@dataclass
+class Trainee:
+    """One model a stage trains and saves (train_and_save): the model, its tokenizer and shape, its batches
+    (None: saved as it is, untrained) and validation tokens, the loss (None: cross-entropy), `describe(run)`
+    -> (its metrics, its card's data) from the run's figures (None when untrained), and the card's text."""
+
+    model: object
+    tokenizer: object
+    shape: dict
+    sampler: Sampler | None
+    val: dict[str, np.ndarray]
+    describe: Callable[[dict | None], tuple[dict, dict]]
+    loss: Callable | None = None
+    about: str | None = None
+
+
+# what save_trained takes for a model saved without training: no figures, empty logs
+UNTRAINED = {"tokens": 0, "steps": 0, "final_loss": None, "val": {}, "tokens_per_s": None, "mfu": None,
+             "log": [], "val_log": []}
+
+
+def token_budget(cfg: TrainConfig, made: dict[str, dict]) -> int | None:
+    """The tokens each model of a stage trains on: cfg.tokens, or under a minutes budget those of the
+    first model the stage trained (its step count was timed; the others follow it), None before it."""
+    if cfg.tokens:
+        return int(parse_count(cfg.tokens))
+    return next((m["tokens"] for m in made.values() if m.get("tokens")), None)
+
+
+def train_and_save(*, name: str, cfg: TrainConfig, out: Path, prepare: Callable[[], Trainee], tokens: int | None,
+                   peak_flops: float, bf16: bool, stage: str) -> dict:
+    """One model of a stage: read back from out/<name> when a restarted run had finished it (the folder
+    holds model.safetensors and metrics.json), else `prepare()`d, trained for `tokens` (None: cfg.minutes
+    fixes the steps) in train_one with snapshots in out/<name>/snapshots, and saved there (save_trained, on
+    the main process). Returns its metrics (what metrics.json holds)."""
+    final = out / name
+    if (final / "model.safetensors").is_file() and (final / "metrics.json").is_file():
+        return json.loads((final / "metrics.json").read_text())
+    t = prepare()
+    result, run = {**UNTRAINED, "model": t.model}, None
+    if t.sampler is not None:
+        context = t.shape["context"]
+        n_seq = max(1, cfg.batch_tokens // context)
+        total_steps = math.ceil(tokens / (n_seq * context)) if tokens else None
+        snapshot = partial(save_snapshot, tokenizer=t.tokenizer, root=final / "snapshots")
+        result = train_one(name, cfg, t.model, t.shape, t.sampler, t.val, out, total_steps, peak_flops, bf16,
+                           snapshot, stage=stage, loss=t.loss)
+        run = {k: v for k, v in result.items() if k not in ("model", "log", "val_log")}
+    metrics, data = t.describe(run)
+    dist.on_main(save_trained, result["model"], t.tokenizer, t.shape, result, final, name, data, metrics,
+                 out / f"{name}.ckpt.pt", t.about)
+    return metrics

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from slmforge.common import write_jsonl
 from slmforge.config import StageConfig
 from slmforge.console import info, progress
 
@@ -150,15 +151,21 @@ def save_posttrained(result: dict, out: Path, name: str, base: Path, data_stats:
              "context": c.max_position_embeddings, "params": sum(p.numel() for p in model.parameters())}
     (path / "README.md").write_text(checkpoint_card(name, shape, {"base": str(base), "stage": stage, **data_stats},
                                                result["metrics"]), encoding="utf-8")
-    with open(path / "train_log.jsonl", "w", encoding="utf-8") as f:
-        seen = 0
-        for r in result["log"]:
-            seen = r.get("num_tokens", seen)
-            f.write(json.dumps({"step": r["step"], "loss": r["loss"], "tokens": seen or r["step"]}) + "\n")
+    write_jsonl(path / "train_log.jsonl", _loss_log(result["log"]))
     entry = {**result["metrics"], "shape": shape, "tokens": result["tokens"], "base": str(base), "chat": True,
              "data": data_stats}
     (path / "metrics.json").write_text(json.dumps(entry, indent=2))
     return entry
+
+
+def _loss_log(log: list[dict]) -> list[dict]:
+    """The trainer's loss records as train_log.jsonl's rows: step, loss and the tokens seen so far (the
+    step where the trainer counted none)."""
+    rows, seen = [], 0
+    for r in log:
+        seen = r.get("num_tokens", seen)
+        rows.append({"step": r["step"], "loss": r["loss"], "tokens": seen or r["step"]})
+    return rows
 
 
 def finish(result: dict, out: Path, name: str, base: Path, data_stats: dict, stage: str, work: Path) -> dict:
@@ -167,7 +174,3 @@ def finish(result: dict, out: Path, name: str, base: Path, data_stats: dict, sta
     shutil.rmtree(work, ignore_errors=True)
     return entry
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

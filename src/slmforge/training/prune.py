@@ -15,8 +15,9 @@ The student keeps the top-ranked structures of each kind, in their original orde
 sliced out of the teacher's; it is a plain LlamaForCausalLM (export, GGUF and serving need nothing new).
 With nothing removed the student is the teacher, bit for bit.
 
-Shapes: `target_shape` scales every prunable dimension by one width factor (and depth by the same
-factor) and takes the largest factor whose parameter count fits the target; `shape` fixes any of them.
+Sizes (`Sizes`: layers, hidden, heads, kv_heads, ffn): `target_sizes` scales every prunable dimension by one
+width factor (and depth by the same factor) and takes the largest factor whose parameter count fits the
+target; compress's `shape` setting fixes any of them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ DIMS = ("layers", "heads", "ffn", "hidden")
 
 
 @dataclass(frozen=True)
-class Shape:
+class Sizes:
     """The sizes a pruned Llama model keeps (head_dim stays the teacher's)."""
 
     layers: int
@@ -43,7 +44,7 @@ class Shape:
     ffn: int
 
     @classmethod
-    def of(cls, config) -> Shape:
+    def of(cls, config) -> Sizes:
         return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                    config.num_key_value_heads, config.intermediate_size)
 
@@ -52,7 +53,7 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def param_count(config, s: Shape) -> int:
+def param_count(config, s: Sizes) -> int:
     """Parameters of a Llama model of `config` at shape `s` (embeddings, tied head or not, norms, biases)."""
     hd, h = head_dim(config), s.hidden
     attn = h * s.heads * hd * 2 + h * s.kv_heads * hd * 2
@@ -84,26 +85,26 @@ def _hidden(top: int, want: float, heads: int, multiple: int) -> int:
     return top
 
 
-def shape_at(config, w: float, dims=DIMS, multiple: int = 32) -> Shape:
+def sizes_at(config, w: float, dims=DIMS, multiple: int = 32) -> Sizes:
     """Every dimension in `dims` scaled by w (widths rounded to `multiple`; hidden also to a multiple of the
     heads, which transformers' LlamaConfig requires even with head_dim set), the others kept."""
-    s = Shape.of(config)
+    s = Sizes.of(config)
     heads, kv = _heads_at(config, w) if "heads" in dims else (s.heads, s.kv_heads)
-    return Shape(layers=max(1, round(s.layers * w)) if "layers" in dims else s.layers,
+    return Sizes(layers=max(1, round(s.layers * w)) if "layers" in dims else s.layers,
                  hidden=_hidden(s.hidden, s.hidden * w, heads, multiple) if "hidden" in dims else s.hidden,
                  heads=heads, kv_heads=kv,
                  ffn=_round(s.ffn * w, multiple, s.ffn) if "ffn" in dims else s.ffn)
 
 
-def target_shape(config, params: float, dims=DIMS) -> Shape:
+def target_sizes(config, params: float, dims=DIMS) -> Sizes:
     """The largest uniform scaling of `dims` whose parameter count is at most `params`."""
     if not dims:
         raise UserError("compress.dims: name at least one of layers, heads, ffn, hidden to prune")
     for w in np.arange(1.0, 0.0, -0.0025):
-        s = shape_at(config, float(w), dims)
+        s = sizes_at(config, float(w), dims)
         if param_count(config, s) <= params:
             return s
-    smallest = param_count(config, shape_at(config, 0.0, dims))
+    smallest = param_count(config, sizes_at(config, 0.0, dims))
     raise UserError(f"compress: no shape pruned along {', '.join(dims)} has at most {params / 1e6:.2f}M parameters "
                     f"(the smallest has {smallest / 1e6:.2f}M: the embeddings alone are "
                     f"{config.vocab_size * (32 if 'hidden' in dims else config.hidden_size) / 1e6:.2f}M); "
@@ -203,7 +204,7 @@ def _top(scores, k: int) -> list[int]:
     return sorted(int(i) for i in order)
 
 
-def choose(imp: Importance, config, s: Shape) -> Keep:
+def choose(imp: Importance, config, s: Sizes) -> Keep:
     """Keep the highest-scoring structures of each kind, within each layer for heads and FFN channels."""
     rep = config.num_attention_heads // config.num_key_value_heads
     per_group = s.heads // s.kv_heads
@@ -224,7 +225,7 @@ def choose(imp: Importance, config, s: Shape) -> Keep:
     return keep
 
 
-def record(imp: Importance, keep: Keep, config, s: Shape) -> dict:
+def record(imp: Importance, keep: Keep, config, s: Sizes) -> dict:
     """What was kept and why, for the manifest: per kind the count kept, the share of the total importance
     the kept structures hold, and the removed layers with their scores."""
     def share(scores, kept) -> float:
@@ -232,7 +233,7 @@ def record(imp: Importance, keep: Keep, config, s: Shape) -> dict:
         return round(float(np.sum(np.asarray(scores)[kept])) / total, 4) if total else 1.0
 
     return {
-        "shape": asdict(s), "teacher_shape": asdict(Shape.of(config)), "calibration_tokens": imp.tokens,
+        "shape": asdict(s), "teacher_shape": asdict(Sizes.of(config)), "calibration_tokens": imp.tokens,
         "layers": {"kept": keep.layers, "removed": [i for i in range(config.num_hidden_layers) if i not in keep.layers],
                    "block_influence": [round(x, 5) for x in imp.layers]},
         "hidden": {"kept": len(keep.hidden), "importance_kept": share(imp.hidden, keep.hidden)},
@@ -247,13 +248,27 @@ def record(imp: Importance, keep: Keep, config, s: Shape) -> dict:
 # ---- the student ----------------------------------------------------------------------------------------
 def prune(model, keep: Keep):
     """A new LlamaForCausalLM holding the teacher's weights at the kept indices (the teacher is unchanged)."""
-    import torch
     from transformers import LlamaForCausalLM
 
-    cfg = copy.deepcopy(model.config)
-    hd = head_dim(cfg)
+    cfg = _student_config(model.config, keep)
+    new = _sliced(model.state_dict(), keep, cfg.head_dim, cfg.tie_word_embeddings)
+    dtype = next(model.parameters()).dtype
+    student = LlamaForCausalLM(cfg).to(dtype)
+    missing, unexpected = student.load_state_dict(new, strict=False)
+    missing = [k for k in missing if "rotary" not in k and k != "lm_head.weight"]
+    if missing or unexpected:  # a Llama variant with weights this function does not know how to slice
+        raise UserError(f"compress: cannot prune this model: no sliced weights for {missing[:3]}, unknown "
+                        f"{unexpected[:3]} (slmforge prunes Llama-architecture models)")
+    if cfg.tie_word_embeddings:
+        student.tie_weights()
+    return student
+
+
+def _student_config(config, keep: Keep):
+    """The teacher's config with the kept sizes (head_dim written out: it stays the teacher's)."""
+    cfg = copy.deepcopy(config)
     first = keep.layers[0]
-    cfg.head_dim = hd
+    cfg.head_dim = head_dim(config)
     cfg.num_hidden_layers = len(keep.layers)
     cfg.hidden_size = len(keep.hidden)
     cfg.num_attention_heads = len(keep.heads[first])
@@ -261,7 +276,14 @@ def prune(model, keep: Keep):
     cfg.intermediate_size = len(keep.ffn[first])
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = [cfg.layer_types[i] for i in keep.layers]
-    sd = model.state_dict()
+    return cfg
+
+
+def _sliced(sd: dict, keep: Keep, hd: int, tied: bool) -> dict:
+    """The student's state dict: each teacher weight (and bias) at the kept rows and columns, its layers
+    renumbered in order; a tied head shares the embeddings."""
+    import torch
+
     h = torch.tensor(keep.hidden)
 
     def rows(heads: list[int]):
@@ -281,7 +303,7 @@ def prune(model, keep: Keep):
     new: dict = {}
     put("model.embed_tokens.weight", "model.embed_tokens.weight", in_idx=h)
     put("model.norm.weight", "model.norm.weight", out_idx=h)
-    if cfg.tie_word_embeddings:
+    if tied:
         new["lm_head.weight"] = new["model.embed_tokens.weight"]
     else:
         put("lm_head.weight", "lm_head.weight", in_idx=h)
@@ -297,13 +319,4 @@ def prune(model, keep: Keep):
         put(b + "mlp.down_proj.weight", a + "mlp.down_proj.weight", h, f)
         put(b + "input_layernorm.weight", a + "input_layernorm.weight", h)
         put(b + "post_attention_layernorm.weight", a + "post_attention_layernorm.weight", h)
-    dtype = next(model.parameters()).dtype
-    student = LlamaForCausalLM(cfg).to(dtype)
-    missing, unexpected = student.load_state_dict(new, strict=False)
-    missing = [k for k in missing if "rotary" not in k and k != "lm_head.weight"]
-    if missing or unexpected:  # a Llama variant with weights this function does not know how to slice
-        raise UserError(f"compress: cannot prune this model: no sliced weights for {missing[:3]}, unknown "
-                        f"{unexpected[:3]} (slmforge prunes Llama-architecture models)")
-    if cfg.tie_word_embeddings:
-        student.tie_weights()
-    return student
+    return new
