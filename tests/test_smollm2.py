@@ -92,7 +92,7 @@ def test_a_dapt_model_is_post_trained_exported_and_served(smollm2, dapt, benched
     assert m["steps"] == 2 and m["params_changed"] == "272/272" and 0 < m["tokens"] <= 2 * 2 * 512, m
     dpo_art = dpo.run(dpo.Config(**few), store, {"curate": ins["curate"], "synth": ins["synth"], "sft": sft_art})
     assert dpo_art.manifest["metrics"]["models"]["dpo"]["steps"] == 2
-    ecfg = evaluate.Config(models=["dpo"], bench_limit=2, max_bytes=2000, samples=0, dtype="bfloat16")
+    ecfg = evaluate.Config(models=["dpo"], bench_limit=2, max_bytes=2000, samples=0, dtype="auto")
     ev = evaluate.run(ecfg, store, {"curate": ins["curate"], "bench": ins["bench"], "dpo": dpo_art})
     assert set(ev.manifest["metrics"]["models"]) == {"dpo", "smollm2-135m"}  # its base came in as the rival
 

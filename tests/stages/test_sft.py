@@ -119,7 +119,7 @@ def test_sft_resumes_after_sigkill(posttrained, tmp_path):
                         ignore=lambda d, names: [n for n in names if n in ("sft", "dpo", "evaluate", "report", "export")])
 
     def cli(w: str) -> list[str]:
-        sets = [f"workdir={tmp_path / w}", "sft.distill=false", "sft.epochs=6", "sft.save_steps=2"]
+        sets = [f"workdir={tmp_path / w}", "sft.distill=false", "sft.epochs=3", "sft.save_steps=2"]
         return [sys.executable, "-m", "slmforge.cli", "sft", "--recipe", str(recipe),
                 *(x for s in sets for x in ("--set", s))]
 
