@@ -52,7 +52,6 @@ class Document:
                    json.loads(meta) if isinstance(meta, str) else dict(meta))
 
 
-
 # ---- ingest: the sources -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Ingested:

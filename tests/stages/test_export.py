@@ -198,7 +198,6 @@ def test_the_gguf_reads_back_with_the_weights_and_tokenizer(exported):
     import gguf
     from safetensors.numpy import load_file
 
-
     _, art, _ = exported
     folder = art.path / "t-dpo"
     cfg = json.loads((folder / "config.json").read_text())

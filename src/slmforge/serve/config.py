@@ -14,6 +14,7 @@ from slmforge.serve.router import DEFAULT_KIND
 DEFAULT_DTYPE = "float32"
 DTYPES = ("float32", "bfloat16", "int8")
 
+
 class RouterConfig(BaseModel):
     """How `model: "auto"` picks a model."""
 
@@ -87,7 +88,6 @@ class Config(StageConfig):
         if isinstance(self.fallback, str) and not self.fallback.strip():
             raise ValueError("fallback: give a catalog name, a model folder or {base_url, model}")
         return self
-
 
 
 def build_config(section: dict) -> Config:

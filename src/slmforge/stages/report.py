@@ -111,11 +111,11 @@ def run_lines(doc: dict) -> list[tuple[str, str]]:
             ("Exports", (f"{export} once the export stage has run (it runs after the report); "
                          f"`slmforge path export --recipe {recipe or 'RECIPE'}` prints the folder"))]
 
+
 def _bench_items(bench: Benchmarks) -> dict[str, dict]:
     """{task: {item id: item}} of the generation tasks, to show references next to answers."""
     return {t: {r["id"]: r for r in bench.items(s)} for s, t in bench.tasks.items()
             if s in ("qa", "summarization") and (bench.task_dir / f"{s}.jsonl").is_file()}
-
 
 
 def answer_blocks(doc: dict) -> list[tuple[str, str, dict]]:

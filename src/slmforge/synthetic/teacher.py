@@ -419,6 +419,8 @@ def json_start(schema: dict | None) -> str:
         return ""
     key, spec = next(iter(props.items()))
     return '{"' + key + '": ' + {"string": '"', "array": '["'}.get(spec.get("type"), "")
+
+
 class HFTeacher(_Teacher):
     """A local checkpoint run with transformers through its chat template, `max_batch` prompts per
     generate() call (left padding, KV cache; prompts of similar length batched together), greedy or sampled

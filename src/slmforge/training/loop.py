@@ -72,7 +72,6 @@ class Mixture(BaseModel):
     final_part: float = Field(0.2, ge=0, lt=1, description="upsample: the last share of steps with the final p")
 
 
-
 class TrainConfig(StageConfig):
     """The loop's settings: budget, batch, optimiser, schedule, precision, checkpoints and logging (the
     Configs of pretrain and compress extend it)."""
@@ -142,7 +141,6 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
         return cfg.lr
     t = (step - decay_start) / max(1, total - 1 - decay_start)
     return cfg.lr - (cfg.lr - floor) * min(1.0, t)
-
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -488,7 +486,6 @@ def train_one(name: str, cfg: TrainConfig, model, shape_: dict, sampler: Sampler
     if cfg.tensorboard:
         loop.acc.end_training()
     return summary(loop, state)
-
 
 
 # ---- the finished model ------------------------------------------------------------------------------
