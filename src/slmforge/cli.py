@@ -388,9 +388,7 @@ def _serve_args(p) -> dict[str, str]:
     from slmforge.flags import add_flags
     from slmforge.serve.config import Config
 
-    p.add_argument("recipe", nargs="?", metavar="RECIPE",
-                   help="read settings from this recipe's serve: section (flags override it); or --recipe RECIPE")
-    p.add_argument("--recipe", dest="recipe_flag", metavar="RECIPE", help="the same as the RECIPE argument")
+    _add_recipe(p, "read settings from this recipe's serve: section (flags override it)")
     return add_flags(p, Config, names=SERVE_NAMES, metavars={"models": "NAME_OR_PATH"})
 
 
@@ -440,7 +438,8 @@ def _serve(args) -> None:
 class Verb:
     """One row of the table: the line `slmforge --help` shows, a function that adds the verb's arguments to
     its parser (returning the flags it derived from a Config, if any), the handler (an exit code, or None
-    for 0), and the verb's own --help description and epilog."""
+    for 0), and the verb's own --help description and epilog. A plain class: importing dataclasses would
+    take `import slmforge.cli` from 16 to 31 ms (python -X importtime)."""
 
     __slots__ = ("arguments", "description", "epilog", "help", "run")
 

@@ -76,7 +76,7 @@ def model_card(doc: dict, results: dict, model: str, chain: list[TrainedModel], 
     lines += _score_lines(results, model, doc)
     lines += _run_lines(doc)
     lines += _reproduce_lines(doc, results, model)
-    lines += _limitation_lines(doc, model)
+    lines += _limitation_lines(doc)
     return "\n".join(lines)
 
 
@@ -155,13 +155,13 @@ def _run_lines(doc: dict) -> list[str]:
     return lines
 
 
-def _limitation_lines(doc: dict, model: str) -> list[str]:
+def _limitation_lines(doc: dict) -> list[str]:
     domain = doc["domain"]
     return ["## Limitations", "",
             (f"A model this small ({doc['params'] / 1e6:.1f}M parameters, {doc['training_tokens']:,} training "
              f"tokens) knows the surface of its {domain} corpus, not the facts behind it: it produces "
              "fluent-looking text that is often wrong. Check anything it says against the source. It was trained "
-             f"{'on general text' if model in ('generalist', 'recovered') else f'mostly on {domain} text'}; it is not a "
+             f"{'on general text' if domain == 'general' else f'mostly on {domain} text'}; it is not a "
              "general assistant, and it has no safety tuning. Scores are on small benchmarks made from held-out "
              "pages of the same corpus (see the intervals in the slmforge report)."), ""]
 

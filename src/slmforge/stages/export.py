@@ -264,6 +264,7 @@ class _Model:
     scored: bool  # evaluate scored these weights
     meta: dict  # what the model stage recorded of the model
     sources: list[str]  # the curated sources of its domain: router samples and the check's prompts
+    general: bool  # a control trained on the general text only (generalist, recovered), as its stage recorded
     dst: Path
     context: int
 
@@ -313,9 +314,12 @@ def _model(run: _Inputs, model: str, out: Path) -> _Model:
         why = (f"evaluate scored {stage}:{evaluated.get('key')}, not {art.ref}" if evaluated else
                f"evaluate did not score {model!r}")
         info(f"  export · {name}: {why}; the card will have no scores (run `slmforge evaluate` first)")
-    sources = run.curated.general if model in ("generalist", "recovered") else run.curated.domain
+    meta = made.models[model]
+    # a pretrain run from before controls were recorded: its generalist is one all the same
+    general = (meta.get("control") or {}).get("text") == "general" or model == "generalist"
+    sources = run.curated.general if general else run.curated.domain
     context = json.loads((src / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
-    return _Model(model, name, stage, art.key, src, scored, made.models[model], sources, out / name, context)
+    return _Model(model, name, stage, art.key, src, scored, meta, sources, general, out / name, context)
 
 
 def _export(run: _Inputs, m: _Model) -> tuple[str, dict]:
@@ -350,7 +354,7 @@ def _slmforge_json(run: _Inputs, m: _Model, chain: list, res: dict) -> dict:
     hf_cfg = json.loads((m.dst / "config.json").read_text(encoding="utf-8"))
     lineage_start = {c.stage: c.key for c in chain} | {"curate": run.inputs["curate"].key,
                                                        "evaluate": run.inputs["evaluate"].key}
-    domain = "general" if m.model in ("generalist", "recovered") else "-".join(m.sources) or "general"
+    domain = "general" if m.general else "-".join(m.sources) or "general"
     return {
         "format": 1, "name": m.name, "domain": domain,
         "description": run.cfg.description or f"{domain} {'chat' if m.chat else 'base'} model ({m.model}), made by "

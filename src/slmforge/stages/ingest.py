@@ -476,7 +476,6 @@ class _ShardWriter:
 class _Tally:
     """What ingest has counted so far, over every source."""
 
-    limit: int  # max_file_mb, in bytes
     max_file_mb: float
     rejects: list[dict] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
@@ -484,11 +483,16 @@ class _Tally:
     files: int = 0  # files done
     docs: int = 0  # documents written
 
+    @property
+    def limit(self) -> int:
+        """max_file_mb, in bytes."""
+        return int(self.max_file_mb * 2**20)
+
 
 def _build(cfg: Config, out: Path) -> dict:
     from slmforge.console import progress
 
-    tally = _Tally(int(cfg.max_file_mb * 2**20), cfg.max_file_mb)
+    tally = _Tally(cfg.max_file_mb)
     per_source: dict[str, dict] = {}
     total_bytes = sum(p.stat().st_size for src in cfg.sources for p, _ in src.files if p.is_file())
     nfiles = sum(len(src.files) for src in cfg.sources)

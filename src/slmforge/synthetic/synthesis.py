@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from slmforge.common import read_jsonl
 from slmforge.config import DEVICE_PATTERN, BatchSize, StageConfig
 from slmforge.errors import UserError
 from slmforge.hardware import auto_batch, resolve_device
@@ -347,14 +348,13 @@ def load_seeds(path: str | None, key: str = "synth.seeds") -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{key}: {p} does not exist")
-    text = p.read_text(encoding="utf-8")
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
-            rows = yaml.safe_load(text) or []
+            rows = yaml.safe_load(p.read_text(encoding="utf-8")) or []
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = read_jsonl(p)
     except (ValueError, json.JSONDecodeError) as e:
         raise UserError(f"{key}: {p} is not valid JSONL/YAML: {e}") from None
     seeds = []
